@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs the package with its C extension and the test tools.
+# torch==2.13.0 goes in first: on our machines any other spec pulls several GB of CUDA packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+.venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0
+.venv/bin/python -m pip install -q --no-build-isolation -e '.[test]'
+.venv/bin/python -c 'import sidecar._native' # the extension must have been built

@@ -1,0 +1,21 @@
+"""The tensor sidecar: worker processes that run PyTorch/NumPy ops behind a process boundary.
+
+Host code imports `sidecar.host` (Client, Pool); op modules loaded into a worker use `sidecar.op`.
+Importing this package is cheap: torch is only imported by the worker side.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "op", "on_startup"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy so that `import sidecar` in a host does not import torch.
+    if name in ("op", "on_startup"):
+        from sidecar.worker import registry
+
+        return getattr(registry, name)
+    raise AttributeError(name)

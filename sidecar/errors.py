@@ -1,0 +1,157 @@
+"""Structured errors, shared by the worker and every host.
+
+One exception class per `sidecar.v1.ErrorKind`. Each carries the structured fields of
+`sidecar.v1.Error` as attributes (and in `.fields`), so hosts can match on the class and read the
+figures. The wire mapping (to/from `google.rpc.Status` details and Erlang terms) lives in the
+transports; this module knows nothing of gRPC beyond the status-code *names*.
+"""
+from __future__ import annotations
+
+import difflib
+from enum import Enum
+from typing import Any, ClassVar, Iterable
+
+
+class ErrorKind(str, Enum):
+    SHAPE_MISMATCH = "SHAPE_MISMATCH"
+    DTYPE_MISMATCH = "DTYPE_MISMATCH"
+    DEVICE_MISMATCH = "DEVICE_MISMATCH"
+    OUT_OF_MEMORY = "OUT_OF_MEMORY"
+    INVALID_TENSOR_REF = "INVALID_TENSOR_REF"
+    UNKNOWN_OP = "UNKNOWN_OP"
+    OP_FAILED = "OP_FAILED"
+    OVERLOADED = "OVERLOADED"
+    DEVICE_UNAVAILABLE = "DEVICE_UNAVAILABLE"
+    WORKER_CRASHED = "WORKER_CRASHED"
+    CIRCUIT_OPEN = "CIRCUIT_OPEN"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    CANCELLED = "CANCELLED"
+
+
+# Fields of sidecar.v1.Error that an error may carry (besides kind and message).
+ERROR_FIELDS: tuple[str, ...] = (
+    "op", "request_id",
+    "input_shapes", "input_dtypes", "dim", "expected", "got", "suggestion",
+    "device", "requested_bytes", "free_bytes", "total_bytes", "allocated_bytes", "reserved_bytes",
+    "available",
+    "input_index", "field",
+    "close_names",
+    "exception_type", "traceback",
+    "queue_depth", "limit",
+    "exit_code", "signal", "classification", "stderr_tail", "pid",
+)
+
+
+class SidecarError(Exception):
+    """Base of every structured error. `kind` and `grpc_code` (a grpc.StatusCode name) are per class."""
+
+    kind: ClassVar[ErrorKind] = ErrorKind.OP_FAILED
+    grpc_code: ClassVar[str] = "INTERNAL"
+
+    def __init__(self, message: str, **fields: Any) -> None:
+        super().__init__(message)
+        unknown = set(fields) - set(ERROR_FIELDS)
+        if unknown:
+            raise TypeError(f"unknown error fields {sorted(unknown)} for {type(self).__name__}")
+        self.message = message
+        self.fields: dict[str, Any] = {k: v for k, v in fields.items() if v is not None}
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called when normal lookup fails: expose structured fields as attributes (None if unset).
+        if name in ERROR_FIELDS:
+            return self.__dict__.get("fields", {}).get(name)
+        raise AttributeError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind.value, "message": self.message, **self.fields}
+
+    def __repr__(self) -> str:
+        extra = ", ".join(f"{k}={v!r}" for k, v in self.fields.items() if k != "traceback")
+        return f"{type(self).__name__}({self.message!r}{', ' + extra if extra else ''})"
+
+
+class ShapeMismatch(SidecarError):
+    kind = ErrorKind.SHAPE_MISMATCH
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class DtypeMismatch(SidecarError):
+    kind = ErrorKind.DTYPE_MISMATCH
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class DeviceMismatch(SidecarError):
+    kind = ErrorKind.DEVICE_MISMATCH
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class OutOfMemory(SidecarError):
+    kind = ErrorKind.OUT_OF_MEMORY
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class InvalidTensorRef(SidecarError):
+    """A descriptor that cannot be used: `field` says which part is wrong, `input_index` which input."""
+
+    kind = ErrorKind.INVALID_TENSOR_REF
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class UnknownOp(SidecarError):
+    kind = ErrorKind.UNKNOWN_OP
+    grpc_code = "NOT_FOUND"
+
+
+class OpFailed(SidecarError):
+    kind = ErrorKind.OP_FAILED
+    grpc_code = "INTERNAL"
+
+
+class Overloaded(SidecarError):
+    kind = ErrorKind.OVERLOADED
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class DeviceUnavailable(SidecarError):
+    kind = ErrorKind.DEVICE_UNAVAILABLE
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class WorkerCrashed(SidecarError):
+    kind = ErrorKind.WORKER_CRASHED
+    grpc_code = "UNAVAILABLE"
+
+
+class CircuitOpen(SidecarError):
+    kind = ErrorKind.CIRCUIT_OPEN
+    grpc_code = "UNAVAILABLE"
+
+
+class InvalidArgument(SidecarError):
+    kind = ErrorKind.INVALID_ARGUMENT
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class Cancelled(SidecarError):
+    kind = ErrorKind.CANCELLED
+    grpc_code = "CANCELLED"
+
+
+ERROR_CLASSES: dict[ErrorKind, type[SidecarError]] = {
+    cls.kind: cls
+    for cls in (ShapeMismatch, DtypeMismatch, DeviceMismatch, OutOfMemory, InvalidTensorRef, UnknownOp,
+                OpFailed, Overloaded, DeviceUnavailable, WorkerCrashed, CircuitOpen, InvalidArgument,
+                Cancelled)
+}
+
+
+def error_from_dict(data: dict[str, Any]) -> SidecarError:
+    """Rebuild an error from `to_dict()` output (or a decoded wire error)."""
+    kind = ErrorKind(str(data.get("kind", "OP_FAILED")).upper())
+    fields = {k: v for k, v in data.items() if k in ERROR_FIELDS}
+    return ERROR_CLASSES[kind](str(data.get("message", "")), **fields)
+
+
+def close_names(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
+    """Names a user probably meant (for UNKNOWN_OP)."""
+    return difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.5)
