@@ -1,0 +1,65 @@
+"""What a transport hands the dispatcher, and what it gets back.
+
+Transports (gRPC, the Erlang port) translate their wire form into a `Call` and a `CallResult` back;
+the dispatcher never sees protobuf or Erlang terms. Values are plain Python: `TensorRef`, `ArrowRef`,
+float, int, bool, str, bytes, list, dict or None.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from sidecar.dataplane.refs import TensorRef
+
+Value = Any  # TensorRef | ArrowRef | float | int | bool | str | bytes | list | dict | None
+
+
+class Placement(enum.IntEnum):
+    """Where outputs go; values equal sidecar.v1.Placement."""
+
+    AUTO = 0    # inline below the inline threshold, otherwise the worker's arena under a lease
+    SHM = 1     # the worker's arena under a lease
+    INLINE = 2  # bytes inside the response
+    DEVICE = 3  # stays on the GPU, returned as a CUDA IPC handle under a lease
+    OUT = 4     # written into the caller's `out` refs
+
+
+@dataclass
+class OutputSpec:
+    placement: Placement = Placement.AUTO
+    out: tuple[TensorRef, ...] = ()
+    inline_threshold: int = 0  # 0 = the worker's default
+
+
+@dataclass
+class Call:
+    op: str
+    inputs: list[Value] = field(default_factory=list)
+    attrs: dict[str, Value] = field(default_factory=dict)
+    output: OutputSpec = field(default_factory=OutputSpec)
+    release: list[str] = field(default_factory=list)
+    request_id: str = ""
+    idempotent: bool = False
+    # Set by the transport: returns True once the caller has gone (cancelled, deadline passed).
+    is_cancelled: Callable[[], bool] | None = None
+
+
+@dataclass
+class Timing:
+    queue_ns: int = 0
+    decode_ns: int = 0
+    compute_ns: int = 0
+    encode_ns: int = 0
+    total_ns: int = 0
+
+
+@dataclass
+class CallResult:
+    outputs: list[Value]
+    leases: list[str]
+    timing: Timing
+    device: str
+    bytes_in: int = 0
+    bytes_out: int = 0
+    request_id: str = ""
