@@ -1,15 +1,21 @@
-"""The one compiled part of the package: sidecar._native (shared memory segments, CUDA IPC)."""
-from glob import glob
+"""The compiled parts of the package, each a small C module with one job.
+
+sidecar._native  : POSIX shared-memory segments (native/shm.c)
+sidecar._cudaipc : CUDA IPC handles; loads libcuda.so.1 at run time, so it builds without CUDA (native/cuda_ipc.c)
+"""
+import os
 
 from setuptools import Extension, setup
 
-setup(
-    ext_modules=[
-        Extension(
-            "sidecar._native",
-            sources=sorted(glob("native/*.c")),
-            extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
-            libraries=["rt", "dl"],
-        )
-    ]
-)
+CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"]
+
+
+def ext(name: str, source: str) -> Extension:
+    return Extension(name, sources=[source], extra_compile_args=CFLAGS, libraries=["rt", "dl"])
+
+
+exts = [ext("sidecar._native", "native/shm.c")]
+if os.path.exists("native/cuda_ipc.c"):
+    exts.append(ext("sidecar._cudaipc", "native/cuda_ipc.c"))
+
+setup(ext_modules=exts)
