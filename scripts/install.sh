@@ -11,3 +11,12 @@ fi
 .venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q --no-build-isolation -e '.[test]'
 .venv/bin/python -c 'import sidecar._native' # the extension must have been built
+
+# The Elixir bridge's tests need a BEAM (Debian's elixir: Elixir 1.14 / OTP 25); no hex packages are used.
+if ! command -v elixir >/dev/null 2>&1 && [ "${SIDECAR_SKIP_ELIXIR_INSTALL:-0}" != 1 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq elixir >/dev/null
+  else
+    echo "install.sh: elixir is missing; install Debian's 'elixir' package for the bridge tests" >&2
+  fi
+fi
