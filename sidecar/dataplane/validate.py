@@ -10,7 +10,8 @@ Layout rules (the choices made here, also described in guides/zero-copy.md):
 - `strides=None` means C-contiguous and then `nbytes == prod(shape) * itemsize` exactly.
 - Explicit strides are in bytes, one per dimension, non-negative and multiples of the itemsize
   (negative strides are refused: the offset names the first element, and torch cannot view them);
-  every reachable byte must lie in `[offset, offset + nbytes)`.
+  every reachable byte must lie in `[offset, offset + nbytes)`, and the elements may not overlap
+  so much that `prod(shape) * itemsize > nbytes` (no stride-0 broadcasts posing as huge tensors).
 - At most `MAX_NDIM` dimensions.
 """
 from __future__ import annotations
@@ -119,7 +120,7 @@ def _check_shape(shape: Any, item: int, input_index: int | None) -> int:
         numel *= dim
         if numel * item > INT64_MAX:
             _fail(f"shape {tuple(shape)} holds more than {INT64_MAX} bytes", "shape", input_index)
-    return numel if len(shape) else 1
+    return numel
 
 
 def layout_of(ref: Any, *, input_index: int | None = None) -> Layout:
@@ -155,6 +156,10 @@ def layout_of(ref: Any, *, input_index: int | None = None) -> Layout:
     if span > nbytes:
         _fail(f"strides {tuple(strides)} with shape {tuple(shape)} reach {span} bytes past the "
               f"offset, descriptor spans {nbytes}", "strides", input_index)
+    if numel * item > nbytes:
+        # Broadcast (stride 0) or overlapping views would let a small region pose as a huge tensor.
+        _fail(f"shape {tuple(shape)} holds {numel * item} bytes of elements, more than the "
+              f"{nbytes} bytes the descriptor spans (overlapping strides)", "strides", input_index)
     return Layout(item, numel, span, offset, nbytes)
 
 

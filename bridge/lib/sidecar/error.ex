@@ -1,0 +1,113 @@
+defmodule Sidecar.Error do
+  @moduledoc """
+  A structured error from a sidecar (or from the pool), matchable by `kind`:
+
+      case Sidecar.call(pool, "add", [a, b]) do
+        {:ok, result} -> result
+        {:error, %Sidecar.Error{kind: :shape_mismatch, input_shapes: shapes, suggestion: hint}} -> ...
+        {:error, %Sidecar.Error{kind: :worker_crashed, classification: :segfault}} -> ...
+      end
+
+  Kinds are the `sidecar.v1.ErrorKind` names in lower case: `:shape_mismatch`, `:dtype_mismatch`,
+  `:device_mismatch`, `:out_of_memory`, `:invalid_tensor_ref`, `:unknown_op`, `:op_failed`,
+  `:overloaded`, `:device_unavailable`, `:worker_crashed`, `:circuit_open`, `:invalid_argument`,
+  `:cancelled` (also used for timeouts). The other fields are those of `sidecar.v1.Error`; those an
+  error does not use are `nil`. Fields this version does not know land in `details`.
+  It is an exception too, so `Sidecar.call!/4` can raise it.
+  """
+
+  @fields [
+    :op,
+    :request_id,
+    :input_shapes,
+    :input_dtypes,
+    :dim,
+    :expected,
+    :got,
+    :suggestion,
+    :device,
+    :requested_bytes,
+    :free_bytes,
+    :total_bytes,
+    :allocated_bytes,
+    :reserved_bytes,
+    :available,
+    :input_index,
+    :field,
+    :close_names,
+    :exception_type,
+    :traceback,
+    :queue_depth,
+    :limit,
+    :exit_code,
+    :signal,
+    :classification,
+    :stderr_tail,
+    :pid
+  ]
+
+  @kinds ~w(shape_mismatch dtype_mismatch device_mismatch out_of_memory invalid_tensor_ref unknown_op
+            op_failed overloaded device_unavailable worker_crashed circuit_open invalid_argument
+            cancelled)a
+
+  defexception [:kind, :message, details: %{}] ++ Enum.map(@fields, &{&1, nil})
+
+  @type kind ::
+          :shape_mismatch
+          | :dtype_mismatch
+          | :device_mismatch
+          | :out_of_memory
+          | :invalid_tensor_ref
+          | :unknown_op
+          | :op_failed
+          | :overloaded
+          | :device_unavailable
+          | :worker_crashed
+          | :circuit_open
+          | :invalid_argument
+          | :cancelled
+  @type t :: %__MODULE__{kind: kind, message: String.t()}
+
+  @doc "The error kinds, in `sidecar.v1.ErrorKind` order."
+  def kinds, do: @kinds
+
+  @doc "The structured field names (besides `kind` and `message`)."
+  def fields, do: @fields
+
+  @doc "Builds an error from the worker's `%{kind: ..., message: ..., ...}` term."
+  @spec from_term(map) :: t
+  def from_term(%{} = term) do
+    {kind, term} = Map.pop(term, :kind, :op_failed)
+    {message, term} = Map.pop(term, :message, "")
+
+    {known, unknown} =
+      Enum.split_with(term, fn {k, _} -> is_atom(k) and k in @fields end)
+
+    struct(
+      %__MODULE__{kind: kind_atom(kind), message: to_string(message), details: Map.new(unknown)},
+      normalize(known)
+    )
+  end
+
+  def from_term(other),
+    do: %__MODULE__{kind: :op_failed, message: "malformed error term from worker: #{inspect(other)}"}
+
+  @doc "A new error of `kind` with `message` and fields."
+  @spec new(kind, String.t(), keyword) :: t
+  def new(kind, message, fields \\ []), do: struct(%__MODULE__{kind: kind, message: message}, fields)
+
+  defp kind_atom(kind) when kind in @kinds, do: kind
+  defp kind_atom(kind) when is_atom(kind), do: kind
+  defp kind_atom(kind) when is_binary(kind), do: kind |> String.downcase() |> String.to_atom()
+
+  # Classification arrives as a binary from the worker's own errors; atoms match better.
+  defp normalize(fields) do
+    Enum.map(fields, fn
+      {:classification, c} when is_binary(c) -> {:classification, String.to_atom(c)}
+      kv -> kv
+    end)
+  end
+
+  @impl true
+  def message(%__MODULE__{kind: kind, message: message}), do: "#{kind}: #{message}"
+end

@@ -1,0 +1,268 @@
+"""`sidecar serve` and `sidecar hardware` (console script `sidecar`, `python -m sidecar`).
+
+`main` can also be called in-process by a child forked from a template that already imported torch:
+everything happens inside `main`, nothing at import time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger("sidecar")
+
+READY_PREFIX = "SIDECAR_READY"
+EXIT_OK = 0
+EXIT_START_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _positive_int(text: str) -> int:
+    value = int(text, 0)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text, 0)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _bytes(text: str) -> int:
+    """A byte count: 1073741824, 1G, 512M, 64K (powers of 1024)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = units.get(t[-1:], 1)
+    number = t[:-1] if t[-1:] in units else t
+    try:
+        value = int(float(number) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sidecar", description="Tensor sidecar worker.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run a worker (gRPC, or the Erlang port protocol with --stdio)",
+                       description="Run a worker. When ready it prints one line on stdout: "
+                                   "SIDECAR_READY <address> <pid>. Logs go to stderr.")
+    s.add_argument("--listen", default=None,
+                   help="unix:PATH, a socket path, or HOST:PORT (e.g. 127.0.0.1:0 for a free port). "
+                        "Default: a fresh unix socket (mode 0600) under $XDG_RUNTIME_DIR/sidecar or "
+                        "/tmp/sidecar-<uid>")
+    s.add_argument("--ready-file", type=Path, default=None,
+                   help="also write the ready line to this file (atomically: PATH.tmp, fsync, rename)")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
+    s.add_argument("--ops", action="append", default=[], metavar="MODULE",
+                   help="import MODULE and serve the ops it declares with @sidecar.op (repeatable)")
+    s.add_argument("--max-concurrency", type=_positive_int, default=4,
+                   help="ops running at once (default 4)")
+    s.add_argument("--max-queue", type=_non_negative_int, default=64,
+                   help="calls waiting beyond --max-concurrency before OVERLOADED (default 64)")
+    s.add_argument("--memory-limit", type=_bytes, default=None, metavar="BYTES",
+                   help="address space the worker may add after start-up (RLIMIT_AS = size at start-up "
+                        "+ BYTES): an allocation beyond it is a clean OUT_OF_MEMORY error. Accepts K/M/G")
+    s.add_argument("--run-id", default=None,
+                   help="run id in the names of this worker's segments (default: $SIDECAR_RUN_ID or random)")
+    s.add_argument("--inline-threshold", type=_non_negative_int, default=65536,
+                   help="outputs smaller than this travel inside the response (default 65536)")
+    s.add_argument("--lease-ttl", type=float, default=300.0,
+                   help="seconds after which an unreleased output lease is reclaimed (default 300)")
+    s.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch/BLAS/OpenMP threads (default: $SIDECAR_THREADS or half the CPUs, max 8)")
+    s.add_argument("--grace-period", type=float, default=10.0,
+                   help="seconds SIGTERM waits for in-flight calls before stopping (default 10)")
+    s.add_argument("--max-message-bytes", type=_bytes, default=4 << 20,
+                   help="largest gRPC message accepted or sent (default 4M; raise it only for "
+                        "PLACEMENT_INLINE of big tensors)")
+    s.add_argument("--watch-stdin", action="store_true",
+                   help="exit when stdin reaches EOF (for hosts that hold the worker's stdin)")
+    s.add_argument("--debug-ops", action="store_true",
+                   help="also serve ops that crash, hang or allocate on purpose (tests only)")
+    s.add_argument("--stdio", action="store_true",
+                   help="speak the Erlang port protocol on stdin/stdout instead of gRPC")
+    s.add_argument("--log-level", default=os.environ.get("SIDECAR_LOG_LEVEL", "INFO"),
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"])
+
+    h = sub.add_parser("hardware", help="print what this machine offers (CPU, CUDA, MPS)")
+    h.add_argument("--json", action="store_true", help="print JSON (the GetHardware message's fields)")
+    h.add_argument("--device", default="auto", help="device to report as chosen (default: auto)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as exc:  # argparse exits on --help and on usage errors
+        return int(exc.code or 0)
+    if args.command == "hardware":
+        return _hardware(args)
+    return _serve(args)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(stream=sys.stderr, level=level.upper(), force=True,
+                        format="%(asctime)s sidecar[%(process)d] %(levelname)s %(name)s: %(message)s")
+
+
+# ---------------------------------------------------------------------------------------------------
+# serve
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from sidecar.worker import lifecycle
+
+    _setup_logging(args.log_level)
+    threads = args.threads or lifecycle.default_threads()
+    lifecycle.cap_thread_env(threads)  # before torch is imported (no effect if it already is)
+
+    shutdown = lifecycle.Shutdown()
+    watch = lifecycle.ParentWatch(shutdown)
+    lifecycle.install_signal_handlers(shutdown, watch)
+    watch.start()
+    if args.watch_stdin and not args.stdio:
+        lifecycle.watch_stdin(shutdown)
+
+    from sidecar.errors import SidecarError
+    from sidecar.worker.runtime import WorkerOptions, build_runtime
+
+    lifecycle.cap_torch_threads(threads)
+    opts = WorkerOptions(device=args.device, ops_modules=list(args.ops), debug_ops=args.debug_ops,
+                         max_concurrency=args.max_concurrency, max_queue=args.max_queue,
+                         run_id=args.run_id, inline_threshold=args.inline_threshold,
+                         lease_ttl_s=args.lease_ttl)
+    try:
+        runtime = build_runtime(opts)  # loads --ops modules and runs their start-up hooks
+    except (SidecarError, Exception) as exc:
+        log.error("worker failed to start: %s: %s", type(exc).__name__, exc)
+        return EXIT_START_FAILED
+    try:
+        if args.stdio:
+            return _serve_stdio(runtime, args, shutdown)
+        return _serve_grpc(runtime, args, shutdown)
+    finally:
+        runtime.close()
+
+
+def _serve_stdio(runtime: Any, args: argparse.Namespace, shutdown: Any) -> int:
+    from sidecar.worker import lifecycle
+    from sidecar.worker.stdio_server import serve_stdio
+
+    if args.memory_limit:
+        lifecycle.warm_threads()
+        lifecycle.apply_memory_limit(args.memory_limit)
+    # The port transport owns the main thread, so shutdown requests are acted on from a thread:
+    # SIGTERM drains the dispatcher first, a dead parent or a taint exits at once.
+    def stop() -> None:
+        if not shutdown.fast:
+            runtime.dispatcher.wait_idle(args.grace_period)
+            time.sleep(0.2)  # let the transport write the last replies
+        _exit_now(runtime, shutdown.exit_code)
+
+    lifecycle.on_shutdown(shutdown, stop)
+    runtime.dispatcher.on_taint.append(
+        lambda reason: shutdown.request(f"tainted: {reason}", fast=True, exit_code=lifecycle.EXIT_TAINTED))
+    return int(serve_stdio(runtime) or 0)
+
+
+def _exit_now(runtime: Any, code: int) -> None:
+    try:
+        runtime.close()
+    finally:
+        sys.stdout.flush()
+        os._exit(code)
+
+
+def _serve_grpc(runtime: Any, args: argparse.Namespace, shutdown: Any) -> int:
+    from sidecar.worker import lifecycle
+    from sidecar.worker.grpc_server import SidecarServer
+
+    try:
+        server = SidecarServer(runtime, args.listen, max_message_bytes=args.max_message_bytes)
+        address = server.start()
+    except (OSError, ValueError, PermissionError) as exc:
+        log.error("cannot listen: %s", exc)
+        return EXIT_START_FAILED
+    if args.memory_limit:
+        lifecycle.warm_threads(server.executor, server.threads)
+        lifecycle.apply_memory_limit(args.memory_limit)
+
+    # A sticky device error: the failing call is still answered (it is in flight during the short
+    # drain), then the process exits 70 so the pool replaces it.
+    runtime.dispatcher.on_taint.append(
+        lambda reason: shutdown.request(f"tainted: {reason}", fast=True, exit_code=lifecycle.EXIT_TAINTED))
+
+    line = f"{READY_PREFIX} {address} {os.getpid()}"
+    if args.ready_file is not None:
+        _write_atomically(args.ready_file, line + "\n")
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+    log.info("serving on %s (device %s, pid %d)", address, runtime.device, os.getpid())
+
+    while not shutdown.wait(0.5):
+        pass
+    grace = 0.5 if shutdown.fast else args.grace_period
+    log.info("%s: draining in-flight calls (up to %.1f s)", shutdown.reason, grace)
+    finished = server.stop(grace)
+    if not finished:
+        log.warning("grace period over with calls still running; they were cancelled")
+    if args.ready_file is not None:
+        try:
+            args.ready_file.unlink()
+        except FileNotFoundError:
+            pass
+    log.info("stopped (exit %d)", shutdown.exit_code)
+    return shutdown.exit_code
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# hardware
+
+
+def _hardware(args: argparse.Namespace) -> int:
+    logging.basicConfig(stream=sys.stderr, level="WARNING")
+    from sidecar.worker import hardware
+
+    device = args.device
+    try:
+        from sidecar.worker.devices import select_device
+
+        device = str(select_device(args.device))  # "auto" -> what a worker would pick
+    except Exception as exc:
+        logging.getLogger("sidecar").warning("device %s: %s", args.device, exc)
+    info = hardware.detect(device)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=False))
+        return EXIT_OK
+    print(hardware.format_text(info))
+    return EXIT_OK

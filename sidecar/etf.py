@@ -1,0 +1,351 @@
+"""Erlang External Term Format (version 131): the terms an Elixir VM exchanges with `serve --stdio`.
+
+Written here rather than taken from PyPI: the maintained candidates (`erlang-py`, `erlpack`) encode
+Python `str` as an Erlang charlist (Elixir strings are binaries), wrap every binary and list in their
+own classes, and do not bound lengths or nesting against the buffer, so a malformed frame could make
+them allocate or recurse without limit. This codec does exactly what the port protocol needs.
+
+Python <-> Erlang:
+
+==========================  ==========================================================
+Python                      Erlang / Elixir
+==========================  ==========================================================
+`Atom("ok")`                atom `:ok` (UTF-8; `ATOM_EXT`/`SMALL_ATOM_EXT` latin-1 decoded too)
+True / False / None         atoms `true` / `false` / `nil`
+int                         small / 32-bit integer, or bignum (SMALL/LARGE_BIG_EXT)
+float                       `NEW_FLOAT_EXT` (also `FLOAT_EXT` on decode); NaN/inf refused
+bytes                       binary (str, bytearray and memoryview encode as binaries too)
+list                        list (`STRING_EXT`, Erlang's compact list of bytes, decodes to a list
+                            of ints); improper lists are refused
+tuple                       tuple
+dict                        map
+==========================  ==========================================================
+
+Pids, ports, references, funs and bitstrings are refused with `DecodeError`: the protocol never uses
+them. Decoding never trusts a length: every count is checked against the bytes left before anything
+is allocated, nesting is bounded, and any malformed input raises `DecodeError` (never IndexError,
+RecursionError or MemoryError).
+"""
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from typing import Any
+
+__all__ = ["Atom", "EtfError", "DecodeError", "EncodeError", "encode", "decode", "VERSION"]
+
+VERSION = 131
+
+# Tags (erts/emulator/beam/external.h).
+NEW_FLOAT_EXT = 70
+BIT_BINARY_EXT = 77
+COMPRESSED = 80
+SMALL_INTEGER_EXT = 97
+INTEGER_EXT = 98
+FLOAT_EXT = 99
+ATOM_EXT = 100
+SMALL_TUPLE_EXT = 104
+LARGE_TUPLE_EXT = 105
+NIL_EXT = 106
+STRING_EXT = 107
+LIST_EXT = 108
+BINARY_EXT = 109
+SMALL_BIG_EXT = 110
+LARGE_BIG_EXT = 111
+SMALL_ATOM_EXT = 115
+MAP_EXT = 116
+ATOM_UTF8_EXT = 118
+SMALL_ATOM_UTF8_EXT = 119
+
+# Tags we recognise but refuse, named in the error so a user sees what was sent.
+_REFUSED = {
+    82: "ATOM_CACHE_REF", 88: "NEW_PID_EXT", 89: "NEW_PORT_EXT", 90: "NEWER_REFERENCE_EXT",
+    101: "REFERENCE_EXT", 102: "PORT_EXT", 103: "PID_EXT", 112: "NEW_FUN_EXT", 113: "EXPORT_EXT",
+    114: "NEW_REFERENCE_EXT", 117: "FUN_EXT", 120: "V4_PORT_EXT", 121: "LOCAL_EXT",
+    BIT_BINARY_EXT: "BIT_BINARY_EXT (a bitstring that is not a whole number of bytes)",
+}
+
+MAX_DEPTH = 256          # nesting of lists/tuples/maps; our protocol needs < 10
+MAX_ATOM_CHARS = 255     # Erlang's own limit
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_I32 = struct.Struct(">i")
+_F64 = struct.Struct(">d")
+
+
+class Atom(str):
+    """An Erlang atom. Equal to the plain string of its name, but encoded as an atom, not a binary."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"Atom({str.__repr__(self)})"
+
+
+class EtfError(ValueError):
+    """Base of this module's errors."""
+
+
+class DecodeError(EtfError):
+    """The bytes are not a term this codec accepts; `offset` is where decoding stopped."""
+
+    def __init__(self, message: str, offset: int = -1) -> None:
+        super().__init__(message if offset < 0 else f"{message} (at byte {offset})")
+        self.offset = offset
+
+
+class EncodeError(EtfError):
+    """The Python value has no Erlang form here (unsupported type, NaN, atom too long, ...)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Encoding
+
+
+def encode(term: Any) -> bytes:
+    """The external format of `term`, version byte included (what `:erlang.binary_to_term/1` reads)."""
+    parts: list[bytes] = [bytes((VERSION,))]
+    _encode(term, parts, 0)
+    return b"".join(parts)
+
+
+def _encode(term: Any, out: list[bytes], depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise EncodeError(f"term nested deeper than {MAX_DEPTH}")
+    # Order matters: bool before int (bool is an int), Atom before str (Atom is a str).
+    if term is None:
+        out.append(b"\x77\x03nil")
+    elif term is True:
+        out.append(b"\x77\x04true")
+    elif term is False:
+        out.append(b"\x77\x05false")
+    elif isinstance(term, Atom):
+        _encode_atom(term, out)
+    elif isinstance(term, int):
+        _encode_int(int(term), out)
+    elif isinstance(term, float):
+        if not math.isfinite(term):
+            raise EncodeError(f"{term!r} has no Erlang float form")
+        out.append(bytes((NEW_FLOAT_EXT,)) + _F64.pack(term))
+    elif isinstance(term, (bytes, bytearray, memoryview)):
+        n = term.nbytes if isinstance(term, memoryview) else len(term)
+        if n > 0xFFFFFFFF:
+            raise EncodeError(f"binary of {n} bytes exceeds the 4 GiB limit of BINARY_EXT")
+        out.append(bytes((BINARY_EXT,)) + _U32.pack(n))
+        out.append(term if isinstance(term, bytes) else bytes(term))
+    elif isinstance(term, str):
+        try:
+            data = term.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise EncodeError(f"string is not valid UTF-8: {e}") from None
+        out.append(bytes((BINARY_EXT,)) + _U32.pack(len(data)))
+        out.append(data)
+    elif isinstance(term, tuple):
+        n = len(term)
+        out.append(bytes((SMALL_TUPLE_EXT, n)) if n < 256 else bytes((LARGE_TUPLE_EXT,)) + _U32.pack(n))
+        for item in term:
+            _encode(item, out, depth + 1)
+    elif isinstance(term, list):
+        if term:
+            out.append(bytes((LIST_EXT,)) + _U32.pack(len(term)))
+            for item in term:
+                _encode(item, out, depth + 1)
+        out.append(bytes((NIL_EXT,)))
+    elif isinstance(term, dict):
+        out.append(bytes((MAP_EXT,)) + _U32.pack(len(term)))
+        for key, value in term.items():
+            _encode(key, out, depth + 1)
+            _encode(value, out, depth + 1)
+    else:
+        raise EncodeError(f"cannot encode {type(term).__name__} as an Erlang term")
+
+
+def _encode_atom(name: str, out: list[bytes]) -> None:
+    if len(name) > MAX_ATOM_CHARS:
+        raise EncodeError(f"atom of {len(name)} characters exceeds Erlang's {MAX_ATOM_CHARS}")
+    try:
+        data = name.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise EncodeError(f"atom name is not valid UTF-8: {e}") from None
+    if len(data) < 256:
+        out.append(bytes((SMALL_ATOM_UTF8_EXT, len(data))) + data)
+    else:
+        out.append(bytes((ATOM_UTF8_EXT,)) + _U16.pack(len(data)) + data)
+
+
+def _encode_int(value: int, out: list[bytes]) -> None:
+    if 0 <= value < 256:
+        out.append(bytes((SMALL_INTEGER_EXT, value)))
+    elif -(1 << 31) <= value < (1 << 31):
+        out.append(bytes((INTEGER_EXT,)) + _I32.pack(value))
+    else:
+        magnitude = abs(value)
+        digits = magnitude.to_bytes((magnitude.bit_length() + 7) // 8, "little")
+        sign = 1 if value < 0 else 0
+        if len(digits) < 256:
+            out.append(bytes((SMALL_BIG_EXT, len(digits), sign)) + digits)
+        else:
+            out.append(bytes((LARGE_BIG_EXT,)) + _U32.pack(len(digits)) + bytes((sign,)) + digits)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def decode(data: bytes | bytearray | memoryview, *, max_depth: int = MAX_DEPTH) -> Any:
+    """The term in `data` (which starts with the version byte and holds exactly one term)."""
+    view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+    if len(view) < 2:
+        raise DecodeError(f"a term needs at least 2 bytes, got {len(view)}", 0)
+    if view[0] != VERSION:
+        raise DecodeError(f"version byte is {view[0]}, expected {VERSION}", 0)
+    if view[1] == COMPRESSED:
+        return _decode_compressed(view, max_depth)
+    dec = _Decoder(view, 1, max_depth)
+    term = dec.term(0)
+    if dec.pos != len(view):
+        raise DecodeError(f"{len(view) - dec.pos} bytes left after the term", dec.pos)
+    return term
+
+
+def _decode_compressed(view: memoryview, max_depth: int) -> Any:
+    # term_to_binary(T, [compressed]): 4-byte uncompressed size, then a zlib stream. The declared size
+    # bounds the inflation, so a small frame cannot expand without limit.
+    if len(view) < 6:
+        raise DecodeError("compressed term is truncated", 2)
+    size = _U32.unpack_from(view, 2)[0]
+    inflater = zlib.decompressobj()
+    try:
+        body = inflater.decompress(view[6:], size)
+    except zlib.error as e:
+        raise DecodeError(f"compressed term is corrupt: {e}", 6) from None
+    if len(body) != size or inflater.unconsumed_tail or not inflater.eof:
+        raise DecodeError(f"compressed term does not inflate to its declared {size} bytes", 6)
+    return decode(bytes((VERSION,)) + body, max_depth=max_depth)
+
+
+class _Decoder:
+    __slots__ = ("data", "pos", "end", "max_depth")
+
+    def __init__(self, data: memoryview, pos: int, max_depth: int) -> None:
+        self.data = data
+        self.pos = pos
+        self.end = len(data)
+        self.max_depth = max_depth
+
+    def _need(self, n: int, what: str) -> int:
+        """Claims `n` bytes, returning where they start; refuses lengths beyond the buffer."""
+        start = self.pos
+        if n > self.end - start:
+            raise DecodeError(f"{what} needs {n} bytes but only {self.end - start} are left", start)
+        self.pos = start + n
+        return start
+
+    def _u8(self, what: str) -> int:
+        return self.data[self._need(1, what)]
+
+    def _u16(self, what: str) -> int:
+        return _U16.unpack_from(self.data, self._need(2, what))[0]
+
+    def _u32(self, what: str) -> int:
+        return _U32.unpack_from(self.data, self._need(4, what))[0]
+
+    def _count(self, what: str, wide: bool, min_bytes_each: int) -> int:
+        n = self._u32(what) if wide else self._u8(what)
+        # Every element takes at least min_bytes_each bytes: a count larger than that is a lie,
+        # refused before we build anything of its size.
+        if n * min_bytes_each > self.end - self.pos:
+            raise DecodeError(f"{what} claims {n} elements but only {self.end - self.pos} bytes are left",
+                              self.pos)
+        return n
+
+    def term(self, depth: int) -> Any:
+        if depth > self.max_depth:
+            raise DecodeError(f"term nested deeper than {self.max_depth}", self.pos)
+        at = self.pos
+        tag = self._u8("tag")
+        if tag == SMALL_INTEGER_EXT:
+            return self._u8("small integer")
+        if tag == INTEGER_EXT:
+            return _I32.unpack_from(self.data, self._need(4, "integer"))[0]
+        if tag in (SMALL_ATOM_UTF8_EXT, ATOM_UTF8_EXT, SMALL_ATOM_EXT, ATOM_EXT):
+            return self._atom(tag)
+        if tag == BINARY_EXT:
+            n = self._u32("binary length")
+            start = self._need(n, "binary")
+            return bytes(self.data[start:start + n])
+        if tag in (SMALL_TUPLE_EXT, LARGE_TUPLE_EXT):
+            n = self._count("tuple", tag == LARGE_TUPLE_EXT, 1)
+            return tuple(self.term(depth + 1) for _ in range(n))
+        if tag == NIL_EXT:
+            return []
+        if tag == LIST_EXT:
+            n = self._count("list", True, 1)
+            items = [self.term(depth + 1) for _ in range(n)]
+            tail_at = self.pos
+            if self._u8("list tail") != NIL_EXT:
+                raise DecodeError("improper list (tail is not []) is not supported", tail_at)
+            return items
+        if tag == STRING_EXT:
+            n = self._u16("string length")
+            start = self._need(n, "string")
+            return list(self.data[start:start + n])
+        if tag == MAP_EXT:
+            return self._map(depth)
+        if tag == NEW_FLOAT_EXT:
+            return _F64.unpack_from(self.data, self._need(8, "float"))[0]
+        if tag in (SMALL_BIG_EXT, LARGE_BIG_EXT):
+            n = self._u32("bignum length") if tag == LARGE_BIG_EXT else self._u8("bignum length")
+            sign = self._u8("bignum sign")
+            start = self._need(n, "bignum")
+            value = int.from_bytes(self.data[start:start + n], "little")
+            if sign > 1:
+                raise DecodeError(f"bignum sign byte is {sign}, expected 0 or 1", start - 1)
+            return -value if sign else value
+        if tag == FLOAT_EXT:
+            start = self._need(31, "float")
+            text = bytes(self.data[start:start + 31]).split(b"\x00", 1)[0]
+            try:
+                return float(text.decode("ascii"))
+            except (UnicodeDecodeError, ValueError):
+                raise DecodeError(f"FLOAT_EXT text {text!r} is not a number", start) from None
+        if tag == COMPRESSED:
+            raise DecodeError("a compressed term may only appear at the top level", at)
+        if tag in _REFUSED:
+            raise DecodeError(f"unsupported term type {_REFUSED[tag]} (tag {tag})", at)
+        raise DecodeError(f"unknown tag {tag}", at)
+
+    def _atom(self, tag: int) -> Any:
+        small = tag in (SMALL_ATOM_UTF8_EXT, SMALL_ATOM_EXT)
+        n = self._u8("atom length") if small else self._u16("atom length")
+        start = self._need(n, "atom")
+        raw = bytes(self.data[start:start + n])
+        try:
+            name = raw.decode("utf-8" if tag in (SMALL_ATOM_UTF8_EXT, ATOM_UTF8_EXT) else "latin-1")
+        except UnicodeDecodeError:
+            raise DecodeError(f"atom {raw!r} is not valid UTF-8", start) from None
+        if name == "true":
+            return True
+        if name == "false":
+            return False
+        if name == "nil":
+            return None
+        return Atom(name)
+
+    def _map(self, depth: int) -> dict[Any, Any]:
+        n = self._count("map", True, 2)
+        out: dict[Any, Any] = {}
+        for _ in range(n):
+            key_at = self.pos
+            key = self.term(depth + 1)
+            value = self.term(depth + 1)
+            try:
+                if key in out:
+                    raise DecodeError(f"duplicate map key {key!r}", key_at)
+                out[key] = value
+            except TypeError:
+                raise DecodeError(
+                    f"map key of type {type(key).__name__} is not supported (keys must be atoms, "
+                    "numbers, binaries or tuples of them)", key_at) from None
+        return out

@@ -1,0 +1,481 @@
+"""`Client`: one sidecar worker over gRPC, from the host side.
+
+Inputs cross through the client's own arena (POSIX shared memory named `/sc-<run>-<host pid>-...`):
+an array that already lives there travels as a descriptor only (zero copy, see `Client.empty`),
+anything else is copied into it once; small tensors travel inline. Outputs come back as read-only
+views of the worker's segment (zero copy) held under a *lease*: when every array/tensor/table of a
+result has been garbage-collected, the lease id is queued and sent with the next call's `release`
+field (or by `release()` / `close()`), and only then may the worker reuse that memory.
+
+torch is imported only when torch tensors are passed in.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import uuid
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import grpc
+import numpy as np
+
+from sidecar import wire
+from sidecar.dataplane import arrow as arrow_io
+from sidecar.dataplane import tensors
+from sidecar.dataplane.arena import Arena, Block
+from sidecar.dataplane.mapcache import MappingCache
+from sidecar.dataplane.names import default_run_id
+from sidecar.dataplane.refs import ArrowRef, InlineStorage, ShmStorage, TensorRef
+from sidecar.dataplane.validate import check_segment_bounds, validate_arrow_ref
+from sidecar.errors import InvalidArgument, SidecarError
+from sidecar.v1 import sidecar_pb2 as pb
+from sidecar.v1 import sidecar_pb2_grpc as pb_grpc
+from sidecar.wire import WorkerUnreachable
+from sidecar.worker.calls import Placement, Timing
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Client", "Result", "TelemetryWatch", "WorkerUnreachable"]
+
+_PLACEMENTS = {"auto": Placement.AUTO, "shm": Placement.SHM, "inline": Placement.INLINE,
+               "device": Placement.DEVICE, "out": Placement.OUT}
+
+
+@dataclass
+class Result:
+    """Everything `Client.execute` learned about one call."""
+
+    outputs: list[Any]
+    timing: Timing
+    device: str
+    leases: list[str] = field(default_factory=list)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    request_id: str = ""
+
+
+class _LeaseKeeper(np.ndarray):
+    """A marker ndarray subclass that every leased output (and every `Client.empty` array) views.
+
+    It is built straight over the segment (its `.base` is the Segment, not an ndarray), and the
+    array handed out is a plain view of it. NumPy collapses `.base` chains only through arrays of
+    the same type, so every later view (slices, reshapes, torch.from_numpy, pyarrow buffers) keeps
+    the keeper alive, and its finalizer fires only once no view of the memory remains.
+    """
+
+
+def _kept(arr: np.ndarray, buffer: Any, on_collect: Any) -> np.ndarray:
+    """`arr` (a view of `buffer`, an object with `.address`) re-made over a finalised keeper."""
+    offset = arr.__array_interface__["data"][0] - buffer.address
+    keeper = np.ndarray.__new__(_LeaseKeeper, arr.shape, arr.dtype, buffer=buffer, offset=offset,
+                                strides=arr.strides)
+    if not arr.flags.writeable:
+        keeper.flags.writeable = False
+    weakref.finalize(keeper, on_collect)
+    return keeper.view(np.ndarray)
+
+
+class _LeaseGroup:
+    """Counts the live outputs of one call; queues the lease when the last one is collected."""
+
+    __slots__ = ("client_ref", "lease_ids", "live", "lock", "done")
+
+    def __init__(self, client: Client, lease_ids: list[str]) -> None:
+        self.client_ref = weakref.ref(client)
+        self.lease_ids = lease_ids
+        self.live = 0
+        self.lock = threading.Lock()
+        self.done = False
+
+    def keep(self, arr: np.ndarray) -> np.ndarray:
+        buffer = arr.base
+        if buffer is None or not hasattr(buffer, "address"):
+            return arr  # nothing shared (an empty tensor): no need to hold the lease for it
+        with self.lock:
+            self.live += 1
+        return _kept(arr, buffer, self.drop)
+
+    def drop(self) -> None:
+        with self.lock:
+            self.live -= 1
+            if self.live > 0 or self.done:
+                return
+            self.done = True
+        client = self.client_ref()
+        if client is not None:
+            client._queue_release(self.lease_ids)
+
+    def release_now(self) -> list[str]:
+        with self.lock:
+            if self.done:
+                return []
+            self.done = True
+        return self.lease_ids
+
+
+class TelemetryWatch:
+    """An iterator of telemetry event dicts; `close()` (or leaving a `with` block) ends the stream."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        try:
+            for event in self._call:
+                yield wire.telemetry_from_pb(event)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise wire.error_from_rpc(err) from None
+
+    def close(self) -> None:
+        self._call.cancel()
+
+    def __enter__(self) -> TelemetryWatch:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _channel_target(address: str) -> str:
+    if address.startswith(("unix:", "dns:", "ipv4:", "ipv6:")) or ":" in address:
+        return address
+    return f"unix:{address}"  # a bare socket path
+
+
+class Client:
+    """A connection to one worker.
+
+    `address` is what the worker printed (`unix:/path` or `host:port`). `arena`: share one host
+    arena between clients (the caller then closes it); by default the client makes its own, named
+    with `run_id` and this process's pid, and unlinks it on `close()`. `timeout` is the default
+    deadline of every call in seconds (None = none). `max_message_bytes` raises gRPC's 4 MiB message
+    limits, needed only to move big tensors *inside* messages (placement="inline").
+    """
+
+    def __init__(self, address: str, *, arena: Arena | None = None, run_id: str | None = None,
+                 inline_threshold: int = tensors.DEFAULT_INLINE_THRESHOLD, timeout: float | None = None,
+                 max_message_bytes: int | None = None) -> None:
+        self.address = address
+        self.run_id = run_id or (arena.run_id if arena is not None else default_run_id())
+        self.inline_threshold = inline_threshold
+        self.timeout = timeout
+        options: list[tuple[str, Any]] = [("grpc.enable_retries", 0)]
+        if max_message_bytes:
+            options += [("grpc.max_receive_message_length", max_message_bytes),
+                        ("grpc.max_send_message_length", max_message_bytes)]
+        self._channel = grpc.insecure_channel(_channel_target(address), options=options)
+        self._stub = pb_grpc.SidecarStub(self._channel)
+        self._own_arena = arena is None
+        self._arena: Arena | None = arena
+        self._arena_lock = threading.Lock()
+        self._cache = MappingCache()
+        self._pending: list[str] = []
+        self._pending_lock = threading.Lock()
+        self._ids = itertools.count()
+        self._closed = False
+
+    # -- memory -----------------------------------------------------------------------------------
+
+    @property
+    def arena(self) -> Arena:
+        """The host arena inputs travel through (created on first use)."""
+        with self._arena_lock:
+            if self._arena is None:
+                self._arena = Arena(self.run_id)
+            return self._arena
+
+    def empty(self, shape: int | Sequence[int], dtype: Any = "float32", *, torch: bool = False) -> Any:
+        """An uninitialised array (or CPU torch tensor) living in the client's arena.
+
+        Fill it and pass it to `call`: it crosses as a descriptor only, with no copy at all. Also the
+        natural `out=` destination. Its memory returns to the arena when the array and every view
+        of it are gone.
+        """
+        from sidecar.dataplane import dtypes
+
+        shp = (shape,) if isinstance(shape, int) else tuple(int(d) for d in shape)
+        name = dtypes.name_of(dtype)
+        np_dtype = dtypes.to_numpy_dtype(name)
+        count = int(np.prod(shp, dtype=np.int64)) if shp else 1
+        block = self.arena.alloc(count * np_dtype.itemsize)
+        arr = _kept(block.ndarray(np_dtype, shp), block.segment, block.release)
+        return tensors._array_to_torch(arr, name) if torch else arr
+
+    # -- calls ------------------------------------------------------------------------------------
+
+    def call(self, op: str, *inputs: Any, out: Any = None, placement: str | Placement = "auto",
+             timeout: float | None = None, idempotent: bool | None = None, request_id: str | None = None,
+             **attrs: Any) -> Any:
+        """Run `op` and return its output (a tuple when it has several).
+
+        NumPy in -> NumPy out; any torch tensor in -> torch out; Arrow tables come back as
+        `pyarrow.Table`. With `out=` (one array/tensor, or a sequence for several outputs) the
+        results are written there and `out` is returned.
+        """
+        result = self.execute(op, *inputs, out=out, placement=placement, timeout=timeout,
+                              idempotent=idempotent, request_id=request_id, **attrs)
+        outs = result.outputs
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def execute(self, op: str, *inputs: Any, out: Any = None, placement: str | Placement = "auto",
+                timeout: float | None = None, idempotent: bool | None = None,
+                request_id: str | None = None, **attrs: Any) -> Result:
+        """Like `call`, but returns a `Result` with outputs, timing, device, leases and bytes."""
+        self._check_open()
+        place = _placement(placement, out)
+        want_torch = any(_is_torch(x) for x in inputs)
+        blocks: list[Block] = []
+        copy_back: list[tuple[Any, Block]] = []
+        try:
+            refs = [self._encode_input(x, blocks) for x in inputs]
+            out_objs: list[Any] = []
+            out_refs: list[TensorRef] = []
+            if place == Placement.OUT:
+                out_objs = list(out) if isinstance(out, (list, tuple)) else [out]
+                for obj in out_objs:
+                    ref, block = tensors.to_ref(obj, self.arena, inline_threshold=0)
+                    if block is not None:  # not arena memory: the worker writes a copy we bring back
+                        blocks.append(block)
+                        copy_back.append((obj, block))
+                    out_refs.append(ref)
+            req = wire.execute_request(
+                op, refs, attrs, placement=place, out=out_refs, release=self._take_pending(),
+                request_id=request_id or f"{uuid.uuid4().hex[:16]}",
+                idempotent=bool(idempotent))
+            try:
+                resp = self._stub.Execute(req, timeout=timeout if timeout is not None else self.timeout)
+            except grpc.RpcError as err:
+                raise wire.error_from_rpc(err, op) from None
+            for obj, block in copy_back:
+                _copy_back(obj, block)
+        finally:
+            for block in blocks:
+                block.release()
+        res = wire.result_from_response(resp)
+        if place == Placement.OUT:
+            outputs = out_objs
+            if res.leases:
+                self._queue_release(list(res.leases))
+        else:
+            outputs = self._decode_outputs(res.outputs, list(res.leases), want_torch)
+        return Result(outputs=outputs, timing=res.timing, device=res.device, leases=list(res.leases),
+                      bytes_in=res.bytes_in, bytes_out=res.bytes_out, request_id=res.request_id)
+
+    def _encode_input(self, x: Any, blocks: list[Block]) -> Any:
+        if _is_arrow(x):
+            ref, block = arrow_io.table_to_ref(x, self.arena, inline_threshold=self.inline_threshold)
+        elif _is_tensor_like(x):
+            ref, block = tensors.to_ref(x, self.arena, inline_threshold=self.inline_threshold)
+        else:
+            return x  # a plain value: scalar, string, bytes, list, dict, None
+        if block is not None:
+            blocks.append(block)
+        return ref
+
+    def _decode_outputs(self, values: list[Any], leases: list[str], want_torch: bool) -> list[Any]:
+        group = _LeaseGroup(self, leases) if leases else None
+        outputs = [self._decode_value(v, group, want_torch) for v in values]
+        if group is not None and group.live == 0:
+            self._queue_release(group.release_now())  # nothing of it reached the caller
+        return outputs
+
+    def _decode_value(self, v: Any, group: _LeaseGroup | None, want_torch: bool) -> Any:
+        if isinstance(v, TensorRef):
+            if isinstance(v.storage, InlineStorage):
+                arr = tensors._view(v, bytearray(v.storage.data), 0, _numel(v.shape))  # private, writable
+            elif isinstance(v.storage, ShmStorage):
+                # Writable: the leased block is ours until released, and torch has no read-only
+                # tensors (an in-place op on a read-only mapping would crash the host).
+                arr = tensors.to_numpy(v, self._cache, writable=True)
+                if group is not None:
+                    arr = group.keep(arr)
+            else:  # CUDA IPC: a CUDA tensor
+                return tensors.to_torch(v, self._cache)
+            return tensors._array_to_torch(arr, v.dtype) if want_torch else _numpy_out(arr, v.dtype)
+        if isinstance(v, ArrowRef):
+            return self._table(v, group)
+        if isinstance(v, list):
+            return [self._decode_value(x, group, want_torch) for x in v]
+        if isinstance(v, dict):
+            return {k: self._decode_value(x, group, want_torch) for k, x in v.items()}
+        return v
+
+    def _table(self, ref: ArrowRef, group: _LeaseGroup | None) -> Any:
+        import pyarrow as pa
+
+        if isinstance(ref.storage, InlineStorage) or group is None:
+            return arrow_io.ref_to_table(ref, self._cache)
+        validate_arrow_ref(ref)
+        s = ref.storage
+        seg = self._cache.get(s.name, s.inode, writable=True)
+        check_segment_bounds(s.offset, s.nbytes, seg.size, s.name, None)
+        raw = np.ndarray((s.nbytes,), np.uint8, buffer=seg, offset=s.offset)
+        # Column buffers point into `raw`, whose keeper holds the lease while any of them lives.
+        return pa.ipc.open_stream(pa.py_buffer(group.keep(raw))).read_all()
+
+    # -- leases -----------------------------------------------------------------------------------
+
+    def _queue_release(self, ids: list[str]) -> None:
+        if ids:
+            with self._pending_lock:
+                self._pending.extend(ids)
+
+    def _take_pending(self) -> list[str]:
+        with self._pending_lock:
+            ids, self._pending = self._pending, []
+        return ids
+
+    @property
+    def pending_releases(self) -> int:
+        """Lease ids queued for the next call (outputs already garbage-collected)."""
+        with self._pending_lock:
+            return len(self._pending)
+
+    def release(self, leases: Result | Sequence[str] | None = None) -> tuple[int, list[str]]:
+        """Send a Release now: of `leases` (a Result or ids) plus everything queued.
+
+        Releasing a result's lease while arrays of it are still in use lets the worker overwrite
+        them; without arguments only the leases of collected results are sent.
+        Returns (released, unknown ids).
+        """
+        ids = list(leases.leases if isinstance(leases, Result) else (leases or ()))
+        ids += self._take_pending()
+        if not ids:
+            return 0, []
+        try:
+            resp = self._stub.Release(pb.ReleaseRequest(leases=ids), timeout=self.timeout)
+        except grpc.RpcError as err:
+            self._queue_release(ids)
+            raise wire.error_from_rpc(err, "Release") from None
+        return resp.released, list(resp.unknown)
+
+    # -- control ----------------------------------------------------------------------------------
+
+    def list_ops(self) -> list[dict[str, Any]]:
+        """Every op the worker serves: name, doc, min_inputs, max_inputs (-1 variadic), idempotent, attrs, module."""
+        resp = self._unary(self._stub.ListOps, pb.ListOpsRequest(), "ListOps")
+        return [wire.op_from_pb(o) for o in resp.ops]
+
+    def hardware(self) -> dict[str, Any]:
+        """The worker's `Hardware` message as a dict."""
+        return wire.hardware_from_pb(self._unary(self._stub.GetHardware, pb.HardwareRequest(), "GetHardware"))
+
+    def health(self, service: str = "", timeout: float | None = 5.0) -> str:
+        """The gRPC health status name: "SERVING", "NOT_SERVING", ..."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError as err:
+            raise wire.error_from_rpc(err, "Health") from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    def watch_telemetry(self, memory_interval_s: float = 0.0) -> TelemetryWatch:
+        """Stream the worker's call spans and memory samples (dicts) until `close()`."""
+        self._check_open()
+        return TelemetryWatch(self._stub.WatchTelemetry(pb.TelemetryRequest(memory_interval_s=memory_interval_s)))
+
+    def _unary(self, method: Any, request: Any, name: str) -> Any:
+        self._check_open()
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise wire.error_from_rpc(err, name) from None
+
+    # -- lifetime ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release queued leases (best effort), close the channel and unlink the client's own arena."""
+        if self._closed:
+            return
+        try:
+            self.release()
+        except SidecarError as err:
+            log.debug("releasing leases at close failed: %s", err)
+        self._closed = True
+        self._channel.close()
+        self._cache.clear()
+        if self._own_arena and self._arena is not None:
+            self._arena.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InvalidArgument("client is closed")
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Client {self.address} run={self.run_id}{' closed' if self._closed else ''}>"
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _placement(placement: str | Placement, out: Any) -> Placement:
+    if out is not None:
+        return Placement.OUT
+    if isinstance(placement, Placement):
+        return placement
+    try:
+        return _PLACEMENTS[str(placement).lower()]
+    except KeyError:
+        raise InvalidArgument(f"placement must be one of {sorted(_PLACEMENTS)}, got {placement!r}",
+                              field="placement") from None
+
+
+def _is_torch(x: Any) -> bool:
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _is_arrow(x: Any) -> bool:
+    import sys
+
+    pa = sys.modules.get("pyarrow")
+    return pa is not None and isinstance(x, (pa.Table, pa.RecordBatch))
+
+
+def _is_tensor_like(x: Any) -> bool:
+    if isinstance(x, np.generic):
+        return False  # a NumPy scalar travels as a plain value
+    return isinstance(x, np.ndarray) or _is_torch(x) or hasattr(x, "__dlpack__")
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _numpy_out(arr: np.ndarray, dtype: str) -> Any:
+    """bfloat16 has no NumPy dtype: such outputs come back as torch tensors even for NumPy callers."""
+    if dtype == "bfloat16":
+        return tensors._array_to_torch(arr, dtype)
+    return arr
+
+
+def _copy_back(obj: Any, block: Block) -> None:
+    """Copy what the worker wrote into a temporary arena block back into the caller's `out` object."""
+    src = block.buffer()
+    if _is_torch(obj):
+        import torch
+
+        flat = torch.frombuffer(src, dtype=torch.uint8) if len(src) else torch.empty(0, dtype=torch.uint8)
+        obj.copy_(flat.view(obj.dtype).view(obj.shape))
+        return
+    arr = np.asarray(obj)
+    np.copyto(arr, np.frombuffer(src, dtype=arr.dtype).reshape(arr.shape))

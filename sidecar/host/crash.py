@@ -1,0 +1,205 @@
+"""Exit classification: turn a worker's exit status into a name a host can act on.
+
+DESIGN.md fixes the exit codes the pool understands: 0 clean, 1 an uncaught Python exception, 70
+"tainted" (the device needs a fresh process), and signals as usual. A shell or container runtime in
+between reports a signal death as exit code 128+N, so 139/134/136/137 are read as signals too.
+SIGKILL is what the kernel's OOM killer sends, so it is reported as `killed_oom` ("likely out of
+memory"); when the cgroup's `oom_kill` counter moved while the worker lived, the OOM is confirmed.
+"""
+from __future__ import annotations
+
+import os
+import signal as _signal
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+__all__ = ["Classification", "ExitInfo", "classify_returncode", "classify_wait_status", "unknown_exit",
+           "oom_kill_count", "summarize_tail", "TAINTED_EXIT_CODE"]
+
+TAINTED_EXIT_CODE = 70  # EX_SOFTWARE: the worker says its device state needs a fresh process
+_SHELL_SIGNAL_BASE = 128
+
+
+class Classification(str, Enum):
+    CLEAN = "clean"                    # exit 0 (asked to stop, or drained after SIGTERM)
+    PYTHON_ERROR = "python_error"      # exit 1: an uncaught Python exception
+    SEGFAULT = "segfault"              # SIGSEGV: invalid memory access in native code
+    ABORT = "abort"                    # SIGABRT: abort()/assert in native code, or os.abort()
+    FPE = "fpe"                        # SIGFPE: arithmetic fault (integer division by zero)
+    BUS_ERROR = "bus_error"            # SIGBUS: e.g. touching a truncated mapping
+    ILLEGAL_INSTRUCTION = "illegal_instruction"  # SIGILL: CPU feature mismatch of a native library
+    KILLED_OOM = "killed_oom"          # SIGKILL: most often the kernel's OOM killer
+    TERMINATED = "terminated"          # SIGTERM/SIGINT/SIGHUP without draining to exit 0
+    TAINTED = "tainted"                # exit 70: the worker asked to be replaced
+    OTHER = "other"                    # any other exit code or signal
+    START_TIMEOUT = "start_timeout"    # the pool killed it: no ready line within the start timeout
+    UNRESPONSIVE = "unresponsive"      # the pool killed it: it failed its health checks
+    UNKNOWN = "unknown"                # the status could not be collected
+
+
+_BY_SIGNAL: dict[int, Classification] = {
+    _signal.SIGSEGV: Classification.SEGFAULT,
+    _signal.SIGABRT: Classification.ABORT,
+    _signal.SIGFPE: Classification.FPE,
+    _signal.SIGBUS: Classification.BUS_ERROR,
+    _signal.SIGILL: Classification.ILLEGAL_INSTRUCTION,
+    _signal.SIGKILL: Classification.KILLED_OOM,
+    _signal.SIGTERM: Classification.TERMINATED,
+    _signal.SIGINT: Classification.TERMINATED,
+    _signal.SIGHUP: Classification.TERMINATED,
+}
+
+_DESCRIBE: dict[Classification, str] = {
+    Classification.CLEAN: "exited cleanly",
+    Classification.PYTHON_ERROR: "exited with an uncaught Python exception",
+    Classification.SEGFAULT: "crashed with a segmentation fault (invalid memory access in native code)",
+    Classification.ABORT: "aborted (abort() or a failed assertion in native code)",
+    Classification.FPE: "crashed with a floating-point/arithmetic exception",
+    Classification.BUS_ERROR: "crashed with a bus error (a mapping was truncated or misaligned)",
+    Classification.ILLEGAL_INSTRUCTION: "executed an illegal instruction (CPU feature mismatch?)",
+    Classification.KILLED_OOM: "was killed by SIGKILL (likely out of memory)",
+    Classification.TERMINATED: "was terminated by a signal",
+    Classification.TAINTED: "exited 70: its device state is tainted and needs a fresh process",
+    Classification.OTHER: "exited abnormally",
+    Classification.START_TIMEOUT: "was killed by the pool: it did not report ready in time",
+    Classification.UNRESPONSIVE: "was killed by the pool: it stopped answering health checks",
+    Classification.UNKNOWN: "is gone; its exit status could not be collected",
+}
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return _signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    """How a worker ended. `exit_code` is set for a normal exit, `signal` for a signal death."""
+
+    classification: Classification
+    exit_code: int | None = None
+    signal: int | None = None
+    oom_confirmed: bool = False  # the cgroup counted an OOM kill while the worker lived
+
+    @property
+    def signal_name(self) -> str | None:
+        return None if self.signal is None else _signal_name(self.signal)
+
+    @property
+    def crashed(self) -> bool:
+        """Anything but a clean exit is a crash for the pool (it restarts and counts it)."""
+        return self.classification is not Classification.CLEAN
+
+    @property
+    def returncode(self) -> int | None:
+        """Popen's convention: the exit code, or -N for signal N."""
+        if self.signal is not None:
+            return -self.signal
+        return self.exit_code
+
+    def describe(self) -> str:
+        text = _DESCRIBE[self.classification]
+        if self.signal is not None and self.classification is not Classification.KILLED_OOM:
+            text += f" ({self.signal_name})"
+        elif self.classification is Classification.KILLED_OOM and self.oom_confirmed:
+            text = "was killed by the kernel's OOM killer (SIGKILL; the cgroup counted an oom_kill)"
+        elif self.classification in (Classification.OTHER, Classification.PYTHON_ERROR):
+            text += f" (exit code {self.exit_code})"
+        return text
+
+    def as_fields(self) -> dict[str, object]:
+        """The WORKER_CRASHED fields of sidecar.v1.Error (exit_code, signal, classification)."""
+        fields: dict[str, object] = {"classification": self.classification.value}
+        if self.exit_code is not None:
+            fields["exit_code"] = self.exit_code
+        if self.signal is not None:
+            fields["signal"] = self.signal
+        return fields
+
+    def with_oom(self, confirmed: bool) -> ExitInfo:
+        if not confirmed or self.classification is not Classification.KILLED_OOM:
+            return self
+        return ExitInfo(self.classification, self.exit_code, self.signal, oom_confirmed=True)
+
+
+def _by_signal(signum: int) -> ExitInfo:
+    return ExitInfo(_BY_SIGNAL.get(signum, Classification.OTHER), signal=signum)
+
+
+def classify_returncode(returncode: int) -> ExitInfo:
+    """Classify a `subprocess.Popen.returncode` (negative = killed by that signal)."""
+    if returncode < 0:
+        return _by_signal(-returncode)
+    if returncode == 0:
+        return ExitInfo(Classification.CLEAN, exit_code=0)
+    if returncode == 1:
+        return ExitInfo(Classification.PYTHON_ERROR, exit_code=1)
+    if returncode == TAINTED_EXIT_CODE:
+        return ExitInfo(Classification.TAINTED, exit_code=returncode)
+    signum = returncode - _SHELL_SIGNAL_BASE
+    if 0 < signum < _signal.NSIG and signum in _BY_SIGNAL:
+        # A shell in between turned "killed by signal N" into exit code 128+N.
+        return ExitInfo(_BY_SIGNAL[signum], exit_code=returncode, signal=signum)
+    return ExitInfo(Classification.OTHER, exit_code=returncode)
+
+
+def classify_wait_status(status: int) -> ExitInfo:
+    """Classify a raw `os.waitpid` status."""
+    return classify_returncode(os.waitstatus_to_exitcode(status))
+
+
+def unknown_exit() -> ExitInfo:
+    return ExitInfo(Classification.UNKNOWN)
+
+
+def summarize_tail(tail: list[str]) -> str | None:
+    """The most telling line of a dead worker's output, for an error message.
+
+    Python's faulthandler (on in pool workers) prints "Fatal Python error: ..." and then the stack,
+    innermost frame first; the crash site is the first `File` line after it. Otherwise the last
+    line (the exception line of a traceback, a log line) is the best guess.
+    """
+    lines = [line.strip() for line in tail if line.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("Fatal Python error"):
+            where = next((line for line in lines[i + 1:] if line.startswith("File ")), None)
+            return f"{lines[i]} ({where})" if where else lines[i]
+    useful = [line for line in lines if not line.startswith("Extension modules:")]
+    return useful[-1] if useful else None
+
+
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _counter_files() -> list[Path]:
+    """Where this process's cgroup counts OOM kills: v2 memory.events, v1 memory.oom_control."""
+    files: list[Path] = []
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return files
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        rel = rel.strip().lstrip("/")
+        if controllers == "":
+            files += [_CGROUP_ROOT / rel / "memory.events", _CGROUP_ROOT / "unified" / rel / "memory.events"]
+        elif "memory" in controllers.split(","):
+            files.append(_CGROUP_ROOT / "memory" / rel / "memory.oom_control")
+    return files
+
+
+def oom_kill_count() -> int | None:
+    """The `oom_kill` counter of this process's memory cgroup (v1 or v2); None where unavailable."""
+    for path in _counter_files():
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill" and value.strip().isdigit():
+                return int(value)
+    return None

@@ -1,0 +1,446 @@
+"""Call -> decode -> run on the device -> encode -> CallResult, independent of any transport.
+
+Transports (gRPC, the Erlang port) call `Dispatcher.execute` from their own threads. It admits at
+most `max_concurrency` calls to run at once and `max_queue` more to wait (in arrival order); beyond
+that a call is refused at once with OVERLOADED, so a flood never piles up unbounded work. Every
+failure leaves here as a `SidecarError`, and whatever a failed or cancelled call had allocated is
+given back before it returns.
+"""
+from __future__ import annotations
+
+import collections
+import secrets
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+import torch
+
+from sidecar.dataplane import arrow, tensors
+from sidecar.dataplane.refs import ArrowRef, CudaIpcStorage, InlineStorage, TensorRef
+from sidecar.errors import (Cancelled, DeviceUnavailable, InvalidArgument, InvalidTensorRef, OpFailed,
+                            Overloaded, SidecarError, close_names)
+from sidecar.worker.calls import Call, CallResult, Placement, Timing
+from sidecar.worker.registry import CTX_PARAM, OpContext, OpSpec, Registry
+from sidecar.worker.torch_errors import InputsMeta, is_sticky_cuda_error, to_sidecar_error
+
+_now = time.perf_counter_ns
+
+
+def new_request_id() -> str:
+    return "r-" + secrets.token_hex(8)
+
+
+class _Admission:
+    """A FIFO gate: `limit` holders at once, `max_queue` waiters, the rest refused."""
+
+    def __init__(self, limit: int, max_queue: int) -> None:
+        self.limit = max(int(limit), 1)
+        self.max_queue = max(int(max_queue), 0)
+        self._lock = threading.Lock()
+        self.running = 0
+        self._waiters: collections.deque[threading.Event] = collections.deque()
+        self._idle = threading.Condition(self._lock)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def acquire(self, is_cancelled: Callable[[], bool] | None) -> None:
+        with self._lock:
+            if self.running < self.limit and not self._waiters:
+                self.running += 1
+                return
+            if len(self._waiters) >= self.max_queue:
+                raise Overloaded(
+                    f"worker overloaded: {self.running} calls running (max {self.limit}) and "
+                    f"{len(self._waiters)} waiting (max {self.max_queue})",
+                    queue_depth=len(self._waiters), limit=self.max_queue)
+            turn = threading.Event()
+            self._waiters.append(turn)
+        # Poll for cancellation only while queued; a running slot is handed over by release().
+        while not turn.wait(0.05 if is_cancelled is not None else None):
+            if is_cancelled is not None and is_cancelled():
+                with self._lock:
+                    if not turn.is_set():
+                        self._waiters.remove(turn)
+                        self._idle.notify_all()
+                        raise Cancelled("call cancelled while waiting in the queue")
+                self.release()  # the slot arrived just as the caller left: pass it on
+                raise Cancelled("call cancelled while waiting in the queue")
+
+    def release(self) -> None:
+        with self._lock:
+            if self._waiters:
+                self._waiters.popleft().set()  # the slot passes straight to the oldest waiter
+            else:
+                self.running -= 1
+                if self.running == 0:
+                    self._idle.notify_all()
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        with self._lock:
+            return self._idle.wait_for(lambda: self.running == 0 and not self._waiters, timeout)
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) or hasattr(x, "__array_interface__") or hasattr(x, "__dlpack__")
+
+
+def _is_table(x: Any) -> bool:
+    mod = type(x).__module__
+    return mod.startswith("pyarrow") and type(x).__name__ in ("Table", "RecordBatch")
+
+
+def _ref_nbytes(v: Any) -> int:
+    if isinstance(v, TensorRef):
+        return v.nbytes
+    if isinstance(v, ArrowRef):
+        s = v.storage
+        return len(s.data) if isinstance(s, InlineStorage) else s.nbytes
+    if isinstance(v, (list, tuple)):
+        return sum(_ref_nbytes(x) for x in v)
+    if isinstance(v, dict):
+        return sum(_ref_nbytes(x) for x in v.values())
+    return 0
+
+
+def _meta(values: list[Any]) -> list[tuple[list[int], str]]:
+    out = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            out.append((list(v.shape), str(v.dtype).removeprefix("torch.")))
+        elif isinstance(v, TensorRef):
+            out.append((list(v.shape), v.dtype))
+        else:
+            out.append(([], ""))
+    return out
+
+
+def _outputs_of(result: Any) -> list[Any]:
+    """An op's return value as a list of outputs: a tuple is several, a list is several when it
+    holds tensors or tables (otherwise it is one plain list value), None is none."""
+    if result is None:
+        return []
+    if isinstance(result, tuple):
+        return list(result)
+    if isinstance(result, list) and any(_is_array(x) or _is_table(x) for x in result):
+        return list(result)
+    return [result]
+
+
+def _plain(x: Any) -> Any:
+    if hasattr(x, "item") and getattr(x, "shape", None) == () and not isinstance(x, torch.Tensor):
+        return x.item()  # NumPy scalar -> Python number
+    return x
+
+
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _check_plain(x: Any) -> Any:
+    """A plain output must be something every transport can carry."""
+    if x is None or isinstance(x, (bool, float, str, bytes)):
+        return x
+    if isinstance(x, int):
+        if not _INT64[0] <= x <= _INT64[1]:
+            raise OpFailed(f"the op returned the integer {x}, which does not fit in int64",
+                           exception_type="OverflowError")
+        return x
+    raise OpFailed(f"the op returned a value of type {type(x).__module__}.{type(x).__qualname__}; ops return "
+                   "tensors, arrays, Arrow tables, numbers, strings, bytes, None, or lists/dicts of them",
+                   exception_type="TypeError")
+
+
+def _free(objs: list[Any]) -> None:
+    for obj in objs:
+        release = getattr(obj, "release", None)
+        if callable(release):
+            try:
+                release()
+            except Exception:
+                pass
+
+
+class Dispatcher:
+    def __init__(self, registry: Registry, device: torch.device, *, arena: Any, cache: Any, leases: Any,
+                 telemetry: Any, max_concurrency: int = 4, max_queue: int = 64, inline_threshold: int = 65536,
+                 runtime: Any = None) -> None:
+        self.registry = registry
+        self.device = device
+        self.arena = arena
+        self.cache = cache
+        self.leases = leases
+        self.telemetry = telemetry
+        self.inline_threshold = inline_threshold
+        self.runtime = runtime
+        self._gate = _Admission(max_concurrency, max_queue)
+        # Set once a sticky CUDA error poisoned the context: the transport must answer, then exit 70.
+        self.tainted: str | None = None
+        self.on_taint: list[Callable[[str], None]] = []
+        self._counts_lock = threading.Lock()
+        self.calls_total = 0
+        self.errors_total = 0
+
+    # -- load ----------------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        return self._gate.running
+
+    @property
+    def queue_depth(self) -> int:
+        return self._gate.waiting
+
+    @property
+    def in_flight(self) -> int:
+        return self._gate.running + self._gate.waiting
+
+    @property
+    def max_concurrency(self) -> int:
+        return self._gate.limit
+
+    @property
+    def max_queue(self) -> int:
+        return self._gate.max_queue
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Blocks until no call runs or waits (SIGTERM drain); False on timeout."""
+        return self._gate.wait_idle(timeout)
+
+    # -- the call ------------------------------------------------------------------------------------
+
+    def execute(self, call: Call) -> CallResult:
+        t0 = _now()
+        request_id = call.request_id or new_request_id()
+        op_name = call.op if isinstance(call.op, str) else str(call.op)
+        timing = Timing()
+        bytes_in = _ref_nbytes(call.inputs)
+        tel = self.telemetry
+        if tel.active:
+            tel.span_start(op_name, request_id, bytes_in)
+        meta: InputsMeta | None = None
+        with self._counts_lock:
+            self.calls_total += 1
+        try:
+            if call.release:
+                self.leases.release(list(call.release))
+            self.leases.expire()
+            if self.tainted is not None:
+                raise DeviceUnavailable(f"this worker's device is unusable and the worker is being replaced: "
+                                        f"{self.tainted}", device=str(self.device), available=[])
+            spec = self.registry.get(op_name)
+            self._check_call(spec, call)
+            self._gate.acquire(call.is_cancelled)
+            try:
+                t1 = _now()
+                timing.queue_ns = t1 - t0
+                self._check_cancelled(call, "before it ran")
+                args = [self._decode(v, i) for i, v in enumerate(call.inputs)]
+                meta = _meta(args)
+                t2 = _now()
+                timing.decode_ns = t2 - t1
+                self._check_cancelled(call, "before it ran")
+                result = self._run(spec, args, call, request_id)
+                del args
+                t3 = _now()
+                timing.compute_ns = t3 - t2
+                self._check_cancelled(call, "after it ran")
+                outputs, lease_ids, bytes_out = self._encode(_outputs_of(result), call, op_name)
+                del result
+                t4 = _now()
+                timing.encode_ns = t4 - t3
+                if call.is_cancelled is not None and call.is_cancelled():
+                    self.leases.release(lease_ids)  # nobody will read or release them
+                    raise Cancelled("call cancelled while its outputs were written")
+            finally:
+                self._gate.release()
+            timing.total_ns = _now() - t0
+            if tel.active:
+                tel.span_stop(op_name, request_id, timing.total_ns, bytes_in, bytes_out, _timing_dict(timing))
+            return CallResult(outputs=outputs, leases=lease_ids, timing=timing, device=str(self.device),
+                              bytes_in=bytes_in, bytes_out=bytes_out, request_id=request_id)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # SystemExit from a user op too: the worker stays up
+            err = self._structured(exc, op_name, meta)
+            err.fields.setdefault("request_id", request_id)
+            err.fields.setdefault("op", op_name)
+            with self._counts_lock:
+                self.errors_total += 1
+            timing.total_ns = _now() - t0
+            if tel.active:
+                tel.span_exception(op_name, request_id, timing.total_ns, bytes_in, err.kind.value,
+                                   _timing_dict(timing), err.message)
+            if err is exc:
+                raise
+            raise err from None  # the original chain is in err.traceback (OP_FAILED)
+
+    # -- phases --------------------------------------------------------------------------------------
+
+    def _check_call(self, spec: OpSpec, call: Call) -> None:
+        n = len(call.inputs)
+        lo, hi = spec.min_inputs, spec.max_inputs
+        if n < lo or (hi >= 0 and n > hi):
+            want = f"{lo}" if lo == hi else f"at least {lo}" if hi < 0 else f"{lo} to {hi}"
+            raise InvalidArgument(f"op {spec.name!r} takes {want} input(s), got {n}", op=spec.name,
+                                  field="inputs", input_index=-1, expected=want, got=str(n))
+        if not isinstance(call.attrs, dict):
+            raise InvalidArgument("attrs must be a map of name to value", op=spec.name, field="attrs",
+                                  input_index=-1)
+        bad = [k for k in call.attrs if k == CTX_PARAM or (not spec.any_attrs and k not in spec.attrs)]
+        if bad:
+            accepted = ", ".join(spec.attrs) or "none"
+            raise InvalidArgument(
+                f"op {spec.name!r} does not accept attr(s) {', '.join(map(repr, bad))}; it accepts: {accepted}",
+                op=spec.name, field="attrs", input_index=-1, expected=accepted, got=", ".join(bad),
+                close_names=[c for b in bad for c in close_names(str(b), spec.attrs)])
+
+    def _check_cancelled(self, call: Call, when: str) -> None:
+        if call.is_cancelled is not None and call.is_cancelled():
+            raise Cancelled(f"call cancelled by the caller {when}")
+
+    def _decode(self, v: Any, i: int) -> Any:
+        if isinstance(v, TensorRef):
+            if isinstance(v.storage, CudaIpcStorage) and self.device.type != "cuda":
+                raise DeviceUnavailable(f"input {i} is a CUDA IPC tensor but this worker runs on {self.device}",
+                                        device="cuda", available=[str(self.device)], input_index=i)
+            t = tensors.to_torch(v, self.cache, writable=False, input_index=i)
+            if t.device != self.device and self.device.type != "cpu":
+                t = t.to(self.device)
+            return t
+        if isinstance(v, ArrowRef):
+            return arrow.ref_to_table(v, self.cache, input_index=i)
+        if isinstance(v, list):
+            return [self._decode(x, i) for x in v]
+        if isinstance(v, dict):
+            return {k: self._decode(x, i) for k, x in v.items()}
+        return v
+
+    def _run(self, spec: OpSpec, args: list[Any], call: Call, request_id: str) -> Any:
+        kwargs = dict(call.attrs)
+        if spec.accepts_ctx:
+            kwargs[CTX_PARAM] = OpContext(self.device, self.runtime, request_id,
+                                          call.is_cancelled or (lambda: False))
+        result = spec.fn(*args, **kwargs)
+        if self.device.type == "cuda":
+            # Kernels run asynchronously: wait here so compute time is honest, errors surface in
+            # this call, and no output is handed out before it is written.
+            torch.cuda.current_stream(self.device).synchronize()
+        return result
+
+    def _encode(self, outputs: list[Any], call: Call, op_name: str) -> tuple[list[Any], list[str], int]:
+        placement = Placement(call.output.placement)
+        held: list[Any] = []  # blocks / device tensors the lease keeps alive
+        values: list[Any] = []
+        try:
+            if placement == Placement.OUT:
+                values = self._write_out(outputs, call, op_name, held)
+            else:
+                for out in outputs:
+                    values.append(self._encode_one(out, placement, call, held))
+            bytes_out = sum(_ref_nbytes(v) for v in values)
+            lease_ids = [self.leases.add(held)] if held else []
+        except BaseException:
+            _free(held)
+            raise
+        return values, lease_ids, bytes_out
+
+    def _encode_one(self, out: Any, placement: Placement, call: Call, held: list[Any]) -> Any:
+        inline = placement == Placement.INLINE
+        arena = None if inline else self.arena
+        threshold = 0 if placement in (Placement.SHM, Placement.DEVICE) else (
+            call.output.inline_threshold or self.inline_threshold)
+        if _is_table(out):
+            ref, block = arrow.table_to_ref(out, arena, inline_threshold=threshold)
+            if block is not None:
+                held.append(block)
+            return ref
+        if isinstance(out, dict):
+            return {str(k): self._encode_one(v, placement, call, held) for k, v in out.items()}
+        if isinstance(out, (list, tuple)):
+            return [self._encode_one(v, placement, call, held) for v in out]
+        if not _is_array(out):
+            return _check_plain(_plain(out))
+        if placement == Placement.DEVICE:
+            return self._to_device_ref(out, held)
+        if isinstance(out, torch.Tensor):
+            out = out.detach()
+            if out.device.type != "cpu":
+                out = out.cpu()
+        ref, block = tensors.to_ref(out, arena, inline_threshold=threshold)
+        if block is not None:
+            held.append(block)
+        return ref
+
+    def _to_device_ref(self, out: Any, held: list[Any]) -> TensorRef:
+        if self.device.type != "cuda":
+            raise DeviceUnavailable(f"device-resident outputs need a CUDA worker; this one runs on {self.device}",
+                                    device="cuda", available=[str(self.device)])
+        from sidecar.dataplane import cuda_ipc  # only CUDA workers load it
+
+        t = out.detach() if isinstance(out, torch.Tensor) else torch.as_tensor(out)
+        if t.device != self.device:
+            t = t.to(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
+        ref = cuda_ipc.tensor_to_ref(t)
+        held.append(t)  # the lease keeps the allocation alive until the host releases it
+        return ref
+
+    def _write_out(self, outputs: list[Any], call: Call, op_name: str, held: list[Any]) -> list[Any]:
+        outs = list(call.output.out)
+        n_arrays = sum(1 for o in outputs if _is_array(o))
+        if len(outs) != n_arrays:
+            raise InvalidArgument(f"op {op_name!r} produced {n_arrays} tensor output(s) but {len(outs)} out "
+                                  f"ref(s) were given", op=op_name, field="out", input_index=-1,
+                                  expected=str(n_arrays), got=str(len(outs)))
+        values: list[Any] = []
+        k = 0
+        for out in outputs:
+            if not _is_array(out):  # plain values (and tables) travel as with the default placement
+                values.append(self._encode_one(out, Placement.AUTO, call, held))
+                continue
+            ref = outs[k]
+            try:
+                if not isinstance(ref, TensorRef):
+                    raise InvalidTensorRef(f"out ref {k} is not a tensor descriptor", field="out")
+                tensors.write_into(ref, out.detach() if isinstance(out, torch.Tensor) else out, self.cache)
+            except SidecarError as err:
+                fields = {**err.fields, "input_index": -1}
+                if isinstance(err, InvalidTensorRef):
+                    fields["field"] = f"out[{k}].{err.fields.get('field', '')}".rstrip(".")
+                raise type(err)(f"out ref {k}: {err.message}", **fields) from None
+            values.append(ref)
+            k += 1
+        return values
+
+    # -- errors --------------------------------------------------------------------------------------
+
+    def _structured(self, exc: BaseException, op_name: str, meta: InputsMeta | None) -> SidecarError:
+        try:
+            err = to_sidecar_error(exc, op=op_name, inputs_meta=meta, device=self.device)
+        except Exception as inner:  # mapping must never be the thing that escapes
+            err = OpFailed(f"{type(exc).__name__}: {exc} (and mapping it failed: {inner})", op=op_name,
+                           exception_type=type(exc).__name__,
+                           traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        if self.device.type == "cuda" and not isinstance(exc, SidecarError) and is_sticky_cuda_error(exc):
+            self._taint(f"sticky CUDA error in op {op_name!r}: {str(exc).splitlines()[0] if str(exc) else exc}")
+        if exc.__traceback__ is not None:
+            # Frames of the failed op hold its tensors: drop them now, not at the next GC pass.
+            traceback.clear_frames(exc.__traceback__)
+        return err
+
+    def _taint(self, reason: str) -> None:
+        if self.tainted is None:
+            self.tainted = reason
+            for cb in list(self.on_taint):
+                try:
+                    cb(reason)
+                except Exception:
+                    pass
+
+
+def _timing_dict(t: Timing) -> dict[str, int]:
+    return {"queue_ns": t.queue_ns, "decode_ns": t.decode_ns, "compute_ns": t.compute_ns,
+            "encode_ns": t.encode_ns, "total_ns": t.total_ns}

@@ -1,0 +1,233 @@
+"""How a worker process lives and dies: thread caps, memory limit, parent-death watch, shutdown signals.
+
+Nothing here runs at import time (the pool's pre-forked template imports this module and then calls
+`sidecar.cli.main` in a forked child): every function acts on the calling process when called.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import resource
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+EXIT_TAINTED = 70
+# The parent-death signal. Not SIGTERM: Linux sends it when the *thread* that forked us exits, which
+# can happen while the parent process lives on; the handler therefore checks whether the parent
+# really changed before acting, and ignores the signal otherwise.
+PDEATH_SIGNAL = signal.SIGHUP
+
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "BLIS_NUM_THREADS",
+              "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Thread caps
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """Compute threads per worker: $SIDECAR_THREADS, else half the usable CPUs capped at 8.
+
+    Several workers usually share a machine; each running a full-width OpenMP pool makes them
+    oversubscribe the cores and all slow down. A pool that knows its size passes --threads.
+    """
+    env = os.environ.get("SIDECAR_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, min(8, cpu_count() // 2))
+
+
+def cap_thread_env(threads: int) -> None:
+    """Set the BLAS/OpenMP thread variables (only those the user has not set) before torch is imported."""
+    for name in THREAD_ENV:
+        os.environ.setdefault(name, str(threads))
+
+
+def cap_torch_threads(threads: int) -> None:
+    """Cap torch's pools (works after import too, e.g. in a child forked from a template)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(max(1, min(threads, 4)))
+    except RuntimeError:
+        pass  # already set, or parallel work already ran (a forked child): keep what is there
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory limit
+
+
+def address_space_bytes() -> int:
+    """This process's current virtual size (VmSize)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def warm_threads(executor: object | None = None, workers: int = 0) -> None:
+    """Start the threads a worker will need now, while address space is still unlimited.
+
+    Under RLIMIT_AS a thread that starts later may fail to map its stack, which breaks the gRPC
+    server or aborts OpenMP; starting the pools up front makes the limit hit only real allocations.
+    """
+    if executor is not None and workers > 0:
+        barrier = threading.Barrier(workers + 1, timeout=10)
+        futures = [executor.submit(barrier.wait) for _ in range(workers)]  # type: ignore[attr-defined]
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            log.debug("could not start all %d server threads up front", workers)
+        for f in futures:
+            try:
+                f.result(timeout=10)
+            except Exception:
+                pass
+    if "torch" in sys.modules:
+        import torch
+
+        a = torch.ones(256, 256)
+        (a @ a).sum()  # starts torch's intra-op (OpenMP) threads
+
+
+def apply_memory_limit(extra_bytes: int) -> int:
+    """Limit the address space to its current size plus `extra_bytes`; returns the limit set.
+
+    The limit is relative to the size at start-up because importing torch alone maps gigabytes of
+    virtual memory that it never touches; a user thinks in terms of what the ops may allocate.
+    """
+    if extra_bytes <= 0:
+        raise ValueError("memory limit must be a positive number of bytes")
+    limit = address_space_bytes() + int(extra_bytes)
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY and limit > hard:
+        limit = hard
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    log.info("address-space limit %d bytes (start-up size + %d)", limit, extra_bytes)
+    return limit
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shutdown: SIGTERM, SIGINT, parent death
+
+
+@dataclass
+class Shutdown:
+    """Why and how the worker should stop; set from signal handlers and the parent watcher."""
+
+    event: threading.Event = field(default_factory=threading.Event)
+    reason: str = ""
+    fast: bool = False  # parent gone: nobody waits for answers, so do not drain for long
+    exit_code: int = 0  # 70 = tainted (the device needs a fresh process)
+
+    def request(self, reason: str, fast: bool = False, exit_code: int = 0) -> None:
+        if not self.event.is_set():
+            self.reason, self.fast, self.exit_code = reason, fast, exit_code
+            self.event.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.event.wait(timeout)
+
+
+def _set_pdeathsig(sig: int) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
+            return False
+        return True
+    except OSError as exc:
+        log.warning("prctl unavailable: %s", exc)
+        return False
+
+
+class ParentWatch:
+    """Requests a fast shutdown when the process that started us goes away.
+
+    Two mechanisms: PR_SET_PDEATHSIG (immediate on Linux) and a thread that polls getppid() (covers
+    the race before prctl, other platforms, and a parent that is itself a forked template).
+    """
+
+    def __init__(self, shutdown: Shutdown, interval_s: float = 0.1, parent_pid: int | None = None) -> None:
+        self._shutdown = shutdown
+        self._interval = interval_s
+        self.parent_pid = os.getppid() if parent_pid is None else parent_pid
+        self._thread: threading.Thread | None = None
+
+    def parent_alive(self) -> bool:
+        return os.getppid() == self.parent_pid
+
+    def start(self) -> bool:
+        """Returns False when there is no parent to watch (started by init, e.g. a daemon)."""
+        if self.parent_pid <= 1:
+            return False
+        _set_pdeathsig(PDEATH_SIGNAL)
+        if not self.parent_alive():  # died before prctl took effect
+            self._shutdown.request("parent exited", fast=True)
+        self._thread = threading.Thread(target=self._run, name="sidecar-parent-watch", daemon=True)
+        self._thread.start()
+        return True
+
+    def _run(self) -> None:
+        while not self._shutdown.wait(self._interval):
+            if not self.parent_alive():
+                log.warning("parent %d is gone; shutting down", self.parent_pid)
+                self._shutdown.request("parent exited", fast=True)
+                return
+
+    def on_signal(self, signum: int, frame: object) -> None:
+        if not self.parent_alive():
+            self._shutdown.request("parent exited", fast=True)
+        else:
+            log.debug("signal %d but parent %d is alive; ignored", signum, self.parent_pid)
+
+
+def install_signal_handlers(shutdown: Shutdown, watch: ParentWatch | None) -> None:
+    """SIGTERM/SIGINT drain then exit 0; the parent-death signal exits fast if the parent is gone."""
+    def term(signum: int, frame: object) -> None:
+        shutdown.request(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, term)
+    signal.signal(signal.SIGINT, term)
+    if watch is not None:
+        signal.signal(PDEATH_SIGNAL, watch.on_signal)
+
+
+def watch_stdin(shutdown: Shutdown) -> None:
+    """Request a fast shutdown when stdin reaches EOF (a host that holds our stdin pipe has died)."""
+    def run() -> None:
+        try:
+            while os.read(0, 65536):
+                pass
+        except OSError:
+            pass
+        shutdown.request("stdin closed", fast=True)
+
+    threading.Thread(target=run, name="sidecar-stdin-watch", daemon=True).start()
+
+
+def on_shutdown(shutdown: Shutdown, fn: Callable[[], None]) -> threading.Thread:
+    """Run fn in a thread once shutdown is requested (used by transports that block the main thread)."""
+    def run() -> None:
+        shutdown.wait()
+        fn()
+
+    t = threading.Thread(target=run, name="sidecar-shutdown", daemon=True)
+    t.start()
+    return t

@@ -1,0 +1,229 @@
+"""Ops by name: the `@sidecar.op` decorator, start-up hooks and `--ops` module loading.
+
+Decorators only *declare*: they record an `OpSpec` under the defining module's name. A `Registry`
+(one per worker runtime) picks up the declarations of the modules it loads, so the same module can
+serve several registries (tests build many runtimes in one process) and importing a module twice
+does not register anything twice.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence, TypeVar
+
+from sidecar.errors import UnknownOp, close_names
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+CTX_PARAM = "ctx"  # an op that declares a parameter of this name receives an OpContext
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    fn: Callable[..., Any]
+    doc: str
+    min_inputs: int
+    max_inputs: int  # -1 = variadic
+    idempotent: bool
+    attrs: tuple[str, ...]
+    module: str
+    accepts_ctx: bool = False
+    any_attrs: bool = False  # the function takes **kwargs: every attr is passed through
+
+
+@dataclass
+class OpContext:
+    """What an op that declares `ctx` gets: where it runs and who asked."""
+
+    device: Any  # torch.device
+    runtime: Any = None  # sidecar.worker.runtime.Runtime
+    request_id: str = ""
+    is_cancelled: Callable[[], bool] = field(default=lambda: False)
+
+
+class OpsModuleError(Exception):
+    """An --ops module could not be loaded, or it declares an op whose name is taken."""
+
+
+# Declarations by defining module (fn.__module__), in declaration order.
+_DECLARED_OPS: dict[str, list[OpSpec]] = {}
+_DECLARED_HOOKS: dict[str, list[Callable[..., Any]]] = {}
+_DECL_LOCK = threading.Lock()
+
+
+def _infer_signature(fn: Callable[..., Any]) -> tuple[int, int, list[str], bool, bool]:
+    """(min_inputs, max_inputs, attr names, accepts ctx, takes **kwargs) from fn's signature.
+
+    Positional parameters are inputs (those with defaults are optional inputs); keyword-only
+    parameters and positional ones with defaults can be given as attrs.
+    """
+    sig = inspect.signature(fn)
+    lo = hi = 0
+    attrs: list[str] = []
+    ctx = var_kw = False
+    for p in sig.parameters.values():
+        if p.name == CTX_PARAM:
+            ctx = True
+            continue
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            if hi != -1:
+                hi += 1
+            if p.default is p.empty:
+                lo += 1
+            elif p.kind is p.POSITIONAL_OR_KEYWORD:
+                attrs.append(p.name)
+        elif p.kind is p.VAR_POSITIONAL:
+            hi = -1
+        elif p.kind is p.KEYWORD_ONLY:
+            attrs.append(p.name)
+        elif p.kind is p.VAR_KEYWORD:
+            var_kw = True
+    return lo, hi, attrs, ctx, var_kw
+
+
+def make_spec(fn: Callable[..., Any], name: str, *, idempotent: bool = True, doc: str | None = None,
+              min_inputs: int | None = None, max_inputs: int | None = None,
+              attrs: Sequence[str] | None = None) -> OpSpec:
+    if not name or not isinstance(name, str):
+        raise ValueError("an op needs a non-empty string name")
+    lo, hi, inferred_attrs, ctx, var_kw = _infer_signature(fn)
+    text = doc if doc is not None else inspect.getdoc(fn) or ""
+    return OpSpec(
+        name=name, fn=fn, doc=text.strip(),
+        min_inputs=lo if min_inputs is None else min_inputs,
+        max_inputs=hi if max_inputs is None else max_inputs,
+        idempotent=idempotent,
+        attrs=tuple(inferred_attrs if attrs is None else attrs),
+        module=getattr(fn, "__module__", "") or "",
+        accepts_ctx=ctx, any_attrs=var_kw,
+    )
+
+
+def op(name: str, *, idempotent: bool = True, doc: str | None = None, min_inputs: int | None = None,
+       max_inputs: int | None = None, attrs: Sequence[str] | None = None) -> Callable[[F], F]:
+    """Declare `fn` as the op `name` (`@sidecar.op("name")`).
+
+    Inputs arrive as positional arguments (torch tensors on the worker's device, pyarrow Tables or
+    plain values), attrs as keyword arguments; a parameter named `ctx` receives an `OpContext`.
+    Arity and attr names are inferred from the signature unless given. The function returns a
+    tensor, a tuple/list of them, an Arrow table, or a plain value.
+    """
+    def deco(fn: F) -> F:
+        spec = make_spec(fn, name, idempotent=idempotent, doc=doc, min_inputs=min_inputs,
+                         max_inputs=max_inputs, attrs=attrs)
+        with _DECL_LOCK:
+            decl = _DECLARED_OPS.setdefault(spec.module, [])
+            # Re-executing a module (importlib.reload) replaces its earlier declaration.
+            decl[:] = [s for s in decl if s.name != name] + [spec]
+        fn.__sidecar_op__ = spec  # type: ignore[attr-defined]
+        return fn
+    return deco
+
+
+def on_startup(fn: F) -> F:
+    """Declare a hook run once per worker, before it reports ready (load a model, warm a cache).
+
+    It is called as `fn()` or, if it takes one parameter, `fn(runtime)` (runtime.device says where
+    to put things). An exception stops the worker from starting.
+    """
+    with _DECL_LOCK:
+        hooks = _DECLARED_HOOKS.setdefault(fn.__module__, [])
+        hooks[:] = [h for h in hooks if h.__qualname__ != fn.__qualname__] + [fn]
+    return fn
+
+
+def _in_module(defining: str, loaded: str) -> bool:
+    return defining == loaded or defining.startswith(loaded + ".")
+
+
+class Registry:
+    """The ops one worker serves. Filled at start-up, read-only afterwards (safe from any thread)."""
+
+    def __init__(self) -> None:
+        self._ops: dict[str, OpSpec] = {}
+        self._modules: list[str] = []
+        self._hooks_run: set[Callable[..., Any]] = set()
+
+    def add(self, obj: OpSpec | Callable[..., Any], *, replace: bool = False) -> OpSpec:
+        """Register an OpSpec or a function decorated with `@op`."""
+        spec = obj if isinstance(obj, OpSpec) else getattr(obj, "__sidecar_op__", None)
+        if not isinstance(spec, OpSpec):
+            raise TypeError(f"{obj!r} is neither an OpSpec nor a function decorated with @sidecar.op")
+        old = self._ops.get(spec.name)
+        if old is not None and old.fn is not spec.fn and not replace:
+            raise OpsModuleError(f"op {spec.name!r} from {spec.module} is already defined by {old.module}")
+        self._ops[spec.name] = spec
+        return spec
+
+    def load_module(self, dotted: str) -> list[OpSpec]:
+        """Import `dotted` and register the ops it (or its submodules) declared. Idempotent."""
+        try:
+            importlib.import_module(dotted)
+        except ImportError as exc:
+            raise OpsModuleError(f"cannot import ops module {dotted!r}: {exc}") from exc
+        except Exception as exc:  # the module itself failed while running
+            raise OpsModuleError(f"ops module {dotted!r} failed on import: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+        with _DECL_LOCK:
+            specs = [s for mod, decl in _DECLARED_OPS.items() if _in_module(mod, dotted) for s in decl]
+        for spec in specs:
+            self.add(spec)
+        if dotted not in self._modules:
+            self._modules.append(dotted)
+        return specs
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self._modules)
+
+    def get(self, name: str) -> OpSpec:
+        try:
+            return self._ops[name]
+        except KeyError:
+            raise UnknownOp(f"unknown op {name!r}", op=name,
+                            close_names=close_names(str(name), self._ops)) from None
+
+    def specs(self) -> list[OpSpec]:
+        return sorted(self._ops.values(), key=lambda s: s.name)
+
+    def names(self) -> list[str]:
+        return sorted(self._ops)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._ops
+
+    def __len__(self) -> int:
+        return len(self._ops)
+
+    def startup_hooks(self) -> list[Callable[..., Any]]:
+        with _DECL_LOCK:
+            return [h for loaded in self._modules for mod, hooks in _DECLARED_HOOKS.items()
+                    if _in_module(mod, loaded) for h in hooks]
+
+    def run_startup_hooks(self, runtime: Any) -> int:
+        """Run every hook of the loaded modules that has not run in this registry yet; returns how many ran."""
+        ran = 0
+        for hook in _unique(self.startup_hooks()):
+            if hook in self._hooks_run:
+                continue
+            self._hooks_run.add(hook)  # before the call: a failing hook is not retried
+            takes_arg = any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+                            for p in inspect.signature(hook).parameters.values())
+            try:
+                hook(runtime) if takes_arg else hook()
+            except Exception as exc:
+                raise OpsModuleError(f"start-up hook {hook.__module__}.{hook.__qualname__} failed: "
+                                     f"{type(exc).__name__}: {exc}") from exc
+            ran += 1
+        return ran
+
+
+def _unique(items: Iterable[Any]) -> list[Any]:
+    seen: list[Any] = []
+    for item in items:
+        if item not in seen:
+            seen.append(item)
+    return seen

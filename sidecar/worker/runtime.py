@@ -1,0 +1,138 @@
+"""A worker's parts wired together; every transport (gRPC, the Erlang port) builds one of these.
+
+`build_runtime` loads the ops (built-ins, `--ops` modules, debug ops when asked), picks the device,
+creates the arena / mapping cache / lease table / telemetry hub / dispatcher, then runs the ops
+modules' start-up hooks, so that by the time a transport prints its ready line the first call is warm.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sidecar.dataplane.arena import Arena
+from sidecar.dataplane.mapcache import MappingCache
+from sidecar.worker import hardware as hardware_mod
+from sidecar.worker.devices import select_device
+from sidecar.worker.dispatcher import Dispatcher
+from sidecar.worker.leases import LeaseTable
+from sidecar.worker.registry import OpSpec, Registry
+from sidecar.worker.telemetry import Telemetry, gpu_memory, rss_bytes
+
+BUILTIN_OPS = "sidecar.worker.builtin_ops"
+DEBUG_OPS = "sidecar.worker.debug_ops"
+
+
+@dataclass
+class WorkerOptions:
+    device: str = "auto"
+    ops_modules: list[str] = field(default_factory=list)
+    debug_ops: bool = False
+    max_concurrency: int = 4
+    max_queue: int = 64
+    run_id: str | None = None
+    inline_threshold: int = 65536
+    lease_ttl_s: float = 300.0
+    max_leases: int = 10000
+
+
+class Runtime:
+    def __init__(self, options: WorkerOptions, device: torch.device, registry: Registry, arena: Arena,
+                 cache: MappingCache, leases: LeaseTable, telemetry: Telemetry) -> None:
+        self.options = options
+        self.device = device
+        self.registry = registry
+        self.arena = arena
+        self.cache = cache
+        self.leases = leases
+        self.telemetry = telemetry
+        self.dispatcher = Dispatcher(registry, device, arena=arena, cache=cache, leases=leases,
+                                     telemetry=telemetry, max_concurrency=options.max_concurrency,
+                                     max_queue=options.max_queue, inline_threshold=options.inline_threshold,
+                                     runtime=self)
+        telemetry.memory_source = self.memory_sample
+        self._closed = False
+        self._stop = threading.Event()
+        self._janitor: threading.Thread | None = None
+
+    # -- what transports ask -------------------------------------------------------------------------
+
+    def hardware(self) -> dict[str, Any]:
+        return hardware_mod.detect(str(self.device))
+
+    def list_ops(self) -> list[OpSpec]:
+        return self.registry.specs()
+
+    def release(self, ids: list[str]) -> tuple[int, list[str]]:
+        return self.leases.release(ids)
+
+    @property
+    def tainted(self) -> str | None:
+        """Why the device needs a fresh process (the transport answers, then exits 70); None if fine."""
+        return self.dispatcher.tainted
+
+    def memory_sample(self) -> dict[str, Any]:
+        stats = self.arena.stats()
+        return {"rss_bytes": rss_bytes(), "arena_reserved_bytes": stats.reserved_bytes,
+                "arena_in_use_bytes": stats.in_use_bytes, "leases": self.leases.count,
+                "gpus": gpu_memory([self.device.index or 0]) if self.device.type == "cuda" else []}
+
+    # -- lifetime ------------------------------------------------------------------------------------
+
+    def start_janitor(self) -> None:
+        """Expire forgotten leases even while no call arrives (calls expire them too)."""
+        if self._janitor is not None:
+            return
+        interval = min(max(self.options.lease_ttl_s / 4, 0.05), 30.0)
+
+        def loop() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    self.leases.expire()
+                except Exception:
+                    pass
+
+        self._janitor = threading.Thread(target=loop, name="sidecar-leases", daemon=True)
+        self._janitor.start()
+
+    def close(self) -> None:
+        """Frees every lease and unlinks every segment of the worker's arena (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._janitor is not None and self._janitor is not threading.current_thread():
+            self._janitor.join(timeout=2)
+        self.leases.close()
+        self.telemetry.close()
+        self.cache.clear()
+        self.arena.close()
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def build_runtime(opts: WorkerOptions) -> Runtime:
+    device = select_device(opts.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    registry = Registry()
+    registry.load_module(BUILTIN_OPS)
+    if opts.debug_ops:
+        registry.load_module(DEBUG_OPS)
+    for module in opts.ops_modules:
+        registry.load_module(module)
+    runtime = Runtime(opts, device, registry, Arena(opts.run_id), MappingCache(),
+                      LeaseTable(opts.lease_ttl_s, opts.max_leases), Telemetry())
+    try:
+        registry.run_startup_hooks(runtime)
+    except BaseException:
+        runtime.close()
+        raise
+    runtime.start_janitor()
+    return runtime

@@ -1,0 +1,706 @@
+"""The Erlang port transport: `sidecar serve --stdio`.
+
+An Elixir VM opens the worker with `Port.open({:spawn_executable, python}, [{:packet, 4}, :binary,
+:exit_status, ...])`; every message is a 4-byte big-endian length followed by one term in the
+External Term Format (`sidecar.etf`). This module only translates terms <-> `Call`/`CallResult`, the
+same dispatcher the gRPC servicer uses does the work.
+
+    worker -> host, first:  {:ready, os_pid, %{version:, device:, ops: [names], ...}}
+    host -> worker:         {:call, id, op, inputs, attrs}          (opts map as 6th element optional)
+                            {:list_ops, id}  {:hardware, id}  {:release, id, [lease_ids]}
+                            {:subscribe, id}  {:subscribe, id, %{memory_interval_s: s}}
+                            {:unsubscribe, id}  {:cancel, id_of_a_call}   (cancel gets no reply)
+    worker -> host:         {:ok, id, result}  |  {:error, id, %{kind: :shape_mismatch, message:, ...}}
+                            {:telemetry, [:sidecar | event], measurements, metadata}
+
+A malformed frame is answered with an error term (id `:undefined` when the id cannot be read) and
+the worker carries on. The worker exits when stdin closes (the port was closed or the VM died).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import struct
+import sys
+import threading
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Mapping
+
+import sidecar
+from sidecar import etf
+from sidecar.dataplane.refs import ArrowRef, CudaIpcStorage, InlineStorage, ShmStorage, TensorRef
+from sidecar.errors import InvalidArgument, InvalidTensorRef, OpFailed, Overloaded, SidecarError
+from sidecar.etf import Atom
+from sidecar.worker.calls import Call, CallResult, OutputSpec, Placement
+
+log = logging.getLogger(__name__)
+
+__all__ = ["serve_stdio", "StdioServer", "MAX_FRAME"]
+
+# Largest frame we accept. Tensors belong in shared memory; this only bounds inline payloads (a
+# benchmark sends 100 MB inline on purpose). Bigger frames are skipped and answered with an error.
+MAX_FRAME = int(os.environ.get("SIDECAR_STDIO_MAX_FRAME", str(1 << 30)))
+CONTROL_THREADS = 4
+TAINTED_EXIT = 70
+EOF_GRACE_S = 5.0  # in-flight calls may finish (and free what they hold) after the host went away
+UNDEFINED = Atom("undefined")
+_HEADER = struct.Struct(">I")
+_PLACEMENTS = {p.name.lower(): p for p in Placement}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Terms -> Python
+
+
+def _text(v: Any, what: str, **where: Any) -> str:
+    """A binary or an atom as str; anything else is a malformed request."""
+    if isinstance(v, str):  # Atom included
+        return str(v)
+    if isinstance(v, bytes):
+        try:
+            return v.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    raise InvalidArgument(f"{what} must be a UTF-8 binary or an atom, got {_show(v)}", field=what, **where)
+
+
+def _show(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _int(v: Any, what: str, err: Callable[..., SidecarError], **where: Any) -> int:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    raise err(f"{what} must be an integer, got {_show(v)}", field=what, **where)
+
+
+def _keyed(m: Any, what: str, err: Callable[..., SidecarError] = InvalidArgument, **where: Any) -> dict[str, Any]:
+    """A map whose keys are atoms or binaries, with str keys."""
+    if not isinstance(m, dict):
+        raise err(f"{what} must be a map, got {_show(m)}", field=what, **where)
+    out: dict[str, Any] = {}
+    for k, v in m.items():
+        if isinstance(k, str):
+            out[str(k)] = v
+        elif isinstance(k, bytes):
+            out[_text(k, what, **where)] = v
+        else:
+            raise err(f"keys of {what} must be atoms or binaries, got {_show(k)}", field=what, **where)
+    return out
+
+
+def _storage_map(m: Any, what: str, index: int) -> dict[str, Any]:
+    return _keyed(m, what, InvalidTensorRef, input_index=index)
+
+
+def _shm_from_term(m: Any, index: int) -> ShmStorage:
+    s = _storage_map(m, "shm", index)
+    bad = InvalidTensorRef
+    return ShmStorage(name=_text(s.get("name"), "name", input_index=index),
+                      offset=_int(s.get("offset", 0), "offset", bad, input_index=index),
+                      nbytes=_int(s.get("nbytes"), "nbytes", bad, input_index=index),
+                      inode=_int(s.get("inode", 0) or 0, "inode", bad, input_index=index))
+
+
+def _ints(v: Any, what: str, index: int) -> tuple[int, ...]:
+    if not isinstance(v, list):
+        raise InvalidTensorRef(f"{what} must be a list of integers, got {_show(v)}", field=what,
+                               input_index=index)
+    return tuple(_int(x, what, InvalidTensorRef, input_index=index) for x in v)
+
+
+def tensor_from_term(m: Any, index: int = -1) -> TensorRef:
+    """`%{dtype:, shape:, strides:, shm: %{name:, offset:, nbytes:, inode:} | data: | cuda_ipc:}`."""
+    t = _storage_map(m, "tensor", index)
+    dtype = _text(t.get("dtype"), "dtype", input_index=index)
+    shape = _ints(t.get("shape"), "shape", index)
+    strides = t.get("strides")
+    if "shm" in t:
+        storage: Any = _shm_from_term(t["shm"], index)
+    elif "data" in t:
+        if not isinstance(t["data"], bytes):
+            raise InvalidTensorRef(f"data must be a binary, got {_show(t['data'])}", field="data",
+                                   input_index=index)
+        storage = InlineStorage(t["data"])
+    elif "cuda_ipc" in t:
+        c = _storage_map(t["cuda_ipc"], "cuda_ipc", index)
+        handle = c.get("handle")
+        if not isinstance(handle, bytes):
+            raise InvalidTensorRef("cuda_ipc.handle must be a binary", field="handle", input_index=index)
+        storage = CudaIpcStorage(
+            handle=handle, offset=_int(c.get("offset", 0), "offset", InvalidTensorRef, input_index=index),
+            nbytes=_int(c.get("nbytes"), "nbytes", InvalidTensorRef, input_index=index),
+            device_index=_int(c.get("device_index", 0), "device_index", InvalidTensorRef, input_index=index),
+            device_uuid=_text(c.get("device_uuid", b""), "device_uuid", input_index=index),
+            alloc_nbytes=_int(c.get("alloc_nbytes", 0), "alloc_nbytes", InvalidTensorRef, input_index=index))
+    else:
+        raise InvalidTensorRef("tensor has no storage (give one of shm, data, cuda_ipc)", field="storage",
+                               input_index=index)
+    return TensorRef(dtype=dtype, shape=shape, storage=storage,
+                     strides=None if strides is None or strides == [] else _ints(strides, "strides", index))
+
+
+def arrow_from_term(m: Any, index: int = -1) -> ArrowRef:
+    t = _storage_map(m, "arrow", index)
+    if "shm" in t:
+        storage: Any = _shm_from_term(t["shm"], index)
+    elif isinstance(t.get("data"), bytes):
+        storage = InlineStorage(t["data"])
+    else:
+        raise InvalidTensorRef("arrow table has no storage (give shm or data)", field="storage",
+                               input_index=index)
+    return ArrowRef(storage=storage, num_rows=_int(t.get("num_rows", -1), "num_rows", InvalidTensorRef,
+                                                   input_index=index))
+
+
+def value_from_term(v: Any, index: int = -1) -> Any:
+    """A value from the VM: tensors/tables by descriptor, binaries as str when UTF-8 (Elixir strings),
+    `{:bytes, bin}` for raw bytes, atoms as their name, lists and maps recursively."""
+    if isinstance(v, tuple):
+        if len(v) == 2 and isinstance(v[0], Atom):
+            tag = str(v[0])
+            if tag == "tensor":
+                return tensor_from_term(v[1], index)
+            if tag == "arrow":
+                return arrow_from_term(v[1], index)
+            if tag == "bytes" and isinstance(v[1], bytes):
+                return v[1]
+        raise InvalidArgument(f"unsupported value {_show(v)} (a tuple must be {{:tensor, map}}, "
+                              "{:arrow, map} or {:bytes, binary})", field="value", input_index=index)
+    if isinstance(v, bytes):
+        try:
+            return v.decode("utf-8")
+        except UnicodeDecodeError:
+            return v
+    if isinstance(v, Atom):
+        return str(v)
+    if isinstance(v, list):
+        return [value_from_term(x, index) for x in v]
+    if isinstance(v, dict):
+        return {k: value_from_term(x, index) for k, x in _keyed(v, "value", input_index=index).items()}
+    return v  # int, float, bool, None
+
+
+def _attrs_from_term(a: Any) -> dict[str, Any]:
+    if isinstance(a, list):  # an Elixir keyword list: [dim: 1] == [{:dim, 1}]
+        if not all(isinstance(p, tuple) and len(p) == 2 for p in a):
+            raise InvalidArgument("attrs must be a map or a keyword list", field="attrs", input_index=-1)
+        a = dict(a)
+    return {k: value_from_term(v) for k, v in _keyed(a, "attrs", input_index=-1).items()}
+
+
+def call_from_term(req: tuple[Any, ...], is_cancelled: Callable[[], bool] | None = None) -> Call:
+    """`{:call, id, op, inputs, attrs}` or `{:call, id, op, inputs, attrs, opts}` -> Call."""
+    op = _text(req[2], "op")
+    inputs = req[3]
+    if not isinstance(inputs, list):
+        raise InvalidArgument(f"inputs must be a list, got {_show(inputs)}", field="inputs", input_index=-1, op=op)
+    values = [value_from_term(v, i) for i, v in enumerate(inputs)]
+    call = Call(op=op, inputs=values, attrs=_attrs_from_term(req[4]), is_cancelled=is_cancelled)
+    if len(req) > 5 and req[5] is not None:
+        o = _keyed(req[5], "opts", input_index=-1)
+        placement = o.get("placement", "auto")
+        if isinstance(placement, int) and not isinstance(placement, bool) and placement in Placement._value2member_map_:
+            call.output.placement = Placement(placement)
+        else:
+            name = _text(placement, "placement", input_index=-1)
+            if name not in _PLACEMENTS:
+                raise InvalidArgument(f"placement must be one of {', '.join(_PLACEMENTS)}, got {name!r}",
+                                      field="placement", input_index=-1)
+            call.output.placement = _PLACEMENTS[name]
+        out = o.get("out") or []
+        if not isinstance(out, list):
+            raise InvalidArgument("out must be a list of tensors", field="out", input_index=-1)
+        call.output.out = tuple(_out_ref(x, k) for k, x in enumerate(out))
+        if out and "placement" not in o:
+            call.output.placement = Placement.OUT
+        call.output.inline_threshold = _int(o.get("inline_threshold", 0), "inline_threshold", InvalidArgument)
+        release = o.get("release") or []
+        if not isinstance(release, list):
+            raise InvalidArgument("release must be a list of lease ids", field="release", input_index=-1)
+        call.release = [_text(x, "release") for x in release]
+        call.idempotent = bool(o.get("idempotent", False))
+        rid = o.get("request_id")
+        call.request_id = "" if rid is None else _text(rid, "request_id")
+    return call
+
+
+def _out_ref(x: Any, k: int) -> TensorRef:
+    if isinstance(x, tuple) and len(x) == 2 and x[0] == "tensor":
+        return tensor_from_term(x[1], -1)
+    raise InvalidTensorRef(f"out ref {k} must be {{:tensor, map}}, got {_show(x)}", field="out", input_index=-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Python -> terms
+
+
+def _shm_term(s: ShmStorage) -> dict[Atom, Any]:
+    return {Atom("name"): s.name, Atom("offset"): s.offset, Atom("nbytes"): s.nbytes, Atom("inode"): s.inode}
+
+
+def tensor_to_term(ref: TensorRef) -> tuple[Atom, dict[Atom, Any]]:
+    m: dict[Atom, Any] = {Atom("dtype"): ref.dtype, Atom("shape"): list(ref.shape),
+                          Atom("strides"): None if ref.strides is None else list(ref.strides)}
+    s = ref.storage
+    if isinstance(s, ShmStorage):
+        m[Atom("shm")] = _shm_term(s)
+    elif isinstance(s, InlineStorage):
+        m[Atom("data")] = s.data
+    elif isinstance(s, CudaIpcStorage):
+        m[Atom("cuda_ipc")] = {Atom("handle"): s.handle, Atom("offset"): s.offset, Atom("nbytes"): s.nbytes,
+                               Atom("device_index"): s.device_index, Atom("device_uuid"): s.device_uuid,
+                               Atom("alloc_nbytes"): s.alloc_nbytes}
+    return Atom("tensor"), m
+
+
+def value_to_term(v: Any) -> Any:
+    """A dispatcher output as a term. Strings and bytes both become binaries; map keys of user data
+    stay binaries (turning arbitrary strings into atoms would fill the VM's atom table)."""
+    if isinstance(v, TensorRef):
+        return tensor_to_term(v)
+    if isinstance(v, ArrowRef):
+        m: dict[Atom, Any] = {Atom("num_rows"): v.num_rows}
+        if isinstance(v.storage, ShmStorage):
+            m[Atom("shm")] = _shm_term(v.storage)
+        else:
+            m[Atom("data")] = v.storage.data
+        return Atom("arrow"), m
+    if v is None or isinstance(v, (bool, int, str, bytes)):
+        return v
+    if isinstance(v, float):
+        if math.isfinite(v):
+            return v
+        return Atom("nan") if math.isnan(v) else Atom("infinity" if v > 0 else "neg_infinity")
+    if isinstance(v, (bytearray, memoryview)):
+        return bytes(v)
+    if isinstance(v, (list, tuple)):
+        return [value_to_term(x) for x in v]
+    if isinstance(v, Mapping):
+        return {str(k) if not isinstance(k, (int, bytes)) else k: value_to_term(x) for k, x in v.items()}
+    if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:  # NumPy scalar
+        return value_to_term(v.item())
+    raise OpFailed(f"the op returned a {type(v).__name__}, which has no Erlang term form",
+                   exception_type="TypeError")
+
+
+def _protocol_map(d: Mapping[str, Any]) -> dict[Atom, Any]:
+    """A dict of known field names (hardware, timing) as a map with atom keys, recursively."""
+    def conv(x: Any) -> Any:
+        if isinstance(x, Mapping):
+            return {Atom(str(k)): conv(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [conv(v) for v in x]
+        return value_to_term(x)
+    return conv(d)
+
+
+def result_to_term(r: CallResult) -> dict[Atom, Any]:
+    t = r.timing
+    return {
+        Atom("outputs"): [value_to_term(v) for v in r.outputs],
+        Atom("leases"): list(r.leases),
+        Atom("timing"): {Atom("queue_ns"): t.queue_ns, Atom("decode_ns"): t.decode_ns,
+                         Atom("compute_ns"): t.compute_ns, Atom("encode_ns"): t.encode_ns,
+                         Atom("total_ns"): t.total_ns},
+        Atom("device"): r.device,
+        Atom("bytes_in"): r.bytes_in,
+        Atom("bytes_out"): r.bytes_out,
+        Atom("request_id"): r.request_id,
+    }
+
+
+def error_to_term(err: SidecarError) -> dict[Atom, Any]:
+    """`%{kind: :shape_mismatch, message: "...", op: "add", input_shapes: [[2, 3], [4]], ...}`."""
+    m: dict[Atom, Any] = {Atom("kind"): Atom(err.kind.value.lower()), Atom("message"): err.message}
+    for k, v in err.fields.items():
+        m[Atom(k)] = value_to_term(v)
+    return m
+
+
+def op_to_term(spec: Any) -> dict[Atom, Any]:
+    return {Atom("name"): spec.name, Atom("doc"): spec.doc or "", Atom("min_inputs"): int(spec.min_inputs),
+            Atom("max_inputs"): -1 if spec.max_inputs is None else int(spec.max_inputs),
+            Atom("idempotent"): bool(spec.idempotent), Atom("attrs"): list(spec.attrs or ()),
+            Atom("module"): spec.module or ""}
+
+
+_SPAN_TIMING = ("queue_ns", "decode_ns", "compute_ns", "encode_ns", "total_ns")
+
+
+def telemetry_to_term(ev: Mapping[str, Any]) -> tuple[Any, ...]:
+    """A hub event as `{:telemetry, event_name, measurements, metadata}` in `:telemetry`'s shape.
+
+    Durations are nanoseconds here (`duration`, `*_ns`); the Elixir side converts `duration` to
+    native time units like `:telemetry.span/3` does.
+    """
+    kind = ev.get("type")
+    pid = int(ev.get("pid") or 0)
+    if kind == "span":
+        phase = str(ev.get("phase", "stop"))
+        meas: dict[Atom, Any] = {Atom("bytes_in"): int(ev.get("bytes_in") or 0)}
+        meta: dict[Atom, Any] = {Atom("op"): str(ev.get("op", "")), Atom("request_id"): str(ev.get("request_id", "")),
+                                 Atom("os_pid"): pid}
+        if phase == "start":
+            meas[Atom("system_time")] = int(ev.get("time_unix_ns") or 0)
+        else:
+            meas[Atom("duration")] = int(ev.get("duration_ns") or 0)
+            meas[Atom("bytes_out")] = int(ev.get("bytes_out") or 0)
+            for k, v in (ev.get("timing") or {}).items():
+                if k in _SPAN_TIMING:
+                    meas[Atom(k)] = int(v)
+        if phase == "exception":
+            meta[Atom("kind")] = Atom(str(ev.get("outcome", "OP_FAILED")).lower())
+            meta[Atom("message")] = str(ev.get("message", ""))
+        return Atom("telemetry"), [Atom("sidecar"), Atom("call"), Atom(phase)], meas, meta
+    if kind == "memory":
+        meas = {Atom(k): int(ev.get(k) or 0) for k in
+                ("rss_bytes", "arena_reserved_bytes", "arena_in_use_bytes", "leases")}
+        meta = {Atom("os_pid"): pid, Atom("gpus"): _protocol_map({"g": list(ev.get("gpus") or [])})[Atom("g")]}
+        return Atom("telemetry"), [Atom("sidecar"), Atom("memory")], meas, meta
+    if kind == "pool":
+        meta = {Atom("os_pid"): pid, **{Atom(str(k)): str(v) for k, v in (ev.get("metadata") or {}).items()}}
+        return Atom("telemetry"), [Atom("sidecar"), Atom("pool"), Atom(str(ev.get("event", "event")))], {}, meta
+    return Atom("telemetry"), [Atom("sidecar"), Atom(str(kind or "event"))], {}, {Atom("os_pid"): pid}
+
+
+def _unexpected(exc: BaseException, op: str = "") -> OpFailed:
+    return OpFailed(f"{type(exc).__name__}: {exc}", exception_type=type(exc).__name__,
+                    traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+                    **({"op": op} if op else {}))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The server
+
+
+class StdioServer:
+    """Reads request frames on `in_fd`, answers on `out_fd`; calls run on a thread pool."""
+
+    def __init__(self, runtime: Any, in_fd: int, out_fd: int, *, max_frame: int = MAX_FRAME) -> None:
+        self.rt = runtime
+        self.in_fd = in_fd
+        self.out_fd = out_fd
+        self.max_frame = max_frame
+        opts = runtime.options
+        # Same admission as the gRPC transport: up to max_concurrency + max_queue calls are handed to
+        # the dispatcher (which queues the excess over max_concurrency); beyond that OVERLOADED at once.
+        self.limit = int(opts.max_concurrency) + int(opts.max_queue)
+        self.calls = ThreadPoolExecutor(max_workers=self.limit, thread_name_prefix="sidecar-stdio-call")
+        self.control = ThreadPoolExecutor(max_workers=CONTROL_THREADS, thread_name_prefix="sidecar-stdio-ctl")
+        self._write_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._idle = threading.Condition(self._lock)
+        self._cancelled: set[Any] = set()
+        self._sub: Any = None
+        self.done = threading.Event()
+        self.exit_code = 0
+        self.host_gone = False
+
+    # -- frames --------------------------------------------------------------------------------------
+
+    def send(self, term: Any) -> None:
+        data = etf.encode(term)
+        header = _HEADER.pack(len(data))
+        with self._write_lock:
+            if self.host_gone:
+                return
+            try:
+                _write_all(self.out_fd, header, data)
+            except (BrokenPipeError, OSError) as exc:
+                log.info("host closed the port (%s); replies are dropped from now on", exc)
+                self.host_gone = True
+                self.done.set()
+
+    def _read_exact(self, n: int) -> bytearray | None:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = os.readv(self.in_fd, [view[got:]])
+            if k == 0:
+                return None
+            got += k
+        return buf
+
+    def _skip(self, n: int) -> bool:
+        while n > 0:
+            chunk = os.read(self.in_fd, min(n, 1 << 20))
+            if not chunk:
+                return False
+            n -= len(chunk)
+        return True
+
+    def read_loop(self) -> None:
+        """Runs until stdin closes; every frame is answered, none kills the loop."""
+        try:
+            while not self.done.is_set():
+                header = self._read_exact(4)
+                if header is None:
+                    break
+                (n,) = _HEADER.unpack(header)
+                if n > self.max_frame:
+                    if not self._skip(n):
+                        break
+                    self.send_error(UNDEFINED, InvalidArgument(
+                        f"frame of {n} bytes exceeds the {self.max_frame}-byte limit (put tensors in "
+                        "shared memory)", field="frame"))
+                    continue
+                body = self._read_exact(n)
+                if body is None:
+                    break
+                self.handle_frame(body)
+        except OSError as exc:
+            log.error("reading stdin failed: %s", exc)
+        finally:
+            self.done.set()
+
+    def send_error(self, req_id: Any, err: SidecarError) -> None:
+        self.send((Atom("error"), req_id, error_to_term(err)))
+
+    # -- requests ------------------------------------------------------------------------------------
+
+    def handle_frame(self, body: bytes | bytearray) -> None:
+        try:
+            req = etf.decode(body)
+        except etf.DecodeError as exc:
+            self.send_error(UNDEFINED, InvalidArgument(f"malformed frame: {exc}", field="frame"))
+            return
+        req_id = req[1] if isinstance(req, tuple) and len(req) >= 2 and isinstance(req[0], Atom) else UNDEFINED
+        try:
+            self.dispatch(req, req_id)
+        except SidecarError as err:
+            self.send_error(req_id, err)
+        except Exception as exc:  # a bug here must not end the loop
+            log.exception("handling a request failed")
+            self.send_error(req_id, _unexpected(exc))
+
+    def dispatch(self, req: Any, req_id: Any) -> None:
+        tag = req[0] if isinstance(req, tuple) and req and isinstance(req[0], Atom) else None
+        arity = len(req) if isinstance(req, tuple) else 0
+        if tag == "call" and arity in (5, 6):
+            self._submit_call(req, req_id)
+        elif tag == "list_ops" and arity == 2:
+            self._control(req_id, lambda: [op_to_term(s) for s in self.rt.list_ops()])
+        elif tag == "hardware" and arity == 2:
+            self._control(req_id, lambda: _protocol_map(self.rt.hardware()))
+        elif tag == "release" and arity == 3:
+            ids = req[2]
+            if not isinstance(ids, list):
+                raise InvalidArgument("release takes a list of lease ids", field="leases")
+            names = [_text(x, "leases") for x in ids]
+            self._control(req_id, lambda: self._release(names))
+        elif tag == "subscribe" and arity in (2, 3):
+            interval = 1.0
+            if arity == 3 and req[2] is not None:
+                interval = _keyed(req[2], "opts").get("memory_interval_s", 1.0)
+                if not isinstance(interval, (int, float)) or isinstance(interval, bool) or not interval > 0:
+                    raise InvalidArgument(f"memory_interval_s must be a positive number, got {_show(interval)}",
+                                          field="memory_interval_s")
+            self.send((Atom("ok"), req_id, self._subscribe(float(interval))))
+        elif tag == "unsubscribe" and arity == 2:
+            self._unsubscribe()
+            self.send((Atom("ok"), req_id, Atom("unsubscribed")))
+        elif tag == "cancel" and arity == 2:
+            with self._lock:
+                self._cancelled.add(_hashable(req[1]))
+        else:
+            raise InvalidArgument(
+                f"unknown request {_show(req)}: expected {{:call, id, op, inputs, attrs[, opts]}}, "
+                "{:list_ops, id}, {:hardware, id}, {:release, id, leases}, {:subscribe, id}, "
+                "{:unsubscribe, id} or {:cancel, id}", field="request")
+
+    def _release(self, ids: list[str]) -> dict[Atom, Any]:
+        released, unknown = self.rt.release(ids)
+        return {Atom("released"): int(released), Atom("unknown"): list(unknown)}
+
+    def _control(self, req_id: Any, fn: Callable[[], Any]) -> None:
+        def run() -> None:
+            try:
+                self.send((Atom("ok"), req_id, fn()))
+            except SidecarError as err:
+                self.send_error(req_id, err)
+            except Exception as exc:
+                log.exception("control request failed")
+                self.send_error(req_id, _unexpected(exc))
+        self.control.submit(run)
+
+    def _submit_call(self, req: tuple[Any, ...], req_id: Any) -> None:
+        key = _hashable(req_id)
+        try:
+            call = call_from_term(req, is_cancelled=lambda: key in self._cancelled)
+        except SidecarError as err:
+            if len(req) > 5 and isinstance(req[5], dict):  # piggybacked releases still count
+                self._release_quietly(req[5].get("release") or [])
+            if err.fields.get("op") is None and _is_text(req[2]):
+                err.fields["op"] = _text(req[2], "op")
+            raise
+        with self._lock:
+            admitted = self._in_flight < self.limit
+            if admitted:
+                self._in_flight += 1
+            depth = self._in_flight
+        if not admitted:
+            self._release_quietly(call.release)
+            opts = self.rt.options
+            raise Overloaded(f"worker is at capacity: {depth} calls in flight (concurrency "
+                             f"{opts.max_concurrency}, queue {opts.max_queue})", op=call.op,
+                             queue_depth=max(0, depth - int(opts.max_concurrency)), limit=int(opts.max_queue))
+        self.calls.submit(self._run_call, call, req_id, key)
+
+    def _run_call(self, call: Call, req_id: Any, key: Any) -> None:
+        try:
+            try:
+                result = self.rt.dispatcher.execute(call)
+            except SidecarError as err:
+                self.send_error(req_id, err)
+                return
+            except Exception as exc:  # a bug below the dispatcher: still a structured answer
+                log.exception("unexpected error in %s", call.op)
+                self.send_error(req_id, _unexpected(exc, call.op))
+                return
+            try:
+                term = (Atom("ok"), req_id, result_to_term(result))
+            except SidecarError as err:
+                self._release_quietly(result.leases)
+                self.send_error(req_id, err)
+                return
+            if self.host_gone or key in self._cancelled:
+                self._release_quietly(result.leases)  # nobody will read or release them
+            self.send(term)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self._cancelled.discard(key)
+                self._idle.notify_all()
+            if self.rt.dispatcher.tainted:
+                log.error("device tainted (%s): exiting %d for a fresh process", self.rt.dispatcher.tainted,
+                          TAINTED_EXIT)
+                self.exit_code = TAINTED_EXIT
+                self.done.set()
+
+    def _release_quietly(self, ids: Any) -> None:
+        try:
+            names = [_text(x, "leases") for x in ids]
+            if names:
+                self.rt.release(names)
+        except Exception:
+            log.exception("releasing leases %s failed", ids)
+
+    # -- telemetry -----------------------------------------------------------------------------------
+
+    def _subscribe(self, interval: float) -> Atom:
+        with self._lock:
+            if self._sub is not None:
+                return Atom("already_subscribed")
+            sub = self._sub = self.rt.telemetry.subscribe(interval)
+
+        def pump() -> None:
+            for event in sub:
+                try:
+                    self.send(telemetry_to_term(event))
+                except Exception:
+                    log.exception("sending a telemetry event failed")
+        threading.Thread(target=pump, name="sidecar-stdio-telemetry", daemon=True).start()
+        return Atom("subscribed")
+
+    def _unsubscribe(self) -> None:
+        with self._lock:
+            sub, self._sub = self._sub, None
+        if sub is not None:
+            sub.close()
+
+    # -- lifetime ------------------------------------------------------------------------------------
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+
+    def close(self, grace_s: float) -> None:
+        self.wait_idle(grace_s)
+        self._unsubscribe()
+        self.calls.shutdown(wait=False, cancel_futures=True)
+        self.control.shutdown(wait=False, cancel_futures=True)
+
+
+def _is_text(v: Any) -> bool:
+    try:
+        _text(v, "op")
+        return True
+    except SidecarError:
+        return False
+
+
+def _hashable(v: Any) -> Any:
+    try:
+        hash(v)
+        return v
+    except TypeError:
+        return repr(v)
+
+
+def _write_all(fd: int, header: bytes, data: bytes) -> None:
+    """One frame, header and body, without joining them (bodies can be 100 MB)."""
+    bufs = [memoryview(header), memoryview(data)]
+    while bufs:
+        n = os.writev(fd, bufs)
+        while bufs and n >= len(bufs[0]):
+            n -= len(bufs[0])
+            bufs.pop(0)
+        if bufs and n:
+            bufs[0] = bufs[0][n:]
+
+
+def _take_stdio() -> tuple[int, int]:
+    """Private copies of fd 0/1 for the protocol; fd 1 then points at stderr and fd 0 at /dev/null,
+    so a print() in an op or a library writing to stdout cannot corrupt the frame stream."""
+    in_fd, out_fd = os.dup(0), os.dup(1)
+    os.dup2(2, 1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    sys.stdout = sys.stderr
+    return in_fd, out_fd
+
+
+def ready_term(runtime: Any) -> tuple[Any, ...]:
+    specs = runtime.list_ops()
+    opts = runtime.options
+    return (Atom("ready"), os.getpid(), {
+        Atom("version"): sidecar.__version__,
+        Atom("device"): str(runtime.device),
+        Atom("ops"): [s.name for s in specs],
+        Atom("idempotent"): [s.name for s in specs if s.idempotent],
+        Atom("max_concurrency"): int(opts.max_concurrency),
+        Atom("max_queue"): int(opts.max_queue),
+        Atom("inline_threshold"): int(opts.inline_threshold),
+        Atom("run_id"): getattr(runtime.arena, "run_id", None) or opts.run_id,
+    })
+
+
+def serve_stdio(runtime: Any, shutdown: Any = None) -> int:
+    """Serve the port protocol on stdin/stdout until stdin closes; returns the exit code.
+
+    `shutdown` (a `lifecycle.Shutdown`) lets SIGTERM stop the loop: new frames are no longer read and
+    in-flight calls drain first. A tainted device ends the loop with exit code 70.
+    """
+    in_fd, out_fd = _take_stdio()
+    server = StdioServer(runtime, in_fd, out_fd)
+    server.send(ready_term(runtime))
+    log.info("serving the port protocol on stdio (device %s, pid %d)", runtime.device, os.getpid())
+    reader = threading.Thread(target=server.read_loop, name="sidecar-stdio-reader", daemon=True)
+    reader.start()
+    reason = "stdin closed"
+    while not server.done.wait(0.2):
+        if shutdown is not None and shutdown.event.is_set():
+            reason = shutdown.reason or "shutdown requested"
+            break
+    if server.exit_code == TAINTED_EXIT:
+        reason = "device tainted"
+    log.info("%s: stopping (%d calls in flight)", reason, server._in_flight)
+    server.close(EOF_GRACE_S)
+    return server.exit_code

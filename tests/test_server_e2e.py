@@ -1,0 +1,322 @@
+"""The gRPC transport end to end: a real `python -m sidecar serve` process, a real unix socket.
+
+Every built-in op against NumPy, a user ops module, ListOps/GetHardware/health/reflection,
+zero-copy transfers both ways, telemetry, and liveness while a long op runs.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import threading
+import time
+from typing import Any, Callable
+
+import grpc
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from sidecar.errors import Cancelled
+from sidecar.host import Client
+from tests.workers import LONG_LIVED_RUNS, assert_run_clean, no_shm_leaks, run_id, start_worker  # noqa: F401
+
+OPS_MODULES = ("--ops", "tests.ops_fixture_module", "--ops", "tests.slow_ops_module")
+
+
+@pytest.fixture(scope="module")
+def run() -> Any:
+    rid = run_id()
+    LONG_LIVED_RUNS.add(rid)
+    yield rid
+    LONG_LIVED_RUNS.discard(rid)
+
+
+@pytest.fixture(scope="module")
+def worker(run: str) -> Any:
+    w = start_worker(*OPS_MODULES, "--run-id", run, "--max-concurrency", "4", "--threads", "1")
+    yield w
+    assert w.stop() == 0
+    assert_run_clean(run)
+
+
+@pytest.fixture(scope="module")
+def client(worker: Any, run: str) -> Any:
+    c = Client(worker.address, run_id=run, timeout=30)
+    yield c
+    c.close()
+
+
+def rng_array(*shape: int, dtype: Any = np.float32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    erf = np.vectorize(math.erf)
+    return (0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))).astype(x.dtype)
+
+
+def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    mu = x.mean(-1, keepdims=True)
+    var = x.var(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * w + b
+
+
+# A (256, 128) float32 tensor is 128 KiB: above the inline threshold, so it crosses through shm.
+A = rng_array(256, 128, seed=1)
+B = rng_array(256, 128, seed=2)
+POS = np.abs(B) + 0.5
+SMALL = rng_array(3, 4, seed=3)
+W, BIAS = rng_array(128, seed=4), rng_array(128, seed=5)
+
+CASES: list[tuple[str, tuple[Any, ...], dict[str, Any], Callable[[], np.ndarray]]] = [
+    ("identity", (A,), {}, lambda: A),
+    ("add", (A, B), {}, lambda: A + B),
+    ("add_scalar", (A, 2.5), {}, lambda: A + np.float32(2.5)),
+    ("sub", (A, B), {}, lambda: A - B),
+    ("mul", (A, B), {}, lambda: A * B),
+    ("div", (A, POS), {}, lambda: A / POS),
+    ("matmul", (A, B.T.copy()), {}, lambda: A @ B.T),
+    ("sum", (A,), {}, lambda: np.asarray(A.sum(dtype=np.float32))),
+    ("sum_dim", (A,), {"dim": 1, "keepdim": True}, lambda: A.sum(1, keepdims=True)),
+    ("mean", (A,), {"dim": 0}, lambda: A.mean(0)),
+    ("max", (A,), {}, lambda: np.asarray(A.max())),
+    ("max_pair", (A, B), {}, lambda: np.maximum(A, B)),
+    ("softmax", (A,), {"dim": -1}, lambda: _softmax(A, -1)),
+    ("relu", (A,), {}, lambda: np.maximum(A, 0)),
+    ("gelu", (SMALL,), {}, lambda: _gelu(SMALL)),
+    ("layer_norm", (A, W, BIAS), {"normalized_shape": [128]}, lambda: _layer_norm(A, W, BIAS)),
+    ("reshape", (A,), {"shape": [128, 256]}, lambda: A.reshape(128, 256)),
+    ("transpose", (A,), {"dim0": 0, "dim1": 1}, lambda: A.T),
+    ("cast", (A,), {"dtype": "int32"}, lambda: A.astype(np.int32)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_builtin_op_matches_numpy(client: Client, case: Any) -> None:
+    name, inputs, attrs, expected = case
+    op = {"add_scalar": "add", "sum_dim": "sum", "max_pair": "max"}.get(name, name)
+    got = client.call(op, *inputs, **attrs)
+    want = expected()
+    assert isinstance(got, np.ndarray)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_every_builtin_op_is_covered(client: Client) -> None:
+    builtin = {o["name"] for o in client.list_ops() if o["module"] == "sidecar.worker.builtin_ops"}
+    tested = {{"add_scalar": "add", "sum_dim": "sum", "max_pair": "max"}.get(c[0], c[0]) for c in CASES}
+    assert builtin == tested
+
+
+def test_user_ops_module(client: Client) -> None:
+    from tests.ops_fixture_module import reference_weights
+
+    x = rng_array(5, 4, seed=7)
+    w, b = reference_weights()
+    np.testing.assert_allclose(client.call("fixture.predict", x), x @ w.numpy().T + b.numpy(), rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(client.call("fixture.scale", x, 3.0, offset=1.0), x * 3 + 1, rtol=1e-6)
+    parts = client.call("fixture.split", x, parts=2)
+    assert isinstance(parts, tuple) and len(parts) == 2
+    np.testing.assert_array_equal(np.concatenate(parts), x)
+    stats = client.call("fixture.stats", x)
+    assert stats == {"device": "cpu", "n": 20, "mean": pytest.approx(float(x.mean()), rel=1e-5)}
+    table = pa.table({"v": pa.array(np.arange(20_000, dtype=np.int64))})  # ~160 KB: an shm stream
+    out = client.call("fixture.table_total", table)
+    assert isinstance(out, pa.Table)
+    assert out.column("doubled").to_pylist() == [2 * i for i in range(20_000)]
+    assert out.column("total")[0].as_py() == sum(range(20_000))
+
+
+def test_list_ops_describes_every_op(client: Client) -> None:
+    ops = {o["name"]: o for o in client.list_ops()}
+    assert {"identity", "add", "matmul", "fixture.predict", "slow"} <= set(ops)
+    assert all(o["doc"] for o in ops.values())
+    assert ops["identity"]["max_inputs"] == -1
+    assert ops["add"]["min_inputs"] == ops["add"]["max_inputs"] == 2
+    assert ops["fixture.scale"]["idempotent"] is False and ops["add"]["idempotent"] is True
+    assert "dim" in ops["softmax"]["attrs"]
+    assert ops["fixture.predict"]["module"] == "tests.ops_fixture_module"
+
+
+def test_hardware(client: Client, worker: Any) -> None:
+    hw = client.hardware()
+    assert hw["pid"] == worker.pid
+    assert hw["device"] == "cpu"
+    assert hw["cpu"]["threads"] >= 1 and hw["cpu"]["memory_total"] > 0
+    assert hw["identity"] and hw["torch_version"] == torch.__version__
+    assert hw["cuda"]["available"] == torch.cuda.is_available()
+
+
+def test_health_serving(client: Client) -> None:
+    assert client.health() == "SERVING"
+    assert client.health("sidecar.v1.Sidecar") == "SERVING"
+
+
+def test_reflection_lists_the_service(worker: Any) -> None:
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase)
+
+    with grpc.insecure_channel(worker.address) as channel:
+        db = ProtoReflectionDescriptorDatabase(channel)
+        services = set(db.get_services())
+        assert {"sidecar.v1.Sidecar", "grpc.health.v1.Health"} <= services
+        method_names = {m.name for m in db.FindFileContainingSymbol("sidecar.v1.Sidecar").service[0].method}
+        assert "Execute" in method_names
+
+
+def test_large_tensor_zero_copy_both_ways(client: Client) -> None:
+    n = 8 << 20  # 32 MB of float32
+    x = client.empty(n, "float32")
+    x[:] = np.arange(n, dtype=np.float32)
+    misses = client.arena.stats().misses
+    res = client.execute("identity", x, placement="shm")
+    assert client.arena.stats().misses == misses  # the input was described in place, never copied
+    y = res.outputs[0]
+    assert len(res.leases) == 1 and res.bytes_in == res.bytes_out == 4 * n
+    np.testing.assert_array_equal(y, x)
+    # The caller's `out` buffer, in the arena: the worker writes straight into it.
+    out = client.empty(n, "float32")
+    assert client.call("mul", x, 2.0, out=out) is out
+    np.testing.assert_array_equal(out, x * 2)
+    # Outputs are writable views of the leased block; the lease goes back once they are collected.
+    y[0] = -1.0
+    del y, res
+    gc.collect()
+    assert client.pending_releases == 1
+    released, unknown = client.release()
+    assert (released, unknown) == (1, [])
+
+
+def test_out_into_plain_numpy_array(client: Client) -> None:
+    out = np.zeros_like(A)
+    assert client.call("relu", A, out=out) is out
+    np.testing.assert_array_equal(out, np.maximum(A, 0))
+
+
+def test_inline_placement(client: Client) -> None:
+    res = client.execute("add", A, B, placement="inline")
+    assert res.leases == []
+    np.testing.assert_allclose(res.outputs[0], A + B)
+
+
+def test_torch_in_torch_out(client: Client) -> None:
+    t = torch.randn(300, 200)
+    y = client.call("softmax", t, dim=1)
+    assert isinstance(y, torch.Tensor)
+    torch.testing.assert_close(y, torch.softmax(t, 1))
+    bf = torch.randn(300, 200).to(torch.bfloat16)
+    z = client.call("identity", bf)
+    assert z.dtype == torch.bfloat16 and torch.equal(z, bf)
+    z.add_(1)  # in place on the leased view: must not crash the host
+
+
+def test_dlpack_object(client: Client) -> None:
+    class OnlyDlpack:
+        def __init__(self, a: np.ndarray) -> None:
+            self._a = a
+
+        def __dlpack__(self, **kw: Any) -> Any:
+            return self._a.__dlpack__(**kw)
+
+        def __dlpack_device__(self) -> Any:
+            return self._a.__dlpack_device__()
+
+    y = client.call("mul", OnlyDlpack(A), 3.0)
+    np.testing.assert_allclose(y, A * 3)
+
+
+def test_telemetry_spans_and_memory(client: Client) -> None:
+    events: list[dict[str, Any]] = []
+    done = threading.Event()
+    watch = client.watch_telemetry(memory_interval_s=0.05)
+
+    def read() -> None:
+        for ev in watch:
+            events.append(ev)
+            kinds = {(e["type"], e.get("phase"), e.get("request_id")) for e in events}
+            if ("span", "stop", "tel-1") in kinds and any(e["type"] == "memory" for e in events):
+                done.set()
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 10
+    while not done.is_set() and time.monotonic() < deadline:
+        client.call("add", A, B, request_id="tel-1")  # the stream may attach after the first call
+        done.wait(0.2)
+    watch.close()
+    reader.join(5)
+    assert done.is_set(), events
+    spans = [e for e in events if e["type"] == "span" and e["request_id"] == "tel-1"]
+    assert {"start", "stop"} <= {s["phase"] for s in spans}
+    stop = next(s for s in spans if s["phase"] == "stop")
+    assert stop["op"] == "add" and stop["outcome"] == "ok" and stop["duration_ns"] > 0
+    assert stop["bytes_in"] == A.nbytes + B.nbytes and stop["timing"]["compute_ns"] > 0
+    mem = next(e for e in events if e["type"] == "memory")
+    assert mem["rss_bytes"] > 0 and mem["pid"] > 0
+
+
+def test_timing_in_every_response(client: Client) -> None:
+    res = client.execute("matmul", A, B.T.copy())
+    t = res.timing
+    assert t.total_ns >= t.queue_ns + t.decode_ns + t.compute_ns + t.encode_ns > 0
+    assert res.device == "cpu"
+
+
+def test_control_plane_answers_while_long_op_runs(client: Client) -> None:
+    """Health, ListOps, telemetry and another call are answered while a 3 s op runs."""
+    slow_done = threading.Event()
+    result: list[Any] = []
+
+    def slow_call() -> None:
+        result.append(client.call("slow", SMALL, seconds=3.0))
+        slow_done.set()
+
+    t = threading.Thread(target=slow_call)
+    t.start()
+    time.sleep(0.3)  # let it start running
+    other = Client(client.address, run_id=client.run_id, timeout=2.0)  # 2 s deadlines: must not wait
+    try:
+        assert other.health() == "SERVING"
+        assert len(other.list_ops()) > 10
+        np.testing.assert_allclose(other.call("add", SMALL, SMALL), SMALL * 2)
+        with other.watch_telemetry() as w:
+            assert next(iter(w))["type"] in ("memory", "span")
+        assert not slow_done.is_set()  # all of the above happened while the op was still running
+    finally:
+        other.close()
+    t.join(10)
+    np.testing.assert_array_equal(result[0], SMALL)
+
+
+def test_calls_up_to_the_concurrency_limit_run_together(client: Client) -> None:
+    client.call("peak_concurrency", reset=True)
+    n_before = client.call("finished_count")
+    results: list[Any] = []
+    threads = [threading.Thread(target=lambda: results.append(client.call("slow", SMALL, seconds=1.0)))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 4 and client.call("finished_count") == n_before + 4
+    assert client.call("peak_concurrency") == 4  # --max-concurrency 4: none waited for another
+
+
+def test_deadline_cancels_the_call(client: Client) -> None:
+    n_before = client.call("finished_count")
+    with pytest.raises(Cancelled):
+        client.call("slow", SMALL, seconds=60.0, timeout=0.3)
+    # The op sees ctx.is_cancelled() and stops early instead of running its 60 s.
+    deadline = time.monotonic() + 10
+    while client.call("finished_count") == n_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.call("finished_count") == n_before + 1
+    assert client.health() == "SERVING"

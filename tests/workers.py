@@ -1,0 +1,178 @@
+"""Test helper: spawn real `python -m sidecar serve` workers and wait for their ready line.
+
+    with start_worker("--ops", "tests.slow_ops_module") as w:
+        client = Client(w.address)
+
+Also: `shm_of_run(run)` lists a run's segments in /dev/shm, and `run_id()` makes a unique run id,
+so tests that keep a worker for a whole module can check its memory instead of the per-test guard.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import selectors
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Any, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
+PYTHON = str(VENV_PYTHON if VENV_PYTHON.exists() else Path(sys.executable))
+READY = "SIDECAR_READY"
+
+
+class WorkerStartError(RuntimeError):
+    pass
+
+
+class WorkerProcess:
+    """A spawned worker: `.address` (dial it), `.pid`, `.proc` (Popen), `.stop()`, `.stderr_text()`."""
+
+    def __init__(self, proc: subprocess.Popen[str], address: str, pid: int, stderr: IO[str]) -> None:
+        self.proc = proc
+        self.address = address
+        self.pid = pid
+        self._stderr = stderr
+
+    def stderr_text(self) -> str:
+        self._stderr.flush()
+        with open(self._stderr.name, errors="replace") as f:
+            return f.read()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        """Signal the worker (SIGTERM: drain and exit 0) and wait; SIGKILL if it takes too long."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        try:
+            self._stderr.close()
+            os.unlink(self._stderr.name)
+        except OSError:
+            pass
+        return self.proc.returncode
+
+    def __enter__(self) -> WorkerProcess:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def worker_command(*args: str) -> list[str]:
+    return [PYTHON, "-m", "sidecar", "serve", *args]
+
+
+def start_worker(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
+                 command: Sequence[str] | None = None) -> WorkerProcess:
+    """Spawn `python -m sidecar serve *args` and return once it printed SIDECAR_READY.
+
+    `env` entries are added to the current environment. Raises WorkerStartError with the
+    worker's stderr when it exits or stays silent for `timeout` seconds.
+    """
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                **(env or {})}
+    stderr = tempfile.NamedTemporaryFile("w+", prefix="sidecar-worker-", suffix=".log", delete=False)
+    proc = subprocess.Popen(list(command or worker_command(*args)), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=stderr, text=True, env=full_env, cwd=ROOT)
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    line = ""
+    try:
+        while time.monotonic() < deadline:
+            if sel.select(timeout=0.1):
+                line = proc.stdout.readline()
+                if line.startswith(READY) or not line:
+                    break
+            elif proc.poll() is not None:
+                break
+    finally:
+        sel.close()
+    parts = line.split()
+    if len(parts) != 3 or parts[0] != READY:
+        proc.kill()
+        proc.wait(5)
+        stderr.flush()
+        with open(stderr.name, errors="replace") as f:
+            text = f.read()
+        os.unlink(stderr.name)
+        raise WorkerStartError(f"worker did not get ready (exit {proc.returncode}, stdout {line!r}):\n{text}")
+    return WorkerProcess(proc, parts[1], int(parts[2]), stderr)
+
+
+def run_id() -> str:
+    return "t" + secrets.token_hex(5)
+
+
+def shm_of_run(run: str) -> set[str]:
+    return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(f"sc-{run}-")}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Long-lived (module-scoped) workers and the /dev/shm guard
+#
+# conftest's `no_shm_leaks` fails a test that leaves an sc-* segment behind, but a worker shared by
+# a whole module legitimately keeps its warm arena between tests. A module that shares one imports
+# this `no_shm_leaks` (overriding conftest's): segments of runs in LONG_LIVED_RUNS are exempt per
+# test and checked instead when the module's fixture stops the worker (`assert_run_clean`).
+
+LONG_LIVED_RUNS: set[str] = set()
+
+
+def _sc_segments() -> set[str]:
+    return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("sc-")}
+
+
+def _exempt(name: str) -> bool:
+    return any(name.startswith(f"sc-{run}-") for run in LONG_LIVED_RUNS)
+
+
+def assert_run_clean(run: str, timeout: float = 5.0) -> None:
+    """Every segment of `run` is gone (waits briefly: a worker unlinks its arena while exiting)."""
+    deadline = time.monotonic() + timeout
+    while shm_of_run(run) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = shm_of_run(run)
+    for name in left:
+        try:
+            os.unlink(Path("/dev/shm") / name)
+        except FileNotFoundError:
+            pass
+    assert not left, f"segments of run {run} leaked: {sorted(left)}"
+
+
+try:
+    import pytest
+
+    @pytest.fixture(autouse=True)
+    def no_shm_leaks():
+        """conftest's guard, minus the segments of long-lived runs (checked at their teardown)."""
+        before = _sc_segments()
+        yield
+        left = {n for n in _sc_segments() - before if not _exempt(n)}
+        for name in left:
+            try:
+                os.unlink(Path("/dev/shm") / name)
+            except FileNotFoundError:
+                pass
+        if left:
+            pytest.fail(f"shared-memory segments leaked: {sorted(left)}")
+except ImportError:  # used outside pytest (benchmarks)
+    pass
