@@ -822,7 +822,7 @@ typedef struct DLManagedTensor {
     void (*deleter)(struct DLManagedTensor *self);
 } DLManagedTensor;
 
-enum { DL_CUDA = 2 };
+enum { DL_CPU = 1, DL_CUDA = 2 };
 
 typedef struct {
     DLManagedTensor managed; /* first: the consumer hands this pointer back to the deleter */
@@ -891,14 +891,22 @@ int64_tuple(PyObject *seq, const char *what, int64_t *out, Py_ssize_t n)
     return 0;
 }
 
-/* dlpack(ptr, device, type_code, bits, shape, strides, owner) -> PyCapsule "dltensor".
- * shape and strides count elements; owner() is called once the consumer frees the tensor. */
+/* dlpack(ptr, device, type_code, bits, shape, strides, owner, device_type=kDLCUDA) -> PyCapsule
+ * "dltensor". shape and strides count elements; owner() is called once the consumer frees the
+ * tensor. device_type kDLCPU (1) lets tests check the layout with host memory. */
 static PyObject *
-m_dlpack(PyObject *Py_UNUSED(self), PyObject *args)
+m_dlpack(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kwargs)
 {
+    static char *kwlist[] = {"ptr", "device", "type_code", "bits", "shape", "strides", "owner",
+                             "device_type", NULL};
     PyObject *optr, *shape, *strides, *owner;
-    int dev, code, bits;
-    if (!PyArg_ParseTuple(args, "OiiiOOO:dlpack", &optr, &dev, &code, &bits, &shape, &strides, &owner)) {
+    int dev, code, bits, device_type = DL_CUDA;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiiiOOO|i:dlpack", kwlist, &optr, &dev, &code, &bits,
+                                     &shape, &strides, &owner, &device_type)) {
+        return NULL;
+    }
+    if (device_type != DL_CUDA && device_type != DL_CPU) {
+        PyErr_Format(PyExc_ValueError, "device_type must be %d (CUDA) or %d (CPU)", DL_CUDA, DL_CPU);
         return NULL;
     }
     unsigned long long ptr;
@@ -929,7 +937,7 @@ m_dlpack(PyObject *Py_UNUSED(self), PyObject *args)
     }
     DLTensor *t = &h->managed.dl_tensor;
     t->data = (void *)(uintptr_t)ptr;
-    t->device.device_type = DL_CUDA;
+    t->device.device_type = device_type;
     t->device.device_id = dev;
     t->ndim = (int32_t)ndim;
     t->dtype.code = (uint8_t)code;
@@ -977,10 +985,11 @@ static PyMethodDef methods[] = {
     {"host_unregister", m_host_unregister, METH_O,
      "host_unregister(address) -> bool\n\nFalse when the address was not registered."},
     {"mem_get_info", m_mem_get_info, METH_O, "mem_get_info(device) -> (free, total) bytes"},
-    {"dlpack", m_dlpack, METH_VARARGS,
-     "dlpack(ptr, device, type_code, bits, shape, strides, owner) -> PyCapsule\n\nA DLPack "
-     "'dltensor' capsule over CUDA memory (shape and strides in elements); owner() is called once "
-     "when the consumer frees the tensor (or the capsule dies unconsumed)."},
+    {"dlpack", (PyCFunction)(void (*)(void))m_dlpack, METH_VARARGS | METH_KEYWORDS,
+     "dlpack(ptr, device, type_code, bits, shape, strides, owner, device_type=2) -> PyCapsule\n\nA "
+     "DLPack 'dltensor' capsule over CUDA memory (device_type 2; 1 = host memory, for tests), shape "
+     "and strides in elements; owner() is called once when the consumer frees the tensor (or the "
+     "capsule dies unconsumed)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -6,7 +6,9 @@
  * with the GIL released; every failure is an OSError carrying errno and the segment name.
  *
  * Lifetime rule: close() never unmaps under a live buffer export (a NumPy/torch/pyarrow view).
- * It marks the segment closed and the last PyBuffer_Release does the munmap.
+ * It marks the segment closed and the last PyBuffer_Release does the munmap. Only exports are
+ * counted: torch.frombuffer(seg) releases its buffer at once and keeps a bare pointer, so give it
+ * memoryview(seg) (the memoryview holds the export) or go through numpy + torch.from_numpy.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -201,14 +203,14 @@ Segment_create(PyObject *cls, PyObject *args, PyObject *kwds)
                                    (unsigned long long)st.st_ino, 1);
 }
 
-/* Segment.open(name, writable=False) */
+/* Segment.open(name, writable=False, prefault=False) */
 static PyObject *
 Segment_open(PyObject *cls, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"name", "writable", NULL};
+    static char *kwlist[] = {"name", "writable", "prefault", NULL};
     PyObject *name;
-    int writable = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "U|p:open", kwlist, &name, &writable)) {
+    int writable = 0, prefault = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "U|pp:open", kwlist, &name, &writable, &prefault)) {
         return NULL;
     }
     const char *cname = name_utf8(name);
@@ -237,7 +239,8 @@ Segment_open(PyObject *cls, PyObject *args, PyObject *kwds)
         size = (Py_ssize_t)st.st_size;
         if (size > 0) {
             int prot = PROT_READ | (writable ? PROT_WRITE : 0);
-            void *p = mmap(NULL, (size_t)size, prot, MAP_SHARED, fd, 0);
+            /* MAP_POPULATE here maps the (already resident) pages now instead of one fault per page. */
+            void *p = mmap(NULL, (size_t)size, prot, MAP_SHARED | (prefault ? MAP_POPULATE : 0), fd, 0);
             if (p == MAP_FAILED) {
                 err = errno; what = "cannot map"; break;
             }
@@ -361,7 +364,8 @@ static PyMethodDef Segment_methods[] = {
      "create(name, size, prefault=True) -> Segment\n\n"
      "Create a new segment (O_EXCL, mode 0600), reserve its space and map it read-write."},
     {"open", (PyCFunction)(void (*)(void))Segment_open, METH_VARARGS | METH_KEYWORDS | METH_CLASS,
-     "open(name, writable=False) -> Segment\n\nMap an existing segment; size and inode come from fstat."},
+     "open(name, writable=False, prefault=False) -> Segment\n\n"
+     "Map an existing segment; size and inode come from fstat."},
     {"close", (PyCFunction)Segment_close, METH_NOARGS,
      "close() -> None\n\nIdempotent. The unmap waits for the last exported buffer to be released."},
     {"__enter__", (PyCFunction)Segment_enter, METH_NOARGS, NULL},

@@ -110,7 +110,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     if args.command == "hardware":
         return _hardware(args)
-    return _serve(args)
+    code = _serve(args)
+    if argv is None:
+        # We are the whole process (console script, python -m sidecar) and everything is closed:
+        # skip the interpreter's teardown, which takes ~2 s once torch is imported, so that a
+        # worker whose parent died is gone within a second. In-process callers get the code back.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _setup_logging(level: str) -> None:

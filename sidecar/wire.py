@@ -183,13 +183,14 @@ def timing_from_pb(m: pb.Timing) -> Timing:
 def execute_request(op: str, inputs: Iterable[Any] = (), attrs: Mapping[str, Any] | None = None, *,
                     placement: Placement = Placement.AUTO, out: Iterable[TensorRef] = (),
                     inline_threshold: int = 0, release: Iterable[str] = (), request_id: str = "",
-                    idempotent: bool = False) -> pb.ExecuteRequest:
+                    idempotent: bool = False, allow_alias: bool = False) -> pb.ExecuteRequest:
     req = pb.ExecuteRequest(op=op, inputs=[value_to_pb(v) for v in inputs], release=list(release),
                             request_id=request_id, idempotent=idempotent)
     for k, v in (attrs or {}).items():
         req.attrs[k].CopyFrom(value_to_pb(v))
     req.output.placement = int(placement)
     req.output.inline_threshold = inline_threshold
+    req.output.allow_alias = allow_alias
     req.output.out.extend(tensor_to_pb(r) for r in out)
     return req
 
@@ -208,7 +209,8 @@ def call_from_request(req: pb.ExecuteRequest, is_cancelled: Any = None) -> Call:
     out = tuple(tensor_from_pb(t, -1) for t in req.output.out)
     return Call(op=req.op, inputs=inputs, attrs=attrs,
                 output=OutputSpec(placement=placement, out=out,
-                                  inline_threshold=req.output.inline_threshold),
+                                  inline_threshold=req.output.inline_threshold,
+                                  alias_inputs=req.output.allow_alias),
                 release=list(req.release), request_id=req.request_id, idempotent=req.idempotent,
                 is_cancelled=is_cancelled)
 

@@ -1,6 +1,7 @@
 """Exit classification on the real exit statuses of real child processes."""
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import subprocess
@@ -9,7 +10,8 @@ import sys
 import pytest
 
 from sidecar.host.crash import (Classification, ExitInfo, classify_returncode, classify_wait_status,
-                                oom_kill_count, summarize_tail, unknown_exit)
+                                condense_tail, oom_kill_count, summarize_tail,
+                                unknown_exit)
 
 # Each snippet ends its interpreter the way a broken worker would.
 CASES = [
@@ -54,6 +56,7 @@ def test_raw_wait_status_of_forked_child(code: str, expected: Classification, si
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         try:
+            faulthandler.disable()  # pytest's handler would print the crash of this child
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 2)
             exec(code)
@@ -97,12 +100,29 @@ def test_oom_counter_reads_an_int_or_none() -> None:
     assert n is None or (isinstance(n, int) and n >= 0)
 
 
+FAULTHANDLER_DUMP = [
+    "INFO serving", "Fatal Python error: Segmentation fault", "",
+    "Thread 0x00007e (most recent call first):",
+    '  File "/x/threading.py", line 331 in wait', '  File "/x/threading.py", line 1002 in _bootstrap',
+    "Current thread 0x00007f (most recent call first):",
+    '  File "/x/debug_ops.py", line 49 in segfault', '  File "/x/dispatcher.py", line 10 in run',
+    "Thread 0x00007d (most recent call first):",
+    *[f'  File "/x/t.py", line {i} in f' for i in range(100)],
+    "", "Extension modules: numpy, torch (total: 2)"]
+
+
 def test_summarize_tail_points_at_the_crash_site() -> None:
-    tail = ["INFO serving", "Fatal Python error: Segmentation fault", "",
-            "Current thread 0x00007f (most recent call first):",
-            '  File "/x/debug_ops.py", line 49 in segfault', '  File "/x/dispatcher.py", line 10 in run',
-            "", "Extension modules: numpy, torch (total: 2)"]
-    assert summarize_tail(tail) == ('Fatal Python error: Segmentation fault '
-                                    '(File "/x/debug_ops.py", line 49 in segfault)')
+    assert summarize_tail(FAULTHANDLER_DUMP) == ('Fatal Python error: Segmentation fault '
+                                                 '(File "/x/debug_ops.py", line 49 in segfault)')
     assert summarize_tail(["Traceback (most recent call last):", "ValueError: bad"]) == "ValueError: bad"
     assert summarize_tail([]) is None
+
+
+def test_condense_tail_keeps_the_crashing_thread() -> None:
+    short = condense_tail(FAULTHANDLER_DUMP, 6)
+    assert short == ["INFO serving", "Fatal Python error: Segmentation fault",
+                     "Current thread 0x00007f (most recent call first):",
+                     '  File "/x/debug_ops.py", line 49 in segfault', '  File "/x/dispatcher.py", line 10 in run']
+    assert condense_tail(FAULTHANDLER_DUMP, 2) == FAULTHANDLER_DUMP[1:2] + FAULTHANDLER_DUMP[6:7]
+    plain = [f"line {i}" for i in range(50)]
+    assert condense_tail(plain, 3) == ["line 47", "line 48", "line 49"]

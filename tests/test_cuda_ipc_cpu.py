@@ -163,7 +163,9 @@ def test_python_layer_maps_missing_driver_to_device_unavailable() -> None:
         from sidecar.errors import DeviceUnavailable, InvalidArgument
         res = {'available': cuda_ipc.available(), 'reason': cuda_ipc.unavailable_reason()}
         ref = TensorRef('float32', (4,), CudaIpcStorage(b'h' * 64, 0, 16, 0, 'GPU-x', 1 << 20))
-        for name, fn in {'ref_to_tensor': lambda: cuda_ipc.ref_to_tensor(ref, input_index=2),
+        freed = []
+        for name, fn in {'ref_to_tensor': lambda: cuda_ipc.ref_to_tensor(ref, input_index=2,
+                                                                         on_free=lambda: freed.append(1)),
                          'device_uuid': lambda: cuda_ipc.device_uuid(0)}.items():
             try:
                 fn(); res[name] = 'no error'
@@ -173,6 +175,7 @@ def test_python_layer_maps_missing_driver_to_device_unavailable() -> None:
             cuda_ipc.tensor_to_ref(torch.ones(3))
         except InvalidArgument as e:
             res['tensor_to_ref'] = e.message
+        res['freed'] = freed
         print(json.dumps(res))
     """, MISSING)
     assert out["available"] is False and "could not be loaded" in out["reason"]
@@ -180,6 +183,7 @@ def test_python_layer_maps_missing_driver_to_device_unavailable() -> None:
     assert err["kind"] == "DEVICE_UNAVAILABLE" and err["device"] == "cuda" and err["available"] == ["cpu"]
     assert "a CUDA IPC tensor arrived" in err["message"] and "libcuda.so.1" in err["message"]
     assert out["device_uuid"]["kind"] == "DEVICE_UNAVAILABLE"
+    assert out["freed"] == [1]  # on_free runs exactly once, also when the ref is refused
     assert "CUDA tensors" in out["tensor_to_ref"]
 
 
@@ -228,6 +232,14 @@ def test_region_beyond_the_declared_allocation_is_refused(offset: int, nbytes: i
     assert ei.value.field == field
 
 
+def test_on_free_is_called_once_when_a_ref_is_refused() -> None:
+    calls: list[int] = []
+    ref = TensorRef("float32", (4,), CudaIpcStorage(b"x" * 10, 0, 16, 0, "GPU-x", 0))
+    with pytest.raises(InvalidTensorRef):
+        cuda_ipc.ref_to_tensor(ref, on_free=lambda: calls.append(1))
+    assert calls == [1]
+
+
 def test_extension_argument_checks() -> None:
     with pytest.raises(ValueError, match="exactly 64 bytes, got 10"):
         _cudaipc.open(b"x" * 10, 0)
@@ -262,6 +274,33 @@ def test_capsule_owner_errors_do_not_crash() -> None:
 
     cap = _cudaipc.dlpack(0x10000000, 0, 2, 32, [1], [1], boom)
     del cap  # the error is reported as unraisable, the process goes on
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16", "float32", "float64", "int8", "int16", "int32",
+                                  "int64", "uint8", "bool", "complex64", "complex128"])
+def test_torch_consumes_our_capsule_without_copying(name: str) -> None:
+    # The same capsule code path as for CUDA memory, pointed at host memory (device_type 1 =
+    # kDLCPU) so that real torch checks our DLPack structs: dtype codes, shape, element strides,
+    # and that the owner is called once, when torch frees the tensor.
+    import torch
+
+    dtype = getattr(torch, name)
+    src = (torch.arange(24) % 5).to(dtype).reshape(4, 6)
+    code, bits = cuda_ipc._dl_dtype(name)
+    freed: list[int] = []
+    view = src.t()  # non-contiguous: strides in elements (1, 6)
+    cap = _cudaipc.dlpack(view.data_ptr(), 0, code, bits, list(view.shape), list(view.stride()),
+                          lambda: freed.append(1), device_type=1)
+    t = torch.utils.dlpack.from_dlpack(cap)
+    del cap
+    assert t.dtype == dtype and t.shape == view.shape and t.stride() == view.stride()
+    assert t.data_ptr() == view.data_ptr() and torch.equal(t, view)
+    assert freed == []
+    t2 = t[1:]  # a view keeps the memory
+    del t
+    assert freed == []
+    del t2
+    assert freed == [1]
 
 
 @pytest.mark.parametrize("args", [
@@ -403,3 +442,56 @@ def test_python_layer_against_the_stand_in(stand_in: str) -> None:
     assert out["unknown_uuid"]["kind"] == "DEVICE_UNAVAILABLE" and "CUDA_VISIBLE_DEVICES" in out["unknown_uuid"]["message"]
     assert "has no usable CUDA" in out["ref"]
     assert out["pin"] == [True, True, True, False]
+
+
+def test_handle_cache_refcounts_against_the_stand_in(stand_in: str) -> None:
+    # The cache's bookkeeping with the real C layer underneath (no torch.cuda needed): a handle is
+    # opened once however many tensors use it, and closed exactly once by the last one, including
+    # when torch frees a tensor through the DLPack deleter chain.
+    out = run_py("""
+        import gc, json, torch
+        from sidecar import _cudaipc as c
+        from sidecar.dataplane import cuda_ipc as ci
+        h, off, size, dev = c.export(0x10200040)
+        uuid = ci.device_uuid(0)
+        a = ci._acquire(h, uuid, 0, None)
+        b = ci._acquire(h, uuid, 0, None)
+        res = {'same': a is b, 'refs': a.refs, 'base': a.base, 'size': a.size}
+        res['after_two'] = ci.cache_stats()
+        ci._release(a.key)
+        res['after_one_release'] = ci.cache_stats()
+        # the last reference is held by a tensor: torch frees it -> owner -> _release -> close
+        freed = []
+        buf = torch.zeros(16)
+        cap = c.dlpack(buf.data_ptr(), 0, 2, 32, [16], [1], ci._Owner(b.key, None, lambda: freed.append(1)),
+                       device_type=1)
+        t = torch.utils.dlpack.from_dlpack(cap)
+        del cap
+        res['before_free'] = ci.cache_stats()
+        del t
+        gc.collect()
+        res['after_free'] = ci.cache_stats()
+        res['freed'] = freed
+        try:
+            ci._check_bounds(1 << 20, (1 << 20) - 8, 16, 3)
+        except Exception as e:
+            res['bounds'] = [type(e).__name__, e.field, e.input_index]
+        try:
+            ci._acquire(b'NOPE' + bytes(60), uuid, 0, 5)
+        except Exception as e:
+            res['bad'] = [type(e).__name__, e.field, e.input_index, 'CUDA_ERROR_INVALID_HANDLE' in e.message]
+        res['final'] = ci.cache_stats()
+        print(json.dumps(res))
+    """, {"SIDECAR_LIBCUDA": stand_in})
+    assert out["same"] is True and out["refs"] == 2
+    assert (out["base"], out["size"]) == (0x30200000, 1 << 20)
+    assert out["after_two"]["opens"] == 1 and out["after_two"]["hits"] == 1
+    assert out["after_two"]["open_handles"] == 1
+    assert out["after_one_release"]["open_handles"] == 1 and out["after_one_release"]["closes"] == 0
+    assert out["before_free"]["open_handles"] == 1
+    assert out["after_free"]["open_handles"] == 0 and out["after_free"]["closes"] == 1
+    assert out["after_free"]["close_errors"] == 0  # the stand-in refuses a close of an unopened pointer
+    assert out["freed"] == [1]
+    assert out["bounds"] == ["InvalidTensorRef", "nbytes", 3]
+    assert out["bad"] == ["InvalidTensorRef", "handle", 5, True]
+    assert out["final"]["open_handles"] == 0 and out["final"]["opens"] == 1

@@ -580,3 +580,66 @@ def test_a_tainted_worker_refuses_further_calls(rt):
     assert rt.tainted and reasons == [rt.tainted]
     with pytest.raises(DeviceUnavailable, match="unusable"):
         run(rt, "identity", 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# outputs that alias a host input (opt-in)
+
+
+def test_outputs_are_copied_unless_aliasing_is_on(rt, host):
+    x = host.ref(np.arange(100000, dtype=np.float32))
+    res = run(rt, "identity", x, placement=Placement.SHM)
+    assert res.outputs[0].storage.name != x.storage.name and res.leases
+    rt.release(res.leases)
+
+
+def test_aliased_outputs_describe_the_host_segment(make_rt, host):
+    rt = make_rt(alias_inputs=True)
+    a = np.arange(24, dtype=np.float32).reshape(4, 6)
+    x = host.ref(a)
+    res = run(rt, "identity", x)
+    assert res.outputs[0] == x and res.leases == [] and rt.arena.stats().in_use_bytes == 0
+    t = run(rt, "transpose", x).outputs[0]  # a strided view of the same bytes
+    assert t.storage.name == x.storage.name and t.strides == (4, 24) and t.shape == (6, 4)
+    np.testing.assert_array_equal(host.read(t), a.T)
+    r = run(rt, "reshape", x, shape=[2, 12]).outputs[0]
+    assert r.storage.name == x.storage.name and r.strides is None
+    np.testing.assert_array_equal(host.read(r), a.reshape(2, 12))
+    # a computed result is new memory: copied as usual; INLINE asks for bytes
+    added = run(rt, "add", x, x, placement=Placement.SHM)
+    assert added.outputs[0].storage.name != x.storage.name and added.leases
+    rt.release(added.leases)
+    assert isinstance(run(rt, "identity", x, placement=Placement.INLINE).outputs[0].storage, InlineStorage)
+
+
+def test_worker_segments_passed_back_are_never_aliased(make_rt, host):
+    rt = make_rt(alias_inputs=True)
+    first = run(rt, "add", host.ref(np.ones(50000, np.float32)), 1.0, placement=Placement.SHM)
+    again = run(rt, "identity", first.outputs[0], placement=Placement.SHM)  # a leased output as input
+    assert again.outputs[0].storage.name != first.outputs[0].storage.name and again.leases
+    rt.release(first.leases + again.leases)
+
+
+def test_out_of_memory_under_an_address_space_limit_reports_the_limit(python_exe):
+    """In a child process (the limit is process-wide): what `--memory-limit` does to a worker."""
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent("""
+        import resource, torch
+        from sidecar.errors import OutOfMemory
+        from sidecar.worker.torch_errors import to_sidecar_error
+        import psutil
+        limit = psutil.Process().memory_info().vms + (512 << 20)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+        try:
+            torch.empty(1 << 31, dtype=torch.uint8)  # 2 GiB > what is left of the budget
+        except Exception as exc:
+            err = to_sidecar_error(exc, op="alloc", device="cpu")
+        assert isinstance(err, OutOfMemory), err
+        assert err.total_bytes == limit and err.requested_bytes == 1 << 31, err
+        assert 0 < err.free_bytes < (512 << 20) and "address-space limit" in err.message, err
+        print("ok")
+    """)
+    out = subprocess.run([python_exe, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -25,6 +25,11 @@ PYTHON = str(VENV_PYTHON if VENV_PYTHON.exists() else Path(sys.executable))
 READY = "SIDECAR_READY"
 
 
+# Pids of every worker this process started: the /dev/shm guard below blames only segments owned by
+# them or by this process (other test runs may share the machine and its /dev/shm).
+STARTED_PIDS: set[int] = set()
+
+
 class WorkerStartError(RuntimeError):
     pass
 
@@ -114,6 +119,7 @@ def start_worker(*args: str, env: dict[str, str] | None = None, timeout: float =
             text = f.read()
         os.unlink(stderr.name)
         raise WorkerStartError(f"worker did not get ready (exit {proc.returncode}, stdout {line!r}):\n{text}")
+    STARTED_PIDS.add(int(parts[2]))
     return WorkerProcess(proc, parts[1], int(parts[2]), stderr)
 
 
@@ -131,7 +137,9 @@ def shm_of_run(run: str) -> set[str]:
 # conftest's `no_shm_leaks` fails a test that leaves an sc-* segment behind, but a worker shared by
 # a whole module legitimately keeps its warm arena between tests. A module that shares one imports
 # this `no_shm_leaks` (overriding conftest's): segments of runs in LONG_LIVED_RUNS are exempt per
-# test and checked instead when the module's fixture stops the worker (`assert_run_clean`).
+# test and checked instead when the module's fixture stops the worker (`assert_run_clean`). It
+# also blames only segments owned by this process or a worker it started, so that other test runs
+# sharing the machine's /dev/shm do not fail (or lose segments to) this one.
 
 LONG_LIVED_RUNS: set[str] = set()
 
@@ -140,8 +148,13 @@ def _sc_segments() -> set[str]:
     return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("sc-")}
 
 
-def _exempt(name: str) -> bool:
-    return any(name.startswith(f"sc-{run}-") for run in LONG_LIVED_RUNS)
+def _ours(name: str) -> bool:
+    parts = name.split("-")
+    if len(parts) != 4 or not parts[2].isdigit():
+        return True  # not our naming scheme at all: nobody else should make sc-* files
+    if any(parts[1] == run for run in LONG_LIVED_RUNS):
+        return False
+    return int(parts[2]) == os.getpid() or int(parts[2]) in STARTED_PIDS
 
 
 def assert_run_clean(run: str, timeout: float = 5.0) -> None:
@@ -166,7 +179,7 @@ try:
         """conftest's guard, minus the segments of long-lived runs (checked at their teardown)."""
         before = _sc_segments()
         yield
-        left = {n for n in _sc_segments() - before if not _exempt(n)}
+        left = {n for n in _sc_segments() - before if _ours(n)}
         for name in left:
             try:
                 os.unlink(Path("/dev/shm") / name)

@@ -52,8 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["available", "unavailable_reason", "tensor_to_ref", "ref_to_tensor", "register_host_memory",
-           "unregister_host_memory", "gpu_memory_figures", "cache_stats", "device_uuid",
-           "ordinal_of_uuid", "EMPTY_HANDLE"]
+           "unregister_host_memory", "cache_stats", "device_uuid", "ordinal_of_uuid", "EMPTY_HANDLE"]
 
 EMPTY_HANDLE = bytes(CUDA_IPC_HANDLE_BYTES)  # stands for "no memory": an empty tensor has none
 
@@ -250,8 +249,10 @@ def _register_export(handle: bytes, base: int, size: int, device: int, t: Any) -
                 buffer_id = 0
             entry = _Exported(base, size, device, buffer_id, [])
             _exported[handle] = entry
-        entry.tensors = [r for r in entry.tensors if r() is not None]
-        entry.tensors.append(weakref.ref(t))
+        live = [r for r in entry.tensors if r() is not None]
+        if not any(r() is t for r in live):  # the same tensor sent again is tracked once
+            live.append(weakref.ref(t))
+        entry.tensors = live
         if len(_exported) > _EXPORT_PRUNE_AT:
             for h in [h for h, e in _exported.items() if all(r() is None for r in e.tensors)]:
                 del _exported[h]
@@ -342,74 +343,95 @@ def tensor_to_ref(t: torch.Tensor, *, sync: bool = True) -> TensorRef:
 # ---------------------------------------------------------------------------------------------------
 # import
 
-class _Keep:
-    """A DLPack owner that only keeps `obj` alive (our own memory comes back)."""
+class _Owner:
+    """What a DLPack capsule holds: called once when torch frees the tensor. Drops our reference to
+    an opened handle (`key`) or lets go of our own storage (`keep`), then tells `on_free`."""
 
-    __slots__ = ("obj",)
+    __slots__ = ("key", "keep", "on_free")
 
-    def __init__(self, obj: Any) -> None:
-        self.obj = obj
+    def __init__(self, key: tuple[str, bytes] | None, keep: Any, on_free: Callable[[], None] | None) -> None:
+        self.key, self.keep, self.on_free = key, keep, on_free
 
     def __call__(self) -> None:
-        self.obj = None
+        key, on_free = self.key, self.on_free
+        self.key = self.keep = self.on_free = None
+        if key is not None:
+            _release(key)  # closes the mapping first: the producer may free the memory after on_free
+        if on_free is not None:
+            try:
+                on_free()
+            except Exception:  # called from a tensor deleter: nobody to raise to
+                log.exception("on_free callback of a CUDA IPC tensor failed")
 
 
-def ref_to_tensor(ref: TensorRef, *, input_index: int | None = None) -> torch.Tensor:
+def ref_to_tensor(ref: TensorRef, *, input_index: int | None = None,
+                  on_free: Callable[[], None] | None = None) -> torch.Tensor:
     """A CUDA tensor viewing the memory `ref` names (no copy), on the device whose uuid it carries.
 
+    `on_free` (optional) is called exactly once: when torch frees the returned tensor (every view of
+    it gone, this process's mapping already closed), or before returning when no memory is held (an
+    empty tensor) or the ref is refused. A host releases the producer's lease there.
     Raises InvalidTensorRef (field = handle / offset / nbytes / ...) for a descriptor that cannot be
     used and DeviceUnavailable where this process has no CUDA or cannot see that GPU.
     """
-    layout = layout_of(ref, input_index=input_index)
-    storage = ref.storage
-    if not isinstance(storage, CudaIpcStorage):
-        raise InvalidTensorRef(f"expected a CUDA IPC ref, got {type(storage).__name__}", field="storage",
-                               input_index=input_index)
-    _require_cuda("a CUDA IPC tensor arrived")
-    import torch
-
-    device = ordinal_of_uuid(storage.device_uuid, storage.device_index, input_index)
-    dtype = dtypes.to_torch_dtype(ref.dtype)
-    if layout.numel == 0:
-        return torch.empty(ref.shape, dtype=dtype, device=torch.device("cuda", device))
-    handle = bytes(storage.handle)
-    if handle == EMPTY_HANDLE:
-        raise InvalidTensorRef("a non-empty tensor with an all-zero CUDA IPC handle", field="handle",
-                               input_index=input_index)
-    item = layout.itemsize
-    strides_el = ([s // item for s in ref.strides] if ref.strides is not None
-                  else _contiguous_strides(ref.shape))
-    code, bits = _dl_dtype(ref.dtype)
-    own = _own_storage(storage, layout.offset, layout.span)
-    if own is not None:
-        ptr, keep = own
-        with _lock:
-            _stats["own_handles"] += 1
-        capsule = _cudaipc.dlpack(ptr, device, code, bits, list(ref.shape), strides_el, _Keep(keep))
-        return torch.utils.dlpack.from_dlpack(capsule)
-    entry = _acquire(handle, storage.device_uuid, device, input_index)
+    handed_over = False  # True once a capsule owns on_free
     try:
-        size = entry.size or storage.alloc_nbytes
-        if not size:
-            raise InvalidTensorRef("the driver cannot tell the size of the opened allocation and the ref "
-                                   "carries no alloc_nbytes: refusing to map it unchecked",
-                                   field="alloc_nbytes", input_index=input_index)
-        if layout.offset >= size:
-            raise InvalidTensorRef(f"offset {layout.offset} is past the end of the CUDA allocation "
-                                   f"({size} bytes)", field="offset", input_index=input_index)
-        if layout.offset + layout.nbytes > size:
-            raise InvalidTensorRef(f"{layout.nbytes} bytes at offset {layout.offset} run past the end of "
-                                   f"the CUDA allocation ({size} bytes)", field="nbytes",
+        layout = layout_of(ref, input_index=input_index)
+        storage = ref.storage
+        if not isinstance(storage, CudaIpcStorage):
+            raise InvalidTensorRef(f"expected a CUDA IPC ref, got {type(storage).__name__}", field="storage",
                                    input_index=input_index)
-        key = entry.key
-        capsule = _cudaipc.dlpack(entry.base + layout.offset, device, code, bits, list(ref.shape),
-                                  strides_el, lambda: _release(key))
-    except BaseException:
-        _release(entry.key)
-        raise
-    # From here the capsule owns the reference: consumed, torch releases it with the tensor;
-    # not consumed (an error), the capsule's own destructor does.
-    return torch.utils.dlpack.from_dlpack(capsule)
+        _require_cuda("a CUDA IPC tensor arrived")
+        import torch
+
+        device = ordinal_of_uuid(storage.device_uuid, storage.device_index, input_index)
+        dtype = dtypes.to_torch_dtype(ref.dtype)
+        if layout.numel == 0:  # no memory to share: nothing to keep
+            return torch.empty(ref.shape, dtype=dtype, device=torch.device("cuda", device))
+        handle = bytes(storage.handle)
+        if handle == EMPTY_HANDLE:
+            raise InvalidTensorRef("a non-empty tensor with an all-zero CUDA IPC handle", field="handle",
+                                   input_index=input_index)
+        strides_el = ([s // layout.itemsize for s in ref.strides] if ref.strides is not None
+                      else _contiguous_strides(ref.shape))
+        code, bits = _dl_dtype(ref.dtype)
+        shape = [int(d) for d in ref.shape]
+        own = _own_storage(storage, layout.offset, layout.span)
+        if own is not None:  # our own memory came back (e.g. an identity op): a view, nothing opened
+            ptr, keep = own
+            with _lock:
+                _stats["own_handles"] += 1
+            capsule = _cudaipc.dlpack(ptr, device, code, bits, shape, strides_el, _Owner(None, keep, on_free))
+        else:
+            entry = _acquire(handle, storage.device_uuid, device, input_index)
+            try:
+                _check_bounds(entry.size or storage.alloc_nbytes, layout.offset, layout.nbytes, input_index)
+                capsule = _cudaipc.dlpack(entry.base + layout.offset, device, code, bits, shape, strides_el,
+                                          _Owner(entry.key, None, on_free))
+            except BaseException:
+                _release(entry.key)
+                raise
+        # The capsule owns the reference now: consumed, torch calls the owner when it frees the
+        # tensor; not consumed (an error in from_dlpack), the capsule's destructor calls it.
+        handed_over = True
+        return torch.utils.dlpack.from_dlpack(capsule)
+    finally:
+        if not handed_over and on_free is not None:
+            on_free()
+
+
+def _check_bounds(size: int, offset: int, nbytes: int, input_index: int | None) -> None:
+    """[offset, offset + nbytes) must lie inside the opened allocation of `size` bytes."""
+    if not size:
+        raise InvalidTensorRef("the driver cannot tell the size of the opened allocation and the ref "
+                               "carries no alloc_nbytes: refusing to map it unchecked",
+                               field="alloc_nbytes", input_index=input_index)
+    if offset >= size:
+        raise InvalidTensorRef(f"offset {offset} is past the end of the CUDA allocation ({size} bytes)",
+                               field="offset", input_index=input_index)
+    if offset + nbytes > size:
+        raise InvalidTensorRef(f"{nbytes} bytes at offset {offset} run past the end of the CUDA "
+                               f"allocation ({size} bytes)", field="nbytes", input_index=input_index)
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> list[int]:
@@ -461,20 +483,3 @@ def unregister_host_memory(segment: Any) -> bool:
     except Exception as err:
         log.warning("could not unpin shared memory at 0x%x: %s", address, err)
         return False
-
-
-# ---------------------------------------------------------------------------------------------------
-# memory figures for OUT_OF_MEMORY
-
-def gpu_memory_figures(device: Any, requested_bytes: int | None = None) -> dict[str, Any]:
-    """The fields of an OUT_OF_MEMORY error for a CUDA device: device, requested/free/total/allocated/
-    reserved bytes (what torch's allocator holds and what the driver has left)."""
-    import torch
-
-    dev = torch.device(device)
-    if dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    free, total = torch.cuda.mem_get_info(dev)
-    return {"device": str(dev), "requested_bytes": requested_bytes, "free_bytes": int(free),
-            "total_bytes": int(total), "allocated_bytes": int(torch.cuda.memory_allocated(dev)),
-            "reserved_bytes": int(torch.cuda.memory_reserved(dev))}

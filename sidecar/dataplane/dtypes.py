@@ -78,12 +78,20 @@ def _torch_dtype_name(dtype_like: Any) -> str | None:
     return name if name in _ITEMSIZE else None
 
 
+# Native-endian NumPy dtype -> name, for the hot path (np.dtype.name is computed in Python, slowly).
+_NUMPY_NAMES: dict[np.dtype, str] = {dt: name for name, dt in _NUMPY.items() if name != "bfloat16"}
+
+
 def name_of(dtype_like: Any) -> str:
     """Wire name of a NumPy dtype (or anything np.dtype accepts) or a torch dtype.
 
     Non-native byte order is refused: the wire format is native-endian and the name alone could not
     say otherwise (convert with `astype(dtype.newbyteorder("="))` first).
     """
+    if isinstance(dtype_like, np.dtype):
+        known = _NUMPY_NAMES.get(dtype_like)
+        if known is not None:
+            return known
     torch_name = _torch_dtype_name(dtype_like)
     if torch_name is not None:
         return torch_name

@@ -32,9 +32,10 @@ class MapCacheStats:
 class MappingCache:
     """Thread-safe LRU of mapped segments. `get` returns a Segment the caller must not close."""
 
-    def __init__(self, max_entries: int = 512, max_bytes: int = 64 << 30) -> None:
+    def __init__(self, max_entries: int = 512, max_bytes: int = 64 << 30, *, prefault: bool = False) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
+        self.prefault = prefault  # map new entries with MAP_POPULATE (no page faults on first touch)
         self._lock = threading.Lock()
         self._lru: OrderedDict[tuple[str, int], Segment] = OrderedDict()  # least recently used first
         self._bytes = 0
@@ -68,7 +69,7 @@ class MappingCache:
             return seg
 
     def _map(self, name: str, inode: int, writable: bool) -> Segment:
-        seg = open_segment(name, writable)  # outside the lock: a syscall, and may raise
+        seg = open_segment(name, writable, prefault=self.prefault)  # outside the lock: syscalls, may raise
         if seg.inode != inode:
             seg.close()
             raise InvalidTensorRef(

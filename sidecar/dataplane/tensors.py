@@ -261,7 +261,7 @@ def to_torch(ref: TensorRef, cache: MappingCache, *, writable: bool = False,
     if isinstance(ref.storage, CudaIpcStorage):
         from sidecar.dataplane import cuda_ipc
 
-        return cuda_ipc.ref_to_tensor(ref)
+        return cuda_ipc.ref_to_tensor(ref, input_index=input_index)
     if isinstance(ref.storage, InlineStorage) and not writable:
         arr = _view(ref, bytearray(ref.storage.data), 0, layout.numel)
     else:

@@ -146,7 +146,10 @@ def layout_of(ref: Any, *, input_index: int | None = None) -> Layout:
         _fail(f"{len(shape)}-d tensor needs {len(shape)} strides, got {got}", "strides", input_index)
     last = 0  # byte offset of the last element, relative to the first
     for i, (dim, stride) in enumerate(zip(shape, strides)):
-        stride = _int(stride, 0, INT64_MAX, f"strides[{i}]", "strides", input_index)
+        stride = _int(stride, -INT64_MAX - 1, INT64_MAX, f"strides[{i}]", "strides", input_index)
+        if stride < 0:
+            _fail(f"strides[{i}] = {stride} is negative; negative strides are not accepted "
+                  f"(send a copy: to_ref makes one)", "strides", input_index)
         if stride % item:
             _fail(f"strides[{i}] = {stride} is not a multiple of the itemsize {item}",
                   "strides", input_index)

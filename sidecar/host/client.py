@@ -60,16 +60,31 @@ class Result:
 class _LeaseKeeper(np.ndarray):
     """A marker ndarray subclass that every leased output (and every `Client.empty` array) views.
 
-    It is built straight over the segment (its `.base` is the Segment, not an ndarray), and the
-    array handed out is a plain view of it. NumPy collapses `.base` chains only through arrays of
-    the same type, so every later view (slices, reshapes, torch.from_numpy, pyarrow buffers) keeps
-    the keeper alive, and its finalizer fires only once no view of the memory remains.
+    Its `.base` is a pyarrow Buffer holding a buffer export of the mapping (so the segment stays
+    mapped), not an ndarray, and the array handed out is a plain view of it. NumPy collapses
+    `.base` chains only through arrays of the same type, so every later view (slices, reshapes,
+    torch.from_numpy, pyarrow buffers) keeps the keeper alive: its finalizer fires only once no
+    view of the memory remains.
     """
 
 
-def _kept(arr: np.ndarray, buffer: Any, on_collect: Any) -> np.ndarray:
-    """`arr` (a view of `buffer`, an object with `.address`) re-made over a finalised keeper."""
-    offset = arr.__array_interface__["data"][0] - buffer.address
+def _owner(arr: np.ndarray) -> np.ndarray | None:
+    """The outermost ndarray under `arr` (the contiguous view a buffer export was taken for)."""
+    base = arr
+    while isinstance(base.base, np.ndarray):
+        base = base.base
+    return base if base is not arr or arr.base is not None else None
+
+
+def _kept(arr: np.ndarray, on_collect: Any) -> np.ndarray | None:
+    """`arr` re-made as a view of a finalised keeper; None when `arr` shares no memory."""
+    import pyarrow as pa
+
+    owner = _owner(arr)
+    if owner is None or not owner.flags.c_contiguous:
+        return None
+    buffer = pa.py_buffer(owner)
+    offset = arr.__array_interface__["data"][0] - owner.__array_interface__["data"][0]
     keeper = np.ndarray.__new__(_LeaseKeeper, arr.shape, arr.dtype, buffer=buffer, offset=offset,
                                 strides=arr.strides)
     if not arr.flags.writeable:
@@ -79,24 +94,37 @@ def _kept(arr: np.ndarray, buffer: Any, on_collect: Any) -> np.ndarray:
 
 
 class _LeaseGroup:
-    """Counts the live outputs of one call; queues the lease when the last one is collected."""
+    """What the outputs of one call keep alive, and what happens once they are all collected.
 
-    __slots__ = ("client_ref", "lease_ids", "live", "lock", "done")
+    Holds the worker's lease ids (queued for release at the end), temporary input blocks that an
+    output aliases (the worker may answer with a view of an input, e.g. identity), and input
+    objects whose memory an output aliases (kept alive so their arena block is not reused).
+    """
+
+    __slots__ = ("client_ref", "lease_ids", "blocks", "keepalive", "names", "live", "lock", "done")
 
     def __init__(self, client: Client, lease_ids: list[str]) -> None:
         self.client_ref = weakref.ref(client)
         self.lease_ids = lease_ids
-        self.live = 0
+        self.blocks: list[Block] = []
+        self.keepalive: list[Any] = []
+        self.names: set[str] = set()  # segments the kept outputs view
+        self.live = 1  # the decoder's own token, given up by seal(): nothing finishes before it
         self.lock = threading.Lock()
         self.done = False
 
-    def keep(self, arr: np.ndarray) -> np.ndarray:
-        buffer = arr.base
-        if buffer is None or not hasattr(buffer, "address"):
-            return arr  # nothing shared (an empty tensor): no need to hold the lease for it
+    def keep(self, arr: np.ndarray, name: str) -> np.ndarray:
+        kept = _kept(arr, self.drop)
+        if kept is None:
+            return arr  # nothing shared (an empty tensor)
         with self.lock:
             self.live += 1
-        return _kept(arr, buffer, self.drop)
+        self.names.add(name)
+        return kept
+
+    def seal(self) -> None:
+        """All outputs decoded (and what they alias attached): drop the decoder's token."""
+        self.drop()
 
     def drop(self) -> None:
         with self.lock:
@@ -104,16 +132,27 @@ class _LeaseGroup:
             if self.live > 0 or self.done:
                 return
             self.done = True
+        for block in self.blocks:
+            block.release()
+        self.blocks, self.keepalive = [], []
         client = self.client_ref()
         if client is not None:
             client._queue_release(self.lease_ids)
 
-    def release_now(self) -> list[str]:
-        with self.lock:
-            if self.done:
-                return []
-            self.done = True
-        return self.lease_ids
+
+class _LocalFirst:
+    """A MappingCache stand-in for one call: the call's own input segments first, then the cache."""
+
+    __slots__ = ("segs", "cache")
+
+    def __init__(self, segs: dict[str, Any], cache: MappingCache) -> None:
+        self.segs, self.cache = segs, cache
+
+    def get(self, name: str, inode: int = 0, writable: bool = False) -> Any:
+        seg = self.segs.get(name)
+        if seg is not None and (not inode or inode == seg.inode):
+            return seg
+        return self.cache.get(name, inode, writable)
 
 
 class TelemetryWatch:
@@ -155,15 +194,21 @@ class Client:
     with `run_id` and this process's pid, and unlinks it on `close()`. `timeout` is the default
     deadline of every call in seconds (None = none). `max_message_bytes` raises gRPC's 4 MiB message
     limits, needed only to move big tensors *inside* messages (placement="inline").
+
+    `allow_alias` (default True): an output that is a view of an input (identity, reshape,
+    transpose) comes back as a view of that input's memory, like NumPy views: no copy, no lease.
+    The client keeps the input's memory alive for as long as the output lives; writing into one
+    shows in the other. With False every output is a fresh copy in the worker's arena.
     """
 
     def __init__(self, address: str, *, arena: Arena | None = None, run_id: str | None = None,
                  inline_threshold: int = tensors.DEFAULT_INLINE_THRESHOLD, timeout: float | None = None,
-                 max_message_bytes: int | None = None) -> None:
+                 max_message_bytes: int | None = None, allow_alias: bool = True) -> None:
         self.address = address
         self.run_id = run_id or (arena.run_id if arena is not None else default_run_id())
         self.inline_threshold = inline_threshold
         self.timeout = timeout
+        self.allow_alias = allow_alias
         options: list[tuple[str, Any]] = [("grpc.enable_retries", 0)]
         if max_message_bytes:
             options += [("grpc.max_receive_message_length", max_message_bytes),
@@ -203,7 +248,10 @@ class Client:
         np_dtype = dtypes.to_numpy_dtype(name)
         count = int(np.prod(shp, dtype=np.int64)) if shp else 1
         block = self.arena.alloc(count * np_dtype.itemsize)
-        arr = _kept(block.ndarray(np_dtype, shp), block.segment, block.release)
+        arr = _kept(block.ndarray(np_dtype, shp), block.release)
+        if arr is None:  # zero elements: nothing to share
+            block.release()
+            arr = np.empty(shp, np_dtype)
         return tensors._array_to_torch(arr, name) if torch else arr
 
     # -- calls ------------------------------------------------------------------------------------
@@ -229,44 +277,56 @@ class Client:
         self._check_open()
         place = _placement(placement, out)
         want_torch = any(_is_torch(x) for x in inputs)
-        blocks: list[Block] = []
-        copy_back: list[tuple[Any, Block]] = []
+        temp: dict[str, Block] = {}          # input copies made for this call, by segment name
+        in_place: dict[str, list[Any]] = {}  # inputs described where they lie (zero copy)
+        out_blocks: list[Block] = []
         try:
-            refs = [self._encode_input(x, blocks) for x in inputs]
+            refs = [self._encode_input(x, temp, in_place) for x in inputs]
             out_objs: list[Any] = []
             out_refs: list[TensorRef] = []
+            copy_back: list[tuple[Any, Block]] = []
             if place == Placement.OUT:
                 out_objs = list(out) if isinstance(out, (list, tuple)) else [out]
                 for obj in out_objs:
                     ref, block = tensors.to_ref(obj, self.arena, inline_threshold=0)
                     if block is not None:  # not arena memory: the worker writes a copy we bring back
-                        blocks.append(block)
+                        out_blocks.append(block)
                         copy_back.append((obj, block))
                     out_refs.append(ref)
             req = wire.execute_request(
                 op, refs, attrs, placement=place, out=out_refs, release=self._take_pending(),
-                request_id=request_id or f"{uuid.uuid4().hex[:16]}",
-                idempotent=bool(idempotent))
+                request_id=request_id or uuid.uuid4().hex[:16], idempotent=bool(idempotent),
+                allow_alias=self.allow_alias and place == Placement.AUTO)
             try:
                 resp = self._stub.Execute(req, timeout=timeout if timeout is not None else self.timeout)
             except grpc.RpcError as err:
                 raise wire.error_from_rpc(err, op) from None
             for obj, block in copy_back:
                 _copy_back(obj, block)
-        finally:
-            for block in blocks:
-                block.release()
-        res = wire.result_from_response(resp)
-        if place == Placement.OUT:
-            outputs = out_objs
-            if res.leases:
+            res = wire.result_from_response(resp)
+            if place == Placement.OUT:
+                outputs = out_objs
                 self._queue_release(list(res.leases))
-        else:
-            outputs = self._decode_outputs(res.outputs, list(res.leases), want_torch)
+            else:
+                group = _LeaseGroup(self, list(res.leases))
+                cache = _LocalFirst(self._local_segments(temp, in_place), self._cache) \
+                    if temp or in_place else self._cache
+                try:
+                    outputs = [self._decode_value(v, group, want_torch, cache) for v in res.outputs]
+                finally:
+                    # Outputs that view an input's memory keep that memory from being reused.
+                    for name in group.names:
+                        if name in temp:
+                            group.blocks.append(temp.pop(name))
+                        group.keepalive.extend(in_place.get(name, ()))
+                    group.seal()
+        finally:
+            for block in [*temp.values(), *out_blocks]:
+                block.release()
         return Result(outputs=outputs, timing=res.timing, device=res.device, leases=list(res.leases),
                       bytes_in=res.bytes_in, bytes_out=res.bytes_out, request_id=res.request_id)
 
-    def _encode_input(self, x: Any, blocks: list[Block]) -> Any:
+    def _encode_input(self, x: Any, temp: dict[str, Block], in_place: dict[str, list[Any]]) -> Any:
         if _is_arrow(x):
             ref, block = arrow_io.table_to_ref(x, self.arena, inline_threshold=self.inline_threshold)
         elif _is_tensor_like(x):
@@ -274,49 +334,54 @@ class Client:
         else:
             return x  # a plain value: scalar, string, bytes, list, dict, None
         if block is not None:
-            blocks.append(block)
+            temp[block.name] = block
+        elif isinstance(ref.storage, ShmStorage):
+            in_place.setdefault(ref.storage.name, []).append(x)
         return ref
 
-    def _decode_outputs(self, values: list[Any], leases: list[str], want_torch: bool) -> list[Any]:
-        group = _LeaseGroup(self, leases) if leases else None
-        outputs = [self._decode_value(v, group, want_torch) for v in values]
-        if group is not None and group.live == 0:
-            self._queue_release(group.release_now())  # nothing of it reached the caller
-        return outputs
+    def _local_segments(self, temp: dict[str, Block], in_place: dict[str, list[Any]]) -> dict[str, Any]:
+        """This call's own input segments by name: an output that aliases one is read from the
+        segment we already hold, never re-opened by name (which could be gone or re-created)."""
+        segs = {name: block.segment for name, block in temp.items()}
+        for name, objs in in_place.items():
+            arr = tensors._host_array(objs[0])[0]
+            hit = self.arena.find(arr.__array_interface__["data"][0], 1)
+            if hit is not None and hit[0].name == name:
+                segs[name] = hit[0].segment
+        return segs
 
-    def _decode_value(self, v: Any, group: _LeaseGroup | None, want_torch: bool) -> Any:
+    def _decode_value(self, v: Any, group: _LeaseGroup, want_torch: bool, cache: Any) -> Any:
         if isinstance(v, TensorRef):
             if isinstance(v.storage, InlineStorage):
                 arr = tensors._view(v, bytearray(v.storage.data), 0, _numel(v.shape))  # private, writable
             elif isinstance(v.storage, ShmStorage):
                 # Writable: the leased block is ours until released, and torch has no read-only
                 # tensors (an in-place op on a read-only mapping would crash the host).
-                arr = tensors.to_numpy(v, self._cache, writable=True)
-                if group is not None:
-                    arr = group.keep(arr)
+                arr = tensors.to_numpy(v, cache, writable=True)
+                arr = group.keep(arr, v.storage.name)
             else:  # CUDA IPC: a CUDA tensor
-                return tensors.to_torch(v, self._cache)
+                return tensors.to_torch(v, cache)
             return tensors._array_to_torch(arr, v.dtype) if want_torch else _numpy_out(arr, v.dtype)
         if isinstance(v, ArrowRef):
-            return self._table(v, group)
+            return self._table(v, group, cache)
         if isinstance(v, list):
-            return [self._decode_value(x, group, want_torch) for x in v]
+            return [self._decode_value(x, group, want_torch, cache) for x in v]
         if isinstance(v, dict):
-            return {k: self._decode_value(x, group, want_torch) for k, x in v.items()}
+            return {k: self._decode_value(x, group, want_torch, cache) for k, x in v.items()}
         return v
 
-    def _table(self, ref: ArrowRef, group: _LeaseGroup | None) -> Any:
+    def _table(self, ref: ArrowRef, group: _LeaseGroup, cache: Any) -> Any:
         import pyarrow as pa
 
-        if isinstance(ref.storage, InlineStorage) or group is None:
-            return arrow_io.ref_to_table(ref, self._cache)
+        if isinstance(ref.storage, InlineStorage):
+            return arrow_io.ref_to_table(ref, cache)
         validate_arrow_ref(ref)
         s = ref.storage
-        seg = self._cache.get(s.name, s.inode, writable=True)
+        seg = cache.get(s.name, s.inode, writable=True)
         check_segment_bounds(s.offset, s.nbytes, seg.size, s.name, None)
-        raw = np.ndarray((s.nbytes,), np.uint8, buffer=seg, offset=s.offset)
+        raw = np.frombuffer(seg, np.uint8, count=s.nbytes, offset=s.offset)  # holds an export
         # Column buffers point into `raw`, whose keeper holds the lease while any of them lives.
-        return pa.ipc.open_stream(pa.py_buffer(group.keep(raw))).read_all()
+        return pa.ipc.open_stream(pa.py_buffer(group.keep(raw, s.name))).read_all()
 
     # -- leases -----------------------------------------------------------------------------------
 

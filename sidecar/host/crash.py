@@ -15,7 +15,8 @@ from enum import Enum
 from pathlib import Path
 
 __all__ = ["Classification", "ExitInfo", "classify_returncode", "classify_wait_status", "unknown_exit",
-           "oom_kill_count", "summarize_tail", "TAINTED_EXIT_CODE"]
+           "oom_kill_count", "summarize_tail", "condense_tail",
+           "TAINTED_EXIT_CODE"]
 
 TAINTED_EXIT_CODE = 70  # EX_SOFTWARE: the worker says its device state needs a fresh process
 _SHELL_SIGNAL_BASE = 128
@@ -155,20 +156,50 @@ def unknown_exit() -> ExitInfo:
     return ExitInfo(Classification.UNKNOWN)
 
 
-def summarize_tail(tail: list[str]) -> str | None:
-    """The most telling line of a dead worker's output, for an error message.
+def _fatal_block(lines: list[str]) -> tuple[int, list[str]] | None:
+    """faulthandler's report in `lines`: (index of "Fatal Python error", that line + the crashing
+    thread's stack). It dumps every thread; only the "Current thread" one says where it crashed."""
+    fatal = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].startswith("Fatal Python error")), None)
+    if fatal is None:
+        return None
+    block = [lines[fatal]]
+    cur = next((i for i in range(fatal + 1, len(lines)) if lines[i].startswith("Current thread")), None)
+    if cur is not None:
+        block.append(lines[cur])
+        for line in lines[cur + 1:]:
+            if not line.startswith("  "):
+                break
+            block.append(line)
+    return fatal, block
 
-    Python's faulthandler (on in pool workers) prints "Fatal Python error: ..." and then the stack,
-    innermost frame first; the crash site is the first `File` line after it. Otherwise the last
-    line (the exception line of a traceback, a log line) is the best guess.
+
+def condense_tail(lines: list[str], n: int) -> list[str]:
+    """At most `n` lines of a worker's last output that explain its end.
+
+    Normally the last `n` lines. After a native crash, faulthandler's dump of every thread would push
+    everything useful out, so then: the lines before the crash, the fatal line and the crashing
+    thread's stack (innermost frame first).
     """
-    lines = [line.strip() for line in tail if line.strip()]
-    for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith("Fatal Python error"):
-            where = next((line for line in lines[i + 1:] if line.startswith("File ")), None)
-            return f"{lines[i]} ({where})" if where else lines[i]
+    found = _fatal_block(lines)
+    if found is None:
+        return lines[-n:] if n > 0 else []
+    fatal, block = found
+    block = block[:n]
+    room = n - len(block)
+    return (lines[:fatal][-room:] if room > 0 else []) + block
+
+
+def summarize_tail(tail: list[str]) -> str | None:
+    """The most telling line of a dead worker's output, for an error message: the fatal error and
+    the frame that crashed, else the last line (the exception line of a traceback, a log line)."""
+    lines = [line.rstrip() for line in tail if line.strip()]
+    found = _fatal_block(lines)
+    if found is not None:
+        _, block = found
+        where = next((line.strip() for line in block[1:] if line.strip().startswith("File ")), None)
+        return f"{block[0]} ({where})" if where else block[0]
     useful = [line for line in lines if not line.startswith("Extension modules:")]
-    return useful[-1] if useful else None
+    return useful[-1].strip() if useful else None
 
 
 _CGROUP_ROOT = Path("/sys/fs/cgroup")

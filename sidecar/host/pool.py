@@ -126,14 +126,15 @@ class Pool:
       workers: how many workers serve calls (default 2).
       device, ops, debug_ops, worker_args: what each worker runs (`sidecar serve --device/--ops/
         --debug-ops ...`); env: the workers' environment (default: this process's); threads: compute
-        threads per worker (sets SIDECAR_THREADS; default: the worker's own choice).
+        threads per worker (sets SIDECAR_THREADS; default: $SIDECAR_THREADS, else the CPUs divided
+        among the workers).
       gpus: GPUs to spread workers over (a count or CUDA_VISIBLE_DEVICES entries); default: found with
         NVML (or this process's CUDA_VISIBLE_DEVICES) when device is "auto"/"cuda". With more than
         one, worker i sees only GPU i mod len(gpus).
       run_id: the run's segment-name prefix (default: random).
       start_timeout (60): a worker that is not ready in this time is killed and counted as a crash.
       max_attempts (3): tries of an idempotent call whose worker crashed (first try included).
-      retry_backoff ((0.05, 1.0)): delay before retry n is uniform(0.5, 1) x min(cap, initial x 2^(n-1)).
+      retry_backoff ((0.01, 1.0)): delay before retry n is uniform(0.5, 1) x min(cap, initial x 2^(n-1)).
       restart_backoff ((0.1, 5.0)): a slot's first crash restarts at once; each further crash before a
         worker of that slot served a call (or lived `stable_after_s`, 5) waits initial x 2^(k-1), capped.
       breaker_threshold (5), breaker_window_s (30), breaker_cooldown_s (5): that many crashes within
@@ -147,12 +148,13 @@ class Pool:
         worker's exit status before treating the error as not a crash.
       acquire_timeout_s (default start_timeout): how long a call without timeout waits for a ready
         worker (e.g. while all restart) before `Cancelled`.
-      grace_s (5): how long `close()` lets workers drain after SIGTERM before SIGKILL.
+      grace_s (5): how long `close()` lets workers drain after SIGTERM before SIGKILL (also passed to
+        the workers as --grace-period).
     """
 
     def __init__(self, workers: int = 2, *, device: str = "auto", ops: Sequence[str] = (),
                  debug_ops: bool = False, run_id: str | None = None, start_timeout: float = 60.0,
-                 max_attempts: int = 3, retry_backoff: tuple[float, float] = (0.05, 1.0),
+                 max_attempts: int = 3, retry_backoff: tuple[float, float] = (0.01, 1.0),
                  restart_backoff: tuple[float, float] = (0.1, 5.0), stable_after_s: float = 5.0,
                  breaker_threshold: int = 5, breaker_window_s: float = 30.0, breaker_cooldown_s: float = 5.0,
                  use_template: bool = True, spares: int = 0, worker_args: Sequence[str] = (),
@@ -190,6 +192,9 @@ class Pool:
         base_env = dict(os.environ if env is None else env)
         if threads is not None:
             base_env["SIDECAR_THREADS"] = str(int(threads))
+        elif "SIDECAR_THREADS" not in base_env:
+            # N workers on one machine: split the CPUs instead of each taking half of them.
+            base_env["SIDECAR_THREADS"] = str(max(1, (len(os.sched_getaffinity(0)) or 1) // workers))
         # A native crash then leaves a Python traceback in the worker's stderr tail.
         base_env.setdefault("PYTHONFAULTHANDLER", "1")
         self._env = base_env
@@ -307,7 +312,7 @@ class Pool:
     def _worker_command(self) -> list[str]:
         sock = os.path.join(self._sockdir, f"w{next(self._listen_ids)}.sock")
         args = ["--run-id", self.run_id, "--device", self.device, "--watch-stdin", "--listen", f"unix:{sock}",
-                "--inline-threshold", str(self._inline_threshold)]
+                "--inline-threshold", str(self._inline_threshold), "--grace-period", f"{self._grace_s:g}"]
         for module in self._ops:
             args += ["--ops", module]
         if self._debug_ops:
@@ -380,16 +385,23 @@ class Pool:
         """Spawns, connects and installs a worker in `slot` (slot.launching is set by the caller)."""
         t0 = time.monotonic()
         died_at = slot.died_at
+        proc: WorkerProcess | None = None
+        worker: _Worker | None = None
         try:
             proc = self._spawn_process(slot.gpu)
             worker = self._connect(proc, slot.gpu)
             if probe:
                 status = worker.client.health(timeout=self._health[1])
                 if status != "SERVING":
-                    proc.kill()
                     raise WorkerStartError(f"probe worker pid {proc.pid} answered health {status}",
                                            pid=proc.pid, classification="unresponsive")
         except (WorkerStartError, TemplateError, OSError, SidecarError) as exc:
+            if worker is not None:  # started but failed its probe: it must not linger
+                self._dispose(worker, kill=True)
+            elif proc is not None:
+                proc.kill()
+                proc.wait_exit(5.0)
+                reaper.reap_owner(self.run_id, proc.pid)
             with self._lock:
                 slot.launching = False
             if initial:
@@ -468,6 +480,7 @@ class Pool:
 
     def _bring_up_spare(self, gpu: str | None, delay: float) -> None:
         worker: _Worker | None = None
+        failure: BaseException | None = None
         try:
             if delay > 0 and self._stop.wait(delay):
                 return
@@ -476,21 +489,25 @@ class Pool:
             proc = self._spawn_process(gpu)
             worker = self._connect(proc, gpu)
         except (WorkerStartError, TemplateError, OSError, SidecarError) as exc:
-            log.warning("pool %s: spare failed to start: %s", self.run_id, exc)
-            with self._lock:
-                self._spare_consecutive += 1
-            self._spare_crashed(_exit_of_error(exc), getattr(exc, "pid", None),
-                                list(getattr(exc, "stderr_tail", None) or []))
-            return
+            failure = exc
         finally:
             with self._lock:
                 self._spares_launching -= 1
                 closing = self._closing
                 if worker is not None and not closing:
                     self._spares.append(worker)
+                    self._cond.notify_all()
+        if failure is not None:
+            log.warning("pool %s: spare failed to start: %s", self.run_id, failure)
+            with self._lock:
+                self._spare_consecutive += 1
+            self._spare_crashed(_exit_of_error(failure), getattr(failure, "pid", None),
+                                list(getattr(failure, "stderr_tail", None) or []))
+            return
+        if worker is None:
+            return
         if closing:
-            if worker is not None:
-                self._dispose(worker, kill=True)
+            self._dispose(worker, kill=True)
             return
         worker.proc.add_exit_callback(lambda info, w=worker: self._on_exit(None, w, info))
         with self._lock:
@@ -548,8 +565,8 @@ class Pool:
                 self._cond.notify_all()
             if not expected:
                 self._last_crash = (info, proc.pid, proc.stderr_tail())
-        reaped = self._dispose(worker, kill=False)
         if expected:
+            self._dispose(worker, kill=False)
             return
         tail = proc.stderr_tail()
         log.warning("pool %s: worker pid %d %s", self.run_id, proc.pid, info.describe())
@@ -557,11 +574,15 @@ class Pool:
             "crash", slot=-1 if slot is None else slot.index, pid=proc.pid, phase="running",
             classification=info.classification.value, exit_code=info.exit_code, signal=info.signal,
             description=info.describe(), uptime_s=round(time.monotonic() - worker.ready_at, 3),
-            inflight=worker.inflight, segments_reaped=len(reaped), stderr_tail=tail)
+            inflight=worker.inflight, stderr_tail=tail)
+        # Replacement first (it has the most latency to hide), then the clean-up of the dead one.
         if slot is None:
             self._spare_crashed_after_ready()
         else:
             self._after_crash(slot)
+        reaped = self._dispose(worker, kill=False)
+        if reaped:
+            log.debug("pool %s: unlinked %d segment(s) of dead worker %d", self.run_id, len(reaped), proc.pid)
 
     def _spare_crashed_after_ready(self) -> None:
         if self.breaker.record_failure() is BreakerState.OPEN:
@@ -601,16 +622,14 @@ class Pool:
         if self.breaker.state is not BreakerState.CLOSED or self._closing:
             return
         with self._lock:
-            spare = self._take_spare(slot.gpu) if slot.consecutive <= 1 else None
-            if spare is not None and not slot.launching:
+            spare = self._take_spare(slot.gpu) if slot.consecutive <= 1 and not slot.launching else None
+            if spare is not None:
                 slot.worker = spare
                 slot.state = WorkerState.READY
                 slot.restarts += 1
                 slot.started_once = True
                 died_at = slot.died_at
                 self._cond.notify_all()
-            else:
-                spare = None
         if spare is not None:
             spare.proc.add_exit_callback(lambda info, s=slot, w=spare: self._on_exit(s, w, info))
             self.events_bus.publish("restart", slot=slot.index, pid=spare.proc.pid, via="spare",
@@ -774,8 +793,8 @@ class Pool:
                     return slot, worker
                 left = wait_until - time.monotonic()
                 if left <= 0:
-                    raise Cancelled(f"no worker became ready within {self._acquire_timeout_s if deadline is None else 'the call timeout'}"
-                                    f"{' s' if deadline is None else ''}", op=op)
+                    what = "the call's timeout" if deadline is not None else f"{self._acquire_timeout_s:g} s"
+                    raise Cancelled(f"no worker became ready within {what}", op=op)
                 self._cond.wait(left)
 
     def _release(self, slot: _Slot, worker: _Worker, ok: bool) -> None:
@@ -875,6 +894,11 @@ class Pool:
             watchers = list(self._telemetry)
         for t in watchers:
             t.attach(worker)
+
+    @property
+    def template(self) -> Template | None:
+        """The template process (or, with use_template=False, the guardian without preloads)."""
+        return self._template
 
     @property
     def template_pid(self) -> int | None:

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from sidecar.errors import WorkerCrashed
-from sidecar.host.crash import Classification, ExitInfo, classify_returncode, classify_wait_status, unknown_exit
+from sidecar.host.crash import (Classification, ExitInfo, classify_returncode, classify_wait_status, condense_tail,
+                                unknown_exit)
 
 if TYPE_CHECKING:
     from sidecar.host.template import Template
@@ -65,7 +66,10 @@ class WorkerProcess:
         self._pidfd = pidfd  # template path: a pidfd of the worker, sent by the template
         self._stdin_fd: int | None = stdin_fd
         self._ready_file = ready_file
-        self._tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+        # Keep much more than we report: a native crash dumps every thread's stack, and the part
+        # that matters (the fatal line, the crashing thread) must not be pushed out.
+        self._tail_lines = tail_lines
+        self._tail: collections.deque[str] = collections.deque(maxlen=max(500, tail_lines * 10))
         self._cond = threading.Condition()
         self._exit: ExitInfo | None = None
         self._status: int | None = None          # raw wait status reported by the template
@@ -95,7 +99,7 @@ class WorkerProcess:
         """The last lines the worker wrote (stderr, and stdout other than the ready line)."""
         with self._cond:
             lines = list(self._tail)
-        return lines if n is None else lines[-n:]
+        return condense_tail(lines, self._tail_lines if n is None else n)
 
     def wait_exit(self, timeout: float | None = None) -> ExitInfo | None:
         """Blocks until the worker is gone and its output drained; None on timeout."""

@@ -62,7 +62,7 @@ _SPAWN_REPLY_S = 30.0
 
 # Imported by the template before it forks (missing ones are skipped and reported).
 PRELOAD_MODULES: tuple[str, ...] = (
-    "numpy", "torch", "pyarrow", "psutil", "grpc", "google.protobuf", "grpc_status.rpc_status",
+    "numpy", "torch", "pyarrow", "psutil", "grpc", "grpc._server", "google.protobuf", "grpc_status.rpc_status",
     "grpc_health.v1.health", "grpc_reflection.v1alpha.reflection",
     "sidecar.v1.sidecar_pb2", "sidecar.v1.sidecar_pb2_grpc", "sidecar.errors", "sidecar.wire",
     "sidecar.etf", "sidecar.cli",
@@ -497,6 +497,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.getppid() != args.host_pid:
         return 0
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    # BLAS/OpenMP read their thread counts when loaded, i.e. here, not in the forked worker: cap
+    # them as a cold worker would (from $SIDECAR_THREADS, which the pool sets).
+    from sidecar.worker import lifecycle
+
+    lifecycle.cap_thread_env(lifecycle.default_threads())
     started = time.perf_counter()
     modules, failed = _preload() if args.preload else ([], {})
     hello = {"op": "ready", "pid": os.getpid(), "preload_s": time.perf_counter() - started,
@@ -507,4 +512,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    for _stream in (sys.stdout, sys.stderr):
+        _stream.flush()
+    # Skip interpreter finalisation: with torch loaded it takes about a second, and a template that
+    # lingers that long after its host died would outlive the promise that everything goes at once.
+    os._exit(code)

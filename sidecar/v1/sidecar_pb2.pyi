@@ -150,14 +150,16 @@ class Value(_message.Message):
     def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., arrow: _Optional[_Union[ArrowTable, _Mapping]] = ..., f64: _Optional[float] = ..., i64: _Optional[int] = ..., b: _Optional[bool] = ..., s: _Optional[str] = ..., raw: _Optional[bytes] = ..., list: _Optional[_Union[ValueList, _Mapping]] = ..., map: _Optional[_Union[ValueMap, _Mapping]] = ..., none: _Optional[_Union[_empty_pb2.Empty, _Mapping]] = ...) -> None: ...
 
 class OutputSpec(_message.Message):
-    __slots__ = ("placement", "out", "inline_threshold")
+    __slots__ = ("placement", "out", "inline_threshold", "allow_alias")
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     OUT_FIELD_NUMBER: _ClassVar[int]
     INLINE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_ALIAS_FIELD_NUMBER: _ClassVar[int]
     placement: Placement
     out: _containers.RepeatedCompositeFieldContainer[Tensor]
     inline_threshold: int
-    def __init__(self, placement: _Optional[_Union[Placement, str]] = ..., out: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., inline_threshold: _Optional[int] = ...) -> None: ...
+    allow_alias: bool
+    def __init__(self, placement: _Optional[_Union[Placement, str]] = ..., out: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., inline_threshold: _Optional[int] = ..., allow_alias: _Optional[bool] = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
     __slots__ = ("op", "inputs", "attrs", "output", "release", "request_id", "idempotent")

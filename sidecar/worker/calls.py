@@ -30,6 +30,9 @@ class OutputSpec:
     placement: Placement = Placement.AUTO
     out: tuple[TensorRef, ...] = ()
     inline_threshold: int = 0  # 0 = the worker's default
+    # Outputs that are views of inputs may come back as refs into the input's segment (no copy, no
+    # lease); the caller keeps that input alive while it uses the output. See sidecar.v1.OutputSpec.
+    alias_inputs: bool = False
 
 
 @dataclass

@@ -5,20 +5,26 @@ most `max_concurrency` calls to run at once and `max_queue` more to wait (in arr
 that a call is refused at once with OVERLOADED, so a flood never piles up unbounded work. Every
 failure leaves here as a `SidecarError`, and whatever a failed or cancelled call had allocated is
 given back before it returns.
+
+Outputs go where the call's placement says: into the caller's `out` refs, inline, or into the
+worker's arena under one lease per call (device-resident CUDA tensors too, kept alive by the lease).
+With `alias_inputs` an output that is a view of a host input is described in the host's own segment
+instead (no copy, no lease): the only way an identity round trip of 100 MB costs no memcpy.
 """
 from __future__ import annotations
 
 import collections
+import os
 import secrets
 import threading
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
-from sidecar.dataplane import arrow, tensors
-from sidecar.dataplane.refs import ArrowRef, CudaIpcStorage, InlineStorage, TensorRef
+from sidecar.dataplane import arrow, dtypes, tensors
+from sidecar.dataplane.refs import ArrowRef, CudaIpcStorage, InlineStorage, ShmStorage, TensorRef
 from sidecar.errors import (Cancelled, DeviceUnavailable, InvalidArgument, InvalidTensorRef, OpFailed,
                             Overloaded, SidecarError, close_names)
 from sidecar.worker.calls import Call, CallResult, Placement, Timing
@@ -82,6 +88,42 @@ class _Admission:
     def wait_idle(self, timeout: float | None) -> bool:
         with self._lock:
             return self._idle.wait_for(lambda: self.running == 0 and not self._waiters, timeout)
+
+
+class _Region:
+    """A host-owned shared-memory range an input tensor views. An output lying inside one (identity,
+    a reshape or transpose view) is described as that range of the host's segment: zero copies and
+    no lease, since the host owns the memory. Segments of this worker (a leased output passed back
+    in) are never aliased: their lease may end before the host reads the new output."""
+
+    __slots__ = ("name", "inode", "base", "start", "end")
+
+    def __init__(self, name: str, inode: int, base: int, start: int, end: int) -> None:
+        self.name, self.inode, self.base, self.start, self.end = name, inode, base, start, end
+
+    @classmethod
+    def of_input(cls, ref: TensorRef, t: torch.Tensor, own_prefix: str) -> "_Region | None":
+        s = ref.storage
+        if not isinstance(s, ShmStorage) or t.device.type != "cpu" or t.numel() == 0:
+            return None
+        if s.name.startswith(own_prefix):  # "/sc-<our run>-<our pid>-": a segment of our arena
+            return None
+        start = t.data_ptr()  # the element at offset `s.offset` (strides are never negative on the wire)
+        return cls(s.name, s.inode, start - s.offset, start, start + s.nbytes)
+
+    def describe(self, t: torch.Tensor) -> TensorRef | None:
+        if t.numel() == 0 or not self.start <= t.data_ptr() < self.end:
+            return None
+        item = t.element_size()
+        strides = [0 if d <= 1 else st * item for d, st in zip(t.shape, t.stride())]
+        if any(st < 0 for st in strides):
+            return None
+        span = sum((d - 1) * st for d, st in zip(t.shape, strides)) + item
+        if t.numel() * item > span or t.data_ptr() + span > self.end:
+            return None  # broadcast/overlapping views, or reaching past what the host described
+        name = dtypes.name_of(t.dtype)
+        storage = ShmStorage(self.name, t.data_ptr() - self.base, span, self.inode)
+        return TensorRef(name, tuple(t.shape), storage, None if t.is_contiguous() else tuple(strides))
 
 
 def _is_array(x: Any) -> bool:
@@ -166,7 +208,7 @@ def _free(objs: list[Any]) -> None:
 class Dispatcher:
     def __init__(self, registry: Registry, device: torch.device, *, arena: Any, cache: Any, leases: Any,
                  telemetry: Any, max_concurrency: int = 4, max_queue: int = 64, inline_threshold: int = 65536,
-                 runtime: Any = None) -> None:
+                 alias_inputs: bool = False, runtime: Any = None) -> None:
         self.registry = registry
         self.device = device
         self.arena = arena
@@ -174,6 +216,11 @@ class Dispatcher:
         self.leases = leases
         self.telemetry = telemetry
         self.inline_threshold = inline_threshold
+        # Opt-in (worker-wide, or per call with `call.output.alias_inputs` once OutputSpec has it):
+        # outputs that are views of a host input are described in the host's segment, with no copy
+        # and no lease. Only for hosts that keep input memory alive while such outputs live.
+        self.alias_inputs = alias_inputs
+        self._own_prefix = f"/sc-{getattr(arena, 'run_id', '')}-{os.getpid()}-"
         self.runtime = runtime
         self._gate = _Admission(max_concurrency, max_queue)
         # Set once a sticky CUDA error poisoned the context: the transport must answer, then exit 70.
@@ -237,7 +284,10 @@ class Dispatcher:
                 t1 = _now()
                 timing.queue_ns = t1 - t0
                 self._check_cancelled(call, "before it ran")
-                args = [self._decode(v, i) for i, v in enumerate(call.inputs)]
+                # host shared memory the inputs are views of (None: outputs are never aliased)
+                alias = self.alias_inputs or bool(getattr(call.output, "alias_inputs", False))
+                regions: list[_Region] | None = [] if alias else None
+                args = [self._decode(v, i, regions) for i, v in enumerate(call.inputs)]
                 meta = _meta(args)
                 t2 = _now()
                 timing.decode_ns = t2 - t1
@@ -247,7 +297,7 @@ class Dispatcher:
                 t3 = _now()
                 timing.compute_ns = t3 - t2
                 self._check_cancelled(call, "after it ran")
-                outputs, lease_ids, bytes_out = self._encode(_outputs_of(result), call, op_name)
+                outputs, lease_ids, bytes_out = self._encode(_outputs_of(result), call, op_name, regions)
                 del result
                 t4 = _now()
                 timing.encode_ns = t4 - t3
@@ -301,21 +351,25 @@ class Dispatcher:
         if call.is_cancelled is not None and call.is_cancelled():
             raise Cancelled(f"call cancelled by the caller {when}")
 
-    def _decode(self, v: Any, i: int) -> Any:
+    def _decode(self, v: Any, i: int, regions: list[_Region] | None) -> Any:
         if isinstance(v, TensorRef):
             if isinstance(v.storage, CudaIpcStorage) and self.device.type != "cuda":
                 raise DeviceUnavailable(f"input {i} is a CUDA IPC tensor but this worker runs on {self.device}",
                                         device="cuda", available=[str(self.device)], input_index=i)
             t = tensors.to_torch(v, self.cache, writable=False, input_index=i)
             if t.device != self.device and self.device.type != "cpu":
-                t = t.to(self.device)
+                return t.to(self.device)
+            if regions is not None:
+                region = _Region.of_input(v, t, self._own_prefix)
+                if region is not None:
+                    regions.append(region)
             return t
         if isinstance(v, ArrowRef):
             return arrow.ref_to_table(v, self.cache, input_index=i)
         if isinstance(v, list):
-            return [self._decode(x, i) for x in v]
+            return [self._decode(x, i, regions) for x in v]
         if isinstance(v, dict):
-            return {k: self._decode(x, i) for k, x in v.items()}
+            return {k: self._decode(x, i, regions) for k, x in v.items()}
         return v
 
     def _run(self, spec: OpSpec, args: list[Any], call: Call, request_id: str) -> Any:
@@ -330,7 +384,8 @@ class Dispatcher:
             torch.cuda.current_stream(self.device).synchronize()
         return result
 
-    def _encode(self, outputs: list[Any], call: Call, op_name: str) -> tuple[list[Any], list[str], int]:
+    def _encode(self, outputs: list[Any], call: Call, op_name: str,
+                regions: list[_Region] | None) -> tuple[list[Any], list[str], int]:
         placement = Placement(call.output.placement)
         held: list[Any] = []  # blocks / device tensors the lease keeps alive
         values: list[Any] = []
@@ -339,7 +394,7 @@ class Dispatcher:
                 values = self._write_out(outputs, call, op_name, held)
             else:
                 for out in outputs:
-                    values.append(self._encode_one(out, placement, call, held))
+                    values.append(self._encode_one(out, placement, call, held, regions or ()))
             bytes_out = sum(_ref_nbytes(v) for v in values)
             lease_ids = [self.leases.add(held)] if held else []
         except BaseException:
@@ -347,7 +402,8 @@ class Dispatcher:
             raise
         return values, lease_ids, bytes_out
 
-    def _encode_one(self, out: Any, placement: Placement, call: Call, held: list[Any]) -> Any:
+    def _encode_one(self, out: Any, placement: Placement, call: Call, held: list[Any],
+                    regions: Sequence[_Region] = ()) -> Any:
         inline = placement == Placement.INLINE
         arena = None if inline else self.arena
         threshold = 0 if placement in (Placement.SHM, Placement.DEVICE) else (
@@ -358,9 +414,9 @@ class Dispatcher:
                 held.append(block)
             return ref
         if isinstance(out, dict):
-            return {str(k): self._encode_one(v, placement, call, held) for k, v in out.items()}
+            return {str(k): self._encode_one(v, placement, call, held, regions) for k, v in out.items()}
         if isinstance(out, (list, tuple)):
-            return [self._encode_one(v, placement, call, held) for v in out]
+            return [self._encode_one(v, placement, call, held, regions) for v in out]
         if not _is_array(out):
             return _check_plain(_plain(out))
         if placement == Placement.DEVICE:
@@ -369,6 +425,11 @@ class Dispatcher:
             out = out.detach()
             if out.device.type != "cpu":
                 out = out.cpu()
+            elif not inline:
+                for region in regions:
+                    alias = region.describe(out)
+                    if alias is not None:
+                        return alias  # a view of the host's own input: nothing to copy, nothing to lease
         ref, block = tensors.to_ref(out, arena, inline_threshold=threshold)
         if block is not None:
             held.append(block)

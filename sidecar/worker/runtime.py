@@ -36,6 +36,10 @@ class WorkerOptions:
     inline_threshold: int = 65536
     lease_ttl_s: float = 300.0
     max_leases: int = 10000
+    # Outputs that are views of a host's input (identity, reshape/transpose views) are returned as
+    # descriptors of the host's own segment: zero copies, no lease. Off by default: the host must
+    # then keep its input memory alive (and unchanged) for as long as it uses such outputs.
+    alias_inputs: bool = False
 
 
 class Runtime:
@@ -51,7 +55,7 @@ class Runtime:
         self.dispatcher = Dispatcher(registry, device, arena=arena, cache=cache, leases=leases,
                                      telemetry=telemetry, max_concurrency=options.max_concurrency,
                                      max_queue=options.max_queue, inline_threshold=options.inline_threshold,
-                                     runtime=self)
+                                     alias_inputs=options.alias_inputs, runtime=self)
         telemetry.memory_source = self.memory_sample
         self._closed = False
         self._stop = threading.Event()

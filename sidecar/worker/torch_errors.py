@@ -160,12 +160,30 @@ def _bytes(value: str, unit: str) -> int:
     return int(float(value) * _UNITS.get(unit, 1))
 
 
+def _address_space_limit() -> int | None:
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        return None if soft == resource.RLIM_INFINITY else int(soft)
+    except (ImportError, OSError, ValueError):
+        return None
+
+
 def _cpu_oom(text: str, requested: int | None) -> OutOfMemory:
     import psutil
 
     vm = psutil.virtual_memory()
+    free, total = int(vm.available), int(vm.total)
+    limit = _address_space_limit()
+    if limit is not None:
+        # Under `--memory-limit` the address-space budget is what ran out, not the machine's RAM:
+        # report that budget and what is left of it.
+        used = int(psutil.Process().memory_info().vms)
+        free, total = max(limit - used, 0), limit
+        text = f"{text} (address-space limit {limit} bytes, {used} in use)"
     return OutOfMemory(text or "out of memory", device="cpu", requested_bytes=requested,
-                       free_bytes=vm.available, total_bytes=vm.total)
+                       free_bytes=free, total_bytes=total)
 
 
 def _cuda_oom(text: str, device: Any) -> OutOfMemory:

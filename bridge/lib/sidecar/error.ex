@@ -111,3 +111,19 @@ defmodule Sidecar.Error do
   @impl true
   def message(%__MODULE__{kind: kind, message: message}), do: "#{kind}: #{message}"
 end
+
+defimpl Inspect, for: Sidecar.Error do
+  import Inspect.Algebra
+
+  # Only the fields that are set: an error has a handful of the 27 possible ones.
+  def inspect(%Sidecar.Error{} = e, opts) do
+    fields =
+      for f <- [:kind, :message | Sidecar.Error.fields()], (v = Map.get(e, f)) != nil, do: {f, v}
+
+    fields = if e.details == %{}, do: fields, else: fields ++ [details: e.details]
+
+    container_doc("%Sidecar.Error{", fields, "}", opts, fn {k, v}, o ->
+      concat([Atom.to_string(k), ": ", to_doc(v, o)])
+    end)
+  end
+end

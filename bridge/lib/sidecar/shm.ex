@@ -44,7 +44,7 @@ defmodule Sidecar.Shm do
 
   @doc "A fresh name owned by this VM."
   @spec new_name() :: String.t()
-  def new_name, do: "/sc-#{run_id()}-#{os_pid()}-#{Base.encode16(:crypto.strong_rand_bytes(8), case: :lower)}"
+  def new_name, do: "/sc-#{run_id()}-#{os_pid()}-#{Base.encode16(:rand.bytes(8), case: :lower)}"
 
   @doc """
   Creates a segment holding `data` (iodata) or `{:zeros, nbytes}`: exclusive create, mode 0600 before
@@ -62,11 +62,10 @@ defmodule Sidecar.Shm do
         io -> IO.iodata_length(io)
       end
 
-    name = new_name()
+    {:ok, name, fd} = claim_name(owner, pool, 4)
     file = path(name)
-    :ok = GenServer.call(__MODULE__, {:register, name, owner, pool})
 
-    with {:ok, fd} <- open_exclusive(file),
+    with {:ok, fd} <- fd,
          :ok <- fill(fd, file, data, nbytes) do
       {:ok, %File.Stat{inode: inode}} = File.stat(file)
       {:ok, %{name: name, nbytes: nbytes, inode: inode}}
@@ -78,6 +77,22 @@ defmodule Sidecar.Shm do
       {:error, reason} ->
         free(name)
         {:error, Sidecar.Error.new(:invalid_argument, "cannot create #{file}: #{:file.format_error(reason)}")}
+    end
+  end
+
+  # Registered before the file exists, so an owner that dies right after still gets it unlinked.
+  # 64 random bits make a clash unlikely; exclusive create turns one into a retry, not a shared file.
+  defp claim_name(owner, pool, tries) do
+    name = new_name()
+    :ok = GenServer.call(__MODULE__, {:register, name, owner, pool})
+
+    case open_exclusive(path(name)) do
+      {:error, :eexist} when tries > 1 ->
+        GenServer.call(__MODULE__, {:forget, name})
+        claim_name(owner, pool, tries - 1)
+
+      fd ->
+        {:ok, name, fd}
     end
   end
 
@@ -274,7 +289,7 @@ defmodule Sidecar.Shm do
     run =
       if Regex.match?(@run_re, run),
         do: run,
-        else: Base.encode16(:crypto.strong_rand_bytes(6), case: :lower)
+        else: Base.encode16(:rand.bytes(6), case: :lower)
 
     :persistent_term.put({__MODULE__, :run_id}, run)
     :persistent_term.put({__MODULE__, :os_pid}, String.to_integer(System.pid()))
@@ -291,6 +306,9 @@ defmodule Sidecar.Shm do
 
     {:reply, :ok, %{state | segments: Map.put(state.segments, name, {owner, pool}), owners: owners}}
   end
+
+  def handle_call({:forget, name}, _from, state),
+    do: {:reply, :ok, %{state | segments: Map.delete(state.segments, name)}}
 
   def handle_call({:free, name}, _from, state) do
     unlink(name)

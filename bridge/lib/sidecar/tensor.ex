@@ -158,7 +158,7 @@ defmodule Sidecar.Tensor do
   # The wire form: {:tensor, %{dtype:, shape:, strides:, shm: ... | data: ...}}.
   def to_term(%__MODULE__{dtype: dtype, shape: shape, strides: strides, storage: {kind, s}}) do
     key = if kind == :data, do: :data, else: kind
-    {:tensor, %{dtype: dtype, shape: shape, strides: strides, key => s}}
+    {:tensor, %{key => s, :dtype => dtype, :shape => shape, :strides => strides}}
   end
 
   @doc false

@@ -29,7 +29,7 @@ defmodule Sidecar.Pool.Manager do
   def init(cfg) do
     Process.flag(:trap_exit, true)
     table = :ets.new(cfg.name, [:set, :public, :named_table, read_concurrency: true, write_concurrency: true])
-    :ets.insert(table, {:config, Map.take(cfg, [:timeout, :max_attempts, :retry_backoff_ms, :read])})
+    :ets.insert(table, {:config, Map.take(cfg, [:timeout, :max_attempts, :retry_backoff_ms, :read, :workers])})
     swept = Shm.sweep_dead()
     if swept > 0, do: Logger.info("sidecar pool #{inspect(cfg.name)}: removed #{swept} stale segments")
     {:ok, %{cfg: cfg, crashes: %{}, os_pids: %{}, monitors: %{}}}

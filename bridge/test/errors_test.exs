@@ -1,0 +1,79 @@
+defmodule Sidecar.ErrorsTest do
+  # Errors from the worker arrive as %Sidecar.Error{} structs that match by kind, with their fields,
+  # and the worker keeps serving.
+  use ExUnit.Case
+  import SidecarTest
+  alias Sidecar.{Error, Tensor}
+
+  test "a shape mismatch is matched as a struct with the shapes, the dimension and a suggestion" do
+    a = Tensor.from_binary!(floats(Enum.map(1..6, &(&1 * 1.0))), "float32", [2, 3])
+    b = Tensor.from_binary!(floats(Enum.map(1..6, &(&1 * 1.0))), "float32", [3, 2])
+
+    assert {:error,
+            %Error{
+              kind: :shape_mismatch,
+              op: "add",
+              input_shapes: [[2, 3], [3, 2]],
+              dim: 1,
+              expected: "3",
+              got: "2",
+              suggestion: suggestion,
+              request_id: "r-" <> _
+            } = err} = Sidecar.call(pool(), "add", [a, b])
+
+    assert suggestion =~ "transpose"
+    assert Exception.message(err) =~ "shape_mismatch: add: shapes (2, 3) and (3, 2)"
+    # The worker that answered is still there and serving.
+    assert {:ok, %{outputs: [_]}} = Sidecar.call(pool(), "add", [a, a])
+  end
+
+  test "call! raises the same struct" do
+    a = Tensor.from_binary!(floats([1.0, 2.0]), "float32", [2])
+    b = Tensor.from_binary!(floats([1.0, 2.0, 3.0]), "float32", [3])
+    err = assert_raise Error, fn -> Sidecar.call!(pool(), "mul", [a, b]) end
+    assert err.kind == :shape_mismatch
+  end
+
+  test "an unknown op names the close ones" do
+    assert {:error, %Error{kind: :unknown_op, op: "ad", close_names: close}} = Sidecar.call(pool(), "ad", [])
+    assert "add" in close
+  end
+
+  test "a descriptor of a segment that does not exist is an invalid tensor ref naming the input" do
+    bad = %Tensor{
+      dtype: "float32",
+      shape: [4],
+      storage: {:shm, %{name: "/sc-#{Sidecar.Shm.run_id()}-1-00000000deadbeef", offset: 0, nbytes: 16, inode: 0}}
+    }
+
+    a = Tensor.from_binary!(floats([1.0, 2.0, 3.0, 4.0]), "float32", [4])
+    assert {:error, %Error{kind: :invalid_tensor_ref, input_index: 1, field: "name"}} =
+             Sidecar.call(pool(), "add", [a, bad])
+  end
+
+  test "a path outside the naming rule is refused by the worker" do
+    bad = %Tensor{dtype: "uint8", shape: [4], storage: {:shm, %{name: "/../etc/passwd", offset: 0, nbytes: 4}}}
+    assert {:error, %Error{kind: :invalid_tensor_ref, field: "name"}} = Sidecar.call(pool(), "identity", [bad])
+  end
+
+  test "a malformed value is an invalid argument, not a crash" do
+    assert {:error, %Error{kind: :invalid_argument}} = Sidecar.call(pool(), "identity", [{:weird, 1, 2}])
+    assert {:error, %Error{kind: :invalid_argument, field: "attrs"}} =
+             Sidecar.call(pool(), "add", [1, 2], attrs: [nonsense: 1])
+    assert {:ok, _} = Sidecar.call(pool(), "debug.pid", [])
+  end
+
+  test "a timeout cancels the call in the worker and comes back as :cancelled" do
+    t0 = System.monotonic_time(:millisecond)
+    assert {:error, %Error{kind: :cancelled, op: "debug.sleep"} = err} =
+             Sidecar.call(pool(), "debug.sleep", [], attrs: [seconds: 5.0], timeout: 300)
+    assert err.message =~ "timed out after 300 ms"
+    assert System.monotonic_time(:millisecond) - t0 < 2_000
+    # The cancelled sleep stops early in the worker: both workers are free again soon.
+    assert :ok = wait_until(fn -> Enum.all?(Sidecar.status(pool()), &(&1.in_flight == 0)) end, 3_000)
+  end
+
+  test "a pool that does not exist is an error, not an exit" do
+    assert {:error, %Error{kind: :invalid_argument}} = Sidecar.call(:no_such_pool, "add", [1, 2])
+  end
+end

@@ -1,0 +1,107 @@
+defmodule Sidecar.PoolTest do
+  # The crash barrier: a worker that dies takes no caller down, its calls get a classified error (or
+  # succeed on another worker when idempotent), and the pool is back to full strength.
+  use ExUnit.Case
+  import SidecarTest
+  alias Sidecar.{Error, Tensor}
+
+  setup do
+    :ok = Sidecar.await_ready(pool(), :all, 30_000)
+    test = self()
+    id = {__MODULE__, make_ref()}
+
+    :ok =
+      Sidecar.Telemetry.attach_many(id, [[:sidecar, :pool, :crash], [:sidecar, :pool, :retry],
+                                         [:sidecar, :worker, :ready]],
+        fn event, m, md, _ -> send(test, {:event, event, m, md}) end, nil)
+
+    on_exit(fn -> Sidecar.Telemetry.detach(id) end)
+  end
+
+  test "a segfault in an op is absorbed: the call gets a classified crash, the worker comes back" do
+    before = Sidecar.status(pool())
+    assert {:error, %Error{kind: :worker_crashed} = err} = Sidecar.call(pool(), "debug.segfault", [])
+    assert %Error{classification: :segfault, signal: 11, exit_code: 139, op: "debug.segfault"} = err
+    assert is_integer(err.pid) and is_list(err.stderr_tail)
+    assert err.pid in Enum.map(before, & &1.os_pid)
+    assert_receive {:event, [:sidecar, :pool, :crash], %{count: 1}, %{classification: :segfault, os_pid: crashed}}
+    assert crashed == err.pid
+
+    # Replaced: a new OS process in the same slot, the pool at full strength, calls served.
+    assert_receive {:event, [:sidecar, :worker, :ready], _, %{restart: true, os_pid: new_pid}}, 30_000
+    assert new_pid != crashed
+    assert :ok = Sidecar.await_ready(pool(), :all, 30_000)
+    assert Enum.all?(Sidecar.status(pool()), &(&1.status == :ready))
+    refute crashed in Enum.map(Sidecar.status(pool()), & &1.os_pid)
+    refute Sidecar.Shm.alive?(crashed)
+    # Nothing of the dead worker is left in /dev/shm.
+    assert Enum.filter(run_files(), &String.contains?(&1, "-#{crashed}-")) == []
+
+    a = Tensor.from_binary!(floats([1.0]), "float32", [1])
+    for _ <- 1..4, do: assert({:ok, _} = Sidecar.call(pool(), "add", [a, a]))
+  end
+
+  test "an idempotent call in flight on a worker killed with SIGKILL succeeds on another worker" do
+    task = Task.async(fn -> Sidecar.call(pool(), "debug.sleep", [], attrs: [seconds: 1.0]) end)
+    :ok = wait_until(fn -> Enum.any?(Sidecar.status(pool()), &(&1.in_flight > 0)) end)
+    [busy] = Enum.filter(Sidecar.status(pool()), &(&1.in_flight > 0))
+    System.cmd("kill", ["-KILL", "#{busy.os_pid}"])
+
+    assert {:ok, %Sidecar.Result{outputs: [1.0], os_pid: served_by}} = Task.await(task, 15_000)
+    assert served_by != busy.os_pid
+    assert_receive {:event, [:sidecar, :pool, :crash], _, %{classification: :killed_oom, os_pid: killed}}
+    assert killed == busy.os_pid
+    assert_receive {:event, [:sidecar, :pool, :retry], %{attempt: 2}, %{op: "debug.sleep", reason: :killed_oom}}
+    assert :ok = Sidecar.await_ready(pool(), :all, 30_000)
+  end
+
+  test "a call that is not idempotent is not retried: it gets the crash" do
+    task = Task.async(fn -> Sidecar.call(pool(), "debug.sleep", [], attrs: [seconds: 1.0], idempotent: false) end)
+    :ok = wait_until(fn -> Enum.any?(Sidecar.status(pool()), &(&1.in_flight > 0)) end)
+    [busy] = Enum.filter(Sidecar.status(pool()), &(&1.in_flight > 0))
+    System.cmd("kill", ["-KILL", "#{busy.os_pid}"])
+
+    assert {:error, %Error{kind: :worker_crashed, classification: :killed_oom, signal: 9}} = Task.await(task, 15_000)
+    refute_received {:event, [:sidecar, :pool, :retry], _, _}
+    assert :ok = Sidecar.await_ready(pool(), :all, 30_000)
+  end
+
+  test "many concurrent calls from many processes lose none, even while a worker is killed" do
+    n_procs = 40
+    per_proc = 10
+
+    tasks =
+      for p <- 1..n_procs do
+        Task.async(fn ->
+          for i <- 1..per_proc do
+            x = p * 1000.0 + i
+            # Every 5th call moves a 256 KiB tensor through shared memory, the rest go inline.
+            {bin, shape} =
+              if rem(i, 5) == 0, do: {floats(List.duplicate(x, 65_536)), [65_536]}, else: {floats([x, -x]), [2]}
+
+            t = Tensor.from_binary!(bin, "float32", shape)
+            result = Sidecar.call(pool(), "add", [t, t])
+            Tensor.free(t)
+
+            case result do
+              {:ok, %{outputs: [out]}} -> {:ok, Enum.uniq(to_floats(Tensor.to_binary!(out))) -- [2 * x, -2 * x]}
+              {:error, err} -> {:error, err}
+            end
+          end
+        end)
+      end
+
+    # Kill one worker while the calls run: `add` is idempotent, so its calls move to the other one.
+    :ok = wait_until(fn -> Enum.any?(Sidecar.status(pool()), &(&1.in_flight > 0)) end)
+    [victim | _] = Sidecar.status(pool())
+    System.cmd("kill", ["-KILL", "#{victim.os_pid}"])
+
+    results = tasks |> Enum.map(&Task.await(&1, 60_000)) |> List.flatten()
+    assert length(results) == n_procs * per_proc
+    errors = for {:error, e} <- results, do: e
+    assert errors == []
+    # Each answer carried exactly the expected values.
+    assert Enum.all?(results, &(&1 == {:ok, []}))
+    assert :ok = Sidecar.await_ready(pool(), :all, 30_000)
+  end
+end

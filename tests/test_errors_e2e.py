@@ -1,0 +1,317 @@
+"""Every error kind over the wire, with its structured fields, and the worker still serving after it.
+
+One real worker (under `--memory-limit`) serves the module; malformed requests are built by hand
+with the generated stub, so they reach the worker exactly as a buggy or hostile client would send
+them.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from sidecar import wire
+from sidecar._native import Segment, unlink
+from sidecar.dataplane.names import make_name
+from sidecar.errors import (DeviceUnavailable, DtypeMismatch, ErrorKind, InvalidArgument, InvalidTensorRef,
+                            OpFailed, OutOfMemory, Overloaded, ShapeMismatch, SidecarError, UnknownOp)
+from sidecar.host import Client
+from sidecar.v1 import sidecar_pb2 as pb
+from sidecar.v1 import sidecar_pb2_grpc as pb_grpc
+from tests.workers import LONG_LIVED_RUNS, assert_run_clean, no_shm_leaks, run_id, start_worker  # noqa: F401
+
+SMALL = np.arange(12, dtype=np.float32).reshape(3, 4)
+
+
+@pytest.fixture(scope="module")
+def run() -> Any:
+    rid = run_id()
+    LONG_LIVED_RUNS.add(rid)
+    yield rid
+    LONG_LIVED_RUNS.discard(rid)
+
+
+@pytest.fixture(scope="module")
+def worker(run: str) -> Any:
+    w = start_worker("--ops", "tests.ops_fixture_module", "--ops", "tests.slow_ops_module", "--run-id", run,
+                     "--memory-limit", "1G", "--threads", "1")
+    yield w
+    assert w.alive(), w.stderr_text()
+    assert w.stop() == 0
+    assert_run_clean(run)
+
+
+@pytest.fixture(scope="module")
+def client(worker: Any, run: str) -> Any:
+    c = Client(worker.address, run_id=run, timeout=30)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def stub(worker: Any) -> Any:
+    with grpc.insecure_channel(worker.address) as channel:
+        yield pb_grpc.SidecarStub(channel)
+
+
+@pytest.fixture(autouse=True)
+def still_serving(request: pytest.FixtureRequest) -> Any:
+    """After every test here, the worker answers health and computes correctly."""
+    yield
+    if "client" in request.fixturenames:
+        c = request.getfixturevalue("client")
+        w = request.getfixturevalue("worker")
+        assert w.alive(), w.stderr_text()[-3000:]
+        assert c.health() == "SERVING"
+        np.testing.assert_array_equal(c.call("add", SMALL, SMALL), SMALL * 2)
+
+
+def raw_error(stub: Any, req: pb.ExecuteRequest) -> SidecarError:
+    """Send `req` as is; return the structured error the worker answered with."""
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Execute(req, timeout=30)
+    err = wire.error_from_rpc(info.value)
+    assert info.value.code().name == err.grpc_code  # the status code matches DESIGN.md's table
+    return err
+
+
+def tensor_msg(name: str, shape: list[int], dtype: str = "float32", offset: int = 0,
+               nbytes: int | None = None, inode: int = 0) -> pb.Value:
+    if nbytes is None:
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return pb.Value(tensor=pb.Tensor(dtype=dtype, shape=shape, shm=pb.ShmRef(name=name, offset=offset,
+                                                                              nbytes=nbytes, inode=inode)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# errors raised by ops
+
+
+def test_shape_mismatch_checked_before_running(client: Client) -> None:
+    with pytest.raises(ShapeMismatch) as info:
+        client.call("matmul", np.ones((2, 3), np.float32), np.ones((4, 5), np.float32))
+    e = info.value
+    assert e.kind is ErrorKind.SHAPE_MISMATCH and e.op == "matmul"
+    assert e.input_shapes == [[2, 3], [4, 5]]
+    assert e.dim is not None and e.expected and e.got and e.suggestion
+    assert e.request_id
+
+
+def test_shape_mismatch_raised_by_torch_is_parsed(client: Client) -> None:
+    with pytest.raises(ShapeMismatch) as info:
+        client.call("fixture.torch_shape_error", np.ones((2, 3), np.float32), np.ones((4, 5), np.float32))
+    e = info.value
+    assert e.op == "fixture.torch_shape_error" and e.input_shapes == [[2, 3], [4, 5]]
+    assert e.expected == "3" and e.got == "4"
+
+
+def test_dtype_mismatch(client: Client) -> None:
+    with pytest.raises(DtypeMismatch) as info:
+        client.call("softmax", np.arange(6, dtype=np.int64))
+    e = info.value
+    assert e.op == "softmax" and e.got == "int64" and "float" in e.expected
+
+
+def test_out_of_memory_under_memory_limit(client: Client) -> None:
+    a = np.ones((40_000, 1), np.float64)  # inputs of 320 KB; the broadcast product is 12.8 GB
+    with pytest.raises(OutOfMemory) as info:
+        client.call("mul", a, a.T.copy())
+    e = info.value
+    assert e.kind is ErrorKind.OUT_OF_MEMORY and e.device == "cpu"
+    assert e.requested_bytes >= 40_000 * 40_000 * 8
+    assert e.total_bytes > 0 and e.free_bytes is not None
+
+
+def test_unknown_op_with_close_names(client: Client) -> None:
+    with pytest.raises(UnknownOp) as info:
+        client.call("softmx", SMALL)
+    assert info.value.op == "softmx" and "softmax" in info.value.close_names
+
+
+def test_user_exception_keeps_type_and_traceback(client: Client) -> None:
+    with pytest.raises(OpFailed) as info:
+        client.call("fixture.fail", SMALL)
+    e = info.value
+    assert e.exception_type.endswith("ValueError")
+    assert "refuses a tensor of shape (3, 4)" in e.message
+    assert "raise ValueError" in e.traceback and "ops_fixture_module.py" in e.traceback
+    with pytest.raises(OpFailed) as info:
+        client.call("boom", message="custom")
+    assert info.value.exception_type.endswith("KeyError") and "custom" in info.value.message
+
+
+def test_device_unavailable_for_device_placement(client: Client) -> None:
+    with pytest.raises(DeviceUnavailable) as info:
+        client.call("identity", SMALL, placement="device")
+    assert info.value.device == "cuda" and info.value.available == ["cpu"]
+
+
+def test_bad_attr_and_arity(client: Client) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        client.call("softmax", SMALL, dimm=1)
+    assert info.value.field == "attrs" and "dim" in info.value.close_names
+    with pytest.raises(InvalidArgument) as info:
+        client.call("add", SMALL)
+    assert info.value.field == "inputs"
+
+
+# ---------------------------------------------------------------------------------------------------
+# malformed requests: structured errors, never a crash
+
+def _name(run: str) -> str:
+    return make_name(run)
+
+
+MALFORMED: list[tuple[str, Any, type[SidecarError], str]] = [
+    ("empty op", lambda run: pb.ExecuteRequest(op=""), InvalidArgument, "op"),
+    ("value without kind", lambda run: pb.ExecuteRequest(op="relu", inputs=[pb.Value()]), InvalidArgument,
+     "kind"),
+    ("tensor without storage", lambda run: pb.ExecuteRequest(
+        op="relu", inputs=[pb.Value(tensor=pb.Tensor(dtype="float32", shape=[2]))]), InvalidTensorRef, "storage"),
+    ("unknown placement", lambda run: pb.ExecuteRequest(
+        op="relu", output=pb.OutputSpec(placement=99)), InvalidArgument, "output.placement"),
+    ("path outside the pattern", lambda run: pb.ExecuteRequest(
+        op="relu", inputs=[tensor_msg("/etc/passwd", [2])]), InvalidTensorRef, "name"),
+    ("path traversal", lambda run: pb.ExecuteRequest(
+        op="relu", inputs=[tensor_msg("/sc-../../etc/passwd", [2])]), InvalidTensorRef, "name"),
+    ("missing segment", lambda run: pb.ExecuteRequest(
+        op="relu", inputs=[tensor_msg(_name(run), [2])]), InvalidTensorRef, "name"),
+    ("negative shape", lambda run: pb.ExecuteRequest(
+        op="relu", inputs=[tensor_msg(_name(run), [-2, 4], nbytes=32)]), InvalidTensorRef, "shape"),
+    ("absurd shape", lambda run: pb.ExecuteRequest(
+        op="relu", inputs=[tensor_msg(_name(run), [1 << 40, 1 << 40], nbytes=64)]), InvalidTensorRef, "shape"),
+    ("unknown dtype", lambda run: pb.ExecuteRequest(
+        op="relu", inputs=[tensor_msg(_name(run), [2], dtype="float128", nbytes=32)]), InvalidTensorRef,
+     "dtype"),
+    ("nbytes disagrees with shape", lambda run: pb.ExecuteRequest(
+        op="relu", inputs=[tensor_msg(_name(run), [4], nbytes=8)]), InvalidTensorRef, "nbytes"),
+    ("inline bytes too short", lambda run: pb.ExecuteRequest(
+        op="relu", inputs=[pb.Value(tensor=pb.Tensor(dtype="float32", shape=[1000], inline_data=b"abc"))]),
+     InvalidTensorRef, "nbytes"),
+    ("out ref without storage", lambda run: pb.ExecuteRequest(
+        op="relu", inputs=[pb.Value(tensor=pb.Tensor(dtype="float32", shape=[1], inline_data=b"\0" * 4))],
+        output=pb.OutputSpec(placement=pb.PLACEMENT_OUT, out=[pb.Tensor(dtype="float32", shape=[1])])),
+     InvalidTensorRef, "storage"),
+]
+
+
+@pytest.mark.parametrize("case", MALFORMED, ids=[c[0] for c in MALFORMED])
+def test_malformed_request(stub: Any, client: Client, run: str, case: Any) -> None:
+    _, make, cls, field = case
+    err = raw_error(stub, make(run))
+    assert isinstance(err, cls), repr(err)
+    assert err.field == field, repr(err)
+    if isinstance(err, InvalidTensorRef) and field not in ("storage",) and "out" not in case[0]:
+        assert err.input_index == 0
+
+
+def test_offset_beyond_the_segment(stub: Any, client: Client, run: str) -> None:
+    seg = Segment.create(make_name(run), 4096)
+    try:
+        err = raw_error(stub, pb.ExecuteRequest(op="relu", inputs=[tensor_msg(seg.name, [16], offset=4090)]))
+        assert isinstance(err, InvalidTensorRef) and err.input_index == 0
+        assert err.field in ("offset", "nbytes")
+        err = raw_error(stub, pb.ExecuteRequest(op="relu", inputs=[
+            tensor_msg(seg.name, [4], offset=(1 << 64) - 8, nbytes=16)]))
+        assert isinstance(err, InvalidTensorRef)
+    finally:
+        seg.close()
+        unlink(seg.name)
+
+
+def test_segment_unlinked_before_the_call(stub: Any, client: Client, run: str) -> None:
+    seg = Segment.create(make_name(run), 4096)
+    name, inode = seg.name, seg.inode
+    seg.close()
+    unlink(name)
+    err = raw_error(stub, pb.ExecuteRequest(op="relu", inputs=[tensor_msg(name, [4], inode=inode)]))
+    assert isinstance(err, InvalidTensorRef) and err.field == "name"
+
+
+def test_recreated_segment_is_not_served_stale(stub: Any, client: Client, run: str) -> None:
+    name = make_name(run)
+    seg = Segment.create(name, 4096)
+    np.frombuffer(seg, np.float32, 4)[:] = 1.0
+    ok = stub.Execute(pb.ExecuteRequest(op="sum", inputs=[tensor_msg(name, [4], inode=seg.inode)]), timeout=30)
+    assert wire.value_from_pb(ok.outputs[0]).storage.data == np.float32(4).tobytes()
+    old_inode = seg.inode
+    seg.close()
+    unlink(name)
+    seg = Segment.create(name, 4096)  # same name, new file, new contents
+    try:
+        assert seg.inode != old_inode
+        np.frombuffer(seg, np.float32, 4)[:] = 2.0
+        for inode in (seg.inode, 0):  # told the new inode, or not told at all
+            resp = stub.Execute(pb.ExecuteRequest(op="sum", inputs=[tensor_msg(name, [4], inode=inode)]),
+                                timeout=30)
+            assert wire.value_from_pb(resp.outputs[0]).storage.data == np.float32(8).tobytes()
+    finally:
+        seg.close()
+        unlink(name)
+
+
+def test_segment_unlinked_mid_flight(client: Client, run: str) -> None:
+    """The worker keeps its mapping: a segment unlinked while an op reads it is not a crash."""
+    x = client.empty((256, 256), "float32")
+    x[:] = 3.0
+    name = client.arena.find(x.__array_interface__["data"][0], x.nbytes)[0].name
+    result: list[Any] = []
+    t = threading.Thread(target=lambda: result.append(client.call("slow", x, seconds=0.5)))
+    t.start()
+    time.sleep(0.2)
+    unlink(name)  # the host's own segment, gone while the worker holds it mapped
+    t.join(30)
+    assert result and float(np.asarray(result[0]).sum()) == 3.0 * 256 * 256
+    # Both sides still hold the (now nameless) mapping, so the memory stays valid for this call and
+    # for later ones that name the same (name, inode); a fresh consumer could no longer open it.
+    np.testing.assert_array_equal(client.call("relu", x), x)
+
+
+def test_release_of_unknown_leases_is_not_an_error(client: Client) -> None:
+    released, unknown = client.release(["l-doesnotexist", ""])
+    assert released == 0 and set(unknown) == {"l-doesnotexist", ""}
+
+
+def test_oversized_inline_message_is_refused(client: Client) -> None:
+    big = np.ones(2 << 20, np.float32)  # 8 MB inline: above the worker's 4 MiB message limit
+    with pytest.raises(SidecarError) as info:
+        Client(client.address, inline_threshold=1 << 30, run_id=client.run_id).call("relu", big)
+    assert "larger than max" in info.value.message or "RESOURCE_EXHAUSTED" in info.value.message
+
+
+# ---------------------------------------------------------------------------------------------------
+# overload
+
+
+def test_overloaded_beyond_concurrency_and_queue() -> None:
+    with start_worker("--ops", "tests.slow_ops_module", "--max-concurrency", "1", "--max-queue", "1",
+                      "--threads", "1") as w:
+        c = Client(w.address, timeout=30)
+        try:
+            done: list[Any] = []
+            threads = [threading.Thread(target=lambda: done.append(c.call("slow", SMALL, seconds=1.5)))
+                       for _ in range(2)]  # one runs, one waits in the queue
+            for t in threads:
+                t.start()
+                time.sleep(0.3)
+            with pytest.raises(Overloaded) as info:
+                c.call("add", SMALL, SMALL)
+            assert info.value.queue_depth == 1 and info.value.limit == 1
+            for t in threads:
+                t.join(30)
+            assert len(done) == 2  # the admitted calls still completed
+            np.testing.assert_array_equal(c.call("add", SMALL, SMALL), SMALL * 2)
+        finally:
+            c.close()
+
+
+def test_unavailable_device_stops_the_start() -> None:
+    from tests.workers import WorkerStartError
+
+    with pytest.raises(WorkerStartError) as info:
+        start_worker("--device", "cuda:99", timeout=60)
+    assert "DeviceUnavailable" in str(info.value) and "cuda:99" in str(info.value)

@@ -1,0 +1,72 @@
+"""Kill -9 the host (a subprocess running a pool): no worker, no template, no segment may survive it."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from sidecar.dataplane import reaper
+from tests.workers import ROOT, no_shm_leaks  # noqa: F401
+
+HOST = textwrap.dedent("""
+    import json, sys, time
+    import numpy as np
+    from sidecar.host.pool import Pool
+
+    pool = Pool(2, debug_ops=True, use_template=sys.argv[1] == "template", health_interval_s=0)
+    x = np.ones(1 << 18, np.float32)
+    held = [pool.call("identity", x, placement="shm") for _ in range(4)]  # worker-owned outputs
+    print(json.dumps({"run": pool.run_id, "workers": [r.pid for r in pool.status()],
+                      "template": pool.template_pid}), flush=True)
+    time.sleep(120)
+""")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("mode", ["template", "cold"])
+def test_killing_the_host_leaves_nothing_behind(mode: str) -> None:
+    host = subprocess.Popen([sys.executable, "-c", HOST, mode], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert host.stdout is not None
+        line = host.stdout.readline()
+        assert line, "the host did not start its pool"
+        info = json.loads(line)
+        run, workers, template = info["run"], info["workers"], info["template"]
+        owners = {s.pid for s in reaper.list_segments(run)}
+        assert host.pid in owners  # the host's input arena
+        assert owners & set(workers)  # outputs in the workers' arenas
+        if mode == "template":  # forked from the template, not children of the host
+            assert all(psutil.Process(w).ppid() == template for w in workers)
+
+        os.kill(host.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        host.wait(10)
+        procs = [*workers, template]
+        while not all(_gone(p) for p in procs) and time.monotonic() - t0 < 10:
+            time.sleep(0.005)
+        workers_gone_s = time.monotonic() - t0
+        while reaper.list_segments(run) and time.monotonic() - t0 < 10:
+            time.sleep(0.005)
+        shm_clean_s = time.monotonic() - t0
+    finally:
+        if host.poll() is None:
+            host.kill()
+            host.wait()
+    assert all(_gone(p) for p in procs), [p for p in procs if not _gone(p)]
+    assert not reaper.list_segments(run)
+    print(f"{mode}: workers and template gone {workers_gone_s * 1000:.0f} ms after the host's SIGKILL, "
+          f"/dev/shm clean after {shm_clean_s * 1000:.0f} ms")
+    assert workers_gone_s < 1.0

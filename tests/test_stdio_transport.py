@@ -1,0 +1,319 @@
+"""`sidecar serve --stdio`: the Erlang port transport, driven from Python with real frames.
+
+Each test starts a real worker process and speaks to it exactly as a BEAM port would: 4-byte
+big-endian length + one External Term Format term per frame, on the worker's stdin/stdout.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import secrets
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+from sidecar import etf
+from sidecar.dataplane import segments
+from sidecar.etf import Atom as A
+
+READY_TIMEOUT_S = 60
+
+
+class PortClient:
+    """A BEAM port seen from Python: frames out on stdin, frames in on stdout (a reader thread)."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.run_id = "t" + secrets.token_hex(5)
+        cmd = [sys.executable, "-m", "sidecar", "serve", "--stdio", "--debug-ops", "--run-id", self.run_id, *args]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env={**os.environ, **(env or {})})
+        self.frames: queue.Queue[Any] = queue.Queue()
+        self.raw: list[bytes] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.ready = self.next(READY_TIMEOUT_S)
+
+    def _read(self) -> None:
+        out = self.proc.stdout
+        assert out is not None
+        while True:
+            header = out.read(4)
+            if len(header) < 4:
+                self.frames.put(EOFError("stdout closed"))
+                return
+            (n,) = struct.unpack(">I", header)
+            body = out.read(n)
+            self.raw.append(body)
+            self.frames.put(etf.decode(body))  # a corrupted stream fails here, loudly
+
+    def send_raw(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(struct.pack(">I", len(data)) + data)
+        self.proc.stdin.flush()
+
+    def send(self, term: Any) -> None:
+        self.send_raw(etf.encode(term))
+
+    def next(self, timeout: float = 20) -> Any:
+        item = self.frames.get(timeout=timeout)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def replies(self, n: int, timeout: float = 20) -> Iterator[Any]:
+        """The next n frames that are not telemetry events."""
+        got = 0
+        while got < n:
+            frame = self.next(timeout)
+            if frame[0] != "telemetry":
+                got += 1
+                yield frame
+
+    def request(self, term: Any, timeout: float = 20) -> Any:
+        self.send(term)
+        return next(self.replies(1, timeout))
+
+    def close(self) -> int:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def stderr(self) -> str:
+        assert self.proc.stderr is not None
+        return self.proc.stderr.read().decode(errors="replace")
+
+
+@pytest.fixture
+def port() -> Iterator[PortClient]:
+    client = PortClient()
+    yield client
+    client.close()
+
+
+def inline(arr: np.ndarray) -> tuple[Any, ...]:
+    return (A("tensor"), {A("dtype"): arr.dtype.name, A("shape"): list(arr.shape), A("data"): arr.tobytes()})
+
+
+def as_array(value: Any) -> np.ndarray:
+    tag, t = value
+    assert tag == "tensor"
+    assert A("data") in t, f"expected an inline tensor, got {t}"
+    return np.frombuffer(t[A("data")], dtype=t[A("dtype")].decode()).reshape(t[A("shape")])
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_ready_frame_comes_first_and_describes_the_worker(port: PortClient) -> None:
+    tag, pid, info = port.ready
+    assert tag == "ready" and pid == port.proc.pid
+    assert info[A("version")].decode() and info[A("device")] == b"cpu"
+    ops = [o.decode() for o in info[A("ops")]]
+    assert {"add", "identity", "debug.segfault"} <= set(ops)
+    assert b"add" in info[A("idempotent")] and b"debug.segfault" not in info[A("idempotent")]
+    assert info[A("run_id")] == port.run_id.encode()
+
+
+def test_call_with_inline_tensors_and_attrs(port: PortClient) -> None:
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    tag, rid, result = port.request((A("call"), 1, "add", [inline(a), inline(a)], {}))
+    assert (tag, rid) == ("ok", 1)
+    np.testing.assert_array_equal(as_array(result[A("outputs")][0]), a + a)
+    assert result[A("leases")] == [] and result[A("device")] == b"cpu"
+    assert set(result[A("timing")]) == {A(k) for k in ("queue_ns", "decode_ns", "compute_ns", "encode_ns", "total_ns")}
+    # attrs as a map and as an Elixir keyword list ([dim: 1] == [{:dim, 1}]); binary ids echo back too.
+    for attrs in ({A("dim"): 1}, [(A("dim"), 1)]):
+        tag, rid, result = port.request((A("call"), b"req-2", "sum", [inline(a)], attrs))
+        assert (tag, rid) == ("ok", b"req-2")
+        np.testing.assert_array_equal(as_array(result[A("outputs")][0]), a.sum(axis=1))
+
+
+def test_shared_memory_in_and_out_with_a_lease(port: PortClient) -> None:
+    a = np.random.default_rng(0).random(1 << 18, dtype=np.float32)  # 1 MiB
+    seg = segments.create_segment(a.nbytes, port.run_id)
+    try:
+        np.frombuffer(seg, dtype=np.float32)[:] = a
+        ref = (A("tensor"), {A("dtype"): "float32", A("shape"): [a.size],
+                             A("shm"): {A("name"): seg.name, A("offset"): 0, A("nbytes"): a.nbytes,
+                                        A("inode"): seg.inode}})
+        tag, _, result = port.request((A("call"), 7, "mul", [ref, 2.0], {}))
+        assert tag == "ok", result
+        (out,) = result[A("outputs")]
+        shm = out[1][A("shm")]
+        assert shm[A("name")].decode().startswith(f"/sc-{port.run_id}-{port.proc.pid}-")  # the worker's
+        (lease,) = result[A("leases")]
+        with segments.open_segment(shm[A("name")].decode()) as view:
+            got = np.frombuffer(view, dtype=np.float32, count=a.size, offset=shm[A("offset")]).copy()
+        np.testing.assert_array_equal(got, a * 2)
+        tag, _, rel = port.request((A("release"), 8, [lease, "l-unknown"]))
+        assert (tag, rel) == ("ok", {A("released"): 1, A("unknown"): [b"l-unknown"]})
+    finally:
+        seg.close()
+        segments.unlink_segment(seg.name)
+    # The piggybacked form: opts map with release, placement :inline.
+    tag, _, result = port.request((A("call"), 9, "identity", [inline(a[:4])], {},
+                                   {A("placement"): A("inline"), A("release"): [], A("request_id"): "mine"}))
+    assert tag == "ok" and result[A("request_id")] == b"mine"
+    np.testing.assert_array_equal(as_array(result[A("outputs")][0]), a[:4])
+
+
+def test_errors_carry_kind_and_fields(port: PortClient) -> None:
+    a = np.zeros((2, 3), np.float32)
+    b = np.zeros((3, 2), np.float32)
+    tag, rid, err = port.request((A("call"), 3, "add", [inline(a), inline(b)], {}))
+    assert (tag, rid) == ("error", 3)
+    assert err[A("kind")] == A("shape_mismatch")
+    assert err[A("input_shapes")] == [[2, 3], [3, 2]] and err[A("dim")] == 1
+    assert err[A("op")] == b"add" and b"transpose" in err[A("suggestion")]
+    tag, _, err = port.request((A("call"), 4, "addd", [], {}))
+    assert err[A("kind")] == A("unknown_op") and b"add" in err[A("close_names")]
+    bad = (A("tensor"), {A("dtype"): "float32", A("shape"): [4],
+                         A("shm"): {A("name"): "/etc/passwd", A("offset"): 0, A("nbytes"): 16}})
+    tag, _, err = port.request((A("call"), 5, "identity", [bad], {}))
+    assert err[A("kind")] == A("invalid_tensor_ref") and err[A("field")] == b"name" and err[A("input_index")] == 0
+    tag, _, err = port.request((A("call"), 6, "identity", [(A("tensor"), {A("dtype"): "float32"})], {}))
+    assert err[A("kind")] == A("invalid_tensor_ref") and err[A("field")] == b"shape"
+
+
+def test_malformed_frames_are_answered_and_the_worker_goes_on() -> None:
+    port = PortClient(env={"SIDECAR_STDIO_MAX_FRAME": "4096"})
+    try:
+        cases: list[tuple[bytes, Any, str]] = [
+            (b"", A("undefined"), "malformed frame"),
+            (b"\x83", A("undefined"), "malformed frame"),
+            (b"junk", A("undefined"), "version byte"),
+            (b"\x83\x6c\x00\x00\x00\x01\x61\x01\x61\x02", A("undefined"), "improper list"),
+            (b"\x83" + b"\x6c\x00\x00\x00\x01" * 300 + b"\x6a" * 301, A("undefined"), "nested deeper"),
+            (b"\x83\x6d\xff\xff\xff\xff", A("undefined"), "binary needs"),
+            (etf.encode(42), A("undefined"), "unknown request"),
+            (etf.encode((A("call"), 5)), 5, "unknown request"),
+            (etf.encode((A("frobnicate"), 6)), 6, "unknown request"),
+            (etf.encode((A("call"), 7, 3.5, [], {})), 7, "op must be"),
+            (etf.encode((A("call"), 8, "add", "not-a-list", {})), 8, "inputs must be a list"),
+            (etf.encode((A("call"), 9, "add", [], {}, {A("placement"): A("sideways")})), 9, "placement must be"),
+            (etf.encode((A("release"), 10, "nope")), 10, "list of lease ids"),
+            (b"\x83" + b"\x6a" * 5000, A("undefined"), "exceeds the 4096-byte limit"),
+        ]
+        for data, rid, message in cases:
+            port.send_raw(data)
+            tag, got_id, err = port.next()
+            assert (tag, got_id) == ("error", rid), (data[:20], err)
+            assert err[A("kind")] == A("invalid_argument")
+            assert message.encode() in err[A("message")], (message, err[A("message")])
+        assert port.proc.poll() is None
+        tag, _, result = port.request((A("call"), 11, "debug.pid", [], {}))
+        assert (tag, result[A("outputs")]) == ("ok", [port.proc.pid])
+    finally:
+        assert port.close() == 0
+
+
+def test_several_calls_in_flight_answer_by_id(port: PortClient) -> None:
+    for i in range(3):
+        port.send((A("call"), ("slow", i), "debug.sleep", [], {A("seconds"): 0.6}))
+    port.send((A("call"), "fast", "debug.pid", [], {}))
+    order = [rid for _, rid, _ in port.replies(4)]
+    assert order[0] == b"fast"  # overtakes the sleeps: they run on other threads
+    assert sorted(map(repr, order[1:])) == sorted(repr((b"slow", i)) for i in range(3))
+
+
+def test_control_requests(port: PortClient) -> None:
+    tag, _, ops = port.request((A("list_ops"), 1))
+    add = next(o for o in ops if o[A("name")] == b"add")
+    assert add[A("min_inputs")] == 2 and add[A("idempotent")] is True
+    tag, _, hw = port.request((A("hardware"), 2))
+    assert tag == "ok" and hw[A("pid")] == port.proc.pid and hw[A("cpu")][A("threads")] >= 1
+    assert A("available") in hw[A("cuda")]
+
+
+def test_telemetry_subscription_streams_spans(port: PortClient) -> None:
+    assert port.request((A("subscribe"), 1, {A("memory_interval_s"): 0.2})) == ("ok", 1, A("subscribed"))
+    assert port.request((A("subscribe"), 2)) == ("ok", 2, A("already_subscribed"))
+    port.send((A("call"), 3, "debug.pid", [], {}))
+    events, reply = [], None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (reply is None or len({e[0] for e in events}) < 3):
+        frame = port.next()
+        if frame[0] == "telemetry":
+            events.append((tuple(frame[1]), frame[2], frame[3]))
+        else:
+            reply = frame
+    assert reply is not None and reply[0] == "ok"
+    names = {e[0] for e in events}
+    assert {("sidecar", "call", "start"), ("sidecar", "call", "stop"), ("sidecar", "memory")} <= names
+    _, meas, meta = next(e for e in events if e[0] == ("sidecar", "call", "stop"))
+    assert meas[A("duration")] > 0 and meta[A("op")] == b"debug.pid" and meta[A("os_pid")] == port.proc.pid
+    assert port.request((A("unsubscribe"), 4)) == ("ok", 4, A("unsubscribed"))
+
+
+def test_cancel_stops_a_running_call(port: PortClient) -> None:
+    t0 = time.monotonic()
+    port.send((A("call"), 1, "debug.sleep", [], {A("seconds"): 30.0}))
+    time.sleep(0.3)
+    port.send((A("cancel"), 1))
+    tag, rid, err = next(port.replies(1))
+    assert (tag, rid, err[A("kind")]) == ("error", 1, A("cancelled"))
+    assert time.monotonic() - t0 < 10
+
+
+def test_overload_is_refused_with_figures() -> None:
+    port = PortClient("--max-concurrency", "1", "--max-queue", "0")
+    try:
+        for i in range(3):
+            port.send((A("call"), i, "debug.sleep", [], {A("seconds"): 0.5}))
+        replies = list(port.replies(3))
+        overloaded = [err for tag, _, err in replies if tag == "error"]
+        assert len(overloaded) == 2 and all(e[A("kind")] == A("overloaded") for e in overloaded)
+        assert all(e[A("limit")] == 0 for e in overloaded)
+        assert sum(tag == "ok" for tag, _, _ in replies) == 1
+    finally:
+        port.close()
+
+
+def test_prints_in_ops_do_not_corrupt_the_frame_stream(tmp_path: Path) -> None:
+    (tmp_path / "noisy_ops.py").write_text(textwrap.dedent("""
+        import os, sys
+        import sidecar
+
+        @sidecar.op("noisy")
+        def noisy(x):
+            print("print() from an op")
+            sys.stdout.write("sys.stdout.write\\n")
+            os.write(1, b"os.write to fd 1\\n")
+            return x
+    """))
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    port = PortClient("--ops", "noisy_ops", env=env)
+    try:
+        for i in range(3):
+            tag, _, result = port.request((A("call"), i, "noisy", [41 + i], {}))
+            assert (tag, result[A("outputs")]) == ("ok", [41 + i])
+    finally:
+        assert port.close() == 0
+    assert "os.write to fd 1" in port.stderr()
+
+
+def test_a_crash_is_a_signal_exit_and_stdin_eof_is_a_clean_one() -> None:
+    port = PortClient()
+    port.send((A("call"), 1, "debug.segfault", [], {}))
+    assert port.proc.wait(20) == -11
+    port = PortClient()
+    t0 = time.monotonic()
+    assert port.close() == 0
+    assert time.monotonic() - t0 < 10
