@@ -12,7 +12,8 @@ One worker (`python -m sidecar serve`, unix socket) serves every case, side by s
                       lease (one memcpy inside the worker, lease released on the next call)
   bytes-in-message    the tensor sent inline in the request and returned inline in the response
                       (PLACEMENT_INLINE, message limits raised)
-  telemetry           small calls with one WatchTelemetry stream attached vs none (interleaved)
+  telemetry           small calls with one WatchTelemetry stream attached (a watcher in another
+                      process) vs none, interleaved; round trip and the worker's own total_ns
 
 Usage: .venv/bin/python benchmarks/bench_grpc.py [--sizes-mb 1 100] [--quick] [--json]
 """
@@ -25,7 +26,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -78,8 +78,9 @@ def fmt_t(sec: float) -> str:
     return f"{sec * 1e6:9.1f} us" if sec < 1e-3 else f"{sec * 1e3:9.2f} ms"
 
 
-def run(sizes_mb: list[float], quick: bool) -> dict[str, Any]:
-    proc, address = start_worker("--max-message-bytes", "1G", "--threads", "1", "--max-concurrency", "2")
+def run(sizes_mb: list[float], quick: bool, device: str, telemetry_only: bool = False) -> dict[str, Any]:
+    proc, address = start_worker("--device", device, "--max-message-bytes", "1G", "--threads", "1",
+                                 "--max-concurrency", "2")
     results: list[dict[str, Any]] = []
     try:
         c = Client(address, timeout=120)
@@ -89,7 +90,7 @@ def run(sizes_mb: list[float], quick: bool) -> dict[str, Any]:
         results.append(summary("echo/ListOps", 0, measure(c.list_ops, reps_small)))
         results.append(summary("echo/tiny-identity", tiny.nbytes,
                                measure(lambda: c.call("identity", tiny), reps_small)))
-        for mb in sizes_mb:
+        for mb in ([] if telemetry_only else sizes_mb):
             n = int(mb * (1 << 20)) // 4
             size = n * 4
             x = c.empty(n, "float32")
@@ -117,7 +118,21 @@ def run(sizes_mb: list[float], quick: bool) -> dict[str, Any]:
     finally:
         proc.terminate()
         proc.wait(30)
-    return {"device": "cpu", "python": sys.version.split()[0], "cpus": os.cpu_count(), "results": results}
+    import platform
+
+    return {"device": device, "python": sys.version.split()[0], "cpus": os.cpu_count(),
+            "cpu_model": _cpu_model(), "platform": platform.platform(), "results": results}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 WATCHER = """
@@ -193,7 +208,9 @@ def table(report: dict[str, Any]) -> str:
     rows = report["results"]
     by = {(r["case"], r["bytes"]): r for r in rows}
     echo = by[("echo/tiny-identity", 16)]["median_s"]
-    lines = [f"{'case':<24}{'size':>10}{'median':>13}{'p90':>13}{'min':>13}{'x echo':>9}{'vs bytes':>11}",
+    lines = [f"worker device {report['device']}, {report['cpus']} CPUs ({report['cpu_model']}), "
+             f"python {report['python']}", "",
+             f"{'case':<24}{'size':>10}{'median':>13}{'p90':>13}{'min':>13}{'x echo':>9}{'vs bytes':>11}",
              "-" * 93]
     for r in rows:
         size = f"{r['bytes'] / (1 << 20):.0f} MB" if r["bytes"] >= 1 << 20 else f"{r['bytes']} B"
@@ -215,8 +232,10 @@ def main() -> None:
     ap.add_argument("--sizes-mb", type=float, nargs="+", default=[1, 100])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--device", default="cpu", help="the worker's --device (default cpu: the shm path)")
+    ap.add_argument("--telemetry-only", action="store_true", help="only the echo and telemetry cases")
     args = ap.parse_args()
-    report = run(args.sizes_mb, args.quick)
+    report = run(args.sizes_mb, args.quick, args.device, args.telemetry_only)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

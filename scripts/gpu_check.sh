@@ -133,7 +133,9 @@ build_ext() {
         echo "could not build here (no gcc or Python.h?): using $CARRY/prebuilt"
         cp "$CARRY"/prebuilt/*.so sidecar/ || return 1
     fi
-    "$PY" -c "import sidecar._native, sidecar._cudaipc as c; print('extensions import; CUDA IPC available:', c.available(), c.load_error() or '', 'driver', c.driver_version() if c.available() else '-')"
+    "$PY" -c "import sidecar._native, sidecar._cudaipc as c; print('extensions import; CUDA IPC available:', c.available(), c.load_error() or '', 'driver', c.driver_version() if c.available() else '-')" || return 1
+    # the generated protobuf code needs a protobuf runtime at least as new as the one that made it
+    "$PY" -c "import google.protobuf as p, grpc, grpc_status, grpc_health, grpc_reflection, sidecar.v1.sidecar_pb2; print('protobuf', p.__version__, p.__file__); print('grpcio', grpc.__version__, grpc.__file__)"
 }
 
 smoke() {

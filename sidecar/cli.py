@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -173,26 +172,9 @@ def _serve_stdio(runtime: Any, args: argparse.Namespace, shutdown: Any) -> int:
     if args.memory_limit:
         lifecycle.warm_threads()
         lifecycle.apply_memory_limit(args.memory_limit)
-    # The port transport owns the main thread, so shutdown requests are acted on from a thread:
-    # SIGTERM drains the dispatcher first, a dead parent or a taint exits at once.
-    def stop() -> None:
-        if not shutdown.fast:
-            runtime.dispatcher.wait_idle(args.grace_period)
-            time.sleep(0.2)  # let the transport write the last replies
-        _exit_now(runtime, shutdown.exit_code)
-
-    lifecycle.on_shutdown(shutdown, stop)
-    runtime.dispatcher.on_taint.append(
-        lambda reason: shutdown.request(f"tainted: {reason}", fast=True, exit_code=lifecycle.EXIT_TAINTED))
-    return int(serve_stdio(runtime) or 0)
-
-
-def _exit_now(runtime: Any, code: int) -> None:
-    try:
-        runtime.close()
-    finally:
-        sys.stdout.flush()
-        os._exit(code)
+    # The port transport drains on SIGTERM / parent death (it watches `shutdown`) and exits 70
+    # itself when the device is tainted.
+    return int(serve_stdio(runtime, shutdown) or 0)
 
 
 def _serve_grpc(runtime: Any, args: argparse.Namespace, shutdown: Any) -> int:

@@ -5,6 +5,7 @@ import os
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 SHM = Path("/dev/shm")
@@ -14,12 +15,26 @@ def sc_segments() -> set[str]:
     return {p.name for p in SHM.iterdir() if p.name.startswith("sc-")}
 
 
+def _owned_here(name: str) -> bool:
+    # /dev/shm is shared with every other test session running at the same time: a new segment counts
+    # as this test's leak only if its owner pid (sc-<run>-<pid>-<rand>) is this process, one of its
+    # children, or gone (a child that died and left it). Other live processes' segments are not ours
+    # to fail on, nor to unlink.
+    try:
+        pid = int(name.split("-")[2])
+    except (IndexError, ValueError):
+        return True
+    if pid == os.getpid() or not psutil.pid_exists(pid):
+        return True
+    return pid in {c.pid for c in psutil.Process().children(recursive=True)}
+
+
 @pytest.fixture(autouse=True)
 def no_shm_leaks():
     """Fails the test if it leaves a new sc-* segment behind."""
     before = sc_segments()
     yield
-    left = sc_segments() - before
+    left = {n for n in sc_segments() - before if _owned_here(n)}
     if left:
         for name in left:  # clean up so one leak does not fail every later test
             try:

@@ -68,3 +68,10 @@ def num_threads() -> dict:
 def boom(*, message: str = "boom") -> None:
     """Raises a KeyError from user code (OP_FAILED keeps the type and traceback)."""
     raise KeyError(message)
+
+
+@sidecar.op("taint_self", min_inputs=0, max_inputs=0, idempotent=False)
+def taint_self(*, ctx: Any = None) -> str:
+    """Marks the worker's device as unusable, as a sticky CUDA error would (the worker then exits 70)."""
+    ctx.runtime.dispatcher._taint("taint_self test op")
+    return "tainted"

@@ -31,8 +31,8 @@ def run() -> Any:
 
 @pytest.fixture(scope="module")
 def worker(run: str) -> Any:
-    w = start_worker("--ops", "tests.ops_fixture_module", "--ops", "tests.slow_ops_module", "--run-id", run,
-                     "--threads", "1")
+    w = start_worker("--device", "cpu", "--ops", "tests.ops_fixture_module", "--ops", "tests.slow_ops_module",
+                     "--run-id", run, "--threads", "1")
     yield w
     assert w.stop() == 0
     assert_run_clean(run)
@@ -82,6 +82,17 @@ def test_output_aliasing_an_arena_input_keeps_it_alive(client: Client) -> None:
         z = client.empty(BIG.shape, "float32")
         z[:] = -1
     np.testing.assert_array_equal(y, BIG.T)
+
+
+def test_without_aliasing_every_output_is_a_leased_copy(worker: Any, run: str) -> None:
+    with Client(worker.address, run_id=run, allow_alias=False) as c:
+        x = c.empty(BIG.shape, "float32")
+        x[:] = BIG
+        res = c.execute("identity", x)
+        assert len(res.leases) == 1
+        y = res.outputs[0]
+        x[:] = 0  # the output is a copy: unaffected
+        np.testing.assert_array_equal(y, BIG)
 
 
 def test_zero_copy_input_from_empty(client: Client) -> None:
@@ -192,7 +203,7 @@ def test_telemetry_watch_closes(client: Client) -> None:
 
 
 def test_dead_worker_is_unreachable() -> None:
-    w = start_worker("--threads", "1")
+    w = start_worker("--device", "cpu", "--threads", "1")
     c = Client(w.address, timeout=5)
     try:
         assert c.health() == "SERVING"

@@ -37,8 +37,8 @@ def run() -> Any:
 
 @pytest.fixture(scope="module")
 def worker(run: str) -> Any:
-    w = start_worker("--ops", "tests.ops_fixture_module", "--ops", "tests.slow_ops_module", "--run-id", run,
-                     "--memory-limit", "1G", "--threads", "1")
+    w = start_worker("--device", "cpu", "--ops", "tests.ops_fixture_module", "--ops", "tests.slow_ops_module",
+                     "--run-id", run, "--memory-limit", "1G", "--threads", "1")
     yield w
     assert w.alive(), w.stderr_text()
     assert w.stop() == 0
@@ -288,7 +288,7 @@ def test_oversized_inline_message_is_refused(client: Client) -> None:
 
 
 def test_overloaded_beyond_concurrency_and_queue() -> None:
-    with start_worker("--ops", "tests.slow_ops_module", "--max-concurrency", "1", "--max-queue", "1",
+    with start_worker("--device", "cpu", "--ops", "tests.slow_ops_module", "--max-concurrency", "1", "--max-queue", "1",
                       "--threads", "1") as w:
         c = Client(w.address, timeout=30)
         try:

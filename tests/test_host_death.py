@@ -13,14 +13,14 @@ import psutil
 import pytest
 
 from sidecar.dataplane import reaper
-from tests.workers import ROOT, no_shm_leaks  # noqa: F401
+from tests.workers import ROOT
 
 HOST = textwrap.dedent("""
     import json, sys, time
     import numpy as np
     from sidecar.host.pool import Pool
 
-    pool = Pool(2, debug_ops=True, use_template=sys.argv[1] == "template", health_interval_s=0)
+    pool = Pool(2, debug_ops=True, use_template=sys.argv[1] == "template", health_interval_s=0, device="cpu")
     x = np.ones(1 << 18, np.float32)
     held = [pool.call("identity", x, placement="shm") for _ in range(4)]  # worker-owned outputs
     print(json.dumps({"run": pool.run_id, "workers": [r.pid for r in pool.status()],

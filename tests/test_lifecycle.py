@@ -6,7 +6,6 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -43,7 +42,7 @@ def wait_gone(pid: int, timeout: float) -> float | None:
 
 
 def test_sigterm_drains_in_flight_calls() -> None:
-    w = start_worker("--ops", "tests.slow_ops_module", "--max-concurrency", "4", "--threads", "1")
+    w = start_worker("--device", "cpu", "--ops", "tests.slow_ops_module", "--max-concurrency", "4", "--threads", "1")
     try:
         c = Client(w.address, timeout=30)
         results: list[Any] = []
@@ -76,6 +75,17 @@ def test_sigterm_drains_in_flight_calls() -> None:
         w.stop()
 
 
+def test_tainted_worker_answers_then_exits_70() -> None:
+    w = start_worker("--device", "cpu", "--ops", "tests.slow_ops_module", "--threads", "1")
+    try:
+        with Client(w.address, timeout=30) as c:
+            assert c.call("taint_self") == "tainted"  # the call that tainted it is still answered
+        assert w.proc.wait(15) == 70
+        assert "tainted" in w.stderr_text()
+    finally:
+        w.stop()
+
+
 PARENT = textwrap.dedent("""
     import subprocess, sys, time
     proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
@@ -86,7 +96,8 @@ PARENT = textwrap.dedent("""
 
 def test_worker_exits_when_its_parent_is_killed() -> None:
     run = run_id()
-    parent = subprocess.Popen([PYTHON, "-c", PARENT, *worker_command("--run-id", run, "--threads", "1")],
+    command = worker_command("--device", "cpu", "--run-id", run, "--threads", "1")
+    parent = subprocess.Popen([PYTHON, "-c", PARENT, *command],
                               stdout=subprocess.PIPE, text=True, cwd=ROOT,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
@@ -112,7 +123,7 @@ def test_worker_exits_when_its_parent_is_killed() -> None:
 
 def test_ready_file_and_private_unix_socket(tmp_path: Path) -> None:
     ready = tmp_path / "ready"
-    with start_worker("--ready-file", str(ready), "--threads", "1") as w:
+    with start_worker("--device", "cpu", "--ready-file", str(ready), "--threads", "1") as w:
         text = ready.read_text()
         assert text == f"SIDECAR_READY {w.address} {w.pid}\n"
         assert not (tmp_path / "ready.tmp").exists()
@@ -120,13 +131,14 @@ def test_ready_file_and_private_unix_socket(tmp_path: Path) -> None:
         assert stat.S_ISSOCK(sock.stat().st_mode)
         assert stat.S_IMODE(sock.stat().st_mode) == 0o600
         assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
-        assert Client(w.address).health() == "SERVING"
+        with Client(w.address) as c:
+            assert c.health() == "SERVING"
         assert w.stop() == 0
     assert not ready.exists() and not sock.exists()
 
 
 def test_tcp_listen_and_thread_cap() -> None:
-    with start_worker("--listen", "127.0.0.1:0", "--ops", "tests.slow_ops_module", "--threads", "1",
+    with start_worker("--device", "cpu", "--listen", "127.0.0.1:0", "--ops", "tests.slow_ops_module", "--threads", "1",
                       env={"OMP_NUM_THREADS": ""}) as w:
         host, port = w.address.rsplit(":", 1)
         assert host == "127.0.0.1" and int(port) > 0
@@ -138,13 +150,13 @@ def test_tcp_listen_and_thread_cap() -> None:
 
 
 def test_default_thread_cap_leaves_user_settings_alone() -> None:
-    with start_worker("--ops", "tests.slow_ops_module", env={"OMP_NUM_THREADS": "3"}) as w:
+    with start_worker("--device", "cpu", "--ops", "tests.slow_ops_module", env={"OMP_NUM_THREADS": "3"}) as w:
         with Client(w.address) as c:
             assert c.call("num_threads")["omp"] == "3"
 
 
 def test_stdin_eof_ends_a_worker_that_watches_it() -> None:
-    proc = subprocess.Popen(worker_command("--watch-stdin", "--threads", "1"), stdin=subprocess.PIPE,
+    proc = subprocess.Popen(worker_command("--device", "cpu", "--watch-stdin", "--threads", "1"), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
     try:
         assert proc.stdout is not None and proc.stdin is not None
@@ -188,7 +200,7 @@ FORKED = textwrap.dedent("""
     import sidecar.cli
     pid = os.fork()
     if pid == 0:
-        os._exit(sidecar.cli.main(["serve", "--threads", "1"]))
+        os._exit(sidecar.cli.main(["serve", "--device", "cpu", "--threads", "1"]))
     print("CHILD", pid, flush=True)
     _, status = os.waitpid(pid, 0)
     print("EXIT", os.waitstatus_to_exitcode(status), flush=True)
@@ -211,3 +223,14 @@ def test_main_runs_in_a_child_forked_after_torch_import() -> None:
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_a_live_workers_socket_is_not_taken_over(tmp_path: Path) -> None:
+    sock = tmp_path / "w.sock"
+    with start_worker("--device", "cpu", "--listen", f"unix:{sock}", "--threads", "1") as w:
+        assert w.address == f"unix:{sock}"
+        proc = subprocess.run(worker_command("--device", "cpu", "--listen", f"unix:{sock}", "--threads", "1"),
+                              capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert proc.returncode == 1 and "another process is listening" in proc.stderr
+        with Client(w.address) as c:
+            assert c.health() == "SERVING"

@@ -219,3 +219,21 @@ def test_module_has_no_policy_on_names():
     finally:
         _native.unlink(n)
     assert _native.PAGE_SIZE >= 4096
+
+
+def test_open_prefault_maps_pages_up_front(name):
+    import resource
+
+    n = 4 << 20
+    Segment.create(name, n).close()  # pages now exist in /dev/shm, but not in a new mapping
+
+    def faults_touching(seg: Segment) -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        np.frombuffer(seg, dtype=np.uint8)[::4096] = 1  # write faults: no fault-around batching
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    lazy, eager = Segment.open(name, writable=True), Segment.open(name, writable=True, prefault=True)
+    assert faults_touching(lazy) >= (n // 4096) // 2
+    assert faults_touching(eager) < (n // 4096) // 20
+    lazy.close()
+    eager.close()

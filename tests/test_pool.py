@@ -56,7 +56,7 @@ def orphan() -> str:
 @pytest.fixture(scope="module")
 def pool(orphan: str) -> Iterator[Pool]:
     p = Pool(2, debug_ops=True, device="cpu", gpus=GPUS, breaker_threshold=1000,
-             health_interval_s=0.3, health_timeout_s=0.5, health_failures=2)
+             health_interval_s=0.3, health_timeout_s=1.0, health_failures=2)
     LONG_LIVED_RUNS.add(p.run_id)
     try:
         yield p
@@ -189,7 +189,9 @@ def test_start_timeout_kills_a_silent_worker(tmp_path: Path) -> None:
 
 
 def test_warm_spare_takes_over_and_is_refilled() -> None:
-    with Pool(1, spares=1, debug_ops=True, health_interval_s=0) as pool:
+    # A GPU pool gets one warm spare by default (gpus=1 says "one GPU"; on a CPU-only machine the
+    # worker still runs on the CPU, with CUDA_VISIBLE_DEVICES unchanged: one GPU needs no placement).
+    with Pool(1, gpus=1, debug_ops=True, health_interval_s=0) as pool:
         assert pool.wait_ready(30, spares=True)
         rows = pool.status()
         assert [r.state for r in rows] == [WorkerState.READY, WorkerState.SPARE]

@@ -19,7 +19,6 @@ import numpy as np
 from sidecar.dataplane import reaper
 from sidecar.errors import SidecarError, WorkerCrashed
 from sidecar.host.pool import Pool
-from tests.workers import no_shm_leaks  # noqa: F401
 
 THREADS = 4
 CALLS_PER_THREAD = 150

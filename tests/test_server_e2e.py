@@ -34,7 +34,7 @@ def run() -> Any:
 
 @pytest.fixture(scope="module")
 def worker(run: str) -> Any:
-    w = start_worker(*OPS_MODULES, "--run-id", run, "--max-concurrency", "4", "--threads", "1")
+    w = start_worker("--device", "cpu", *OPS_MODULES, "--run-id", run, "--max-concurrency", "4", "--threads", "1")
     yield w
     assert w.stop() == 0
     assert_run_clean(run)
@@ -261,6 +261,31 @@ def test_telemetry_spans_and_memory(client: Client) -> None:
     assert stop["bytes_in"] == A.nbytes + B.nbytes and stop["timing"]["compute_ns"] > 0
     mem = next(e for e in events if e["type"] == "memory")
     assert mem["rss_bytes"] > 0 and mem["pid"] > 0
+
+
+def test_raw_stream_sends_one_event_per_message_unless_batching_is_asked(worker: Any, client: Client) -> None:
+    """A plain gRPC client that knows nothing of batching gets one TelemetryEvent per message."""
+    from sidecar.v1 import sidecar_pb2 as pb, sidecar_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(worker.address) as channel:
+        stub = pb_grpc.SidecarStub(channel)
+        for window_ms in (0, 50):
+            stream = stub.WatchTelemetry(pb.TelemetryRequest(memory_interval_s=60, batch_window_ms=window_ms))
+            got: list[Any] = []
+            reader = threading.Thread(target=lambda: got.extend(m for m, _ in zip(stream, range(1))), daemon=True)
+            reader.start()
+            deadline = time.monotonic() + 10
+            while reader.is_alive() and time.monotonic() < deadline:
+                client.call("add", A, B, request_id=f"raw-{window_ms}")
+                reader.join(0.1)
+            stream.cancel()
+            assert got, "no telemetry message arrived"
+            first = got[0]
+            if window_ms == 0:  # a single event: its own fields are set, no batch
+                assert not first.batch and first.WhichOneof("event") in ("span", "memory")
+            else:  # batched: the events sit in `batch`, each a complete event
+                assert first.WhichOneof("event") is None and first.batch
+                assert all(e.WhichOneof("event") in ("span", "memory") for e in first.batch)
 
 
 def test_timing_in_every_response(client: Client) -> None:

@@ -317,3 +317,17 @@ def test_a_crash_is_a_signal_exit_and_stdin_eof_is_a_clean_one() -> None:
     t0 = time.monotonic()
     assert port.close() == 0
     assert time.monotonic() - t0 < 10
+
+
+def test_sigterm_drains_calls_in_flight_then_exits_0() -> None:
+    port = PortClient()
+    port.send((A("call"), 1, "debug.sleep", [], {A("seconds"): 1.0}))
+    time.sleep(0.3)
+    port.proc.terminate()
+    time.sleep(0.4)  # the worker has seen SIGTERM: new calls are refused from now on
+    port.send((A("call"), 2, "debug.pid", [], {}))
+    replies = {rid: (tag, body) for tag, rid, body in port.replies(2)}
+    assert replies[1] == ("ok", replies[1][1]) and replies[1][1][A("outputs")] == [1.0]
+    assert replies[2][0] == "error" and replies[2][1][A("kind")] == A("cancelled")
+    assert b"shutting down" in replies[2][1][A("message")]
+    assert port.proc.wait(15) == 0

@@ -16,7 +16,8 @@ from sidecar.dataplane.mapcache import MappingCache
 from sidecar.dataplane.refs import CudaIpcStorage, InlineStorage, ShmStorage, TensorRef
 from sidecar.dataplane.segments import create_segment, unlink_segment
 from sidecar.dataplane.tensors import to_numpy, to_ref, to_torch, write_into
-from sidecar.errors import DtypeMismatch, InvalidArgument, InvalidTensorRef, ShapeMismatch
+from sidecar.errors import (DeviceUnavailable, DtypeMismatch, InvalidArgument, InvalidTensorRef,
+                            ShapeMismatch)
 
 NUMPY_DTYPES = [d for d in dtypes.SUPPORTED if d != "bfloat16"]
 
@@ -454,6 +455,13 @@ def test_cuda_ref_without_cuda_is_a_clean_error(cache):
     with pytest.raises(InvalidTensorRef) as info:
         to_torch(ref, cache)
     assert info.value.field == "handle"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answer to a CUDA ref")
+def test_valid_cuda_ref_on_cpu_machine_is_device_unavailable(cache):
+    ref = TensorRef("float32", (2,), CudaIpcStorage(b"\1" * 64, 0, 8, device_uuid="GPU-0"))
+    with pytest.raises(DeviceUnavailable):
+        to_torch(ref, cache, input_index=0)
 
 
 def test_no_torch_warnings_for_readonly_views(arena, cache):

@@ -226,7 +226,9 @@ defmodule Sidecar do
 
       remaining(ctx) <= 0 ->
         {:error,
-         Error.new(:cancelled, "no worker of #{inspect(ctx.pool)} was ready within #{ctx.timeout} ms", op: ctx.op)}
+         Error.new(:cancelled, "no worker of #{inspect(ctx.pool)} was ready within #{ctx.timeout} ms",
+           op: ctx.op
+         )}
 
       true ->
         Process.sleep(min(10, remaining(ctx)))
@@ -255,7 +257,13 @@ defmodule Sidecar do
   defp control(pool, req, opts) do
     with {:ok, cfg} <- config(pool) do
       timeout = Keyword.get(opts, :timeout, cfg.timeout)
-      ctx = %{pool: pool, op: elem(req, 0), deadline: System.monotonic_time(:millisecond) + timeout, timeout: timeout}
+
+      ctx = %{
+        pool: pool,
+        op: elem(req, 0),
+        deadline: System.monotonic_time(:millisecond) + timeout,
+        timeout: timeout
+      }
 
       with {:ok, pid, _} <- pick(ctx, []) do
         case Worker.request(pid, req, timeout) do
@@ -316,7 +324,13 @@ defmodule Sidecar do
     leases = Map.get(term, :leases, [])
     lease = if leases == [], do: nil, else: {worker, leases}
     outputs = Enum.map(term.outputs, &decode(&1, lease))
-    timing = Map.put(term.timing, :round_trip_ns, System.convert_time_unit(System.monotonic_time() - t0, :native, :nanosecond))
+
+    timing =
+      Map.put(
+        term.timing,
+        :round_trip_ns,
+        System.convert_time_unit(System.monotonic_time() - t0, :native, :nanosecond)
+      )
 
     base = %Result{
       outputs: outputs,
@@ -345,7 +359,8 @@ defmodule Sidecar do
 
   defp read_value(%Tensor{storage: {:shm, %{name: name}}} = t) do
     if String.starts_with?(name, "/sc-#{Sidecar.Shm.run_id()}-#{Sidecar.Shm.os_pid()}-") do
-      %{t | lease: nil}  # one of the VM's own segments (an `out:` destination): already ours
+      # one of the VM's own segments (an `out:` destination): already ours
+      %{t | lease: nil}
     else
       case Tensor.to_binary(t) do
         {:ok, bin} -> %{t | storage: {:data, bin}, lease: nil}

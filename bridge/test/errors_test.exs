@@ -43,30 +43,42 @@ defmodule Sidecar.ErrorsTest do
     bad = %Tensor{
       dtype: "float32",
       shape: [4],
-      storage: {:shm, %{name: "/sc-#{Sidecar.Shm.run_id()}-1-00000000deadbeef", offset: 0, nbytes: 16, inode: 0}}
+      storage:
+        {:shm, %{name: "/sc-#{Sidecar.Shm.run_id()}-1-00000000deadbeef", offset: 0, nbytes: 16, inode: 0}}
     }
 
     a = Tensor.from_binary!(floats([1.0, 2.0, 3.0, 4.0]), "float32", [4])
+
     assert {:error, %Error{kind: :invalid_tensor_ref, input_index: 1, field: "name"}} =
              Sidecar.call(pool(), "add", [a, bad])
   end
 
   test "a path outside the naming rule is refused by the worker" do
-    bad = %Tensor{dtype: "uint8", shape: [4], storage: {:shm, %{name: "/../etc/passwd", offset: 0, nbytes: 4}}}
-    assert {:error, %Error{kind: :invalid_tensor_ref, field: "name"}} = Sidecar.call(pool(), "identity", [bad])
+    bad = %Tensor{
+      dtype: "uint8",
+      shape: [4],
+      storage: {:shm, %{name: "/../etc/passwd", offset: 0, nbytes: 4}}
+    }
+
+    assert {:error, %Error{kind: :invalid_tensor_ref, field: "name"}} =
+             Sidecar.call(pool(), "identity", [bad])
   end
 
   test "a malformed value is an invalid argument, not a crash" do
     assert {:error, %Error{kind: :invalid_argument}} = Sidecar.call(pool(), "identity", [{:weird, 1, 2}])
+
     assert {:error, %Error{kind: :invalid_argument, field: "attrs"}} =
              Sidecar.call(pool(), "add", [1, 2], attrs: [nonsense: 1])
+
     assert {:ok, _} = Sidecar.call(pool(), "debug.pid", [])
   end
 
   test "a timeout cancels the call in the worker and comes back as :cancelled" do
     t0 = System.monotonic_time(:millisecond)
+
     assert {:error, %Error{kind: :cancelled, op: "debug.sleep"} = err} =
              Sidecar.call(pool(), "debug.sleep", [], attrs: [seconds: 5.0], timeout: 300)
+
     assert err.message =~ "timed out after 300 ms"
     assert System.monotonic_time(:millisecond) - t0 < 2_000
     # The cancelled sleep stops early in the worker: both workers are free again soon.

@@ -11,9 +11,17 @@ defmodule Sidecar.PoolTest do
     id = {__MODULE__, make_ref()}
 
     :ok =
-      Sidecar.Telemetry.attach_many(id, [[:sidecar, :pool, :crash], [:sidecar, :pool, :retry],
-                                         [:sidecar, :worker, :ready]],
-        fn event, m, md, _ -> send(test, {:event, event, m, md}) end, nil)
+      Sidecar.Telemetry.attach_many(
+        id,
+        [
+          [:sidecar, :pool, :crash],
+          [:sidecar, :pool, :retry],
+          [:sidecar, :pool, :restart],
+          [:sidecar, :worker, :ready]
+        ],
+        fn event, m, md, _ -> send(test, {:event, event, m, md}) end,
+        nil
+      )
 
     on_exit(fn -> Sidecar.Telemetry.detach(id) end)
   end
@@ -24,7 +32,10 @@ defmodule Sidecar.PoolTest do
     assert %Error{classification: :segfault, signal: 11, exit_code: 139, op: "debug.segfault"} = err
     assert is_integer(err.pid) and is_list(err.stderr_tail)
     assert err.pid in Enum.map(before, & &1.os_pid)
-    assert_receive {:event, [:sidecar, :pool, :crash], %{count: 1}, %{classification: :segfault, os_pid: crashed}}
+
+    assert_receive {:event, [:sidecar, :pool, :crash], %{count: 1},
+                    %{classification: :segfault, os_pid: crashed}}
+
     assert crashed == err.pid
 
     # Replaced: a new OS process in the same slot, the pool at full strength, calls served.
@@ -51,17 +62,24 @@ defmodule Sidecar.PoolTest do
     assert served_by != busy.os_pid
     assert_receive {:event, [:sidecar, :pool, :crash], _, %{classification: :killed_oom, os_pid: killed}}
     assert killed == busy.os_pid
-    assert_receive {:event, [:sidecar, :pool, :retry], %{attempt: 2}, %{op: "debug.sleep", reason: :killed_oom}}
+
+    assert_receive {:event, [:sidecar, :pool, :retry], %{attempt: 2},
+                    %{op: "debug.sleep", reason: :killed_oom}}
+
     assert :ok = Sidecar.await_ready(pool(), :all, 30_000)
   end
 
   test "a call that is not idempotent is not retried: it gets the crash" do
-    task = Task.async(fn -> Sidecar.call(pool(), "debug.sleep", [], attrs: [seconds: 1.0], idempotent: false) end)
+    task =
+      Task.async(fn -> Sidecar.call(pool(), "debug.sleep", [], attrs: [seconds: 1.0], idempotent: false) end)
+
     :ok = wait_until(fn -> Enum.any?(Sidecar.status(pool()), &(&1.in_flight > 0)) end)
     [busy] = Enum.filter(Sidecar.status(pool()), &(&1.in_flight > 0))
     System.cmd("kill", ["-KILL", "#{busy.os_pid}"])
 
-    assert {:error, %Error{kind: :worker_crashed, classification: :killed_oom, signal: 9}} = Task.await(task, 15_000)
+    assert {:error, %Error{kind: :worker_crashed, classification: :killed_oom, signal: 9}} =
+             Task.await(task, 15_000)
+
     refute_received {:event, [:sidecar, :pool, :retry], _, _}
     assert :ok = Sidecar.await_ready(pool(), :all, 30_000)
   end
@@ -77,15 +95,20 @@ defmodule Sidecar.PoolTest do
             x = p * 1000.0 + i
             # Every 5th call moves a 256 KiB tensor through shared memory, the rest go inline.
             {bin, shape} =
-              if rem(i, 5) == 0, do: {floats(List.duplicate(x, 65_536)), [65_536]}, else: {floats([x, -x]), [2]}
+              if rem(i, 5) == 0,
+                do: {floats(List.duplicate(x, 65_536)), [65_536]},
+                else: {floats([x, -x]), [2]}
 
             t = Tensor.from_binary!(bin, "float32", shape)
             result = Sidecar.call(pool(), "add", [t, t])
             Tensor.free(t)
 
             case result do
-              {:ok, %{outputs: [out]}} -> {:ok, Enum.uniq(to_floats(Tensor.to_binary!(out))) -- [2 * x, -2 * x]}
-              {:error, err} -> {:error, err}
+              {:ok, %{outputs: [out]}} ->
+                {:ok, Enum.uniq(to_floats(Tensor.to_binary!(out))) -- [2 * x, -2 * x]}
+
+              {:error, err} ->
+                {:error, err}
             end
           end
         end)
@@ -103,5 +126,25 @@ defmodule Sidecar.PoolTest do
     # Each answer carried exactly the expected values.
     assert Enum.all?(results, &(&1 == {:ok, []}))
     assert :ok = Sidecar.await_ready(pool(), :all, 30_000)
+  end
+
+  test "a worker that cannot start is reported with its exit and stderr, and restarts back off" do
+    {:ok, sup} =
+      Sidecar.start_link(
+        name: :broken_pool,
+        workers: 1,
+        ops: ["no_such_ops_module_xyz"],
+        restart_backoff: {200, 1_000}
+      )
+
+    assert_receive {:event, [:sidecar, :pool, :crash], _, %{pool: :broken_pool} = first}, 30_000
+    assert first.classification == :python_error and first.exit_code == 1
+    assert Enum.any?(first.stderr_tail, &String.contains?(&1, "no_such_ops_module_xyz"))
+    # The second start follows at once, the third only after the backoff.
+    assert_receive {:event, [:sidecar, :pool, :crash], _, %{pool: :broken_pool}}, 30_000
+    assert_receive {:event, [:sidecar, :pool, :restart], %{delay_ms: 200}, %{pool: :broken_pool}}, 30_000
+    assert {:error, %Error{kind: :cancelled}} = Sidecar.call(:broken_pool, "add", [1, 2], timeout: 100)
+    Process.unlink(sup)
+    :ok = Sidecar.stop(:broken_pool)
   end
 end

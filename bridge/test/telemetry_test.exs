@@ -16,26 +16,40 @@ defmodule Sidecar.TelemetryTest do
     rid = r.request_id
     assert rid == "telemetry-test-1"
 
-    assert_receive {[:sidecar, :call, :start], %{system_time: _, bytes_in: 16}, %{op: "mul", request_id: ^rid},
-                    :my_config}, 5_000
+    assert_receive {[:sidecar, :call, :start], %{system_time: _, bytes_in: 16},
+                    %{op: "mul", request_id: ^rid}, :my_config},
+                   5_000
 
-    assert_receive {[:sidecar, :call, :stop], %{duration: d, bytes_out: 8, compute_ns: c}, md, :my_config}, 5_000
+    assert_receive {[:sidecar, :call, :stop], %{duration: d, bytes_out: 8, compute_ns: c},
+                    %{request_id: ^rid} = md, :my_config},
+                   5_000
+
     assert md.op == "mul" and md.request_id == rid and md.pool == pool() and md.os_pid == r.os_pid
     assert d > 0 and c > 0
 
-    {:error, _} = Sidecar.call(pool(), "mul", [a, Tensor.from_binary!(floats([1.0, 2.0, 3.0]), "float32", [3])])
-    assert_receive {[:sidecar, :call, :exception], %{duration: _}, %{kind: :shape_mismatch, op: "mul"}, _}, 5_000
+    {:error, _} =
+      Sidecar.call(pool(), "mul", [a, Tensor.from_binary!(floats([1.0, 2.0, 3.0]), "float32", [3])],
+        request_id: "telemetry-test-err"
+      )
+
+    assert_receive {[:sidecar, :call, :exception], %{duration: _},
+                    %{kind: :shape_mismatch, op: "mul", request_id: "telemetry-test-err"}, _},
+                   5_000
 
     :ok = Telemetry.detach(id)
     assert {:error, :not_found} = Telemetry.detach(id)
-    {:ok, _} = Sidecar.call(pool(), "mul", [a, a])
-    refute_receive {[:sidecar, :call, :stop], _, _, _}, 300
+    {:ok, _} = Sidecar.call(pool(), "mul", [a, a], request_id: "telemetry-test-2")
+    # (events of calls made by earlier tests may still arrive: only this call's would be wrong)
+    refute_receive {[:sidecar, :call, :stop], _, %{request_id: "telemetry-test-2"}, _}, 300
   end
 
   test "a handler that raises is detached and calls go on" do
     id = make_ref()
     :ok = Telemetry.attach(id, [:sidecar, :call, :stop], fn _, _, _, _ -> raise "boom" end, nil)
-    assert {:error, :already_exists} = Telemetry.attach(id, [:sidecar, :call, :stop], fn _, _, _, _ -> :ok end, nil)
+
+    assert {:error, :already_exists} =
+             Telemetry.attach(id, [:sidecar, :call, :stop], fn _, _, _, _ -> :ok end, nil)
+
     {:ok, _} = Sidecar.call(pool(), "debug.pid", [])
     assert :ok = wait_until(fn -> Telemetry.list_handlers([:sidecar, :call, :stop]) == [] end, 5_000)
     {:ok, _} = Sidecar.call(pool(), "debug.pid", [])

@@ -105,7 +105,9 @@ defmodule Sidecar.TensorTest do
     assert {:error, %Error{kind: :invalid_tensor_ref, field: "nbytes"}} =
              Tensor.from_binary(<<1, 2, 3>>, "float32", [1])
 
-    assert {:error, %Error{kind: :invalid_tensor_ref, field: "dtype"}} = Tensor.from_binary(<<>>, "float8", [0])
+    assert {:error, %Error{kind: :invalid_tensor_ref, field: "dtype"}} =
+             Tensor.from_binary(<<>>, "float8", [0])
+
     assert_raise Error, ~r/shape must be/, fn -> Tensor.from_binary!(<<>>, "uint8", [-1]) end
   end
 

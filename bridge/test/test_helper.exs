@@ -3,7 +3,11 @@
 python = System.get_env("SIDECAR_PYTHON") || Path.expand("../.venv/bin/python", File.cwd!())
 
 unless File.exists?(python) do
-  IO.puts(:stderr, "no Python for the sidecar workers at #{python}: run scripts/install.sh or set SIDECAR_PYTHON")
+  IO.puts(
+    :stderr,
+    "no Python for the sidecar workers at #{python}: run scripts/install.sh or set SIDECAR_PYTHON"
+  )
+
   System.halt(1)
 end
 
@@ -18,8 +22,11 @@ defmodule SidecarTest do
 
   def start_shared_pool do
     # Not linked to any test process: it lives for the whole suite and is stopped in after_suite.
-    {:ok, sup} = Supervisor.start_link([{Sidecar, name: @pool, workers: 2, debug_ops: true, timeout: 20_000}],
-                   strategy: :one_for_one)
+    {:ok, sup} =
+      Supervisor.start_link([{Sidecar, name: @pool, workers: 2, debug_ops: true, timeout: 20_000}],
+        strategy: :one_for_one
+      )
+
     Process.unlink(sup)
     :ok = Sidecar.await_ready(@pool, :all, 60_000)
     sup
@@ -53,7 +60,11 @@ ExUnit.after_suite(fn _ ->
   left = SidecarTest.run_files()
 
   if left != [] do
-    IO.puts(:stderr, "\n/dev/shm leak: #{length(left)} segments of this run left after the suite: #{inspect(left)}")
+    IO.puts(
+      :stderr,
+      "\n/dev/shm leak: #{length(left)} segments of this run left after the suite: #{inspect(left)}"
+    )
+
     System.halt(1)
   end
 

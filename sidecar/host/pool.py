@@ -141,7 +141,8 @@ class Pool:
         the window open the breaker: calls fail fast with CircuitOpen and no worker starts; after the
         cool-down one probe worker starts; once it is ready and healthy the breaker closes.
       use_template (True): fork replacements from a template that imported torch (else start cold).
-      spares (0): warm spare workers kept ready to take a crashed worker's place instantly.
+      spares (None = 1 for a GPU pool, 0 otherwise): warm spare workers kept ready to take a crashed
+        worker's place instantly.
       health_interval_s (5; 0 = off), health_timeout_s (2), health_failures (3): a worker that fails
         that many health checks in a row is killed (classification "unresponsive") and replaced.
       crash_detect_s (1): after a call fails with a transport error, how long to wait for the
@@ -157,7 +158,7 @@ class Pool:
                  max_attempts: int = 3, retry_backoff: tuple[float, float] = (0.01, 1.0),
                  restart_backoff: tuple[float, float] = (0.1, 5.0), stable_after_s: float = 5.0,
                  breaker_threshold: int = 5, breaker_window_s: float = 30.0, breaker_cooldown_s: float = 5.0,
-                 use_template: bool = True, spares: int = 0, worker_args: Sequence[str] = (),
+                 use_template: bool = True, spares: int | None = None, worker_args: Sequence[str] = (),
                  env: Mapping[str, str] | None = None, gpus: int | Sequence[str | int] | None = None,
                  threads: int | None = None, health_interval_s: float = 5.0, health_timeout_s: float = 2.0,
                  health_failures: int = 3, crash_detect_s: float = 1.0, acquire_timeout_s: float | None = None,
@@ -167,7 +168,7 @@ class Pool:
             raise InvalidArgument(f"a pool needs at least one worker, got {workers}", field="workers")
         if max_attempts < 1:
             raise InvalidArgument(f"max_attempts must be >= 1, got {max_attempts}", field="max_attempts")
-        if spares < 0:
+        if spares is not None and spares < 0:
             raise InvalidArgument(f"spares must be >= 0, got {spares}", field="spares")
         self.run_id = validate_run_id(run_id) if run_id else os.urandom(6).hex()
         self.device = device
@@ -180,7 +181,7 @@ class Pool:
         self._retry_backoff = _pair(retry_backoff, "retry_backoff")
         self._restart_backoff = _pair(restart_backoff, "restart_backoff")
         self._stable_after_s = float(stable_after_s)
-        self._spares_target = int(spares)
+        self._spares_target = 0  # set once the GPUs are known (below)
         self._health = (float(health_interval_s), float(health_timeout_s), int(health_failures))
         self._crash_detect_s = float(crash_detect_s)
         self._acquire_timeout_s = float(acquire_timeout_s if acquire_timeout_s is not None else start_timeout)
@@ -199,6 +200,10 @@ class Pool:
         base_env.setdefault("PYTHONFAULTHANDLER", "1")
         self._env = base_env
         self._gpus = self._find_gpus(device, gpus, base_env)
+        # A forked worker replaces a CPU worker in tens of ms, but a GPU worker first has to create its
+        # CUDA context (~0.4 s on an H200): there only a warm spare meets the < 100 ms target.
+        uses_gpu = device.startswith("cuda") or (device == "auto" and bool(self._gpus))
+        self._spares_target = int(spares) if spares is not None else (1 if uses_gpu else 0)
 
         self.breaker = CircuitBreaker(breaker_threshold, breaker_window_s, breaker_cooldown_s)
         self.events_bus = EventBus()
@@ -264,6 +269,7 @@ class Pool:
         try:
             self._template = Template(run_id=self.run_id, python=self._python, env=env,
                                       preload=self.use_template, start_timeout=self._start_timeout,
+                                      check_cuda_fork=self.device not in ("cpu", "mps"),
                                       on_death=self._template_died)
         except (TemplateError, OSError) as exc:
             if not self.use_template:
@@ -274,6 +280,9 @@ class Pool:
         self.template_startup_s = self._template.startup_s
         if self._template.preload and self._template.failed:
             log.debug("template could not preload: %s", self._template.failed)
+        if self._template.preload and self._template.cuda_touched and self.device not in ("cpu", "mps"):
+            log.warning("pool %s: CUDA does not work in processes forked from the template; GPU workers "
+                        "start cold (slow replacement: consider spares)", self.run_id)
 
     def _template_died(self) -> None:
         if self._closing:
@@ -406,6 +415,8 @@ class Pool:
                 slot.launching = False
             if initial:
                 raise
+            if self._closing:  # killed by close() while starting: not a crash
+                return
             self._start_failed(slot, exc)
             return
         with self._lock:
@@ -497,14 +508,14 @@ class Pool:
                 if worker is not None and not closing:
                     self._spares.append(worker)
                     self._cond.notify_all()
-        if failure is not None:
+        if failure is not None and not closing:
             log.warning("pool %s: spare failed to start: %s", self.run_id, failure)
             with self._lock:
                 self._spare_consecutive += 1
             self._spare_crashed(_exit_of_error(failure), getattr(failure, "pid", None),
                                 list(getattr(failure, "stderr_tail", None) or []))
             return
-        if worker is None:
+        if worker is None:  # failed while closing, or the start was skipped
             return
         if closing:
             self._dispose(worker, kill=True)

@@ -72,6 +72,7 @@ class WorkerProcess:
         self._tail: collections.deque[str] = collections.deque(maxlen=max(500, tail_lines * 10))
         self._cond = threading.Condition()
         self._exit: ExitInfo | None = None
+        self._finished = False  # exit known and every exit callback has run
         self._status: int | None = None          # raw wait status reported by the template
         self._status_event = threading.Event()
         self._callbacks: list[Callable[[ExitInfo], None]] = []
@@ -102,10 +103,13 @@ class WorkerProcess:
         return condense_tail(lines, self._tail_lines if n is None else n)
 
     def wait_exit(self, timeout: float | None = None) -> ExitInfo | None:
-        """Blocks until the worker is gone and its output drained; None on timeout."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._exit is not None, timeout)
+        """Blocks until the worker is gone, its output drained and its exit callbacks done (so a
+        pool already knows of the death when this returns); None on timeout."""
+        if threading.current_thread() is self._watcher:  # from an exit callback: do not wait on ourselves
             return self._exit
+        with self._cond:
+            self._cond.wait_for(lambda: self._finished, timeout)
+            return self._exit if self._finished else None
 
     def add_exit_callback(self, callback: Callable[[ExitInfo], None]) -> None:
         """`callback(info)` runs once the worker is gone (at once if it already is)."""
@@ -222,6 +226,9 @@ class WorkerProcess:
                 cb(info)
             except Exception:  # a broken callback must not hide the exit from the others
                 log.exception("exit callback of worker %d failed", self.pid)
+        with self._cond:
+            self._finished = True
+            self._cond.notify_all()
 
     def _wait_forked(self) -> ExitInfo:
         pidfd, self._pidfd = self._pidfd, None

@@ -24,7 +24,8 @@ the shared memory of the host and of those workers, all within well under a seco
 Control protocol: one JSON object per SOCK_SEQPACKET record, file descriptors as ancillary data.
   host -> template: {"op": "spawn", "id", "argv", "env", "cwd"} + fds [stdin, stdout, stderr];
                     {"op": "watch"|"unwatch", "pid"}; {"op": "shutdown"}
-  template -> host: {"op": "ready", "pid", "preload_s", "modules", "failed", "cuda_touched"};
+  template -> host: {"op": "ready", "pid", "preload_s", "modules", "failed", "cuda_mapped",
+                     "fork_cuda_ok", "cuda_touched", "threads"};
                     {"op": "spawned", "id", "pid"} + fds [pidfd]; {"op": "spawn_failed", "id", "error"};
                     {"op": "exit", "pid", "status"}
 """
@@ -48,6 +49,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ _PR_SET_PDEATHSIG = 1
 _PARENT_POLL_S = 0.25     # how often the template checks that the host is still its parent
 _KILL_WAIT_S = 2.0        # after SIGKILL, how long to wait for workers before reaping anyway
 _SPAWN_REPLY_S = 30.0
+_CUDA_PROBE_S = 60.0      # a first CUDA context can take seconds; past this, forks count as unsafe
 
 # Imported by the template before it forks (missing ones are skipped and reported).
 PRELOAD_MODULES: tuple[str, ...] = (
@@ -102,7 +105,7 @@ class Template:
     """Starts and talks to one template process (see module doc). Thread-safe."""
 
     def __init__(self, *, run_id: str, python: str = sys.executable, env: Mapping[str, str] | None = None,
-                 preload: bool = True, start_timeout: float = 60.0,
+                 preload: bool = True, start_timeout: float = 60.0, check_cuda_fork: bool = False,
                  on_death: Callable[[], None] | None = None) -> None:
         self.run_id = run_id
         self.preload = preload
@@ -120,6 +123,8 @@ class Template:
                    "--host-pid", str(os.getpid())]
             if preload:
                 cmd.append("--preload")
+            if preload and check_cuda_fork:
+                cmd.append("--check-cuda-fork")
             self._popen = subprocess.Popen(cmd, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,
                                            stdout=subprocess.DEVNULL, env=None if env is None else dict(env),
                                            start_new_session=True)
@@ -132,6 +137,10 @@ class Template:
         self.preload_s: float = hello.get("preload_s", 0.0)
         self.modules: list[str] = hello.get("modules", [])
         self.failed: dict[str, str] = hello.get("failed", {})
+        # libcuda mapped by an import, and whether a forked child could still use CUDA (None: not
+        # checked); cuda_touched: forked workers must not be used for CUDA.
+        self.cuda_mapped: bool = bool(hello.get("cuda_mapped"))
+        self.fork_cuda_ok: bool | None = hello.get("fork_cuda_ok")
         self.cuda_touched: bool = bool(hello.get("cuda_touched"))
         self._reader = threading.Thread(target=self._read_loop, name=f"sidecar-template-{self.pid}", daemon=True)
         self._reader.start()
@@ -298,6 +307,35 @@ def _libcuda_loaded() -> bool:
             return any("libcuda.so" in line for line in f)
     except OSError:
         return False
+
+
+def _probe_cuda_fork(timeout: float) -> bool:
+    """Can a child forked from this process use CUDA? (It cannot if CUDA was initialised here.)
+
+    libcuda can be mapped by an import without cuInit having run; the only reliable answer is to
+    fork and try, so a child creates a context and touches the GPU once, then exits.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    pid = os.fork()
+    if pid == 0:
+        ok = False
+        try:
+            import torch
+
+            ok = bool((torch.ones(1, device="cuda") + 1).item() == 2.0)
+        except BaseException:  # noqa: BLE001 - any failure means "not usable after fork"
+            traceback.print_exc()
+        os._exit(0 if ok else 1)
+    pidfd = os.pidfd_open(pid)
+    try:
+        readable, _, _ = select.select([pidfd], [], [], timeout)
+        if not readable:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        os.close(pidfd)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
 
 
 def _child(msg: dict[str, Any], fds: list[int], template_pid: int, to_close: list[int]) -> None:
@@ -491,8 +529,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--host-pid", type=int, required=True)
     parser.add_argument("--preload", action="store_true")
+    parser.add_argument("--check-cuda-fork", action="store_true",
+                        help="if libcuda is mapped after the preload, fork a child that uses CUDA to "
+                             "see whether forked workers can")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host decides when workers stop
+    # Python 3.12+ warns about fork() in a process with threads. Ours are BLAS pools started by the
+    # numpy import, which re-create themselves in the child (pthread_atfork); no Python thread runs.
+    warnings.filterwarnings("ignore", message=r".*use of fork\(\) may lead to deadlocks",
+                            category=DeprecationWarning)
     sock = socket.socket(fileno=args.fd)
     if os.getppid() != args.host_pid:
         return 0
@@ -504,9 +549,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     lifecycle.cap_thread_env(lifecycle.default_threads())
     started = time.perf_counter()
     modules, failed = _preload() if args.preload else ([], {})
-    hello = {"op": "ready", "pid": os.getpid(), "preload_s": time.perf_counter() - started,
-             "modules": modules, "failed": failed, "cuda_touched": _libcuda_loaded(),
-             "threads": threading.active_count()}
+    preload_s = time.perf_counter() - started
+    cuda_mapped = _libcuda_loaded()
+    fork_cuda_ok: bool | None = None
+    if cuda_mapped and args.check_cuda_fork:
+        fork_cuda_ok = _probe_cuda_fork(_CUDA_PROBE_S)
+    hello = {"op": "ready", "pid": os.getpid(), "preload_s": preload_s, "modules": modules, "failed": failed,
+             "cuda_mapped": cuda_mapped, "fork_cuda_ok": fork_cuda_ok,
+             "cuda_touched": cuda_mapped and not fork_cuda_ok, "threads": threading.active_count()}
     _send(sock, hello)
     return _TemplateServer(sock, args.run_id, args.host_pid).run()
 

@@ -347,10 +347,12 @@ class Hardware(_message.Message):
     def __init__(self, platform: _Optional[str] = ..., hostname: _Optional[str] = ..., cpu: _Optional[_Union[CpuInfo, _Mapping]] = ..., cuda: _Optional[_Union[CudaInfo, _Mapping]] = ..., mps_available: _Optional[bool] = ..., device: _Optional[str] = ..., identity: _Optional[str] = ..., python_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., sidecar_version: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class TelemetryRequest(_message.Message):
-    __slots__ = ("memory_interval_s",)
+    __slots__ = ("memory_interval_s", "batch_window_ms")
     MEMORY_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    BATCH_WINDOW_MS_FIELD_NUMBER: _ClassVar[int]
     memory_interval_s: float
-    def __init__(self, memory_interval_s: _Optional[float] = ...) -> None: ...
+    batch_window_ms: int
+    def __init__(self, memory_interval_s: _Optional[float] = ..., batch_window_ms: _Optional[int] = ...) -> None: ...
 
 class CallSpan(_message.Message):
     __slots__ = ("phase", "op", "request_id", "duration_ns", "bytes_in", "bytes_out", "outcome", "timing")
@@ -426,18 +428,20 @@ class PoolEvent(_message.Message):
     def __init__(self, event: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class TelemetryEvent(_message.Message):
-    __slots__ = ("time_unix_ns", "pid", "span", "memory", "pool")
+    __slots__ = ("time_unix_ns", "pid", "span", "memory", "pool", "batch")
     TIME_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     time_unix_ns: int
     pid: int
     span: CallSpan
     memory: MemorySample
     pool: PoolEvent
-    def __init__(self, time_unix_ns: _Optional[int] = ..., pid: _Optional[int] = ..., span: _Optional[_Union[CallSpan, _Mapping]] = ..., memory: _Optional[_Union[MemorySample, _Mapping]] = ..., pool: _Optional[_Union[PoolEvent, _Mapping]] = ...) -> None: ...
+    batch: _containers.RepeatedCompositeFieldContainer[TelemetryEvent]
+    def __init__(self, time_unix_ns: _Optional[int] = ..., pid: _Optional[int] = ..., span: _Optional[_Union[CallSpan, _Mapping]] = ..., memory: _Optional[_Union[MemorySample, _Mapping]] = ..., pool: _Optional[_Union[PoolEvent, _Mapping]] = ..., batch: _Optional[_Iterable[_Union[TelemetryEvent, _Mapping]]] = ...) -> None: ...
 
 class Shape(_message.Message):
     __slots__ = ("dims",)

@@ -94,7 +94,8 @@ class SidecarServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchTelemetry(self, request, context):
-        """Call spans and memory samples as they happen, until the client cancels.
+        """Call spans and memory samples as they happen, until the client cancels. One event per message,
+        unless the watcher asks for batching (TelemetryRequest.batch_window_ms; see TelemetryEvent.batch).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

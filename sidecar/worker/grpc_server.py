@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 import stat
 import tempfile
 import threading
+import time
 import traceback
 from concurrent import futures
 from dataclasses import dataclass
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Sidecar"].full_name  # "sidecar.v1.Sidecar"
 CONTROL_THREADS = 8       # health, ListOps, GetHardware, Release, and rejections while calls run
 MAX_WATCHERS = 8          # WatchTelemetry streams each hold a server thread for their lifetime
+MAX_BATCH_WINDOW_MS = 1000  # a watcher asking for batching waits at most this long per message
+TELEMETRY_BATCH_MAX = 1024  # events per message (~100 KB), far below the message limit
 DEFAULT_MAX_MESSAGE = 4 << 20
 
 
@@ -163,9 +167,22 @@ class SidecarServicer(pb_grpc.SidecarServicer):
             sub = self._rt.telemetry.subscribe(interval or 1.0)
             self._subs.add(sub)
         context.add_callback(sub.close)  # the client cancelled or went away
+        window_s = min(request.batch_window_ms, MAX_BATCH_WINDOW_MS) / 1000.0
         try:
-            for event in sub:
-                yield wire.telemetry_to_pb(event)
+            while True:
+                event = sub.get()  # blocks until an event, or None once closed
+                if event is None:
+                    return
+                if not window_s:
+                    yield wire.telemetry_to_pb(event)
+                    continue
+                # Batch: instead of one stream message (and one wake-up that takes the interpreter
+                # from a running call) per span, wait a moment and send what piled up as one message.
+                time.sleep(window_s)
+                events = [wire.telemetry_to_pb(event)]
+                while len(events) < TELEMETRY_BATCH_MAX and (event := sub.get(timeout=0)) is not None:
+                    events.append(wire.telemetry_to_pb(event))
+                yield pb.TelemetryEvent(batch=events)
         finally:
             sub.close()
             with self._lock:
@@ -187,6 +204,16 @@ def _with_call_ids(err: SidecarError, request: pb.ExecuteRequest) -> SidecarErro
     if missing:
         err.fields.update(missing)
     return err
+
+
+def _socket_in_use(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(path)
+        except OSError:
+            return False
+        return True
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -224,6 +251,8 @@ class SidecarServer:
             if os.path.exists(path):
                 if not stat.S_ISSOCK(os.lstat(path).st_mode):
                     raise FileExistsError(f"{path} exists and is not a socket")
+                if _socket_in_use(path):
+                    raise OSError(f"another process is listening on {path}")
                 os.unlink(path)  # a stale socket of a dead worker
             old = os.umask(0o177)  # the socket is born 0600: no window where others may connect
             try:

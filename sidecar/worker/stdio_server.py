@@ -31,9 +31,9 @@ from typing import Any, Callable, Mapping
 import sidecar
 from sidecar import etf
 from sidecar.dataplane.refs import ArrowRef, CudaIpcStorage, InlineStorage, ShmStorage, TensorRef
-from sidecar.errors import InvalidArgument, InvalidTensorRef, OpFailed, Overloaded, SidecarError
+from sidecar.errors import Cancelled, InvalidArgument, InvalidTensorRef, OpFailed, Overloaded, SidecarError
 from sidecar.etf import Atom
-from sidecar.worker.calls import Call, CallResult, OutputSpec, Placement
+from sidecar.worker.calls import Call, CallResult, Placement
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,9 @@ __all__ = ["serve_stdio", "StdioServer", "MAX_FRAME"]
 MAX_FRAME = int(os.environ.get("SIDECAR_STDIO_MAX_FRAME", str(1 << 30)))
 CONTROL_THREADS = 4
 TAINTED_EXIT = 70
-EOF_GRACE_S = 5.0  # in-flight calls may finish (and free what they hold) after the host went away
+EOF_GRACE_S = 5.0    # in-flight calls may finish (and free what they hold) after the host went away
+TERM_GRACE_S = 10.0  # SIGTERM: calls in flight finish and are answered before the worker exits
+FAST_GRACE_S = 0.5   # the parent died: nobody reads the answers
 UNDEFINED = Atom("undefined")
 _HEADER = struct.Struct(">I")
 _PLACEMENTS = {p.name.lower(): p for p in Placement}
@@ -395,11 +397,13 @@ class StdioServer:
         self._lock = threading.Lock()
         self._in_flight = 0
         self._idle = threading.Condition(self._lock)
-        self._cancelled: set[Any] = set()
+        self._active: set[Any] = set()     # ids of calls admitted and not yet answered
+        self._cancelled: set[Any] = set()  # the subset the host cancelled
         self._sub: Any = None
         self.done = threading.Event()
         self.exit_code = 0
         self.host_gone = False
+        self.closing = ""  # set when shutting down: new calls are refused with this reason
 
     # -- frames --------------------------------------------------------------------------------------
 
@@ -506,8 +510,10 @@ class StdioServer:
             self._unsubscribe()
             self.send((Atom("ok"), req_id, Atom("unsubscribed")))
         elif tag == "cancel" and arity == 2:
+            key = _hashable(req[1])
             with self._lock:
-                self._cancelled.add(_hashable(req[1]))
+                if key in self._active:  # a late cancel (the call already answered) is a no-op
+                    self._cancelled.add(key)
         else:
             raise InvalidArgument(
                 f"unknown request {_show(req)}: expected {{:call, id, op, inputs, attrs[, opts]}}, "
@@ -530,6 +536,9 @@ class StdioServer:
         self.control.submit(run)
 
     def _submit_call(self, req: tuple[Any, ...], req_id: Any) -> None:
+        if self.closing:
+            raise Cancelled(f"worker is shutting down ({self.closing}); call refused",
+                            op=_text(req[2], "op") if _is_text(req[2]) else None)
         key = _hashable(req_id)
         try:
             call = call_from_term(req, is_cancelled=lambda: key in self._cancelled)
@@ -543,6 +552,7 @@ class StdioServer:
             admitted = self._in_flight < self.limit
             if admitted:
                 self._in_flight += 1
+                self._active.add(key)
             depth = self._in_flight
         if not admitted:
             self._release_quietly(call.release)
@@ -575,6 +585,7 @@ class StdioServer:
         finally:
             with self._lock:
                 self._in_flight -= 1
+                self._active.discard(key)
                 self._cancelled.discard(key)
                 self._idle.notify_all()
             if self.rt.dispatcher.tainted:
@@ -685,8 +696,9 @@ def ready_term(runtime: Any) -> tuple[Any, ...]:
 def serve_stdio(runtime: Any, shutdown: Any = None) -> int:
     """Serve the port protocol on stdin/stdout until stdin closes; returns the exit code.
 
-    `shutdown` (a `lifecycle.Shutdown`) lets SIGTERM stop the loop: new frames are no longer read and
-    in-flight calls drain first. A tainted device ends the loop with exit code 70.
+    `shutdown` (a `lifecycle.Shutdown`): once requested (SIGTERM, parent death) new calls are refused
+    and the calls in flight finish and are answered (briefly when the parent is gone) before the
+    return. A tainted device ends the loop with exit code 70.
     """
     in_fd, out_fd = _take_stdio()
     server = StdioServer(runtime, in_fd, out_fd)
@@ -694,13 +706,16 @@ def serve_stdio(runtime: Any, shutdown: Any = None) -> int:
     log.info("serving the port protocol on stdio (device %s, pid %d)", runtime.device, os.getpid())
     reader = threading.Thread(target=server.read_loop, name="sidecar-stdio-reader", daemon=True)
     reader.start()
-    reason = "stdin closed"
+    reason, grace, code = "stdin closed", EOF_GRACE_S, 0
     while not server.done.wait(0.2):
         if shutdown is not None and shutdown.event.is_set():
             reason = shutdown.reason or "shutdown requested"
+            grace = FAST_GRACE_S if shutdown.fast else TERM_GRACE_S
+            code = int(getattr(shutdown, "exit_code", 0) or 0)
             break
     if server.exit_code == TAINTED_EXIT:
-        reason = "device tainted"
-    log.info("%s: stopping (%d calls in flight)", reason, server._in_flight)
-    server.close(EOF_GRACE_S)
-    return server.exit_code
+        reason, code = "device tainted", TAINTED_EXIT
+    server.closing = reason
+    log.info("%s: stopping (%d calls in flight, up to %.1f s to finish)", reason, server._in_flight, grace)
+    server.close(grace)
+    return code

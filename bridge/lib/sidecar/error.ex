@@ -80,8 +80,7 @@ defmodule Sidecar.Error do
     {kind, term} = Map.pop(term, :kind, :op_failed)
     {message, term} = Map.pop(term, :message, "")
 
-    {known, unknown} =
-      Enum.split_with(term, fn {k, _} -> is_atom(k) and k in @fields end)
+    {known, unknown} = Enum.split_with(term, fn {k, _} -> is_atom(k) and k in @fields end)
 
     struct(
       %__MODULE__{kind: kind_atom(kind), message: to_string(message), details: Map.new(unknown)},
@@ -117,8 +116,7 @@ defimpl Inspect, for: Sidecar.Error do
 
   # Only the fields that are set: an error has a handful of the 27 possible ones.
   def inspect(%Sidecar.Error{} = e, opts) do
-    fields =
-      for f <- [:kind, :message | Sidecar.Error.fields()], (v = Map.get(e, f)) != nil, do: {f, v}
+    fields = for f <- [:kind, :message | Sidecar.Error.fields()], (v = Map.get(e, f)) != nil, do: {f, v}
 
     fields = if e.details == %{}, do: fields, else: fields ++ [details: e.details]
 

@@ -75,7 +75,9 @@ defmodule Sidecar.Pool do
       %{
         id: :workers,
         type: :supervisor,
-        start: {Supervisor, :start_link, [workers, [strategy: :one_for_one, max_restarts: 1_000_000, max_seconds: 1]]}
+        start:
+          {Supervisor, :start_link,
+           [workers, [strategy: :one_for_one, max_restarts: 1_000_000, max_seconds: 1]]}
       }
     ]
 

@@ -66,8 +66,7 @@ defmodule Sidecar.Shm do
     file = path(name)
 
     with {:ok, fd} <- fd,
-         :ok <- fill(fd, file, data, nbytes) do
-      {:ok, %File.Stat{inode: inode}} = File.stat(file)
+         {:ok, inode} <- fill(fd, file, data, nbytes) do
       {:ok, %{name: name, nbytes: nbytes, inode: inode}}
     else
       {:error, %Sidecar.Error{} = err} ->
@@ -108,21 +107,29 @@ defmodule Sidecar.Shm do
 
   defp fill(fd, file, data, nbytes) do
     result =
-      with :ok <- reserve(fd, nbytes) do
-        case data do
-          {:zeros, _} -> :ok
-          io -> :file.pwrite(fd, 0, io)
-        end
+      with :ok <- reserve(fd, nbytes),
+           :ok <- write_data(fd, data),
+           # The inode from the open descriptor: the one the worker will map, whatever the path does.
+           {:ok, info} <- :file.read_file_info(fd) do
+        {:ok, File.Stat.from_record(info).inode}
       end
 
     File.close(fd)
 
     case result do
-      :ok -> :ok
-      {:error, reason} when reason in [:enospc, :enomem, :efbig, :edquot] -> {:error, no_space(file, nbytes, reason)}
-      {:error, reason} -> {:error, reason}
+      {:ok, inode} ->
+        {:ok, inode}
+
+      {:error, reason} when reason in [:enospc, :enomem, :efbig, :edquot] ->
+        {:error, no_space(file, nbytes, reason)}
+
+      {:error, reason} ->
+        {:error, reason}
     end
   end
+
+  defp write_data(_fd, {:zeros, _}), do: :ok
+  defp write_data(fd, io), do: :file.pwrite(fd, 0, io)
 
   defp reserve(_fd, 0), do: :ok
 
@@ -202,7 +209,9 @@ defmodule Sidecar.Shm do
   end
 
   defp check_name(name) do
-    if valid_name?(name), do: :ok, else: {:error, bad_ref(inspect(name), "is not a /sc-<run>-<pid>-<hex> name")}
+    if valid_name?(name),
+      do: :ok,
+      else: {:error, bad_ref(inspect(name), "is not a /sc-<run>-<pid>-<hex> name")}
   end
 
   defp bad_ref(name, what),

@@ -23,7 +23,8 @@ defmodule Sidecar.Tensor do
   defstruct dtype: nil, shape: [], strides: nil, storage: nil, lease: nil
 
   @type storage ::
-          {:shm, %{name: String.t(), offset: non_neg_integer, nbytes: non_neg_integer, inode: non_neg_integer}}
+          {:shm,
+           %{name: String.t(), offset: non_neg_integer, nbytes: non_neg_integer, inode: non_neg_integer}}
           | {:data, binary}
           | {:cuda_ipc, map}
   @type t :: %__MODULE__{
@@ -102,7 +103,11 @@ defmodule Sidecar.Tensor do
   def empty(dtype, shape, opts \\ []) do
     with {:ok, dtype, shape} <- check(dtype, shape),
          {:ok, seg} <-
-           Shm.create({:zeros, Enum.product(shape) * itemsize(dtype)}, Keyword.get(opts, :owner, self()), opts[:pool]) do
+           Shm.create(
+             {:zeros, Enum.product(shape) * itemsize(dtype)},
+             Keyword.get(opts, :owner, self()),
+             opts[:pool]
+           ) do
       {:ok, %__MODULE__{dtype: dtype, shape: shape, storage: {:shm, Map.put(seg, :offset, 0)}}}
     end
   end
@@ -117,7 +122,9 @@ defmodule Sidecar.Tensor do
       do: Shm.write(name, off, binary)
 
   def write(%__MODULE__{storage: {:shm, %{nbytes: n}}}, binary),
-    do: {:error, Error.new(:invalid_argument, "write needs #{n} bytes, got #{byte_size(binary)}", field: "data")}
+    do:
+      {:error,
+       Error.new(:invalid_argument, "write needs #{n} bytes, got #{byte_size(binary)}", field: "data")}
 
   def write(%__MODULE__{}, _),
     do: {:error, Error.new(:invalid_argument, "only shared-memory tensors can be written in place")}
@@ -128,7 +135,9 @@ defmodule Sidecar.Tensor do
   """
   @spec to_binary(t) :: {:ok, binary} | {:error, Error.t()}
   def to_binary(%__MODULE__{storage: {:data, bin}}), do: {:ok, bin}
-  def to_binary(%__MODULE__{storage: {:shm, %{name: name, offset: off, nbytes: n}}}), do: Shm.read(name, off, n)
+
+  def to_binary(%__MODULE__{storage: {:shm, %{name: name, offset: off, nbytes: n}}}),
+    do: Shm.read(name, off, n)
 
   def to_binary(%__MODULE__{storage: {kind, _}}),
     do: {:error, Error.new(:device_unavailable, "a #{kind} tensor cannot be read from the VM")}
@@ -187,12 +196,17 @@ defmodule Sidecar.Tensor do
     cond do
       not Map.has_key?(@itemsize, dtype) ->
         {:error,
-         Error.new(:invalid_tensor_ref, "unsupported dtype #{inspect(dtype)}; supported: #{Enum.join(dtypes(), ", ")}",
+         Error.new(
+           :invalid_tensor_ref,
+           "unsupported dtype #{inspect(dtype)}; supported: #{Enum.join(dtypes(), ", ")}",
            field: "dtype"
          )}
 
       not (is_list(shape) and Enum.all?(shape, &(is_integer(&1) and &1 >= 0))) ->
-        {:error, Error.new(:invalid_tensor_ref, "shape must be a list of non-negative integers, got #{inspect(shape)}",
+        {:error,
+         Error.new(
+           :invalid_tensor_ref,
+           "shape must be a list of non-negative integers, got #{inspect(shape)}",
            field: "shape"
          )}
 
@@ -208,7 +222,9 @@ defmodule Sidecar.Tensor do
       do: :ok,
       else:
         {:error,
-         Error.new(:invalid_tensor_ref, "#{dtype} #{inspect(shape)} needs #{want} bytes, the binary has #{size}",
+         Error.new(
+           :invalid_tensor_ref,
+           "#{dtype} #{inspect(shape)} needs #{want} bytes, the binary has #{size}",
            field: "nbytes",
            expected: "#{want}",
            got: "#{size}"

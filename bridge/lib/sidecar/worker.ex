@@ -161,7 +161,10 @@ defmodule Sidecar.Worker do
     rescue
       e in ErlangError ->
         # e.g. the python executable does not exist: count it as a crash so restarts back off.
-        Logger.error("sidecar worker #{inspect(state.pool)}/#{state.slot} cannot start #{exe}: #{inspect(e.original)}")
+        Logger.error(
+          "sidecar worker #{inspect(state.pool)}/#{state.slot} cannot start #{exe}: #{inspect(e.original)}"
+        )
+
         send(self(), {:spawn_failed, e.original})
         %{state | status: :failed}
     end
@@ -201,6 +204,9 @@ defmodule Sidecar.Worker do
   def handle_call({:request, id, req}, from, %{status: :ready} = state) do
     send_frame(state, put_elem(req, 1, id))
     {:noreply, put_in(state.pending[id], {:call, from})}
+  rescue
+    # The port closed under us (its exit status is on the way): the caller routes elsewhere.
+    ArgumentError -> {:reply, {:error, :not_ready}, state}
   end
 
   def handle_call({:request, _id, _req}, _from, state), do: {:reply, {:error, :not_ready}, state}
@@ -229,7 +235,9 @@ defmodule Sidecar.Worker do
     end
   end
 
-  def handle_cast({:release, ids}, %{status: :ready} = state), do: {:noreply, internal(state, {:release, 0, ids})}
+  def handle_cast({:release, ids}, %{status: :ready} = state),
+    do: {:noreply, internal(state, {:release, 0, ids})}
+
   # A worker that is not running holds no leases any more (its segments went with it).
   def handle_cast({:release, _ids}, state), do: {:noreply, state}
 
@@ -237,6 +245,8 @@ defmodule Sidecar.Worker do
     id = System.unique_integer([:positive])
     send_frame(state, put_elem(req, 1, id))
     put_in(state.pending[id], :internal)
+  rescue
+    ArgumentError -> state
   end
 
   defp send_frame(%{port: port}, term), do: Port.command(port, :erlang.term_to_binary(term))
@@ -315,7 +325,8 @@ defmodule Sidecar.Worker do
         with :ok <- tag, %{leases: [_ | _] = ids} <- payload, do: send_frame(state, {:release, 0, ids})
 
       :internal ->
-        if tag == :error, do: Logger.warning("sidecar worker #{state.os_pid}: #{inspect(Error.from_term(payload))}")
+        if tag == :error,
+          do: Logger.warning("sidecar worker #{state.os_pid}: #{inspect(Error.from_term(payload))}")
 
       nil ->
         if tag == :error,

@@ -29,7 +29,12 @@ defmodule Sidecar.Pool.Manager do
   def init(cfg) do
     Process.flag(:trap_exit, true)
     table = :ets.new(cfg.name, [:set, :public, :named_table, read_concurrency: true, write_concurrency: true])
-    :ets.insert(table, {:config, Map.take(cfg, [:timeout, :max_attempts, :retry_backoff_ms, :read, :workers])})
+
+    :ets.insert(
+      table,
+      {:config, Map.take(cfg, [:timeout, :max_attempts, :retry_backoff_ms, :read, :workers])}
+    )
+
     swept = Shm.sweep_dead()
     if swept > 0, do: Logger.info("sidecar pool #{inspect(cfg.name)}: removed #{swept} stale segments")
     {:ok, %{cfg: cfg, crashes: %{}, os_pids: %{}, monitors: %{}}}
@@ -41,7 +46,9 @@ defmodule Sidecar.Pool.Manager do
   @impl true
   def handle_cast({:spawned, _slot, pid, os_pid}, state) do
     monitors =
-      if Map.has_key?(state.monitors, pid), do: state.monitors, else: Map.put(state.monitors, pid, Process.monitor(pid))
+      if Map.has_key?(state.monitors, pid),
+        do: state.monitors,
+        else: Map.put(state.monitors, pid, Process.monitor(pid))
 
     {:noreply, %{state | os_pids: Map.put(state.os_pids, pid, os_pid), monitors: monitors}}
   end
