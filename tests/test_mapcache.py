@@ -165,3 +165,19 @@ def test_child_process_maps_through_cache_and_writes(made):
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "3" and memoryview(src)[1] == 99
+
+
+def test_map_and_unmap_hooks_see_each_cached_mapping_once(made):
+    """The hooks a CUDA worker uses to page-lock its inputs: once per mapping, undone before it goes."""
+    a, b = made(4096, 1), made(4096, 2)
+    mapped: list[str] = []
+    unmapped: list[tuple[str, bool]] = []
+    cache = MappingCache(max_entries=1, on_map=lambda s: mapped.append(s.name),
+                         on_unmap=lambda s: unmapped.append((s.name, s.closed)))
+    cache.get(a.name)
+    cache.get(a.name)  # a hit: no second registration
+    assert mapped == [a.name] and unmapped == []
+    cache.get(b.name)  # evicts a (max_entries=1): unregistered while still mapped
+    assert mapped == [a.name, b.name] and unmapped == [(a.name, False)]
+    cache.clear()
+    assert unmapped == [(a.name, False), (b.name, False)]

@@ -19,7 +19,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from sidecar._native import Segment, unlink
 from sidecar.dataplane.names import default_run_id, validate_run_id
@@ -128,10 +128,13 @@ class Arena:
     """Thread-safe allocator of shared-memory blocks; the creator owns (and unlinks) every segment."""
 
     def __init__(self, run_id: str | None = None, *, max_cached_bytes: int = 2 << 30,
-                 prefault: bool = True) -> None:
+                 prefault: bool = True, on_create: Callable[[Segment], Any] | None = None,
+                 on_destroy: Callable[[Segment], Any] | None = None) -> None:
         self.run_id = validate_run_id(run_id) if run_id is not None else default_run_id()
         self.max_cached_bytes = max_cached_bytes
         self.prefault = prefault
+        # e.g. pin each new segment for CUDA and unpin it before it is unmapped (cuda_ipc)
+        self._on_create, self._on_destroy = on_create, on_destroy
         self._lock = threading.Lock()
         self._free: dict[int, list[Segment]] = {}          # capacity -> warm segments, last = warmest
         self._free_lru: OrderedDict[str, Segment] = OrderedDict()  # oldest release first (eviction order)
@@ -169,11 +172,14 @@ class Arena:
 
     def _create(self, cap: int) -> Segment:
         try:
-            return create_segment(cap, self.run_id, self.prefault)
+            seg = create_segment(cap, self.run_id, self.prefault)
         except OutOfMemory:
             if not self.trim():  # warm memory we hold may be what is missing
                 raise
-            return create_segment(cap, self.run_id, self.prefault)
+            seg = create_segment(cap, self.run_id, self.prefault)
+        if self._on_create is not None:
+            self._on_create(seg)
+        return seg
 
     def _take_cached(self, cap: int) -> Segment | None:
         stack = self._free.get(cap)
@@ -218,6 +224,8 @@ class Arena:
         self._destroy(seg)
 
     def _destroy(self, seg: Segment) -> None:
+        if self._on_destroy is not None:
+            self._on_destroy(seg)  # before the unmap
         seg.close()  # deferred while anyone still holds a view
         try:
             unlink(seg.name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Any, Callable
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -32,8 +33,13 @@ class MapCacheStats:
 class MappingCache:
     """Thread-safe LRU of mapped segments. `get` returns a Segment the caller must not close."""
 
-    def __init__(self, max_entries: int = 512, max_bytes: int = 64 << 30, *, prefault: bool = False) -> None:
+    def __init__(self, max_entries: int = 512, max_bytes: int = 64 << 30, *, prefault: bool = False,
+                 on_map: Callable[[Segment], Any] | None = None,
+                 on_unmap: Callable[[Segment], Any] | None = None) -> None:
         self.max_entries = max_entries
+        # e.g. page-lock each cached mapping for CUDA (a CUDA worker's inputs then reach the GPU at full
+        # speed) and unlock it before the mapping goes; called under the cache's lock, on misses only
+        self._on_map, self._on_unmap = on_map, on_unmap
         self.max_bytes = max_bytes
         self.prefault = prefault  # map new entries with MAP_POPULATE (no page faults on first touch)
         self._lock = threading.Lock()
@@ -90,6 +96,8 @@ class MappingCache:
                 return seg  # too big to cache: the caller's reference keeps it mapped
             self._lru[key] = seg
             self._bytes += seg.size
+            if self._on_map is not None:
+                self._on_map(seg)
             while len(self._lru) > self.max_entries or self._bytes > self.max_bytes:
                 self._drop(next(iter(self._lru)))
             return seg
@@ -97,6 +105,8 @@ class MappingCache:
     def _drop(self, key: tuple[str, int]) -> None:
         seg = self._lru.pop(key)
         self._bytes -= seg.size
+        if self._on_unmap is not None:
+            self._on_unmap(seg)
         seg.close()  # the unmap waits for live views
 
     def evict(self, name: str) -> int:

@@ -131,7 +131,17 @@ def build_runtime(opts: WorkerOptions) -> Runtime:
         registry.load_module(DEBUG_OPS)
     for module in opts.ops_modules:
         registry.load_module(module)
-    runtime = Runtime(opts, device, registry, Arena(opts.run_id), MappingCache(),
+    pin_arena: dict[str, Any] = {}
+    pin_inputs: dict[str, Any] = {}
+    if device.type == "cuda":  # pinned shared memory: copies between it and the GPU run at full speed
+        from sidecar.dataplane import cuda_ipc
+
+        def pin(seg: Any) -> bool:
+            return cuda_ipc.register_host_memory(seg, device.index or 0)
+
+        pin_arena = {"on_create": pin, "on_destroy": cuda_ipc.unregister_host_memory}
+        pin_inputs = {"on_map": pin, "on_unmap": cuda_ipc.unregister_host_memory}
+    runtime = Runtime(opts, device, registry, Arena(opts.run_id, **pin_arena), MappingCache(**pin_inputs),
                       LeaseTable(opts.lease_ttl_s, opts.max_leases), Telemetry())
     try:
         registry.run_startup_hooks(runtime)
