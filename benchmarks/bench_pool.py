@@ -13,7 +13,8 @@ SIGKILL, and we time (from just before the kill) until
 Also the replacement's unique memory (USS) and the one-time template start.
 
 Throughput: threads issue small `add` calls (16 float32 each, inline) for a fixed time through
-pools of 1, 2 and 4 workers, next to the same calls through one bare `Client` (no pool).
+pools of 1, 2 and 4 workers, next to the same calls through one bare `Client` (no pool); with one
+thread, the difference between the bare client and Pool(1) is the pool's own cost per call.
 
 Run: .venv/bin/python benchmarks/bench_pool.py [--trials 15] [--cold-trials 5] [--seconds 3]
      [--device cuda] [--json] [--json-out FILE]
@@ -138,6 +139,8 @@ def throughput(seconds: float, threads_per_worker: int, device: str = "auto") ->
     try:
         threads = max(2, threads_per_worker)  # as many as Pool(1) gets below
         _drive(client.call, threads, 0.5)  # warm up
+        n = _drive(client.call, 1, seconds)
+        rows.append({"setup": "bare Client, 1 worker", "workers": 1, "threads": 1, "calls_per_s": n / seconds})
         n = _drive(client.call, threads, seconds)
         rows.append({"setup": "bare Client, 1 worker", "workers": 1, "threads": threads,
                      "calls_per_s": n / seconds})
@@ -149,6 +152,9 @@ def throughput(seconds: float, threads_per_worker: int, device: str = "auto") ->
         with Pool(workers, health_interval_s=0, device=device) as pool:
             threads = max(2, workers * threads_per_worker)
             _drive(pool.call, threads, 0.5)
+            if workers == 1:  # the pool's own cost per call, next to the bare client's
+                n = _drive(pool.call, 1, seconds)
+                rows.append({"setup": "Pool(1)", "workers": 1, "threads": 1, "calls_per_s": n / seconds})
             n = _drive(pool.call, threads, seconds)
             rows.append({"setup": f"Pool({workers})", "workers": workers, "threads": threads,
                          "calls_per_s": n / seconds})
@@ -196,12 +202,16 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{m['mode']} {m['pool_start_s']:.2f} s" for m in modes))
     print(f"('retried' includes the op's own {BUSY_S * 1000:.0f} ms and the retry backoff)")
     if tput:
-        base = tput[0]["calls_per_s"]
+        bare = {r["threads"]: r["calls_per_s"] for r in tput if r["setup"].startswith("bare")}
         print()
-        print("Small calls (add, 2 x 16 float32, inline)")
-        print(f"{'setup':<24} {'threads':>7} {'calls/s':>9} {'vs bare':>8}")
+        print("Small calls (add, 2 x 16 float32, inline); 'vs bare' compares with the bare client at the")
+        print("same thread count (1 thread), else with the bare client's multi-threaded row")
+        print(f"{'setup':<24} {'threads':>7} {'calls/s':>9} {'us/call':>8} {'vs bare':>8}")
         for r in tput:
-            print(f"{r['setup']:<24} {r['threads']:>7} {r['calls_per_s']:>9.0f} {r['calls_per_s'] / base:>7.2f}x")
+            base = bare.get(r["threads"], max(bare.values()))
+            us = 1e6 / r["calls_per_s"] * r["threads"] if r["calls_per_s"] else float("nan")
+            print(f"{r['setup']:<24} {r['threads']:>7} {r['calls_per_s']:>9.0f} {us:>8.0f} "
+                  f"{r['calls_per_s'] / base:>7.2f}x")
     return 0
 
 

@@ -24,7 +24,8 @@ HOST = textwrap.dedent("""
     x = np.ones(1 << 18, np.float32)
     held = [pool.call("identity", x, placement="shm") for _ in range(4)]  # worker-owned outputs
     print(json.dumps({"run": pool.run_id, "workers": [r.pid for r in pool.status()],
-                      "template": pool.template_pid}), flush=True)
+                      "template": pool.template_pid, "addresses": [r.address for r in pool.status()]}),
+          flush=True)
     time.sleep(120)
 """)
 
@@ -45,6 +46,8 @@ def test_killing_the_host_leaves_nothing_behind(mode: str) -> None:
         assert line, "the host did not start its pool"
         info = json.loads(line)
         run, workers, template = info["run"], info["workers"], info["template"]
+        sock_dir = os.path.dirname(info["addresses"][0][len("unix:"):])
+        assert os.path.isdir(sock_dir)
         owners = {s.pid for s in reaper.list_segments(run)}
         assert host.pid in owners  # the host's input arena
         assert owners & set(workers)  # outputs in the workers' arenas
@@ -58,7 +61,7 @@ def test_killing_the_host_leaves_nothing_behind(mode: str) -> None:
         while not all(_gone(p) for p in procs) and time.monotonic() - t0 < 10:
             time.sleep(0.005)
         workers_gone_s = time.monotonic() - t0
-        while reaper.list_segments(run) and time.monotonic() - t0 < 10:
+        while (reaper.list_segments(run) or os.path.exists(sock_dir)) and time.monotonic() - t0 < 10:
             time.sleep(0.005)
         shm_clean_s = time.monotonic() - t0
     finally:
@@ -67,6 +70,7 @@ def test_killing_the_host_leaves_nothing_behind(mode: str) -> None:
             host.wait()
     assert all(_gone(p) for p in procs), [p for p in procs if not _gone(p)]
     assert not reaper.list_segments(run)
+    assert not os.path.exists(sock_dir)  # nor the workers' socket files
     print(f"{mode}: workers and template gone {workers_gone_s * 1000:.0f} ms after the host's SIGKILL, "
-          f"/dev/shm clean after {shm_clean_s * 1000:.0f} ms")
+          f"/dev/shm and sockets clean after {shm_clean_s * 1000:.0f} ms")
     assert workers_gone_s < 1.0

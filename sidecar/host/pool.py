@@ -270,13 +270,14 @@ class Pool:
             self._template = Template(run_id=self.run_id, python=self._python, env=env,
                                       preload=self.use_template, start_timeout=self._start_timeout,
                                       check_cuda_fork=self.device not in ("cpu", "mps"),
-                                      on_death=self._template_died)
+                                      sock_dir=self._sockdir, on_death=self._template_died)
         except (TemplateError, OSError) as exc:
             if not self.use_template:
                 raise
             log.warning("template process failed (%s); starting workers cold", exc)
             self._template = Template(run_id=self.run_id, python=self._python, env=env, preload=False,
-                                      start_timeout=self._start_timeout, on_death=self._template_died)
+                                      start_timeout=self._start_timeout, sock_dir=self._sockdir,
+                                      on_death=self._template_died)
         self.template_startup_s = self._template.startup_s
         if self._template.preload and self._template.failed:
             log.debug("template could not preload: %s", self._template.failed)

@@ -18,8 +18,9 @@ reaps it and sends the raw wait status to the host, together with a pidfd at spa
 learns of the death even if the template is gone.
 
 The template is also the pool's guardian: when the host dies (control socket EOF, or the template is
-re-parented), it SIGKILLs every worker it forked or was asked to watch, waits for them, and unlinks
-the shared memory of the host and of those workers, all within well under a second.
+re-parented), it SIGKILLs every worker it forked or was asked to watch, waits for them, unlinks the
+shared memory of the host and of those workers and removes the pool's socket directory, all within
+well under a second.
 
 Control protocol: one JSON object per SOCK_SEQPACKET record, file descriptors as ancillary data.
   host -> template: {"op": "spawn", "id", "argv", "env", "cwd"} + fds [stdin, stdout, stderr];
@@ -42,6 +43,7 @@ import os
 import pkgutil
 import select
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -106,7 +108,7 @@ class Template:
 
     def __init__(self, *, run_id: str, python: str = sys.executable, env: Mapping[str, str] | None = None,
                  preload: bool = True, start_timeout: float = 60.0, check_cuda_fork: bool = False,
-                 on_death: Callable[[], None] | None = None) -> None:
+                 sock_dir: str | None = None, on_death: Callable[[], None] | None = None) -> None:
         self.run_id = run_id
         self.preload = preload
         self._on_death = on_death
@@ -125,6 +127,8 @@ class Template:
                 cmd.append("--preload")
             if preload and check_cuda_fork:
                 cmd.append("--check-cuda-fork")
+            if sock_dir:
+                cmd += ["--sock-dir", sock_dir]
             self._popen = subprocess.Popen(cmd, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,
                                            stdout=subprocess.DEVNULL, env=None if env is None else dict(env),
                                            start_new_session=True)
@@ -394,10 +398,11 @@ def _child(msg: dict[str, Any], fds: list[int], template_pid: int, to_close: lis
 
 
 class _TemplateServer:
-    def __init__(self, sock: socket.socket, run_id: str, host_pid: int) -> None:
+    def __init__(self, sock: socket.socket, run_id: str, host_pid: int, sock_dir: str | None = None) -> None:
         self.sock = sock
         self.run_id = run_id
         self.host_pid = host_pid
+        self.sock_dir = sock_dir
         self.sel = selectors.DefaultSelector()
         self.sel.register(sock, selectors.EVENT_READ, None)
         self.children: dict[int, int] = {}  # pid -> pidfd of workers we forked
@@ -520,6 +525,8 @@ class _TemplateServer:
             reaper.reap_dead_owners(self.run_id)
         except BaseException:  # noqa: BLE001 - best effort; the next pool sweeps dead owners too
             traceback.print_exc()
+        if self.sock_dir:
+            shutil.rmtree(self.sock_dir, ignore_errors=True)
         return 0
 
 
@@ -529,6 +536,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--host-pid", type=int, required=True)
     parser.add_argument("--preload", action="store_true")
+    parser.add_argument("--sock-dir", default=None,
+                        help="the pool's directory of worker sockets, removed if the host dies")
     parser.add_argument("--check-cuda-fork", action="store_true",
                         help="if libcuda is mapped after the preload, fork a child that uses CUDA to "
                              "see whether forked workers can")
@@ -558,7 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              "cuda_mapped": cuda_mapped, "fork_cuda_ok": fork_cuda_ok,
              "cuda_touched": cuda_mapped and not fork_cuda_ok, "threads": threading.active_count()}
     _send(sock, hello)
-    return _TemplateServer(sock, args.run_id, args.host_pid).run()
+    return _TemplateServer(sock, args.run_id, args.host_pid, args.sock_dir).run()
 
 
 if __name__ == "__main__":
