@@ -196,6 +196,23 @@ def _channel_target(address: str) -> str:
     return f"unix:{address}"  # a bare socket path
 
 
+
+def empty_in(arena: Arena, shape: int | Sequence[int], dtype: Any = "float32", *, torch: bool = False) -> Any:
+    """An uninitialised array (or CPU torch tensor) in `arena`, returned to it when no view is left."""
+    from sidecar.dataplane import dtypes
+
+    shp = (shape,) if isinstance(shape, int) else tuple(int(d) for d in shape)
+    name = dtypes.name_of(dtype)
+    np_dtype = dtypes.to_numpy_dtype(name)
+    count = int(np.prod(shp, dtype=np.int64)) if shp else 1
+    block = arena.alloc(count * np_dtype.itemsize)
+    arr = _kept(block.ndarray(np_dtype, shp), block.release)
+    if arr is None:  # zero elements: nothing to share
+        block.release()
+        arr = np.empty(shp, np_dtype)
+    return tensors._array_to_torch(arr, name) if torch else arr
+
+
 class Client:
     """A connection to one worker.
 
@@ -250,18 +267,7 @@ class Client:
         natural `out=` destination. Its memory returns to the arena when the array and every view
         of it are gone.
         """
-        from sidecar.dataplane import dtypes
-
-        shp = (shape,) if isinstance(shape, int) else tuple(int(d) for d in shape)
-        name = dtypes.name_of(dtype)
-        np_dtype = dtypes.to_numpy_dtype(name)
-        count = int(np.prod(shp, dtype=np.int64)) if shp else 1
-        block = self.arena.alloc(count * np_dtype.itemsize)
-        arr = _kept(block.ndarray(np_dtype, shp), block.release)
-        if arr is None:  # zero elements: nothing to share
-            block.release()
-            arr = np.empty(shp, np_dtype)
-        return tensors._array_to_torch(arr, name) if torch else arr
+        return empty_in(self.arena, shape, dtype, torch=torch)
 
     # -- calls ------------------------------------------------------------------------------------
 

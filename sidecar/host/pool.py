@@ -37,7 +37,7 @@ from sidecar.dataplane.arena import Arena
 from sidecar.dataplane.names import validate_run_id
 from sidecar.errors import Cancelled, CircuitOpen, InvalidArgument, OpFailed, SidecarError, WorkerCrashed
 from sidecar.host.breaker import BreakerState, CircuitBreaker
-from sidecar.host.client import Client, Result
+from sidecar.host.client import Client, Result, empty_in
 from sidecar.host.crash import Classification, ExitInfo, oom_kill_count, summarize_tail
 from sidecar.host.events import EventBus, EventStream, PoolEvent
 from sidecar.host.spawn import WorkerProcess, WorkerStartError, start_worker
@@ -743,6 +743,27 @@ class Pool:
                 **kwargs: Any) -> Result:
         """Like `call`, but returns the `Result` (outputs, timing, device, leases, bytes)."""
         return self._invoke("execute", op, inputs, idempotent, timeout, kwargs)
+
+    def hardware(self) -> dict[str, Any]:
+        """What a ready worker sees (GetHardware): CPU, CUDA devices, MPS and the device it runs ops on."""
+        return self._on_any_worker("GetHardware", lambda client: client.hardware())
+
+    def list_ops(self) -> list[Any]:
+        """Every op the workers serve (ListOps of a ready worker)."""
+        return self._on_any_worker("ListOps", lambda client: client.list_ops())
+
+    def empty(self, shape: int | Sequence[int], dtype: Any = "float32", *, torch: bool = False) -> Any:
+        """An array (or CPU torch tensor) in the pool's shared arena: passed to `call`, it crosses to
+        whichever worker runs the call as a descriptor only, with no copy (see `Client.empty`)."""
+        return empty_in(self._arena, shape, dtype, torch=torch)
+
+    def _on_any_worker(self, what: str, fn: Callable[[Client], Any]) -> Any:
+        slot, worker = self._acquire(what, None, set())
+        try:
+            return fn(worker.client)
+        finally:
+            with self._lock:
+                worker.inflight -= 1
 
     def is_idempotent(self, op: str) -> bool:
         """What ListOps says about `op` (False for ops it does not know)."""
