@@ -10,7 +10,8 @@ A real worker (`sidecar serve --device cuda`) and the host `Client`; for each si
   shm_staging       the same round trip without CUDA IPC: host GPU -> its shared-memory arena, worker
                     maps it -> GPU -> identity -> back to shared memory -> host -> GPU.
   torch_mp          torch.multiprocessing: the tensor to a spawned process over a torch queue and
-                    back (torch's own CUDA IPC with its reference-counting protocol).
+                    back (torch's own CUDA IPC with its reference-counting protocol); the peer must
+                    send back a clone, since torch refuses to re-send a tensor it received.
   d2h_pinned        reference: one device-to-host copy of the bytes into pinned memory (in-process),
                     what a single host copy on the path would cost at least.
   h2d_shm_pageable  shared-memory segment -> GPU copy (what a worker does with a shm input),
@@ -54,14 +55,21 @@ def cuda_reason() -> str | None:
 
 
 def mp_echo(q_in: Any, q_out: Any) -> None:
-    """torch.multiprocessing peer: sends every tensor straight back."""
+    """torch.multiprocessing peer: sends every tensor back.
+
+    torch.multiprocessing refuses to send on a CUDA tensor that came from another process
+    ("Attempted to send CUDA tensor received from another process"), so the peer must clone it: a
+    device-to-device copy that an identity round trip by CUDA IPC handle does not need.
+    """
     import torch  # noqa: F401  (registers torch's reductions in the child)
 
     while True:
         x = q_in.get()
         if x is None:
             return
-        q_out.put(x)
+        y = x.clone()
+        torch.cuda.synchronize()
+        q_out.put(y)
         del x
 
 
@@ -127,7 +135,7 @@ class Bench:
 
         def torch_mp() -> None:
             self.q_in.put(t)
-            self.keep = self.q_out.get(timeout=60)
+            self.keep = self.q_out.get(timeout=20)  # a failing peer must not hang the run
         record("torch_mp", torch_mp, max(reps, 30))
         self.keep = None
         gc.collect()

@@ -424,6 +424,8 @@ def error_from_pb(m: pb.Error, message: str | None = None) -> SidecarError:
     except ValueError:  # ERROR_KIND_UNSPECIFIED or a kind newer than this client
         kind = ErrorKind.OP_FAILED
     always = _ALWAYS.get(kind, ())
+    if kind is ErrorKind.OUT_OF_MEMORY and m.device.startswith("cuda"):
+        always += ("allocated_bytes", "reserved_bytes")  # torch's figures: 0 is a real answer on a GPU
     fields: dict[str, Any] = {}
     for name in _SCALARS:
         v = getattr(m, name)

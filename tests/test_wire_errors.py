@@ -1,0 +1,43 @@
+"""The error mapping of the gRPC transport, message by message (proto3 cannot tell 0 from unset)."""
+from __future__ import annotations
+
+import pytest
+
+from sidecar import wire
+from sidecar.errors import ERROR_CLASSES, ErrorKind, OutOfMemory, Overloaded, ShapeMismatch
+
+
+def round_trip(err):
+    return wire.error_from_pb(wire.error_to_pb(err))
+
+
+def test_every_kind_keeps_its_class_and_message() -> None:
+    for kind, cls in ERROR_CLASSES.items():
+        back = round_trip(cls(f"a {kind.value} error", op="x"))
+        assert type(back) is cls and back.kind is kind and back.message == f"a {kind.value} error"
+        assert back.op == "x"
+
+
+def test_gpu_out_of_memory_keeps_zero_allocator_figures() -> None:
+    """On a GPU, 'torch holds 0 bytes' is an answer (the memory is someone else's), not a missing field."""
+    err = OutOfMemory("CUDA out of memory", device="cuda:0", requested_bytes=1 << 40, free_bytes=5,
+                      total_bytes=10, allocated_bytes=0, reserved_bytes=0)
+    back = round_trip(err)
+    assert (back.allocated_bytes, back.reserved_bytes) == (0, 0)
+    assert (back.requested_bytes, back.free_bytes, back.total_bytes) == (1 << 40, 5, 10)
+
+
+def test_cpu_out_of_memory_has_no_gpu_figures() -> None:
+    back = round_trip(OutOfMemory("cannot allocate", device="cpu", requested_bytes=8, free_bytes=0, total_bytes=9))
+    assert back.allocated_bytes is None and back.reserved_bytes is None and back.free_bytes == 0
+
+
+@pytest.mark.parametrize("err, fields", [
+    (Overloaded("busy", queue_depth=0, limit=0), {"queue_depth": 0, "limit": 0}),
+    (ShapeMismatch("bad", op="add", input_shapes=[[2, 3], [4]], dim=0, expected="3", got="4"),
+     {"input_shapes": [[2, 3], [4]], "dim": 0, "expected": "3", "got": "4"}),
+])
+def test_structured_fields_survive_including_zeros(err, fields) -> None:
+    back = round_trip(err)
+    assert {k: getattr(back, k) for k in fields} == fields
+    assert back.kind is err.kind and isinstance(back.kind, ErrorKind)
