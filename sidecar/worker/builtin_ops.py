@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from sidecar.errors import DeviceMismatch, DtypeMismatch, InvalidArgument, ShapeMismatch
-from sidecar.worker.registry import op
+from sidecar.worker.registry import OpContext, op
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FLOAT_NAMES = "a floating-point dtype (float16, bfloat16, float32, float64)"
@@ -168,14 +168,28 @@ def broadcast_shapes(opname: str, shapes: Sequence[Sequence[int]], what: str = "
     return out[::-1]
 
 
-def _elementwise(opname: str, a: Any, b: Any) -> tuple[Any, Any]:
+def _elementwise(opname: str, a: Any, b: Any) -> tuple[Any, Any, list[int]]:
+    """The operands and the shape of their (broadcast) result."""
     a, b = _operand(opname, a, 0), _operand(opname, b, 1)
     if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
         raise InvalidArgument(f"{opname}: at least one input must be a tensor", op=opname, field="inputs",
                               input_index=-1, expected="a tensor", got="two numbers")
     _same_device(opname, [a, b])
-    broadcast_shapes(opname, [shape_of(a), shape_of(b)])
-    return a, b
+    return a, b, broadcast_shapes(opname, [shape_of(a), shape_of(b)])
+
+
+def _out(ctx: OpContext | None, shape: Sequence[int], dtype: torch.dtype, *inputs: Any) -> dict[str, torch.Tensor]:
+    """`out=` for a result of known shape and dtype: on a CPU worker a block of the worker's arena,
+    so the result is leased as it is (no fresh pages to fault in, no copy into a block).
+
+    Only when every tensor input is contiguous: torch then lays its own result out contiguously and
+    runs the same loops, so the bits are the same. For other layouts it picks the result's strides
+    from the inputs (and e.g. NaN signs can differ with a contiguous out), so it keeps that choice.
+    Called directly (no ctx), an op allocates as torch does.
+    """
+    if ctx is None or not all(x.is_contiguous() for x in inputs if isinstance(x, torch.Tensor)):
+        return {}
+    return {"out": ctx.empty(shape, dtype)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -190,46 +204,49 @@ def identity(*xs: Any) -> Any:
 
 
 @op("add")
-def add(a: Any, b: Any) -> torch.Tensor:
+def add(a: Any, b: Any, ctx: OpContext | None = None) -> torch.Tensor:
     """a + b, elementwise with broadcasting (either side may be a number). Inputs: a, b. Attrs: none.
     Shape rule: sizes matched from the last dimension must be equal or 1."""
-    a, b = _elementwise("add", a, b)
-    return torch.add(a, b)
+    a, b, shape = _elementwise("add", a, b)
+    return torch.add(a, b, **_out(ctx, shape, torch.result_type(a, b), a, b))
 
 
 @op("sub")
-def sub(a: Any, b: Any) -> torch.Tensor:
+def sub(a: Any, b: Any, ctx: OpContext | None = None) -> torch.Tensor:
     """a - b, elementwise with broadcasting (either side may be a number). Inputs: a, b. Attrs: none.
     Boolean tensors cannot be subtracted."""
-    a, b = _elementwise("sub", a, b)
+    a, b, shape = _elementwise("sub", a, b)
     for i, x in enumerate((a, b)):
         if isinstance(x, torch.Tensor) and x.dtype == torch.bool:
             raise DtypeMismatch("sub: boolean tensors cannot be subtracted", op="sub",
                                 expected="a numeric dtype", got="bool", input_index=i,
                                 suggestion="cast to an integer or float dtype first, or use a logical op")
-    return torch.sub(a, b)
+    return torch.sub(a, b, **_out(ctx, shape, torch.result_type(a, b), a, b))
 
 
 @op("mul")
-def mul(a: Any, b: Any) -> torch.Tensor:
+def mul(a: Any, b: Any, ctx: OpContext | None = None) -> torch.Tensor:
     """a * b, elementwise with broadcasting (either side may be a number). Inputs: a, b. Attrs: none."""
-    a, b = _elementwise("mul", a, b)
-    return torch.mul(a, b)
+    a, b, shape = _elementwise("mul", a, b)
+    return torch.mul(a, b, **_out(ctx, shape, torch.result_type(a, b), a, b))
 
 
 @op("div")
-def div(a: Any, b: Any, *, rounding_mode: str | None = None) -> torch.Tensor:
+def div(a: Any, b: Any, *, rounding_mode: str | None = None, ctx: OpContext | None = None) -> torch.Tensor:
     """a / b, elementwise with broadcasting (either side may be a number). Inputs: a, b.
     Attrs: rounding_mode (optional: "trunc" or "floor"; default true division, which gives floats
     for integer inputs)."""
-    a, b = _elementwise("div", a, b)
+    a, b, shape = _elementwise("div", a, b)
     if rounding_mode not in (None, "trunc", "floor"):
         raise _attr_error("div", "rounding_mode", '"trunc", "floor" or absent', rounding_mode)
-    return torch.div(a, b, rounding_mode=rounding_mode)
+    dtype = torch.result_type(a, b)
+    if rounding_mode is None and not (dtype.is_floating_point or dtype.is_complex):
+        dtype = torch.get_default_dtype()  # true division of integers gives floats
+    return torch.div(a, b, rounding_mode=rounding_mode, **_out(ctx, shape, dtype, a, b))
 
 
 @op("matmul")
-def matmul(a: Any, b: Any) -> torch.Tensor:
+def matmul(a: Any, b: Any, ctx: OpContext | None = None) -> torch.Tensor:
     """Matrix product with torch.matmul semantics (1-D operands are vectors; leading dims are batch
     dims and broadcast). Inputs: a (..., n, k), b (..., k, m). Attrs: none.
     Both operands must have the same dtype."""
@@ -259,8 +276,7 @@ def matmul(a: Any, b: Any) -> torch.Tensor:
             f"matmul: inner dimensions differ: input 0 {_fmt(a.shape)} has {ka} in dimension {a.dim() - 1} but "
             f"input 1 {_fmt(b.shape)} has {kb} in dimension {bdim}",
             op="matmul", input_shapes=shapes, dim=a.dim() - 1, expected=str(ka), got=str(kb), suggestion=hint)
-    if a.dim() > 2 or b.dim() > 2:
-        broadcast_shapes("matmul", [list(a.shape[:-2]), list(b.shape[:-2])], what="batch ")
+    batch = broadcast_shapes("matmul", [list(a.shape[:-2]), list(b.shape[:-2])], what="batch ")
     if a.dtype != b.dtype:
         raise DtypeMismatch(f"matmul: operands have different dtypes {dtype_name(a.dtype)} and {dtype_name(b.dtype)}",
                             op="matmul", expected=dtype_name(a.dtype), got=dtype_name(b.dtype), input_index=1,
@@ -270,7 +286,10 @@ def matmul(a: Any, b: Any) -> torch.Tensor:
         raise DtypeMismatch("matmul: boolean tensors cannot be multiplied as matrices", op="matmul",
                             expected="a numeric dtype", got="bool", input_index=0,
                             suggestion="cast both operands to a float dtype")
-    return torch.matmul(a, b)
+    # (batch..., n, m); a 1-D operand contributes no n (first) or no m (second)
+    shape = batch + list(a.shape[-2:-1]) + list(b.shape[-1:] if b.dim() >= 2 else [])
+    # (1-D, 2-D) is the one case where torch resizes `out` (and warns): leave it to torch.
+    return torch.matmul(a, b, **(_out(ctx, shape, a.dtype, a, b) if a.dim() > 1 or b.dim() != 2 else {}))
 
 
 @op("sum")
@@ -317,35 +336,36 @@ def max_(x: Any, other: Any = None, *, dim: Any = None, keepdim: Any = False) ->
 
 
 @op("softmax")
-def softmax(x: Any, *, dim: Any = -1) -> torch.Tensor:
+def softmax(x: Any, *, dim: Any = -1, ctx: OpContext | None = None) -> torch.Tensor:
     """Softmax along a dimension (exp(x) / sum(exp(x)), numerically stable). Inputs: x (floating-point).
     Attrs: dim (int, default -1: the last dimension)."""
     x = _tensor("softmax", x, 0)
     _need_float("softmax", x)
     d = check_dim("softmax", x, _int("softmax", "dim", dim))
-    return torch.softmax(x, dim=d)
+    return torch.softmax(x, dim=d, **_out(ctx, x.shape, x.dtype, x))
 
 
 @op("relu")
-def relu(x: Any) -> torch.Tensor:
+def relu(x: Any, ctx: OpContext | None = None) -> torch.Tensor:
     """max(x, 0) elementwise. Inputs: x (a numeric dtype, not bool). Attrs: none."""
     x = _tensor("relu", x, 0)
     if x.dtype == torch.bool or x.dtype.is_complex:
         raise DtypeMismatch(f"relu: dtype {dtype_name(x.dtype)} is not supported", op="relu",
                             expected="an integer or floating-point dtype", got=dtype_name(x.dtype), input_index=0,
                             suggestion="cast to float32 first")
-    return torch.relu(x)
+    return torch.clamp_min(x, 0, **_out(ctx, x.shape, x.dtype, x))  # what torch.relu runs, with out=
 
 
 @op("gelu")
-def gelu(x: Any, *, approximate: Any = "none") -> torch.Tensor:
+def gelu(x: Any, *, approximate: Any = "none", ctx: OpContext | None = None) -> torch.Tensor:
     """Gaussian error linear unit. Inputs: x (floating-point). Attrs: approximate ("none", the exact
     erf form, default; or "tanh", the tanh approximation)."""
     x = _tensor("gelu", x, 0)
     _need_float("gelu", x)
     if approximate not in ("none", "tanh"):
         raise _attr_error("gelu", "approximate", '"none" or "tanh"', approximate)
-    return F.gelu(x, approximate=approximate)
+    # F.gelu is this function; only the binding (not F.gelu) takes out=
+    return torch._C._nn.gelu(x, approximate=approximate, **_out(ctx, x.shape, x.dtype, x))
 
 
 @op("layer_norm", min_inputs=1, max_inputs=3, attrs=("normalized_shape", "eps"))
@@ -430,7 +450,7 @@ def transpose(x: Any, *, dim0: Any = -2, dim1: Any = -1) -> torch.Tensor:
 
 
 @op("cast")
-def cast(x: Any, *, dtype: Any) -> torch.Tensor:
+def cast(x: Any, *, dtype: Any, ctx: OpContext | None = None) -> torch.Tensor:
     """Converts to another dtype. Inputs: x. Attrs: dtype (numpy name: bool, int8, int16, int32, int64,
     uint8, uint16, uint32, uint64, float16, bfloat16, float32, float64, complex64, complex128).
     Float to integer truncates toward zero."""
@@ -442,4 +462,5 @@ def cast(x: Any, *, dtype: Any) -> torch.Tensor:
         raise DtypeMismatch(f"cast: complex {dtype_name(x.dtype)} cannot be cast to {dtype} without losing the "
                             "imaginary part", op="cast", expected="a complex target dtype", got=dtype,
                             input_index=0, suggestion="take the real part in your own op, or cast to complex")
-    return x.to(target)
+    out = _out(ctx, x.shape, target, x) if target != x.dtype else {}
+    return out["out"].copy_(x) if out else x.to(target)  # .to() is that copy_ into a new tensor

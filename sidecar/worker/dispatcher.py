@@ -8,6 +8,8 @@ given back before it returns.
 
 Outputs go where the call's placement says: into the caller's `out` refs, inline, or into the
 worker's arena under one lease per call (device-resident CUDA tensors too, kept alive by the lease).
+On a CPU worker an op can write a large output straight into an arena block (`ctx.empty`, see
+`sidecar.worker.scratch`): such an output is leased as it is, with no copy.
 With `alias_inputs` an output that is a view of a host input is described in the host's own segment
 instead (no copy, no lease): the only way an identity round trip of 100 MB costs no memcpy.
 """
@@ -29,6 +31,7 @@ from sidecar.errors import (Cancelled, DeviceUnavailable, InvalidArgument, Inval
                             Overloaded, SidecarError, close_names)
 from sidecar.worker.calls import Call, CallResult, Placement, Timing
 from sidecar.worker.registry import CTX_PARAM, OpContext, OpSpec, Registry
+from sidecar.worker.scratch import CallBlocks
 from sidecar.worker.torch_errors import InputsMeta, is_sticky_cuda_error, to_sidecar_error
 
 _now = time.perf_counter_ns
@@ -222,6 +225,8 @@ class Dispatcher:
         self.alias_inputs = alias_inputs
         self._own_prefix = f"/sc-{getattr(arena, 'run_id', '')}-{os.getpid()}-"
         self.runtime = runtime
+        # ctx.empty hands out arena blocks only where outputs travel through host shared memory.
+        self._blocks_for_ops = device.type == "cpu" and arena is not None
         self._gate = _Admission(max_concurrency, max_queue)
         # Set once a sticky CUDA error poisoned the context: the transport must answer, then exit 70.
         self.tainted: str | None = None
@@ -280,6 +285,7 @@ class Dispatcher:
             spec = self.registry.get(op_name)
             self._check_call(spec, call)
             self._gate.acquire(call.is_cancelled)
+            blocks = CallBlocks(self.arena, self.inline_threshold) if self._blocks_for_ops else None
             try:
                 t1 = _now()
                 timing.queue_ns = t1 - t0
@@ -292,12 +298,12 @@ class Dispatcher:
                 t2 = _now()
                 timing.decode_ns = t2 - t1
                 self._check_cancelled(call, "before it ran")
-                result = self._run(spec, args, call, request_id)
+                result = self._run(spec, args, call, request_id, blocks)
                 del args
                 t3 = _now()
                 timing.compute_ns = t3 - t2
                 self._check_cancelled(call, "after it ran")
-                outputs, lease_ids, bytes_out = self._encode(_outputs_of(result), call, op_name, regions)
+                outputs, lease_ids, bytes_out = self._encode(_outputs_of(result), call, op_name, regions, blocks)
                 del result
                 t4 = _now()
                 timing.encode_ns = t4 - t3
@@ -305,6 +311,8 @@ class Dispatcher:
                     self.leases.release(lease_ids)  # nobody will read or release them
                     raise Cancelled("call cancelled while its outputs were written")
             finally:
+                if blocks is not None:
+                    blocks.close()  # every block no output lies in (all of them after an error)
                 self._gate.release()
             timing.total_ns = _now() - t0
             if tel.active:
@@ -372,11 +380,13 @@ class Dispatcher:
             return {k: self._decode(x, i, regions) for k, x in v.items()}
         return v
 
-    def _run(self, spec: OpSpec, args: list[Any], call: Call, request_id: str) -> Any:
+    def _run(self, spec: OpSpec, args: list[Any], call: Call, request_id: str,
+             blocks: CallBlocks | None) -> Any:
         kwargs = dict(call.attrs)
         if spec.accepts_ctx:
             kwargs[CTX_PARAM] = OpContext(self.device, self.runtime, request_id,
-                                          call.is_cancelled or (lambda: False))
+                                          call.is_cancelled or (lambda: False),
+                                          blocks.empty if blocks is not None else None)
         result = spec.fn(*args, **kwargs)
         if self.device.type == "cuda":
             # Kernels run asynchronously: wait here so compute time is honest, errors surface in
@@ -384,17 +394,23 @@ class Dispatcher:
             torch.cuda.current_stream(self.device).synchronize()
         return result
 
-    def _encode(self, outputs: list[Any], call: Call, op_name: str,
-                regions: list[_Region] | None) -> tuple[list[Any], list[str], int]:
+    def _encode(self, outputs: list[Any], call: Call, op_name: str, regions: list[_Region] | None,
+                blocks: CallBlocks | None = None) -> tuple[list[Any], list[str], int]:
         placement = Placement(call.output.placement)
         held: list[Any] = []  # blocks / device tensors the lease keeps alive
         values: list[Any] = []
+        # The call's own blocks stand in for the arena: outputs lying in them are described in place.
+        arena = self.arena if blocks is None else blocks
+        if blocks is not None:
+            blocks.share_min = 0 if placement == Placement.SHM else self._threshold(call, Placement.AUTO)
         try:
             if placement == Placement.OUT:
-                values = self._write_out(outputs, call, op_name, held)
+                values = self._write_out(outputs, call, op_name, held, arena)
             else:
                 for out in outputs:
-                    values.append(self._encode_one(out, placement, call, held, regions or ()))
+                    values.append(self._encode_one(out, placement, call, held, regions or (), arena))
+            if blocks is not None:
+                held += blocks.take_found()  # whole blocks, also when an output is a view of part of one
             bytes_out = sum(_ref_nbytes(v) for v in values)
             lease_ids = [self.leases.add(held)] if held else []
         except BaseException:
@@ -402,21 +418,24 @@ class Dispatcher:
             raise
         return values, lease_ids, bytes_out
 
-    def _encode_one(self, out: Any, placement: Placement, call: Call, held: list[Any],
-                    regions: Sequence[_Region] = ()) -> Any:
-        inline = placement == Placement.INLINE
-        arena = None if inline else self.arena
-        threshold = 0 if placement in (Placement.SHM, Placement.DEVICE) else (
+    def _threshold(self, call: Call, placement: Placement) -> int:
+        return 0 if placement in (Placement.SHM, Placement.DEVICE) else (
             call.output.inline_threshold or self.inline_threshold)
+
+    def _encode_one(self, out: Any, placement: Placement, call: Call, held: list[Any],
+                    regions: Sequence[_Region] = (), arena: Any = None) -> Any:
+        inline = placement == Placement.INLINE
+        arena = None if inline else arena if arena is not None else self.arena
+        threshold = self._threshold(call, placement)
         if _is_table(out):
             ref, block = arrow.table_to_ref(out, arena, inline_threshold=threshold)
             if block is not None:
                 held.append(block)
             return ref
         if isinstance(out, dict):
-            return {str(k): self._encode_one(v, placement, call, held, regions) for k, v in out.items()}
+            return {str(k): self._encode_one(v, placement, call, held, regions, arena) for k, v in out.items()}
         if isinstance(out, (list, tuple)):
-            return [self._encode_one(v, placement, call, held, regions) for v in out]
+            return [self._encode_one(v, placement, call, held, regions, arena) for v in out]
         if not _is_array(out):
             return _check_plain(_plain(out))
         if placement == Placement.DEVICE:
@@ -449,7 +468,8 @@ class Dispatcher:
         held.append(t)  # the lease keeps the allocation alive until the host releases it
         return ref
 
-    def _write_out(self, outputs: list[Any], call: Call, op_name: str, held: list[Any]) -> list[Any]:
+    def _write_out(self, outputs: list[Any], call: Call, op_name: str, held: list[Any],
+                   arena: Any = None) -> list[Any]:
         outs = list(call.output.out)
         n_arrays = sum(1 for o in outputs if _is_array(o))
         if len(outs) != n_arrays:
@@ -460,7 +480,7 @@ class Dispatcher:
         k = 0
         for out in outputs:
             if not _is_array(out):  # plain values (and tables) travel as with the default placement
-                values.append(self._encode_one(out, Placement.AUTO, call, held))
+                values.append(self._encode_one(out, Placement.AUTO, call, held, (), arena))
                 continue
             ref = outs[k]
             try:

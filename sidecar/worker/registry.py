@@ -36,12 +36,39 @@ class OpSpec:
 
 @dataclass
 class OpContext:
-    """What an op that declares `ctx` gets: where it runs and who asked."""
+    """What an op that declares `ctx` gets: where it runs, who asked, and `empty` for its outputs."""
 
     device: Any  # torch.device
     runtime: Any = None  # sidecar.worker.runtime.Runtime
     request_id: str = ""
     is_cancelled: Callable[[], bool] = field(default=lambda: False)
+    # Set by the dispatcher on CPU workers: (shape, torch dtype) -> a tensor in a block of the call.
+    allocator: Callable[[tuple[int, ...], Any], Any] | None = None
+
+    def empty(self, shape: int | Sequence[int], dtype: Any) -> Any:
+        """An uninitialised tensor on the op's device to write a (large) output into.
+
+        `dtype` is a torch dtype or a name ("float32"). On a CPU worker a tensor of at least the
+        inline threshold lies in a warm block of the worker's shared-memory arena: returned as an
+        output, it is leased to the host as it is (no page faults, no copy). Use it with `out=`:
+        `torch.mul(a, b, out=ctx.empty(shape, a.dtype))`. The block is the call's: returned (or a
+        view of it returned), it stays alive under the call's lease; otherwise it is reused once
+        the call ends, so never keep such a tensor across calls. Elsewhere it is `torch.empty`.
+        """
+        import torch
+
+        from sidecar.dataplane import dtypes
+        from sidecar.errors import SidecarError
+
+        shp = (int(shape),) if isinstance(shape, int) else tuple(int(d) for d in shape)
+        if not isinstance(dtype, torch.dtype):
+            try:
+                dtype = dtypes.to_torch_dtype(dtypes.name_of(dtype))
+            except SidecarError:
+                raise TypeError(f"ctx.empty: unsupported dtype {dtype!r}") from None
+        if self.allocator is not None:
+            return self.allocator(shp, dtype)
+        return torch.empty(shp, dtype=dtype, device=self.device)
 
 
 class OpsModuleError(Exception):
@@ -107,7 +134,8 @@ def op(name: str, *, idempotent: bool = True, doc: str | None = None, min_inputs
     """Declare `fn` as the op `name` (`@sidecar.op("name")`).
 
     Inputs arrive as positional arguments (torch tensors on the worker's device, pyarrow Tables or
-    plain values), attrs as keyword arguments; a parameter named `ctx` receives an `OpContext`.
+    plain values), attrs as keyword arguments; a parameter named `ctx` receives an `OpContext`:
+    write a large output into `ctx.empty(shape, dtype)` to skip a copy on the way out.
     Arity and attr names are inferred from the signature unless given. The function returns a
     tensor, a tuple/list of them, an Arrow table, or a plain value.
     """
