@@ -8,7 +8,6 @@ again); and /dev/shm left as it was found.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 from typing import Any

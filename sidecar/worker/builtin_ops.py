@@ -78,7 +78,7 @@ def _need_float(opname: str, x: torch.Tensor, index: int = 0, complex_ok: bool =
     raise DtypeMismatch(f"{opname}: input {index} has dtype {dtype_name(x.dtype)}; {opname} needs {expected}",
                         op=opname, expected=expected, got=dtype_name(x.dtype), input_index=index,
                         input_dtypes=[dtype_name(x.dtype)],
-                        suggestion=f"cast it first, e.g. cast with dtype=\"float32\"")
+                        suggestion="cast it first, e.g. cast with dtype=\"float32\"")
 
 
 def _attr_error(opname: str, attr: str, expected: str, value: Any) -> InvalidArgument:
