@@ -171,30 +171,32 @@ defmodule Sidecar.Shm do
   @doc "Reads `nbytes` at `offset` of a segment (one copy, from the page cache)."
   @spec read(String.t(), non_neg_integer, non_neg_integer) :: {:ok, binary} | {:error, Sidecar.Error.t()}
   def read(name, offset, nbytes) do
-    with :ok <- check_name(name),
-         {:ok, fd} <- open(name, [:read]) do
-      try do
-        case :file.pread(fd, offset, nbytes) do
-          {:ok, bin} when byte_size(bin) == nbytes -> {:ok, bin}
-          :eof when nbytes == 0 -> {:ok, <<>>}
-          other -> {:error, bad_ref(name, "has fewer than #{offset + nbytes} bytes (#{inspect(other)})")}
-        end
-      after
-        File.close(fd)
+    with_fd(name, [:read], fn fd ->
+      case :file.pread(fd, offset, nbytes) do
+        {:ok, bin} when byte_size(bin) == nbytes -> {:ok, bin}
+        :eof when nbytes == 0 -> {:ok, <<>>}
+        other -> {:error, bad_ref(name, "has fewer than #{offset + nbytes} bytes (#{inspect(other)})")}
       end
-    end
+    end)
   end
 
   @doc "Overwrites `data` at `offset` of one of the VM's segments (reuse without a fresh segment)."
   @spec write(String.t(), non_neg_integer, iodata) :: :ok | {:error, Sidecar.Error.t()}
   def write(name, offset, data) do
+    with_fd(name, [:read, :write], fn fd ->
+      case :file.pwrite(fd, offset, data) do
+        :ok -> :ok
+        {:error, reason} -> {:error, bad_ref(name, "cannot be written: #{:file.format_error(reason)}")}
+      end
+    end)
+  end
+
+  # Checks the name, opens the segment, runs `fun` on the descriptor and always closes it.
+  defp with_fd(name, modes, fun) do
     with :ok <- check_name(name),
-         {:ok, fd} <- open(name, [:read, :write]) do
+         {:ok, fd} <- open(name, modes) do
       try do
-        case :file.pwrite(fd, offset, data) do
-          :ok -> :ok
-          {:error, reason} -> {:error, bad_ref(name, "cannot be written: #{:file.format_error(reason)}")}
-        end
+        fun.(fd)
       after
         File.close(fd)
       end
