@@ -30,12 +30,13 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from timing import sample_us  # noqa: E402  (benchmarks/timing.py)
 
 SIZES = {"1MB": 10**6, "100MB": 10**8, "1GB": 10**9}
 TARGET_US = 300.0
@@ -74,13 +75,7 @@ def mp_echo(q_in: Any, q_out: Any) -> None:
 
 
 def timed(fn: Callable[[], Any], repeat: int, warmup: int = 2) -> dict[str, float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter_ns()
-        fn()
-        times.append((time.perf_counter_ns() - t0) / 1000)
+    times = sample_us(fn, repeat, warmup)
     return {"median_us": statistics.median(times), "min_us": min(times), "max_us": max(times), "n": repeat}
 
 

@@ -27,12 +27,13 @@ import os
 import platform
 import statistics
 import sys
-import time
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
+
+from timing import sample_us  # benchmarks/timing.py
 
 from sidecar.dataplane.arena import Arena
 from sidecar.dataplane.mapcache import MappingCache
@@ -86,18 +87,6 @@ def worker_main(conn: Connection) -> None:
 
 # --- the sender side -------------------------------------------------------------------------------
 
-def timed(fn: Callable[[], Any], repeat: int, warmup: int = 2) -> list[float]:
-    """Microseconds per call of `fn`, `repeat` times after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeat):
-        t0 = time.perf_counter_ns()
-        fn()
-        out.append((time.perf_counter_ns() - t0) / 1e3)
-    return out
-
-
 class Bench:
     def __init__(self, conn: Connection, arena: Arena) -> None:
         self.conn = conn
@@ -118,19 +107,19 @@ class Bench:
 
         src = np.random.default_rng(0).random(n, dtype=np.float32)  # plain private memory
 
-        record("ping", timed(lambda: self.roundtrip(("ping",)), max(repeat, 50)))
+        record("ping", sample_us(lambda: self.roundtrip(("ping",)), max(repeat, 50)))
 
         # (a) already in the arena
         block = self.arena.alloc(n * 4)
         host = block.ndarray(np.float32, (n,))
         np.copyto(host, src)
-        record("arena_view", timed(lambda: self.roundtrip(encode(to_ref(host, self.arena)[0])),
+        record("arena_view", sample_us(lambda: self.roundtrip(encode(to_ref(host, self.arena)[0])),
                                    max(repeat, 50)))
         # cache-hit decode, in-process, on the same block
         ref, _ = to_ref(host, self.arena)
         cache = MappingCache()
         to_numpy(ref, cache)
-        record("decode_hit", timed(lambda: to_numpy(ref, cache), DECODE_CALLS, warmup=100))
+        record("decode_hit", sample_us(lambda: to_numpy(ref, cache), DECODE_CALLS, warmup=100))
         cache.clear()
         del host
         block.release()  # its warm segment is what (b) gets next
@@ -140,15 +129,15 @@ class Bench:
             ref, copied = to_ref(src, self.arena, inline_threshold=0)
             self.roundtrip(encode(ref))
             copied.release()
-        record("arena_copy", timed(arena_copy, repeat))
+        record("arena_copy", sample_us(arena_copy, repeat))
 
         # baselines
         dst = np.empty_like(src)
         np.copyto(dst, src)  # fault the destination in first: a warm buffer, like the arena's
-        record("memcpy", timed(lambda: np.copyto(dst, src), repeat))
+        record("memcpy", sample_us(lambda: np.copyto(dst, src), repeat))
         del dst
 
-        record("pickle_pipe", timed(lambda: self.roundtrip(("pickle", src)), repeat, warmup=1))
+        record("pickle_pipe", sample_us(lambda: self.roundtrip(("pickle", src)), repeat, warmup=1))
 
         def mp_shm_fresh() -> None:
             shm = SharedMemory(create=True, size=n * 4)
@@ -158,7 +147,7 @@ class Bench:
             finally:
                 shm.close()
                 shm.unlink()
-        record("mp_shm_fresh", timed(mp_shm_fresh, repeat, warmup=1))
+        record("mp_shm_fresh", sample_us(mp_shm_fresh, repeat, warmup=1))
         return rows
 
 

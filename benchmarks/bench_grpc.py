@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from timing import sample_us  # benchmarks/timing.py
+
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,20 +54,8 @@ def start_worker(*args: str) -> tuple[subprocess.Popen[str], str]:
 
 
 def measure(fn: Callable[[], Any], reps: int, warmup: int = 3) -> list[float]:
-    """Seconds per call, `reps` samples (GC disabled while timing; collected between samples)."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    gc.disable()
-    try:
-        for _ in range(reps):
-            t0 = time.perf_counter_ns()
-            fn()
-            out.append((time.perf_counter_ns() - t0) / 1e9)
-            gc.collect(0)
-    finally:
-        gc.enable()
-    return out
+    """Seconds per call, `reps` samples (GC off while timing; collected between samples)."""
+    return [us / 1e6 for us in sample_us(fn, reps, warmup, quiet_gc=True)]
 
 
 def summary(name: str, size: int, samples: list[float]) -> dict[str, Any]:
