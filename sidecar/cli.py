@@ -144,7 +144,6 @@ def _serve(args: argparse.Namespace) -> int:
     if args.watch_stdin and not args.stdio:
         lifecycle.watch_stdin(shutdown)
 
-    from sidecar.errors import SidecarError
     from sidecar.worker.runtime import WorkerOptions, build_runtime
 
     lifecycle.cap_torch_threads(threads)
@@ -154,7 +153,7 @@ def _serve(args: argparse.Namespace) -> int:
                          lease_ttl_s=args.lease_ttl)
     try:
         runtime = build_runtime(opts)  # loads --ops modules and runs their start-up hooks
-    except (SidecarError, Exception) as exc:
+    except Exception as exc:  # SidecarError and OpsModuleError included
         log.error("worker failed to start: %s: %s", type(exc).__name__, exc)
         return EXIT_START_FAILED
     try:

@@ -30,6 +30,7 @@ from sidecar.dataplane.refs import ArrowRef, CudaIpcStorage, InlineStorage, ShmS
 from sidecar.errors import (Cancelled, DeviceUnavailable, InvalidArgument, InvalidTensorRef, OpFailed,
                             Overloaded, SidecarError, close_names)
 from sidecar.worker.calls import Call, CallResult, Placement, Timing
+from sidecar.worker.leases import free_objects
 from sidecar.worker.registry import CTX_PARAM, OpContext, OpSpec, Registry
 from sidecar.worker.scratch import CallBlocks
 from sidecar.worker.torch_errors import InputsMeta, is_sticky_cuda_error, to_sidecar_error
@@ -198,42 +199,32 @@ def _check_plain(x: Any) -> Any:
                    exception_type="TypeError")
 
 
-def _free(objs: list[Any]) -> None:
-    for obj in objs:
-        release = getattr(obj, "release", None)
-        if callable(release):
-            try:
-                release()
-            except Exception:
-                pass
-
-
 class Dispatcher:
-    def __init__(self, registry: Registry, device: torch.device, *, arena: Any, cache: Any, leases: Any,
-                 telemetry: Any, max_concurrency: int = 4, max_queue: int = 64, inline_threshold: int = 65536,
-                 alias_inputs: bool = False, runtime: Any = None) -> None:
-        self.registry = registry
-        self.device = device
-        self.arena = arena
-        self.cache = cache
-        self.leases = leases
-        self.telemetry = telemetry
-        self.inline_threshold = inline_threshold
-        # Opt-in (worker-wide, or per call with `call.output.alias_inputs` once OutputSpec has it):
-        # outputs that are views of a host input are described in the host's segment, with no copy
-        # and no lease. Only for hosts that keep input memory alive while such outputs live.
-        self.alias_inputs = alias_inputs
-        self._own_prefix = f"/sc-{getattr(arena, 'run_id', '')}-{os.getpid()}-"
+    def __init__(self, runtime: Any) -> None:
+        """`runtime`: a `sidecar.worker.runtime.Runtime` (its parts, and `options` for the limits)."""
+        opts = runtime.options
         self.runtime = runtime
+        # The runtime's parts, copied once: the hot path reads them as plain attributes.
+        self.registry: Registry = runtime.registry
+        self.device: torch.device = runtime.device
+        self.arena = runtime.arena
+        self.cache = runtime.cache
+        self.leases = runtime.leases
+        self.telemetry = runtime.telemetry
+        self.inline_threshold = opts.inline_threshold
+        # Opt-in (worker-wide, or per call with `call.output.alias_inputs`): outputs that are views
+        # of a host input are described in the host's segment, with no copy and no lease. Only for
+        # hosts that keep input memory alive while such outputs live.
+        self.alias_inputs = opts.alias_inputs
+        self._own_prefix = f"/sc-{getattr(self.arena, 'run_id', '')}-{os.getpid()}-"
         # ctx.empty hands out arena blocks only where outputs travel through host shared memory.
-        self._blocks_for_ops = device.type == "cpu" and arena is not None
-        self._gate = _Admission(max_concurrency, max_queue)
+        self._blocks_for_ops = self.device.type == "cpu" and self.arena is not None
+        self._gate = _Admission(opts.max_concurrency, opts.max_queue)
         # Set once a sticky CUDA error poisoned the context: the transport must answer, then exit 70.
         self.tainted: str | None = None
         self.on_taint: list[Callable[[str], None]] = []
         self._counts_lock = threading.Lock()
         self.calls_total = 0
-        self.errors_total = 0
 
     # -- load ----------------------------------------------------------------------------------------
 
@@ -248,14 +239,6 @@ class Dispatcher:
     @property
     def in_flight(self) -> int:
         return self._gate.running + self._gate.waiting
-
-    @property
-    def max_concurrency(self) -> int:
-        return self._gate.limit
-
-    @property
-    def max_queue(self) -> int:
-        return self._gate.max_queue
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Blocks until no call runs or waits (SIGTERM drain); False on timeout."""
@@ -272,7 +255,7 @@ class Dispatcher:
         tel = self.telemetry
         if tel.active:
             tel.span_start(op_name, request_id, bytes_in)
-        meta: InputsMeta | None = None
+        decoded = False  # inputs_meta for the error mapping, taken from call.inputs only on failure
         with self._counts_lock:
             self.calls_total += 1
         try:
@@ -291,10 +274,9 @@ class Dispatcher:
                 timing.queue_ns = t1 - t0
                 self._check_cancelled(call, "before it ran")
                 # host shared memory the inputs are views of (None: outputs are never aliased)
-                alias = self.alias_inputs or bool(getattr(call.output, "alias_inputs", False))
-                regions: list[_Region] | None = [] if alias else None
+                regions: list[_Region] | None = [] if self.alias_inputs or call.output.alias_inputs else None
                 args = [self._decode(v, i, regions) for i, v in enumerate(call.inputs)]
-                meta = _meta(args)
+                decoded = True
                 t2 = _now()
                 timing.decode_ns = t2 - t1
                 self._check_cancelled(call, "before it ran")
@@ -322,11 +304,9 @@ class Dispatcher:
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # SystemExit from a user op too: the worker stays up
-            err = self._structured(exc, op_name, meta)
+            err = self._structured(exc, op_name, _meta(call.inputs) if decoded else None)
             err.fields.setdefault("request_id", request_id)
             err.fields.setdefault("op", op_name)
-            with self._counts_lock:
-                self.errors_total += 1
             timing.total_ns = _now() - t0
             if tel.active:
                 tel.span_exception(op_name, request_id, timing.total_ns, bytes_in, err.kind.value,
@@ -414,7 +394,7 @@ class Dispatcher:
             bytes_out = sum(_ref_nbytes(v) for v in values)
             lease_ids = [self.leases.add(held)] if held else []
         except BaseException:
-            _free(held)
+            free_objects(held)
             raise
         return values, lease_ids, bytes_out
 
@@ -423,9 +403,9 @@ class Dispatcher:
             call.output.inline_threshold or self.inline_threshold)
 
     def _encode_one(self, out: Any, placement: Placement, call: Call, held: list[Any],
-                    regions: Sequence[_Region] = (), arena: Any = None) -> Any:
+                    regions: Sequence[_Region], arena: Any) -> Any:
         inline = placement == Placement.INLINE
-        arena = None if inline else arena if arena is not None else self.arena
+        arena = None if inline else arena
         threshold = self._threshold(call, placement)
         if _is_table(out):
             ref, block = arrow.table_to_ref(out, arena, inline_threshold=threshold)
@@ -469,7 +449,7 @@ class Dispatcher:
         return ref
 
     def _write_out(self, outputs: list[Any], call: Call, op_name: str, held: list[Any],
-                   arena: Any = None) -> list[Any]:
+                   arena: Any) -> list[Any]:
         outs = list(call.output.out)
         n_arrays = sum(1 for o in outputs if _is_array(o))
         if len(outs) != n_arrays:

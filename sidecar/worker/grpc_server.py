@@ -109,8 +109,8 @@ class SidecarServicer(pb_grpc.SidecarServicer):
             self._abort(context, _with_call_ids(err, request))
         try:
             result = self._rt.dispatcher.execute(call)
-        except SidecarError as err:
-            self._abort(context, _with_call_ids(err, request))
+        except SidecarError as err:  # already carries op and request_id
+            self._abort(context, err)
         except Exception as exc:  # a bug below the dispatcher: still a structured answer
             log.exception("unexpected error in %s", request.op)
             self._abort(context, OpFailed(f"{type(exc).__name__}: {exc}", op=request.op,

@@ -21,7 +21,7 @@ class _Lease:
     objects: list[Any] = field(default_factory=list)
 
 
-def _free(objects: Iterable[Any]) -> None:
+def free_objects(objects: Iterable[Any]) -> None:
     """Give each held object back: blocks have release(); other objects (tensors) are just dropped."""
     for obj in objects:
         release = getattr(obj, "release", None)
@@ -60,10 +60,10 @@ class LeaseTable:
                     evicted.append(self._leases.popitem(last=False)[1])
                 self.expired_total += len(evicted)
         if closed:
-            _free(lease.objects)
+            free_objects(lease.objects)
             raise RuntimeError("lease table is closed")
         for old in evicted:
-            _free(old.objects)
+            free_objects(old.objects)
         return lease_id
 
     def release(self, ids: Iterable[str]) -> tuple[int, list[str]]:
@@ -78,7 +78,7 @@ class LeaseTable:
                 else:
                     freed.append(lease)
         for lease in freed:
-            _free(lease.objects)
+            free_objects(lease.objects)
         return len(freed), unknown
 
     def expire(self) -> int:
@@ -94,7 +94,7 @@ class LeaseTable:
                 freed.append(lease)
             self.expired_total += len(freed)
         for lease in freed:
-            _free(lease.objects)
+            free_objects(lease.objects)
         return len(freed)
 
     @property
@@ -115,4 +115,4 @@ class LeaseTable:
             leases = list(self._leases.values())
             self._leases.clear()
         for lease in leases:
-            _free(lease.objects)
+            free_objects(lease.objects)

@@ -14,7 +14,6 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -220,14 +219,3 @@ def watch_stdin(shutdown: Shutdown) -> None:
         shutdown.request("stdin closed", fast=True)
 
     threading.Thread(target=run, name="sidecar-stdin-watch", daemon=True).start()
-
-
-def on_shutdown(shutdown: Shutdown, fn: Callable[[], None]) -> threading.Thread:
-    """Run fn in a thread once shutdown is requested (used by transports that block the main thread)."""
-    def run() -> None:
-        shutdown.wait()
-        fn()
-
-    t = threading.Thread(target=run, name="sidecar-shutdown", daemon=True)
-    t.start()
-    return t

@@ -52,10 +52,7 @@ class Runtime:
         self.cache = cache
         self.leases = leases
         self.telemetry = telemetry
-        self.dispatcher = Dispatcher(registry, device, arena=arena, cache=cache, leases=leases,
-                                     telemetry=telemetry, max_concurrency=options.max_concurrency,
-                                     max_queue=options.max_queue, inline_threshold=options.inline_threshold,
-                                     alias_inputs=options.alias_inputs, runtime=self)
+        self.dispatcher = Dispatcher(self)
         telemetry.memory_source = self.memory_sample
         self._closed = False
         self._stop = threading.Event()
