@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping
 
 import grpc
-from google.protobuf import any_pb2, empty_pb2
+from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from google.rpc import code_pb2, status_pb2
 from grpc_status import rpc_status
@@ -46,8 +46,11 @@ INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 # Tensors and Arrow tables
 
 
-def _shm_to_pb(s: ShmStorage) -> pb.ShmRef:
-    return pb.ShmRef(name=s.name, offset=s.offset, nbytes=s.nbytes, inode=s.inode)
+# Encoders fill the message in place (`_fill_*`): a sub-message passed to a constructor or to
+# CopyFrom is copied, inline bytes included, once per level of nesting.
+
+def _fill_shm(m: pb.ShmRef, s: ShmStorage) -> None:
+    m.name, m.offset, m.nbytes, m.inode = s.name, s.offset, s.nbytes, s.inode
 
 
 def _shm_from_pb(m: pb.ShmRef) -> ShmStorage:
@@ -55,19 +58,27 @@ def _shm_from_pb(m: pb.ShmRef) -> ShmStorage:
 
 
 def tensor_to_pb(ref: TensorRef) -> pb.Tensor:
-    t = pb.Tensor(dtype=ref.dtype, shape=list(ref.shape), strides=list(ref.strides or ()))
+    t = pb.Tensor()
+    _fill_tensor(t, ref)
+    return t
+
+
+def _fill_tensor(t: pb.Tensor, ref: TensorRef) -> None:
+    t.dtype = ref.dtype
+    t.shape.extend(ref.shape)
+    if ref.strides:
+        t.strides.extend(ref.strides)
     s = ref.storage
     if isinstance(s, ShmStorage):
-        t.shm.CopyFrom(_shm_to_pb(s))
+        _fill_shm(t.shm, s)
     elif isinstance(s, InlineStorage):
         t.inline_data = bytes(s.data)
     elif isinstance(s, CudaIpcStorage):
-        t.cuda_ipc.CopyFrom(pb.CudaIpcRef(
-            handle=s.handle, offset=s.offset, nbytes=s.nbytes, device_index=s.device_index,
-            device_uuid=s.device_uuid, alloc_nbytes=s.alloc_nbytes))
+        c = t.cuda_ipc
+        c.handle, c.offset, c.nbytes = s.handle, s.offset, s.nbytes
+        c.device_index, c.device_uuid, c.alloc_nbytes = s.device_index, s.device_uuid, s.alloc_nbytes
     else:  # pragma: no cover - a programming error on our side
         raise TypeError(f"unknown tensor storage {type(s).__name__}")
-    return t
 
 
 def tensor_from_pb(t: pb.Tensor, input_index: int = -1) -> TensorRef:
@@ -89,12 +100,17 @@ def tensor_from_pb(t: pb.Tensor, input_index: int = -1) -> TensorRef:
 
 
 def arrow_to_pb(ref: ArrowRef) -> pb.ArrowTable:
-    m = pb.ArrowTable(num_rows=ref.num_rows)
+    m = pb.ArrowTable()
+    _fill_arrow(m, ref)
+    return m
+
+
+def _fill_arrow(m: pb.ArrowTable, ref: ArrowRef) -> None:
+    m.num_rows = ref.num_rows
     if isinstance(ref.storage, ShmStorage):
-        m.shm.CopyFrom(_shm_to_pb(ref.storage))
+        _fill_shm(m.shm, ref.storage)
     else:
         m.inline_data = bytes(ref.storage.data)
-    return m
 
 
 def arrow_from_pb(m: pb.ArrowTable, input_index: int = -1) -> ArrowRef:
@@ -113,38 +129,51 @@ def arrow_from_pb(m: pb.ArrowTable, input_index: int = -1) -> ArrowRef:
 
 def value_to_pb(v: Any) -> pb.Value:
     """A plain value (TensorRef, ArrowRef, scalar, str, bytes, list, dict, None) as a `Value`."""
+    m = pb.Value()
+    _fill_value(m, v)
+    return m
+
+
+def _fill_value(m: pb.Value, v: Any) -> None:
     if isinstance(v, TensorRef):
-        return pb.Value(tensor=tensor_to_pb(v))
+        _fill_tensor(m.tensor, v)
+        return
     if isinstance(v, ArrowRef):
-        return pb.Value(arrow=arrow_to_pb(v))
+        _fill_arrow(m.arrow, v)
+        return
     if v is None:
-        return pb.Value(none=empty_pb2.Empty())
+        m.none.SetInParent()
+        return
     # bool before int: bool is an int subclass. numpy scalars expose .item() to a Python scalar.
     if hasattr(v, "item") and hasattr(v, "dtype") and getattr(v, "ndim", 1) == 0:
         v = v.item()
     if isinstance(v, bool):
-        return pb.Value(b=v)
-    if isinstance(v, int):
+        m.b = v
+    elif isinstance(v, int):
         if not INT64_MIN <= v <= INT64_MAX:
             raise InvalidArgument(f"integer {v} does not fit in int64", field="value")
-        return pb.Value(i64=v)
-    if isinstance(v, float):
-        return pb.Value(f64=v)
-    if isinstance(v, str):
-        return pb.Value(s=v)
-    if isinstance(v, (bytes, bytearray, memoryview)):
-        return pb.Value(raw=bytes(v))
-    if isinstance(v, (list, tuple)):
-        return pb.Value(list=pb.ValueList(items=[value_to_pb(x) for x in v]))
-    if isinstance(v, Mapping):
-        m = pb.ValueMap()
+        m.i64 = v
+    elif isinstance(v, float):
+        m.f64 = v
+    elif isinstance(v, str):
+        m.s = v
+    elif isinstance(v, (bytes, bytearray, memoryview)):
+        m.raw = bytes(v)
+    elif isinstance(v, (list, tuple)):
+        items = m.list.items
+        m.list.SetInParent()  # an empty list is still a list
+        for x in v:
+            _fill_value(items.add(), x)
+    elif isinstance(v, Mapping):
+        items = m.map.items
+        m.map.SetInParent()
         for k, x in v.items():
             if not isinstance(k, str):
                 raise InvalidArgument(f"map keys must be strings, got {type(k).__name__}", field="value")
-            m.items[k].CopyFrom(value_to_pb(x))
-        return pb.Value(map=m)
-    raise InvalidArgument(f"cannot send a value of type {type(v).__name__} (convert it to a tensor first)",
-                          field="value")
+            _fill_value(items[k], x)
+    else:
+        raise InvalidArgument(f"cannot send a value of type {type(v).__name__} (convert it to a tensor "
+                              f"first)", field="value")
 
 
 def value_from_pb(m: pb.Value, input_index: int = -1) -> Any:
@@ -184,14 +213,16 @@ def execute_request(op: str, inputs: Iterable[Any] = (), attrs: Mapping[str, Any
                     placement: Placement = Placement.AUTO, out: Iterable[TensorRef] = (),
                     inline_threshold: int = 0, release: Iterable[str] = (), request_id: str = "",
                     idempotent: bool = False, allow_alias: bool = False) -> pb.ExecuteRequest:
-    req = pb.ExecuteRequest(op=op, inputs=[value_to_pb(v) for v in inputs], release=list(release),
-                            request_id=request_id, idempotent=idempotent)
+    req = pb.ExecuteRequest(op=op, release=list(release), request_id=request_id, idempotent=idempotent)
+    for v in inputs:
+        _fill_value(req.inputs.add(), v)
     for k, v in (attrs or {}).items():
-        req.attrs[k].CopyFrom(value_to_pb(v))
+        _fill_value(req.attrs[k], v)
     req.output.placement = int(placement)
     req.output.inline_threshold = inline_threshold
     req.output.allow_alias = allow_alias
-    req.output.out.extend(tensor_to_pb(r) for r in out)
+    for r in out:
+        _fill_tensor(req.output.out.add(), r)
     return req
 
 
@@ -216,10 +247,12 @@ def call_from_request(req: pb.ExecuteRequest, is_cancelled: Any = None) -> Call:
 
 
 def result_to_response(r: CallResult) -> pb.ExecuteResponse:
-    return pb.ExecuteResponse(outputs=[value_to_pb(v) for v in r.outputs], leases=list(r.leases),
-                              timing=timing_to_pb(r.timing), device=r.device,
-                              bytes_in=max(0, int(r.bytes_in)), bytes_out=max(0, int(r.bytes_out)),
-                              request_id=r.request_id)
+    m = pb.ExecuteResponse(leases=list(r.leases), timing=timing_to_pb(r.timing), device=r.device,
+                           bytes_in=max(0, int(r.bytes_in)), bytes_out=max(0, int(r.bytes_out)),
+                           request_id=r.request_id)
+    for v in r.outputs:
+        _fill_value(m.outputs.add(), v)
+    return m
 
 
 def result_from_response(m: pb.ExecuteResponse) -> CallResult:

@@ -63,8 +63,7 @@ def table_to_ref(table: TableLike, arena: Arena | None = None, *,
     except BaseException:
         block.release()
         raise
-    storage = ShmStorage(block.name, block.offset, size, block.inode)
-    return ArrowRef(storage, table.num_rows), block
+    return ArrowRef(block.storage(), table.num_rows), block
 
 
 def ref_to_table(ref: ArrowRef, cache: MappingCache, *, input_index: int | None = None) -> pa.Table:

@@ -13,7 +13,7 @@ import psutil
 
 from sidecar._native import unlink
 from sidecar.dataplane.names import PREFIX, SegmentName, is_valid_name, parse_name, validate_run_id
-from sidecar.dataplane.segments import SHM_DIR
+from sidecar.dataplane.segments import SHM_DIR, segment_path
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def owner_alive(seg: SegmentName) -> bool:
     except psutil.Error:  # AccessDenied, ZombieProcess...: assume alive, never reap by guess
         return True
     try:
-        created = os.stat(SHM_DIR / seg.name.lstrip("/")).st_ctime
+        created = os.stat(segment_path(seg.name)).st_ctime
     except FileNotFoundError:
         return True  # already gone: nothing to reap
     return started <= created + _CREATE_TIME_SLACK_S

@@ -19,7 +19,7 @@ import numpy as np
 
 from sidecar.dataplane import dtypes
 from sidecar.dataplane.refs import CudaIpcStorage, InlineStorage, ShmStorage, TensorRef
-from sidecar.dataplane.validate import check_segment_bounds, layout_of
+from sidecar.dataplane.validate import Layout, check_segment_bounds, layout_of
 from sidecar.errors import (DeviceMismatch, DtypeMismatch, InvalidArgument, InvalidTensorRef,
                             ShapeMismatch)
 
@@ -47,6 +47,8 @@ def _torch_module() -> Any:
 
 def _cuda_tensor(obj: Any) -> Any:
     """`obj` as a CUDA torch tensor if it is one (or a CUDA `__dlpack__` object), else None."""
+    if isinstance(obj, np.ndarray):
+        return None  # host memory by definition (and the common case: skip the DLPack probe)
     torch = _torch_module()
     if torch is not None and isinstance(obj, torch.Tensor):
         return obj if obj.device.type == "cuda" else None
@@ -147,8 +149,8 @@ def to_ref(obj: Any, arena: Arena | None = None, *,
 
         return cuda_ipc.tensor_to_ref(cuda), None
     arr, name = _host_array(obj)
-    shape = tuple(int(d) for d in arr.shape)
-    nbytes = arr.size * arr.itemsize
+    shape = arr.shape
+    nbytes = arr.nbytes
     if arena is not None and nbytes:
         layout = _byte_layout(arr)
         if layout is not None:
@@ -167,7 +169,7 @@ def to_ref(obj: Any, arena: Arena | None = None, *,
     except BaseException:
         block.release()
         raise
-    return TensorRef(name, shape, ShmStorage(block.name, block.offset, nbytes, block.inode)), block
+    return TensorRef(name, shape, block.storage()), block
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -197,7 +199,12 @@ def to_numpy(ref: TensorRef, cache: MappingCache, *, writable: bool = False,
     bfloat16 is viewed as uint16 bit patterns (see `sidecar.dataplane.dtypes`). Inline data is
     viewed read-only; asking for a writable view of it is an InvalidTensorRef(field="storage").
     """
-    layout = layout_of(ref, input_index=input_index)
+    return _to_numpy(ref, layout_of(ref, input_index=input_index), cache, writable, input_index)
+
+
+def _to_numpy(ref: TensorRef, layout: Layout, cache: MappingCache, writable: bool,
+              input_index: int | None) -> np.ndarray:
+    """`to_numpy` of a ref that `layout_of` has already checked."""
     storage = ref.storage
     if isinstance(storage, ShmStorage):
         seg = _segment(cache, storage, writable, input_index)
@@ -257,15 +264,15 @@ def to_torch(ref: TensorRef, cache: MappingCache, *, writable: bool = False,
     so writing into such a tensor never alters the descriptor.
     A CudaIpcStorage ref is opened by `sidecar.dataplane.cuda_ipc`.
     """
-    layout = layout_of(ref, input_index=input_index)
-    if isinstance(ref.storage, CudaIpcStorage):
+    if isinstance(getattr(ref, "storage", None), CudaIpcStorage):
         from sidecar.dataplane import cuda_ipc
 
-        return cuda_ipc.ref_to_tensor(ref, input_index=input_index)
+        return cuda_ipc.ref_to_tensor(ref, input_index=input_index)  # validates the ref itself
+    layout = layout_of(ref, input_index=input_index)
     if isinstance(ref.storage, InlineStorage) and not writable:
         arr = _view(ref, bytearray(ref.storage.data), 0, layout.numel)
     else:
-        arr = to_numpy(ref, cache, writable=writable, input_index=input_index)
+        arr = _to_numpy(ref, layout, cache, writable, input_index)
     return _array_to_torch(arr, ref.dtype)
 
 
@@ -274,7 +281,7 @@ def write_into(ref: TensorRef, value: Any, cache: MappingCache) -> None:
 
     Raises DtypeMismatch / ShapeMismatch (with expected and got) before touching the destination.
     """
-    layout_of(ref)
+    layout = layout_of(ref)
     cuda = _cuda_tensor(value)
     if isinstance(ref.storage, CudaIpcStorage):
         src = cuda if cuda is not None else _array_to_torch(*_host_array(value))
@@ -286,7 +293,7 @@ def write_into(ref: TensorRef, value: Any, cache: MappingCache) -> None:
     if not isinstance(ref.storage, ShmStorage):
         raise InvalidTensorRef("an out ref must be in shared memory (inline data cannot be written)",
                                field="storage")
-    np.copyto(to_numpy(ref, cache, writable=True), src, casting="no")
+    np.copyto(_to_numpy(ref, layout, cache, True, None), src, casting="no")
 
 
 def _check_match(ref: TensorRef, name: str, shape: tuple[int, ...]) -> None:

@@ -16,8 +16,7 @@ Layout rules (the choices made here, also described in guides/zero-copy.md):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from sidecar.dataplane import dtypes, names
 from sidecar.dataplane.refs import ArrowRef, CudaIpcStorage, InlineStorage, ShmStorage, TensorRef
@@ -30,8 +29,7 @@ MAX_NAME_LEN = 255  # NAME_MAX for /dev/shm entries
 CUDA_IPC_HANDLE_BYTES = 64
 
 
-@dataclass(frozen=True)
-class Layout:
+class Layout(NamedTuple):  # a NamedTuple: built on every decode, and cheaper than a dataclass
     """What validation learned about a ref, so decoders need not recompute it."""
 
     itemsize: int
@@ -45,11 +43,15 @@ def _fail(message: str, field: str, input_index: int | None) -> NoReturn:
     raise InvalidTensorRef(message, field=field, input_index=input_index)
 
 
-def _int(value: Any, lo: int, hi: int, what: str, field: str, input_index: int | None) -> int:
+def _int(value: Any, lo: int, hi: int, what: str, field: str, input_index: int | None,
+         index: int | None = None) -> int:
+    """`value` if it is an int in [lo, hi]; `what` (with `[index]` when given) names it in errors."""
     # bool is an int subclass but never a meaningful size; floats and strings are refused outright.
     if isinstance(value, bool) or not isinstance(value, int):
+        what = what if index is None else f"{what}[{index}]"
         _fail(f"{what} must be an integer, got {type(value).__name__}", field, input_index)
     if value < lo or value > hi:
+        what = what if index is None else f"{what}[{index}]"
         _fail(f"{what} {value} is out of range [{lo}, {hi}]", field, input_index)
     return value
 
@@ -57,10 +59,11 @@ def _int(value: Any, lo: int, hi: int, what: str, field: str, input_index: int |
 def check_name(name: Any, input_index: int | None = None) -> str:
     if not isinstance(name, str) or not name or len(name) > MAX_NAME_LEN:
         _fail(f"segment name {name!r} is not a valid /sc-<run>-<pid>-<random> name", "name", input_index)
-    try:
-        names.parse_name(name)
-    except InvalidTensorRef as err:
-        _fail(err.message, "name", input_index)
+    if not names.is_valid_name(name):  # the cheap test first: parse_name builds the parts
+        try:
+            names.parse_name(name)
+        except InvalidTensorRef as err:
+            _fail(err.message, "name", input_index)
     return name
 
 
@@ -116,7 +119,7 @@ def _check_shape(shape: Any, item: int, input_index: int | None) -> int:
         _fail(f"{len(shape)} dimensions; at most {MAX_NDIM} are supported", "shape", input_index)
     numel = 1
     for i, dim in enumerate(shape):
-        dim = _int(dim, 0, INT64_MAX, f"shape[{i}]", "shape", input_index)
+        dim = _int(dim, 0, INT64_MAX, "shape", "shape", input_index, i)
         numel *= dim
         if numel * item > INT64_MAX:
             _fail(f"shape {tuple(shape)} holds more than {INT64_MAX} bytes", "shape", input_index)
@@ -146,7 +149,7 @@ def layout_of(ref: Any, *, input_index: int | None = None) -> Layout:
         _fail(f"{len(shape)}-d tensor needs {len(shape)} strides, got {got}", "strides", input_index)
     last = 0  # byte offset of the last element, relative to the first
     for i, (dim, stride) in enumerate(zip(shape, strides)):
-        stride = _int(stride, -INT64_MAX - 1, INT64_MAX, f"strides[{i}]", "strides", input_index)
+        stride = _int(stride, -INT64_MAX - 1, INT64_MAX, "strides", "strides", input_index, i)
         if stride < 0:
             _fail(f"strides[{i}] = {stride} is negative; negative strides are not accepted "
                   f"(send a copy: to_ref makes one)", "strides", input_index)
