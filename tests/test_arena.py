@@ -5,7 +5,6 @@ import gc
 import os
 import random
 import resource
-import threading
 
 import numpy as np
 import pytest
@@ -150,36 +149,28 @@ def test_out_of_memory_is_clean(arena):
     assert reaper.list_segments("tarena") == []
 
 
-def test_threads_alloc_and_release(arena):
+def test_threads_alloc_and_release(arena, run_threads):
     sizes = [1000, 70_000, 200_000, 300_000, 1 << 20]
-    errors: list[BaseException] = []
 
     def work(tid: int) -> None:
         rng = random.Random(tid)
-        try:
-            held = []
-            for i in range(150):
-                b = arena.alloc(rng.choice(sizes))
-                arr = b.ndarray(np.uint8, (b.nbytes,))
-                arr[:] = tid
-                held.append((b, arr))
-                assert arena.find(b.address, b.nbytes) == (b, 0)
-                if len(held) > 3 or rng.random() < 0.5:
-                    blk, a = held.pop(rng.randrange(len(held)))
-                    assert (a == tid).all(), "another thread wrote into a block it did not own"
-                    del a
-                    blk.release()
-            for blk, a in held:
-                assert (a == tid).all()
+        held = []
+        for i in range(150):
+            b = arena.alloc(rng.choice(sizes))
+            arr = b.ndarray(np.uint8, (b.nbytes,))
+            arr[:] = tid
+            held.append((b, arr))
+            assert arena.find(b.address, b.nbytes) == (b, 0)
+            if len(held) > 3 or rng.random() < 0.5:
+                blk, a = held.pop(rng.randrange(len(held)))
+                assert (a == tid).all(), "another thread wrote into a block it did not own"
+                del a
                 blk.release()
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        for blk, a in held:
+            assert (a == tid).all()
+            blk.release()
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(1, 5)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    errors = run_threads(work, range(1, 5))
     assert not errors, errors
     s = arena.stats()
     assert s.in_use_bytes == 0 and s.hits + s.misses == 4 * 150 and s.hits > s.misses

@@ -8,25 +8,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from sidecar.dataplane.arena import Arena
 from sidecar.dataplane.arrow import ref_to_table, stream_size, table_to_ref
 from sidecar.dataplane.mapcache import MappingCache
 from sidecar.dataplane.refs import ArrowRef, InlineStorage, ShmStorage
 from sidecar.errors import InvalidArgument, InvalidTensorRef
-
-
-@pytest.fixture
-def arena():
-    a = Arena("testarrow")
-    yield a
-    a.close()
-
-
-@pytest.fixture
-def cache():
-    c = MappingCache()
-    yield c
-    c.clear()
 
 
 def mixed_table(n: int) -> pa.Table:

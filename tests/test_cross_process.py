@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from sidecar._native import Segment
-from sidecar.dataplane.arena import Arena
 from sidecar.dataplane.arrow import table_to_ref
 from sidecar.dataplane.refs import ArrowRef, ShmStorage, TensorRef
 from sidecar.dataplane.segments import unlink_segment
@@ -103,13 +102,6 @@ def child():
     yield c
     c.close()
     assert c.proc.returncode == 0
-
-
-@pytest.fixture
-def arena():
-    a = Arena("testxproc")
-    yield a
-    a.close()
 
 
 def test_child_sees_parent_bytes(child, arena):

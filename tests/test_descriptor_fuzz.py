@@ -46,13 +46,6 @@ def segment():
     unlink_segment(real.seg.name)
 
 
-@pytest.fixture
-def cache():
-    c = MappingCache()
-    yield c
-    c.clear()
-
-
 def shm(offset=0, nbytes=24, name=GOOD_NAME):
     return ShmStorage(name, offset, nbytes)
 

@@ -5,7 +5,6 @@ import gc
 import subprocess
 import sys
 import textwrap
-import threading
 
 import numpy as np
 import pytest
@@ -124,25 +123,17 @@ def test_bad_and_missing_names():
     assert cache.stats().entries == 0
 
 
-def test_threads_share_one_mapping_per_segment(made):
+def test_threads_share_one_mapping_per_segment(made, run_threads):
     segs = [made(4096, i) for i in range(4)]
     cache = MappingCache(max_entries=3)  # small: eviction races with lookups
-    errors: list[BaseException] = []
 
     def work(tid: int) -> None:
-        try:
-            for i in range(300):
-                s = segs[(i + tid) % 4]
-                m = cache.get(s.name, s.inode if i % 2 else 0)
-                assert m.inode == s.inode and m.size == 4096
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        for i in range(300):
+            s = segs[(i + tid) % 4]
+            m = cache.get(s.name, s.inode if i % 2 else 0)
+            assert m.inode == s.inode and m.size == 4096
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    errors = run_threads(work, range(4))
     assert not errors, errors
     st = cache.stats()
     assert st.hits + st.misses == 4 * 300 and st.entries == 3

@@ -11,7 +11,6 @@ import torch
 
 from sidecar._native import Segment
 from sidecar.dataplane import dtypes
-from sidecar.dataplane.arena import Arena
 from sidecar.dataplane.mapcache import MappingCache
 from sidecar.dataplane.refs import CudaIpcStorage, InlineStorage, ShmStorage, TensorRef
 from sidecar.dataplane.segments import create_segment, unlink_segment
@@ -20,20 +19,6 @@ from sidecar.errors import (DeviceUnavailable, DtypeMismatch, InvalidArgument, I
                             ShapeMismatch)
 
 NUMPY_DTYPES = [d for d in dtypes.SUPPORTED if d != "bfloat16"]
-
-
-@pytest.fixture
-def arena():
-    a = Arena("testtensors")
-    yield a
-    a.close()
-
-
-@pytest.fixture
-def cache():
-    c = MappingCache()
-    yield c
-    c.clear()
 
 
 def sample(name: str, shape: tuple[int, ...]) -> np.ndarray:
