@@ -15,18 +15,15 @@ import torch
 from sidecar.dataplane.arena import Arena
 from sidecar.errors import Cancelled, InvalidArgument, ShapeMismatch, WorkerCrashed
 from sidecar.host import Client, WorkerUnreachable
-from tests.workers import (LONG_LIVED_RUNS, PYTHON, ROOT, assert_run_clean, no_shm_leaks, run_id,  # noqa: F401
-                           shm_of_run, start_worker)
+from tests.workers import (PYTHON, ROOT, assert_run_clean, long_lived_run, no_shm_leaks, shm_of_run,  # noqa: F401
+                           start_worker)
 
 BIG = np.arange(256 * 1024, dtype=np.float32).reshape(512, 512)  # 1 MiB: crosses through shm
 
 
 @pytest.fixture(scope="module")
 def run() -> Any:
-    rid = run_id()
-    LONG_LIVED_RUNS.add(rid)
-    yield rid
-    LONG_LIVED_RUNS.discard(rid)
+    yield from long_lived_run()
 
 
 @pytest.fixture(scope="module")

@@ -20,21 +20,14 @@ from sidecar.dataplane import reaper
 from sidecar.errors import ShapeMismatch, UnknownOp, WorkerCrashed
 from sidecar.host.events import PoolEvent
 from sidecar.host.pool import Pool, WorkerState
-from tests.workers import LONG_LIVED_RUNS, assert_run_clean, no_shm_leaks  # noqa: F401
+from tests.workers import long_lived_pool, no_shm_leaks  # noqa: F401
 
 N = 2
 
 
 @pytest.fixture(scope="module")
 def pool() -> Iterator[Pool]:
-    p = Pool(N, debug_ops=True, breaker_threshold=1000, health_interval_s=0)
-    LONG_LIVED_RUNS.add(p.run_id)
-    try:
-        yield p
-    finally:
-        p.close()
-        LONG_LIVED_RUNS.discard(p.run_id)
-        assert_run_clean(p.run_id)
+    yield from long_lived_pool(Pool(N, debug_ops=True, breaker_threshold=1000, health_interval_s=0))
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from sidecar.dataplane import reaper
-from tests.workers import ROOT
+from tests.workers import ROOT, pid_gone
 
 HOST = textwrap.dedent("""
     import json, sys, time
@@ -28,13 +28,6 @@ HOST = textwrap.dedent("""
           flush=True)
     time.sleep(120)
 """)
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 @pytest.mark.parametrize("mode", ["template", "cold"])
@@ -58,7 +51,7 @@ def test_killing_the_host_leaves_nothing_behind(mode: str) -> None:
         t0 = time.monotonic()
         host.wait(10)
         procs = [*workers, template]
-        while not all(_gone(p) for p in procs) and time.monotonic() - t0 < 10:
+        while not all(pid_gone(p) for p in procs) and time.monotonic() - t0 < 10:
             time.sleep(0.005)
         workers_gone_s = time.monotonic() - t0
         while (reaper.list_segments(run) or os.path.exists(sock_dir)) and time.monotonic() - t0 < 10:
@@ -68,7 +61,7 @@ def test_killing_the_host_leaves_nothing_behind(mode: str) -> None:
         if host.poll() is None:
             host.kill()
             host.wait()
-    assert all(_gone(p) for p in procs), [p for p in procs if not _gone(p)]
+    assert all(pid_gone(p) for p in procs), [p for p in procs if not pid_gone(p)]
     assert not reaper.list_segments(run)
     assert not os.path.exists(sock_dir)  # nor the workers' socket files
     print(f"{mode}: workers and template gone {workers_gone_s * 1000:.0f} ms after the host's SIGKILL, "

@@ -19,16 +19,9 @@ from sidecar.host.crash import Classification
 from sidecar.host.events import PoolEvent
 from sidecar.host.pool import Pool, PoolClosed, WorkerState
 from sidecar.host.spawn import WorkerStartError, start_worker
-from tests.workers import LONG_LIVED_RUNS, assert_run_clean, no_shm_leaks, run_id  # noqa: F401
+from tests.workers import long_lived_pool, no_shm_leaks, pid_gone, run_id  # noqa: F401
 
 GPUS = ["7", "9"]
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def _orphan_segment() -> str:
@@ -55,15 +48,8 @@ def orphan() -> str:
 
 @pytest.fixture(scope="module")
 def pool(orphan: str) -> Iterator[Pool]:
-    p = Pool(2, debug_ops=True, device="cpu", gpus=GPUS, breaker_threshold=1000,
-             health_interval_s=0.3, health_timeout_s=1.0, health_failures=2)
-    LONG_LIVED_RUNS.add(p.run_id)
-    try:
-        yield p
-    finally:
-        p.close()
-        LONG_LIVED_RUNS.discard(p.run_id)
-        assert_run_clean(p.run_id)
+    yield from long_lived_pool(Pool(2, debug_ops=True, device="cpu", gpus=GPUS, breaker_threshold=1000,
+                                    health_interval_s=0.3, health_timeout_s=1.0, health_failures=2))
 
 
 def test_new_pool_swept_segments_of_dead_owners(pool: Pool, orphan: str) -> None:
@@ -185,7 +171,7 @@ def test_start_timeout_kills_a_silent_worker(tmp_path: Path) -> None:
     e = err.value
     assert e.classification == "start_timeout" and "did not report ready" in e.message
     assert e.stderr_tail == ["loading something slow"]
-    assert _gone(e.pid)
+    assert pid_gone(e.pid)
 
 
 def test_warm_spare_takes_over_and_is_refilled() -> None:
@@ -219,7 +205,7 @@ def test_close_leaves_nothing_and_refuses_calls() -> None:
     pids = [r.pid for r in pool.status()] + [pool.template_pid]
     sockdir = Path(pool.status()[0].address[len("unix:"):]).parent
     pool.close()
-    assert all(_gone(p) for p in pids)
+    assert all(pid_gone(p) for p in pids)
     assert not reaper.list_segments(run)
     assert not sockdir.exists()
     assert (held == 1).all()  # still mapped in the host

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import IO, Any, Iterator, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
@@ -123,6 +123,16 @@ def start_worker(*args: str, env: dict[str, str] | None = None, timeout: float =
     return WorkerProcess(proc, parts[1], int(parts[2]), stderr)
 
 
+def pid_gone(pid: int) -> bool:
+    """The process has exited (a zombie awaiting its parent's wait counts as gone)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def run_id() -> str:
     return "t" + secrets.token_hex(5)
 
@@ -155,6 +165,26 @@ def _ours(name: str) -> bool:
     if any(parts[1] == run for run in LONG_LIVED_RUNS):
         return False
     return int(parts[2]) == os.getpid() or int(parts[2]) in STARTED_PIDS
+
+
+def long_lived_run() -> Iterator[str]:
+    """Body of a module-scoped `run` fixture: a run id exempt from the per-test guard meanwhile."""
+    rid = run_id()
+    LONG_LIVED_RUNS.add(rid)
+    yield rid
+    LONG_LIVED_RUNS.discard(rid)
+
+
+def long_lived_pool(pool: Any) -> Iterator[Any]:
+    """Body of a module-scoped pool fixture (`yield from long_lived_pool(Pool(...))`): the pool's
+    run is exempt from the per-test guard; closing the pool must leave none of its segments."""
+    LONG_LIVED_RUNS.add(pool.run_id)
+    try:
+        yield pool
+    finally:
+        pool.close()
+        LONG_LIVED_RUNS.discard(pool.run_id)
+        assert_run_clean(pool.run_id)
 
 
 def assert_run_clean(run: str, timeout: float = 5.0) -> None:

@@ -14,8 +14,8 @@ torch is imported only when torch tensors are passed in.
 from __future__ import annotations
 
 import logging
+import os
 import threading
-import uuid
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -150,18 +150,33 @@ class _LeaseGroup:
 
 
 class _LocalFirst:
-    """A MappingCache stand-in for one call: the call's own input segments first, then the cache."""
+    """A MappingCache stand-in for one call: an output that aliases one of the call's own input
+    segments is read from the segment we already hold, never re-opened by name (which could be gone
+    or re-created); anything else comes from the cache. Looked up only for outputs, by name."""
 
-    __slots__ = ("segs", "cache")
+    __slots__ = ("arena", "temp", "in_place", "cache")
 
-    def __init__(self, segs: dict[str, Any], cache: MappingCache) -> None:
-        self.segs, self.cache = segs, cache
+    def __init__(self, arena: Arena, temp: dict[str, Block], in_place: dict[str, list[Any]],
+                 cache: MappingCache) -> None:
+        self.arena, self.temp, self.in_place, self.cache = arena, temp, in_place, cache
 
     def get(self, name: str, inode: int = 0, writable: bool = False) -> Any:
-        seg = self.segs.get(name)
+        seg = self._input_segment(name)
         if seg is not None and (not inode or inode == seg.inode):
             return seg
         return self.cache.get(name, inode, writable)
+
+    def _input_segment(self, name: str) -> Any:
+        block = self.temp.get(name)
+        if block is not None:
+            return block.segment
+        objs = self.in_place.get(name)
+        if objs:
+            arr = tensors._host_array(objs[0])[0]
+            hit = self.arena.find(arr.__array_interface__["data"][0], 1)
+            if hit is not None and hit[0].name == name:
+                return hit[0].segment
+        return None
 
 
 class TelemetryWatch:
@@ -310,7 +325,7 @@ class Client:
                     out_refs.append(ref)
             req = wire.execute_request(
                 op, refs, attrs, placement=place, out=out_refs, release=self._take_pending(),
-                request_id=request_id or uuid.uuid4().hex[:16], idempotent=bool(idempotent),
+                request_id=request_id or os.urandom(8).hex(), idempotent=bool(idempotent),
                 allow_alias=self.allow_alias and place == Placement.AUTO)
             try:
                 resp = self._stub.Execute(req, timeout=timeout if timeout is not None else self.timeout)
@@ -321,11 +336,10 @@ class Client:
             res = wire.result_from_response(resp)
             if place == Placement.OUT:
                 outputs = out_objs
-                self._queue_release(list(res.leases))
+                self._queue_release(res.leases)
             else:
-                group = _LeaseGroup(self, list(res.leases))
-                cache = _LocalFirst(self._local_segments(temp, in_place), self._cache) \
-                    if temp or in_place else self._cache
+                group = _LeaseGroup(self, res.leases)  # a fresh list: result_from_response made it
+                cache = _LocalFirst(self.arena, temp, in_place, self._cache) if temp or in_place else self._cache
                 try:
                     outputs = [self._decode_value(v, group, want_torch, cache) for v in res.outputs]
                 finally:
@@ -353,17 +367,6 @@ class Client:
         elif isinstance(ref.storage, ShmStorage):
             in_place.setdefault(ref.storage.name, []).append(x)
         return ref
-
-    def _local_segments(self, temp: dict[str, Block], in_place: dict[str, list[Any]]) -> dict[str, Any]:
-        """This call's own input segments by name: an output that aliases one is read from the
-        segment we already hold, never re-opened by name (which could be gone or re-created)."""
-        segs = {name: block.segment for name, block in temp.items()}
-        for name, objs in in_place.items():
-            arr = tensors._host_array(objs[0])[0]
-            hit = self.arena.find(arr.__array_interface__["data"][0], 1)
-            if hit is not None and hit[0].name == name:
-                segs[name] = hit[0].segment
-        return segs
 
     def _decode_value(self, v: Any, group: _LeaseGroup, want_torch: bool, cache: Any) -> Any:
         if isinstance(v, TensorRef):

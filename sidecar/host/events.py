@@ -32,10 +32,13 @@ class PoolEvent:
         """As a `sidecar.v1.TelemetryEvent` with its `pool` field set (metadata as strings)."""
         from sidecar.v1 import sidecar_pb2 as pb
 
-        meta = {k: v if isinstance(v, str) else "\n".join(v) if isinstance(v, list) else str(v)
-                for k, v in self.metadata.items() if v is not None}
         return pb.TelemetryEvent(time_unix_ns=self.time_unix_ns, pid=os.getpid(),
-                                 pool=pb.PoolEvent(event=self.event, metadata=meta))
+                                 pool=pb.PoolEvent(event=self.event, metadata=self.string_metadata()))
+
+    def string_metadata(self) -> dict[str, str]:
+        """The metadata as the proto carries it: strings, lists joined by newlines, None left out."""
+        return {k: "\n".join(map(str, v)) if isinstance(v, list) else str(v)
+                for k, v in self.metadata.items() if v is not None}
 
 
 class EventStream:

@@ -762,8 +762,7 @@ class Pool:
         try:
             return fn(worker.client)
         finally:
-            with self._lock:
-                worker.inflight -= 1
+            self._release(slot, worker, ok=False)
 
     def is_idempotent(self, op: str) -> bool:
         """What ListOps says about `op` (False for ops it does not know)."""
@@ -1090,7 +1089,5 @@ class PoolTelemetry:
 
 
 def _pool_event_dict(ev: PoolEvent) -> dict[str, Any]:
-    meta = {k: ("\n".join(map(str, v)) if isinstance(v, list) else str(v))
-            for k, v in ev.metadata.items() if v is not None}
     return {"type": "pool", "time_unix_ns": ev.time_unix_ns, "pid": os.getpid(), "event": ev.event,
-            "metadata": meta}
+            "metadata": ev.string_metadata()}

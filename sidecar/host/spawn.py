@@ -55,8 +55,8 @@ class WorkerProcess:
     """One running (or finished) worker: its pid, address, output tail and exit status."""
 
     def __init__(self, pid: int, *, via: str, stdin_fd: int, stdout_fd: int, stderr_fd: int,
-                 tail_lines: int = DEFAULT_TAIL_LINES, ready_file: Path | None = None,
-                 popen: subprocess.Popen[bytes] | None = None, pidfd: int | None = None) -> None:
+                 tail_lines: int = DEFAULT_TAIL_LINES, popen: subprocess.Popen[bytes] | None = None,
+                 pidfd: int | None = None) -> None:
         self.pid = pid
         self.via = via  # "cold" or "template"
         self.address: str | None = None
@@ -65,7 +65,6 @@ class WorkerProcess:
         self._popen = popen
         self._pidfd = pidfd  # template path: a pidfd of the worker, sent by the template
         self._stdin_fd: int | None = stdin_fd
-        self._ready_file = ready_file
         # Keep much more than we report: a native crash dumps every thread's stack, and the part
         # that matters (the fatal line, the crashing thread) must not be pushed out.
         self._tail_lines = tail_lines
@@ -301,15 +300,13 @@ def start_worker(args: Sequence[str] = (), *, python: str = sys.executable,
                                   fds=child_ends, cwd=cwd,
                                   make=lambda pid, pidfd: WorkerProcess(
                                       pid, via="template", stdin_fd=stdin_w, stdout_fd=stdout_r,
-                                      stderr_fd=stderr_r, tail_lines=tail_lines, ready_file=ready_file,
-                                      pidfd=pidfd))
+                                      stderr_fd=stderr_r, tail_lines=tail_lines, pidfd=pidfd))
         else:
             popen = subprocess.Popen(
                 [python, "-m", "sidecar", *argv], stdin=stdin_r, stdout=stdout_w, stderr=stderr_w,
                 env=None if env is None else dict(env), cwd=cwd, start_new_session=True)
             proc = WorkerProcess(popen.pid, via="cold", stdin_fd=stdin_w, stdout_fd=stdout_r,
-                                 stderr_fd=stderr_r, tail_lines=tail_lines, ready_file=ready_file,
-                                 popen=popen)
+                                 stderr_fd=stderr_r, tail_lines=tail_lines, popen=popen)
     except BaseException:
         for fd in (stdin_w, stdout_r, stderr_r):
             os.close(fd)
