@@ -22,17 +22,14 @@ from sidecar.errors import (DeviceUnavailable, DtypeMismatch, ErrorKind, Invalid
 from sidecar.host import Client
 from sidecar.v1 import sidecar_pb2 as pb
 from sidecar.v1 import sidecar_pb2_grpc as pb_grpc
-from tests.workers import LONG_LIVED_RUNS, assert_run_clean, no_shm_leaks, run_id, start_worker  # noqa: F401
+from tests.workers import assert_run_clean, long_lived_run, no_shm_leaks, start_worker  # noqa: F401
 
 SMALL = np.arange(12, dtype=np.float32).reshape(3, 4)
 
 
 @pytest.fixture(scope="module")
 def run() -> Any:
-    rid = run_id()
-    LONG_LIVED_RUNS.add(rid)
-    yield rid
-    LONG_LIVED_RUNS.discard(rid)
+    yield from long_lived_run()
 
 
 @pytest.fixture(scope="module")

@@ -13,29 +13,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import pytest
 
 from sidecar.errors import WorkerCrashed
 from sidecar.host import Client, WorkerUnreachable
-from tests.workers import PYTHON, ROOT, no_shm_leaks, run_id, shm_of_run, start_worker, worker_command  # noqa: F401
+from tests.workers import PYTHON, ROOT, no_shm_leaks, pid_gone, run_id, shm_of_run, start_worker, worker_command  # noqa: F401
 
 SMALL = np.arange(12, dtype=np.float32).reshape(3, 4)
 BIG = np.ones((512, 512), np.float32)  # 1 MiB: comes back in the worker's arena under a lease
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def wait_gone(pid: int, timeout: float) -> float | None:
     """Seconds until `pid` exited, or None if it still runs after `timeout`."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
-        if gone(pid):
+        if pid_gone(pid):
             return time.monotonic() - t0
         time.sleep(0.01)
     return None

@@ -19,17 +19,14 @@ import torch
 
 from sidecar.errors import Cancelled
 from sidecar.host import Client
-from tests.workers import LONG_LIVED_RUNS, assert_run_clean, no_shm_leaks, run_id, start_worker  # noqa: F401
+from tests.workers import assert_run_clean, long_lived_run, no_shm_leaks, start_worker  # noqa: F401
 
 OPS_MODULES = ("--ops", "tests.ops_fixture_module", "--ops", "tests.slow_ops_module")
 
 
 @pytest.fixture(scope="module")
 def run() -> Any:
-    rid = run_id()
-    LONG_LIVED_RUNS.add(rid)
-    yield rid
-    LONG_LIVED_RUNS.discard(rid)
+    yield from long_lived_run()
 
 
 @pytest.fixture(scope="module")
