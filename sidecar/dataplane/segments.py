@@ -68,6 +68,8 @@ def open_segment(name: str, writable: bool = False, *, prefault: bool = False) -
         raise InvalidTensorRef(f"shared-memory segment {name} does not exist", field="name") from e
     except PermissionError as e:
         raise InvalidTensorRef(f"no permission to map shared-memory segment {name}", field="name") from e
+    except OSError as e:  # any other refusal to map (e.g. mmap of an odd segment): the ref is unusable
+        raise InvalidTensorRef(f"cannot map shared-memory segment {name}: {e.strerror or e}", field="name") from e
 
 
 def unlink_segment(name: str, missing_ok: bool = True) -> bool:

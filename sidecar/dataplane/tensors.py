@@ -185,11 +185,8 @@ def _segment(cache: MappingCache, storage: ShmStorage, writable: bool,
              input_index: int | None) -> Segment:
     try:
         return cache.get(storage.name, storage.inode, writable=writable)
-    except InvalidTensorRef as err:
+    except InvalidTensorRef as err:  # segments.open_segment maps every OSError of mapping to this
         raise _with_index(err, input_index) from err.__cause__
-    except OSError as err:  # e.g. a zero-length segment cannot be mapped
-        raise InvalidTensorRef(f"cannot map shared-memory segment {storage.name}: {err.strerror or err}",
-                               field="name", input_index=input_index) from err
 
 
 def to_numpy(ref: TensorRef, cache: MappingCache, *, writable: bool = False,
