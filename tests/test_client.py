@@ -193,8 +193,14 @@ def test_shared_arena_is_left_to_its_owner(worker: Any, run: str) -> None:
 
 def test_telemetry_watch_closes(client: Client) -> None:
     watch = client.watch_telemetry(memory_interval_s=0.05)
-    first = next(iter(watch))
-    assert first["type"] == "memory"
+    # The module's worker is shared: a span from an earlier test's call may still be in flight,
+    # so the memory sample need not be the very first event.
+    kinds = []
+    for event in watch:
+        kinds.append(event["type"])
+        if event["type"] == "memory" or len(kinds) == 50:
+            break
+    assert kinds[-1] == "memory" and set(kinds) <= {"span", "memory"}, kinds
     watch.close()
     assert list(watch) == []
 
