@@ -8,53 +8,32 @@ import numpy as np
 import pytest
 import torch
 
-from sidecar.dataplane import tensors
-from sidecar.dataplane.arena import Arena
-from sidecar.dataplane.mapcache import MappingCache
 from sidecar.dataplane.refs import InlineStorage, ShmStorage, TensorRef
 from sidecar.errors import DtypeMismatch, InvalidArgument, ShapeMismatch, UnknownOp
 from sidecar.worker.calls import Call
 from sidecar.worker.runtime import WorkerOptions, build_runtime
+from tests.segment_host import SegmentHost
 
 RNG = np.random.default_rng(7)
 
 
-class Host:
-    """The host side of a test: puts inputs in its own segments, reads results back."""
+class Host(SegmentHost):
+    """Runs calls through the runtime's dispatcher with every tensor input in shared memory."""
 
     def __init__(self, runtime) -> None:
+        super().__init__("bophost")
         self.rt = runtime
-        self.arena = Arena("bophost")
-        self.cache = MappingCache()
-        self.blocks = []
 
     def ref(self, x):
-        if isinstance(x, (np.ndarray, torch.Tensor)):
-            ref, block = tensors.to_ref(x, self.arena, inline_threshold=0)
-            if block is not None:
-                self.blocks.append(block)
-            assert isinstance(ref.storage, ShmStorage) or ref.nbytes == 0
-            return ref
-        return x
-
-    def read(self, v):
-        if isinstance(v, TensorRef):
-            if v.dtype == "bfloat16":
-                return tensors.to_torch(v, self.cache).clone()
-            return tensors.to_numpy(v, self.cache).copy()
-        return v
+        ref = super().ref(x)
+        assert not isinstance(ref, TensorRef) or isinstance(ref.storage, ShmStorage) or ref.nbytes == 0
+        return ref
 
     def call(self, op, *inputs, **attrs):
         res = self.rt.dispatcher.execute(Call(op=op, inputs=[self.ref(x) for x in inputs], attrs=attrs))
         outs = [self.read(v) for v in res.outputs]
         self.rt.release(res.leases)
         return outs[0] if len(outs) == 1 else outs
-
-    def close(self) -> None:
-        for b in self.blocks:
-            b.release()
-        self.cache.clear()
-        self.arena.close()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import torch
 from sidecar.dataplane.arena import Arena
 from sidecar.errors import Cancelled, InvalidArgument, ShapeMismatch, WorkerCrashed
 from sidecar.host import Client, WorkerUnreachable
-from tests.workers import (PYTHON, ROOT, assert_run_clean, long_lived_run, no_shm_leaks, shm_of_run,  # noqa: F401
+from tests.workers import (PYTHON, ROOT, assert_run_clean, long_lived_run, long_lived_worker, no_shm_leaks, shm_of_run,  # noqa: F401
                            start_worker)
 
 BIG = np.arange(256 * 1024, dtype=np.float32).reshape(512, 512)  # 1 MiB: crosses through shm
@@ -28,11 +28,7 @@ def run() -> Any:
 
 @pytest.fixture(scope="module")
 def worker(run: str) -> Any:
-    w = start_worker("--device", "cpu", "--ops", "tests.ops_fixture_module", "--ops", "tests.slow_ops_module",
-                     "--run-id", run, "--threads", "1")
-    yield w
-    assert w.stop() == 0
-    assert_run_clean(run)
+    yield from long_lived_worker(run, "--ops", "tests.ops_fixture_module", "--ops", "tests.slow_ops_module")
 
 
 @pytest.fixture

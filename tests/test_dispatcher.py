@@ -14,8 +14,6 @@ import pytest
 import torch
 
 from sidecar.dataplane import arrow, tensors
-from sidecar.dataplane.arena import Arena
-from sidecar.dataplane.mapcache import MappingCache
 from sidecar.dataplane.refs import ArrowRef, CudaIpcStorage, InlineStorage, ShmStorage, TensorRef
 from sidecar.errors import (Cancelled, DeviceUnavailable, InvalidArgument, InvalidTensorRef, OpFailed,
                             Overloaded, ShapeMismatch)
@@ -23,6 +21,7 @@ from sidecar.worker.calls import Call, OutputSpec, Placement
 from sidecar.worker.leases import LeaseTable
 from sidecar.worker.registry import OpsModuleError, Registry, make_spec
 from sidecar.worker.runtime import WorkerOptions, build_runtime
+from tests.segment_host import SegmentHost
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `tests.ops_fixture_module` is imported by name, as --ops would
@@ -40,37 +39,9 @@ def wait_until(pred, timeout=10.0):
         time.sleep(0.005)
 
 
-class Host:
-    def __init__(self) -> None:
-        self.arena = Arena("disphost")
-        self.cache = MappingCache()
-        self.blocks = []
-
-    def ref(self, x, writable_block=False):
-        ref, block = tensors.to_ref(x, self.arena, inline_threshold=0)
-        if block is not None:
-            self.blocks.append(block)
-        return ref
-
-    def out_ref(self, shape, dtype="float32") -> TensorRef:
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        block = self.arena.alloc(nbytes)
-        self.blocks.append(block)
-        return TensorRef(dtype, tuple(shape), block.storage())
-
-    def read(self, v):
-        return tensors.to_numpy(v, self.cache).copy() if isinstance(v, TensorRef) else v
-
-    def close(self) -> None:
-        for b in self.blocks:
-            b.release()
-        self.cache.clear()
-        self.arena.close()
-
-
 @pytest.fixture
 def host():
-    h = Host()
+    h = SegmentHost("disphost")
     yield h
     h.close()
 

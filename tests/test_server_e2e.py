@@ -19,7 +19,7 @@ import torch
 
 from sidecar.errors import Cancelled
 from sidecar.host import Client
-from tests.workers import assert_run_clean, long_lived_run, no_shm_leaks, start_worker  # noqa: F401
+from tests.workers import assert_run_clean, long_lived_run, long_lived_worker, no_shm_leaks, start_worker  # noqa: F401
 
 OPS_MODULES = ("--ops", "tests.ops_fixture_module", "--ops", "tests.slow_ops_module")
 
@@ -31,10 +31,7 @@ def run() -> Any:
 
 @pytest.fixture(scope="module")
 def worker(run: str) -> Any:
-    w = start_worker("--device", "cpu", *OPS_MODULES, "--run-id", run, "--max-concurrency", "4", "--threads", "1")
-    yield w
-    assert w.stop() == 0
-    assert_run_clean(run)
+    yield from long_lived_worker(run, *OPS_MODULES, "--max-concurrency", "4")
 
 
 @pytest.fixture(scope="module")

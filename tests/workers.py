@@ -187,6 +187,16 @@ def long_lived_pool(pool: Any) -> Iterator[Any]:
         assert_run_clean(pool.run_id)
 
 
+def long_lived_worker(run: str, *args: str) -> Iterator[WorkerProcess]:
+    """Body of a module-scoped worker fixture: a CPU worker in `run` (one torch thread) with `args`;
+    at the end it must still be alive, stop with exit 0 and leave none of the run's segments."""
+    w = start_worker("--device", "cpu", "--run-id", run, "--threads", "1", *args)
+    yield w
+    assert w.alive(), w.stderr_text()
+    assert w.stop() == 0
+    assert_run_clean(run)
+
+
 def assert_run_clean(run: str, timeout: float = 5.0) -> None:
     """Every segment of `run` is gone (waits briefly: a worker unlinks its arena while exiting)."""
     deadline = time.monotonic() + timeout
