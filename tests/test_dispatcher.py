@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,21 +21,13 @@ from sidecar.worker.leases import LeaseTable
 from sidecar.worker.registry import OpsModuleError, Registry, make_spec
 from sidecar.worker.runtime import WorkerOptions, build_runtime
 from tests.segment_host import SegmentHost
+from tests.workers import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `tests.ops_fixture_module` is imported by name, as --ops would
     sys.path.insert(0, str(ROOT))
 FIXTURE = "tests.ops_fixture_module"
 RUN = "dispworker"
-
-
-def wait_until(pred, timeout=10.0):
-    """Polls a condition (not a timing assertion: the deadline only stops a hung test)."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.005)
 
 
 @pytest.fixture

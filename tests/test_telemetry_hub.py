@@ -14,14 +14,7 @@ from sidecar.errors import ShapeMismatch
 from sidecar.worker.calls import Call, OutputSpec, Placement
 from sidecar.worker.runtime import WorkerOptions, build_runtime
 from sidecar.worker.telemetry import Telemetry
-
-
-def wait_until(pred, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.005)
+from tests.workers import wait_until
 
 
 @pytest.fixture

@@ -167,6 +167,15 @@ def _ours(name: str) -> bool:
     return int(parts[2]) == os.getpid() or int(parts[2]) in STARTED_PIDS
 
 
+def wait_until(pred: Any, timeout: float = 10.0) -> None:
+    """Polls a condition (not a timing assertion: the deadline only stops a hung test)."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.005)
+
+
 def long_lived_run() -> Iterator[str]:
     """Body of a module-scoped `run` fixture: a run id exempt from the per-test guard meanwhile."""
     rid = run_id()
