@@ -36,7 +36,7 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from timing import sample_us  # noqa: E402  (benchmarks/timing.py)
+from timing import parse_sizes, sample_us  # noqa: E402  (benchmarks/timing.py)
 
 SIZES = {"1MB": 10**6, "100MB": 10**8, "1GB": 10**9}
 TARGET_US = 300.0
@@ -227,10 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json-out", type=Path, default=None, metavar="FILE",
                     help="also write the JSON to FILE (the table is printed)")
     args = ap.parse_args(argv)
-    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    unknown = [s for s in sizes if s not in SIZES]
-    if unknown:
-        ap.error(f"unknown sizes {unknown}; choose from {list(SIZES)}")
+    sizes = parse_sizes(ap, args.sizes, SIZES)
     reason = cuda_reason()
     if reason is not None:
         doc = {"cuda": False, "reason": reason, "results": []}

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from timing import sample_us  # benchmarks/timing.py
+from timing import parse_sizes, sample_us  # benchmarks/timing.py
 
 from sidecar.dataplane.arena import Arena
 from sidecar.dataplane.mapcache import MappingCache
@@ -195,10 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                     "ping, arena_view use at least 50)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = ap.parse_args(argv)
-    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    unknown = [s for s in sizes if s not in SIZES]
-    if unknown:
-        ap.error(f"unknown sizes {unknown}; choose from {list(SIZES)}")
+    sizes = parse_sizes(ap, args.sizes, SIZES)
 
     ctx = mp.get_context("spawn")  # a fresh interpreter, like a real worker (no inherited mappings)
     parent, child = ctx.Pipe()

@@ -1,6 +1,8 @@
-"""The timing loop every benchmark here shares (the scripts import it as a sibling module)."""
+"""The timing loop and the `--sizes` parsing every benchmark here shares (the scripts import it as a
+sibling module)."""
 from __future__ import annotations
 
+import argparse
 import gc
 import time
 from typing import Any, Callable
@@ -28,3 +30,12 @@ def sample_us(fn: Callable[[], Any], repeat: int, warmup: int = 2, *, quiet_gc: 
         if quiet_gc:
             gc.enable()
     return out
+
+
+def parse_sizes(ap: argparse.ArgumentParser, text: str, known: dict[str, int]) -> list[str]:
+    """The comma-separated `--sizes` value as a list of names from `known`; an unknown one is a usage error."""
+    sizes = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in sizes if s not in known]
+    if unknown:
+        ap.error(f"unknown sizes {unknown}; choose from {list(known)}")
+    return sizes
