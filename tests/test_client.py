@@ -15,8 +15,8 @@ import torch
 from sidecar.dataplane.arena import Arena
 from sidecar.errors import Cancelled, InvalidArgument, ShapeMismatch, WorkerCrashed
 from sidecar.host import Client, WorkerUnreachable
-from tests.workers import (PYTHON, ROOT, assert_run_clean, long_lived_run, long_lived_worker, no_shm_leaks, shm_of_run,  # noqa: F401
-                           start_worker)
+from tests.workers import (FIXTURE_OPS, PYTHON, ROOT, long_lived_run, long_lived_worker, no_shm_leaks,  # noqa: F401
+                           shm_of_run, start_worker)
 
 BIG = np.arange(256 * 1024, dtype=np.float32).reshape(512, 512)  # 1 MiB: crosses through shm
 
@@ -28,7 +28,7 @@ def run() -> Any:
 
 @pytest.fixture(scope="module")
 def worker(run: str) -> Any:
-    yield from long_lived_worker(run, "--ops", "tests.ops_fixture_module", "--ops", "tests.slow_ops_module")
+    yield from long_lived_worker(run, *FIXTURE_OPS)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from sidecar.errors import (DeviceUnavailable, DtypeMismatch, ErrorKind, Invalid
 from sidecar.host import Client
 from sidecar.v1 import sidecar_pb2 as pb
 from sidecar.v1 import sidecar_pb2_grpc as pb_grpc
-from tests.workers import assert_run_clean, long_lived_run, long_lived_worker, no_shm_leaks, start_worker  # noqa: F401
+from tests.workers import FIXTURE_OPS, long_lived_run, long_lived_worker, no_shm_leaks, start_worker  # noqa: F401
 
 SMALL = np.arange(12, dtype=np.float32).reshape(3, 4)
 
@@ -34,8 +34,7 @@ def run() -> Any:
 
 @pytest.fixture(scope="module")
 def worker(run: str) -> Any:
-    yield from long_lived_worker(run, "--ops", "tests.ops_fixture_module", "--ops", "tests.slow_ops_module",
-                                 "--memory-limit", "1G")
+    yield from long_lived_worker(run, *FIXTURE_OPS, "--memory-limit", "1G")
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,7 @@ import torch
 
 from sidecar.errors import Cancelled
 from sidecar.host import Client
-from tests.workers import assert_run_clean, long_lived_run, long_lived_worker, no_shm_leaks, start_worker  # noqa: F401
-
-OPS_MODULES = ("--ops", "tests.ops_fixture_module", "--ops", "tests.slow_ops_module")
+from tests.workers import FIXTURE_OPS, long_lived_run, long_lived_worker, no_shm_leaks  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +29,7 @@ def run() -> Any:
 
 @pytest.fixture(scope="module")
 def worker(run: str) -> Any:
-    yield from long_lived_worker(run, *OPS_MODULES, "--max-concurrency", "4")
+    yield from long_lived_worker(run, *FIXTURE_OPS, "--max-concurrency", "4")
 
 
 @pytest.fixture(scope="module")

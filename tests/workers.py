@@ -167,6 +167,10 @@ def _ours(name: str) -> bool:
     return int(parts[2]) == os.getpid() or int(parts[2]) in STARTED_PIDS
 
 
+# The test ops modules the gRPC end-to-end workers load (tests/ops_fixture_module.py, tests/slow_ops_module.py).
+FIXTURE_OPS = ("--ops", "tests.ops_fixture_module", "--ops", "tests.slow_ops_module")
+
+
 def wait_until(pred: Any, timeout: float = 10.0) -> None:
     """Polls a condition (not a timing assertion: the deadline only stops a hung test)."""
     deadline = time.monotonic() + timeout
