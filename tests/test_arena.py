@@ -16,13 +16,14 @@ from sidecar.dataplane.names import make_name, parse_name
 from sidecar.dataplane.refs import ShmStorage
 from sidecar.dataplane.segments import segment_path
 from sidecar.errors import OutOfMemory
+from tests.workers import session_run
 
 MiB = 1 << 20
 
 
 @pytest.fixture
 def arena():
-    a = Arena("tarena", max_cached_bytes=64 * MiB)
+    a = Arena(session_run("tarena"), max_cached_bytes=64 * MiB)
     yield a
     a.close()
 
@@ -41,7 +42,7 @@ def test_size_classes():
 def test_alloc_write_release_reuse(arena):
     b = arena.alloc(MiB + 10)
     assert (b.nbytes, b.capacity, b.offset) == (MiB + 10, size_class(MiB + 10), 0)
-    assert parse_name(b.name).pid == os.getpid() and parse_name(b.name).run == "tarena"
+    assert parse_name(b.name).pid == os.getpid() and parse_name(b.name).run == session_run("tarena")
     assert b.inode == os.stat(segment_path(b.name)).st_ino
     mv = b.buffer()
     assert len(mv) == b.nbytes and not mv.readonly
@@ -96,7 +97,7 @@ def test_find(arena):
 
 
 def test_eviction_trim_and_close_unlink(arena):
-    small = Arena("tarena", max_cached_bytes=300_000)
+    small = Arena(session_run("tarena"), max_cached_bytes=300_000)
     try:
         blocks = [small.alloc(128 << 10) for _ in range(3)]
         names = [b.name for b in blocks]
@@ -109,7 +110,7 @@ def test_eviction_trim_and_close_unlink(arena):
         big.release()
         assert not segment_path(big.name).exists()
         assert small.trim() == 2 * (128 << 10)
-        assert small.stats().reserved_bytes == 0 and reaper.list_segments("tarena") == []
+        assert small.stats().reserved_bytes == 0 and reaper.list_segments(arena.run_id) == []
     finally:
         small.close()
 
@@ -128,7 +129,7 @@ def test_eviction_trim_and_close_unlink(arena):
 
 
 def test_arena_dropped_without_close_unlinks_its_segments():
-    a = Arena("tarena")
+    a = Arena(session_run("tarena"))
     b = a.alloc(100)
     name = b.name
     del a, b
@@ -146,7 +147,7 @@ def test_out_of_memory_is_clean(arena):
     assert e.device == "shm" and e.requested_bytes >= free + (1 << 30) and e.total_bytes > 0
     s = arena.stats()
     assert s.in_use_bytes == 0 and s.cached_bytes == 0  # it gave back its warm memory and retried
-    assert reaper.list_segments("tarena") == []
+    assert reaper.list_segments(arena.run_id) == []
 
 
 def test_threads_alloc_and_release(arena, run_threads):
@@ -174,7 +175,7 @@ def test_threads_alloc_and_release(arena, run_threads):
     assert not errors, errors
     s = arena.stats()
     assert s.in_use_bytes == 0 and s.hits + s.misses == 4 * 150 and s.hits > s.misses
-    assert s.reserved_bytes == s.cached_bytes and len(reaper.list_segments("tarena")) == s.segments
+    assert s.reserved_bytes == s.cached_bytes and len(reaper.list_segments(arena.run_id)) == s.segments
 
 
 def minor_faults() -> int:
@@ -193,7 +194,7 @@ def test_warm_alloc_does_not_page_fault(arena):
     b.release()
 
     # The same measurement on a fresh, not pre-faulted segment shows what it would cost otherwise.
-    name = make_name("tarena")
+    name = make_name(session_run("tarena"))
     cold_seg = _native.Segment.create(name, n, prefault=False)
     try:
         before = minor_faults()

@@ -13,6 +13,7 @@ from sidecar.errors import DtypeMismatch, InvalidArgument, ShapeMismatch, Unknow
 from sidecar.worker.calls import Call
 from sidecar.worker.runtime import WorkerOptions, build_runtime
 from tests.segment_host import SegmentHost
+from tests.workers import session_run
 
 RNG = np.random.default_rng(7)
 
@@ -38,7 +39,7 @@ class Host(SegmentHost):
 
 @pytest.fixture
 def host():
-    rt = build_runtime(WorkerOptions(device="cpu", run_id="bopworker"))
+    rt = build_runtime(WorkerOptions(device="cpu", run_id=session_run("bopworker")))
     h = Host(rt)
     yield h
     h.close()

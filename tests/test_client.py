@@ -15,7 +15,7 @@ import torch
 from sidecar.dataplane.arena import Arena
 from sidecar.errors import Cancelled, InvalidArgument, ShapeMismatch, WorkerCrashed
 from sidecar.host import Client, WorkerUnreachable
-from tests.workers import (FIXTURE_OPS, PYTHON, ROOT, long_lived_run, long_lived_worker, no_shm_leaks,  # noqa: F401
+from tests.workers import (FIXTURE_OPS, PYTHON, ROOT, long_lived_run, long_lived_worker,  # noqa: F401
                            shm_of_run, start_worker)
 
 BIG = np.arange(256 * 1024, dtype=np.float32).reshape(512, 512)  # 1 MiB: crosses through shm

@@ -20,7 +20,7 @@ from sidecar.dataplane import reaper
 from sidecar.errors import ShapeMismatch, UnknownOp, WorkerCrashed
 from sidecar.host.events import PoolEvent
 from sidecar.host.pool import Pool, WorkerState
-from tests.workers import long_lived_pool, no_shm_leaks  # noqa: F401
+from tests.workers import long_lived_pool  # noqa: F401
 
 N = 2
 

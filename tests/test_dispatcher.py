@@ -21,13 +21,13 @@ from sidecar.worker.leases import LeaseTable
 from sidecar.worker.registry import OpsModuleError, Registry, make_spec
 from sidecar.worker.runtime import WorkerOptions, build_runtime
 from tests.segment_host import SegmentHost
-from tests.workers import wait_until
+from tests.workers import session_run, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `tests.ops_fixture_module` is imported by name, as --ops would
     sys.path.insert(0, str(ROOT))
 FIXTURE = "tests.ops_fixture_module"
-RUN = "dispworker"
+RUN = session_run("dispworker")
 
 
 @pytest.fixture
@@ -397,12 +397,13 @@ def test_many_threads_at_once(make_rt, host):
 
 
 def test_close_unlinks_every_worker_segment(make_rt, host):
-    rt = make_rt(run_id="closeme")
+    rt = make_rt(run_id=session_run("closeme"))
+    prefix = f"sc-{session_run('closeme')}-"
     for _ in range(3):
         run(rt, "identity", host.ref(np.ones(100000, np.float32)), placement=Placement.SHM)
-    assert any(p.name.startswith("sc-closeme-") for p in Path("/dev/shm").iterdir())
+    assert any(p.name.startswith(prefix) for p in Path("/dev/shm").iterdir())
     rt.close()
-    assert not any(p.name.startswith("sc-closeme-") for p in Path("/dev/shm").iterdir())
+    assert not any(p.name.startswith(prefix) for p in Path("/dev/shm").iterdir())
 
 
 @pytest.mark.parametrize("spec", ["tpu", "cuda:7", "mps"] + (["cuda"] if not torch.cuda.is_available() else []))

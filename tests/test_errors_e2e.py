@@ -22,7 +22,7 @@ from sidecar.errors import (DeviceUnavailable, DtypeMismatch, ErrorKind, Invalid
 from sidecar.host import Client
 from sidecar.v1 import sidecar_pb2 as pb
 from sidecar.v1 import sidecar_pb2_grpc as pb_grpc
-from tests.workers import FIXTURE_OPS, long_lived_run, long_lived_worker, no_shm_leaks, start_worker  # noqa: F401
+from tests.workers import FIXTURE_OPS, long_lived_run, long_lived_worker, start_worker  # noqa: F401
 
 SMALL = np.arange(12, dtype=np.float32).reshape(3, 4)
 

@@ -17,7 +17,7 @@ import pytest
 
 from sidecar.errors import WorkerCrashed
 from sidecar.host import Client, WorkerUnreachable
-from tests.workers import PYTHON, ROOT, no_shm_leaks, pid_gone, run_id, shm_of_run, start_worker, worker_command  # noqa: F401
+from tests.workers import PYTHON, ROOT, pid_gone, run_id, shm_of_run, start_worker, worker_command  # noqa: F401
 
 SMALL = np.arange(12, dtype=np.float32).reshape(3, 4)
 BIG = np.ones((512, 512), np.float32)  # 1 MiB: comes back in the worker's arena under a lease

@@ -14,6 +14,7 @@ from sidecar._native import Segment
 from sidecar.dataplane.mapcache import MapCacheStats, MappingCache
 from sidecar.dataplane.names import make_name
 from sidecar.errors import InvalidTensorRef
+from tests.workers import session_run
 
 
 @pytest.fixture
@@ -22,7 +23,7 @@ def made():
     names: list[str] = []
 
     def make(size: int = 4096, fill: int = 0, name: str | None = None) -> Segment:
-        n = name or make_name("tmapc")
+        n = name or make_name(session_run("tmapc"))
         seg = Segment.create(n, size)
         memoryview(seg)[:] = bytes([fill]) * size
         names.append(n)
@@ -116,7 +117,7 @@ def test_bad_and_missing_names():
         with pytest.raises(InvalidTensorRef) as ei:
             cache.get(name)
         assert ei.value.field == "name"
-    missing = make_name("tmapc")
+    missing = make_name(session_run("tmapc"))
     for inode in (0, 12345):
         with pytest.raises(InvalidTensorRef, match="does not exist"):
             cache.get(missing, inode)

@@ -71,6 +71,32 @@ def test_default_run_id_from_env_or_random():
     assert names.default_run_id() == names.default_run_id()
 
 
+
+def test_random_run_ids_carry_the_run_prefix(monkeypatch):
+    monkeypatch.setenv(names.RUN_PREFIX_ENV, "abc")
+    a, b = names.new_run_id(), names.new_run_id()
+    assert a.startswith("abc") and b.startswith("abc") and a != b and validate_run_id(a)
+    monkeypatch.setenv(names.RUN_PREFIX_ENV, "bad-prefix")  # ignored, with a warning
+    assert validate_run_id(names.new_run_id())
+    monkeypatch.setenv(names.RUN_PREFIX_ENV, "x" * 21)  # no room left for the random part
+    assert not names.new_run_id().startswith("x" * 21)
+
+
+def test_leak_guard_blames_only_this_sessions_segments():
+    """On a machine shared with other test runs, a segment of another run whose owner is dead is not
+    this test's leak (nor ours to unlink); one of this session's runs is, whoever owns it."""
+    from tests import workers
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a dead pid this session did not start as a worker
+    foreign = make_name("otherRun9", pid=child.pid)[1:]
+    ours_dead = make_name(workers.run_id(), pid=child.pid)[1:]
+    assert not workers._ours(foreign)
+    assert workers._ours(ours_dead)
+    assert workers._ours(make_name("otherRun9")[1:])  # owned by this process
+    assert not workers._ours("sc-not-our-scheme")
+
+
 CREATOR = """
     import sys
     from sidecar.dataplane.segments import create_segment

@@ -18,8 +18,9 @@ import torch
 from sidecar import _native
 from sidecar._native import Segment
 from sidecar.dataplane.names import make_name
+from tests.workers import session_run
 
-RUN = "tnative"
+RUN = session_run("tnative")
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from sidecar.worker import builtin_ops
 from sidecar.worker.calls import Call, OutputSpec, Placement
 from sidecar.worker.registry import OpContext, make_spec
 from sidecar.worker.runtime import WorkerOptions, build_runtime
-from tests.workers import assert_run_clean, run_id, start_worker
+from tests.workers import session_run, assert_run_clean, run_id, start_worker
 
 MIB4 = 1 << 20  # float32 elements in 4 MiB
 KEPT: list[torch.Tensor] = []  # what `stash` keeps across calls (a misuse the worker must survive)
@@ -82,7 +82,7 @@ def empty_info(ctx: OpContext, *, n: int, dtype: str) -> list:
 
 @pytest.fixture
 def rt():
-    runtime = build_runtime(WorkerOptions(device="cpu", run_id="opout"))
+    runtime = build_runtime(WorkerOptions(device="cpu", run_id=session_run("opout")))
     for fn in (two_blocks, fails_after_empty, strided_view, small_slice, stash, empty_info):
         runtime.registry.add(make_spec(fn, f"t.{fn.__name__}"))
     for name in ("add", "sub", "mul", "div", "relu", "gelu", "matmul", "softmax", "cast"):
@@ -94,7 +94,7 @@ def rt():
 
 @pytest.fixture
 def host():
-    arena, cache, blocks = Arena("opouthost"), MappingCache(), []
+    arena, cache, blocks = Arena(session_run("opouthost")), MappingCache(), []
 
     class Host:
         def ref(self, x: np.ndarray) -> TensorRef:
@@ -266,7 +266,7 @@ def test_ctx_empty_without_a_dispatcher_is_torch_empty():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_ctx_empty_on_a_cuda_worker_is_on_the_device():
-    rt = build_runtime(WorkerOptions(device="cuda", run_id="opoutcuda"))
+    rt = build_runtime(WorkerOptions(device="cuda", run_id=session_run("opoutcuda")))
     try:
         rt.registry.add(make_spec(empty_info, "t.empty_info"))
         info = rt.dispatcher.execute(Call(op="t.empty_info", attrs={"n": 1 << 20, "dtype": "float32"}))
@@ -379,7 +379,7 @@ FULL_SHM = """
     from sidecar.worker.runtime import WorkerOptions, build_runtime
     x = np.arange(1 << 19, dtype=np.float32)  # 2 MiB: more than the whole 1 MiB /dev/shm
     ref = TensorRef("float32", x.shape, InlineStorage(x.tobytes()))
-    rt = build_runtime(WorkerOptions(device="cpu", run_id="tfull"))
+    rt = build_runtime(WorkerOptions(device="cpu", run_id="tfull"))  # a private /dev/shm: no one to share with
     out = {}
     res = rt.dispatcher.execute(Call(op="mul", inputs=[ref, 2.0], output=OutputSpec(Placement.INLINE)))
     out["inline_ok"] = np.array_equal(np.frombuffer(res.outputs[0].storage.data, np.float32), x * 2)

@@ -19,7 +19,7 @@ from sidecar.host.crash import Classification
 from sidecar.host.events import PoolEvent
 from sidecar.host.pool import Pool, PoolClosed, WorkerState
 from sidecar.host.spawn import WorkerStartError, start_worker
-from tests.workers import long_lived_pool, no_shm_leaks, pid_gone, run_id  # noqa: F401
+from tests.workers import long_lived_pool, pid_gone, run_id  # noqa: F401
 
 GPUS = ["7", "9"]
 

@@ -19,7 +19,7 @@ import torch
 
 from sidecar.errors import Cancelled
 from sidecar.host import Client
-from tests.workers import FIXTURE_OPS, long_lived_run, long_lived_worker, no_shm_leaks  # noqa: F401
+from tests.workers import FIXTURE_OPS, long_lived_run, long_lived_worker  # noqa: F401
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,9 @@ import pytest
 from sidecar.dataplane import reaper
 from sidecar.dataplane.segments import create_segment, shm_usage
 from sidecar.errors import OutOfMemory
+from tests.workers import session_run
 
-RUN = "tfull"
+RUN = session_run("tfull")
 
 
 def test_size_beyond_free_space_is_out_of_memory():
@@ -28,7 +29,7 @@ def test_size_beyond_free_space_is_out_of_memory():
     e = ei.value
     assert (e.device, e.requested_bytes, e.total_bytes) == ("shm", want, total)
     assert 0 <= e.free_bytes <= total
-    assert f"{want} bytes" in e.message and "/sc-tfull-" in e.message
+    assert f"{want} bytes" in e.message and f"/sc-{RUN}-" in e.message
     assert reaper.list_segments(RUN) == []  # the half-made segment was unlinked
 
 

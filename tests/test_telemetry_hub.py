@@ -14,19 +14,19 @@ from sidecar.errors import ShapeMismatch
 from sidecar.worker.calls import Call, OutputSpec, Placement
 from sidecar.worker.runtime import WorkerOptions, build_runtime
 from sidecar.worker.telemetry import Telemetry
-from tests.workers import wait_until
+from tests.workers import session_run, wait_until
 
 
 @pytest.fixture
 def rt():
-    runtime = build_runtime(WorkerOptions(device="cpu", run_id="telworker"))
+    runtime = build_runtime(WorkerOptions(device="cpu", run_id=session_run("telworker")))
     yield runtime
     runtime.close()
 
 
 @pytest.fixture
 def host_arena():
-    arena = Arena("telhost")
+    arena = Arena(session_run("telhost"))
     yield arena
     arena.close()
 

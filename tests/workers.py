@@ -25,6 +25,19 @@ PYTHON = str(VENV_PYTHON if VENV_PYTHON.exists() else Path(sys.executable))
 READY = "SIDECAR_READY"
 
 
+# Every run id this test session makes up starts with SESSION_PREFIX. It is put in the environment
+# ($SIDECAR_RUN_PREFIX), so the pools, workers and Elixir VMs the tests start tag their random run
+# ids with it too: on a machine whose /dev/shm other runs share, the guard below blames (and
+# removes) only segments of this session's runs or of processes this session started.
+SESSION_PREFIX = "t" + secrets.token_hex(3)
+os.environ["SIDECAR_RUN_PREFIX"] = SESSION_PREFIX
+
+
+def session_run(tag: str) -> str:
+    """A run id of this session for a fixed tag (e.g. "tarena" -> "t1a2b3ctarena")."""
+    return (SESSION_PREFIX + tag)[:32]
+
+
 # Pids of every worker this process started: the /dev/shm guard below blames only segments owned by
 # them or by this process (other test runs may share the machine and its /dev/shm).
 STARTED_PIDS: set[int] = set()
@@ -134,7 +147,8 @@ def pid_gone(pid: int) -> bool:
 
 
 def run_id() -> str:
-    return "t" + secrets.token_hex(5)
+    """A fresh run id of this session."""
+    return SESSION_PREFIX + secrets.token_hex(5)
 
 
 def shm_of_run(run: str) -> set[str]:
@@ -144,12 +158,10 @@ def shm_of_run(run: str) -> set[str]:
 # ---------------------------------------------------------------------------------------------------
 # Long-lived (module-scoped) workers and the /dev/shm guard
 #
-# conftest's `no_shm_leaks` fails a test that leaves an sc-* segment behind, but a worker shared by
-# a whole module legitimately keeps its warm arena between tests. A module that shares one imports
-# this `no_shm_leaks` (overriding conftest's): segments of runs in LONG_LIVED_RUNS are exempt per
-# test and checked instead when the module's fixture stops the worker (`assert_run_clean`). It
-# also blames only segments owned by this process or a worker it started, so that other test runs
-# sharing the machine's /dev/shm do not fail (or lose segments to) this one.
+# `no_shm_leaks` (autouse, through conftest) fails a test that leaves an sc-* segment behind, but a
+# worker shared by a whole module legitimately keeps its warm arena between tests: segments of runs
+# in LONG_LIVED_RUNS are exempt per test and checked instead when the module's fixture stops the
+# worker (`assert_run_clean`).
 
 LONG_LIVED_RUNS: set[str] = set()
 
@@ -159,12 +171,23 @@ def _sc_segments() -> set[str]:
 
 
 def _ours(name: str) -> bool:
+    """A segment this session created: of one of its runs, or owned by this process, a worker it
+    started, or a live descendant (a template's forked workers). Segments of long-lived runs are
+    checked when their fixture ends instead."""
     parts = name.split("-")
     if len(parts) != 4 or not parts[2].isdigit():
-        return True  # not our naming scheme at all: nobody else should make sc-* files
-    if any(parts[1] == run for run in LONG_LIVED_RUNS):
+        return False  # not our naming scheme: not ours to blame or to remove
+    run, pid = parts[1], int(parts[2])
+    if run in LONG_LIVED_RUNS:
         return False
-    return int(parts[2]) == os.getpid() or int(parts[2]) in STARTED_PIDS
+    if run.startswith(SESSION_PREFIX) or pid == os.getpid() or pid in STARTED_PIDS:
+        return True
+    import psutil
+
+    try:
+        return pid in {c.pid for c in psutil.Process().children(recursive=True)}
+    except psutil.Error:
+        return False
 
 
 # The test ops modules the gRPC end-to-end workers load (tests/ops_fixture_module.py, tests/slow_ops_module.py).
@@ -229,7 +252,8 @@ try:
 
     @pytest.fixture(autouse=True)
     def no_shm_leaks():
-        """conftest's guard, minus the segments of long-lived runs (checked at their teardown)."""
+        """Fails the test if it leaves behind a new sc-* segment that this session created (see
+        `_ours`); removes only those, so one leak does not fail every later test."""
         before = _sc_segments()
         yield
         left = {n for n in _sc_segments() - before if _ours(n)}

@@ -22,6 +22,10 @@ NAME_RE = re.compile(r"/sc-(?P<run>[A-Za-z0-9]{1,32})-(?P<pid>[0-9]{1,10})-(?P<r
 PREFIX = "sc-"  # how our segments appear as files in /dev/shm (the name without its leading "/")
 RAND_HEX = 16    # 64 random bits: collisions are not a practical concern (O_EXCL catches them anyway)
 RUN_ENV = "SIDECAR_RUN_ID"
+# Tag for every random run id this process (and what it spawns) makes up: a test session sets it, so
+# that on a machine shared with other runs it counts (and cleans) only what it created itself.
+RUN_PREFIX_ENV = "SIDECAR_RUN_PREFIX"
+RUN_RAND_HEX = 12
 
 
 class SegmentName(NamedTuple):
@@ -64,12 +68,22 @@ def is_valid_name(name: object) -> bool:
     return isinstance(name, str) and NAME_RE.fullmatch(name) is not None
 
 
+def new_run_id() -> str:
+    """A fresh random run id: $SIDECAR_RUN_PREFIX (when 1-20 letters/digits) followed by random hex."""
+    prefix = os.environ.get(RUN_PREFIX_ENV, "")
+    if prefix and not (len(prefix) <= 32 - RUN_RAND_HEX and RUN_RE.fullmatch(prefix)):
+        log.warning("ignoring invalid %s=%r (want 1-%d ASCII letters/digits)", RUN_PREFIX_ENV, prefix,
+                    32 - RUN_RAND_HEX)
+        prefix = ""
+    return prefix + secrets.token_hex(RUN_RAND_HEX // 2)
+
+
 _run_id: str | None = None
 _run_lock = threading.Lock()
 
 
 def default_run_id() -> str:
-    """This process's run id: $SIDECAR_RUN_ID when valid, else random hex; fixed for the process."""
+    """This process's run id: $SIDECAR_RUN_ID when valid, else `new_run_id()`; fixed for the process."""
     global _run_id
     with _run_lock:
         if _run_id is None:
@@ -79,5 +93,5 @@ def default_run_id() -> str:
             else:
                 if env:
                     log.warning("ignoring invalid %s=%r (want 1-32 ASCII letters/digits)", RUN_ENV, env)
-                _run_id = secrets.token_hex(6)
+                _run_id = new_run_id()
         return _run_id

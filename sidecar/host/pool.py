@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from sidecar.dataplane import reaper
 from sidecar.dataplane.arena import Arena
-from sidecar.dataplane.names import validate_run_id
+from sidecar.dataplane.names import new_run_id, validate_run_id
 from sidecar.errors import Cancelled, CircuitOpen, InvalidArgument, OpFailed, SidecarError, WorkerCrashed
 from sidecar.host.breaker import BreakerState, CircuitBreaker
 from sidecar.host.client import Client, Result, empty_in
@@ -170,7 +170,7 @@ class Pool:
             raise InvalidArgument(f"max_attempts must be >= 1, got {max_attempts}", field="max_attempts")
         if spares is not None and spares < 0:
             raise InvalidArgument(f"spares must be >= 0, got {spares}", field="spares")
-        self.run_id = validate_run_id(run_id) if run_id else os.urandom(6).hex()
+        self.run_id = validate_run_id(run_id) if run_id else new_run_id()
         self.device = device
         self._ops = list(ops)
         self._debug_ops = debug_ops

@@ -18,7 +18,7 @@ from sidecar.dataplane import cuda_ipc
 from sidecar.dataplane.refs import CudaIpcStorage
 from sidecar.errors import InvalidTensorRef, OutOfMemory, SidecarError
 from sidecar.host import Client
-from tests.workers import LONG_LIVED_RUNS, assert_run_clean, no_shm_leaks, run_id, shm_of_run, start_worker  # noqa: F401
+from tests.workers import LONG_LIVED_RUNS, assert_run_clean, run_id, shm_of_run, start_worker  # noqa: F401
 
 OPS = ("--device", "cuda", "--ops", "tests.gpu.gpu_ops_module")
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30

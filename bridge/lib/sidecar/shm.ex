@@ -292,6 +292,12 @@ defmodule Sidecar.Shm do
 
   # -- registry ------------------------------------------------------------------------------------
 
+  # $SIDECAR_RUN_PREFIX tags random run ids (a test session sets it to find what it created).
+  defp run_prefix do
+    prefix = System.get_env("SIDECAR_RUN_PREFIX", "")
+    if byte_size(prefix) <= 20 and Regex.match?(~r/\A[A-Za-z0-9]*\z/, prefix), do: prefix, else: ""
+  end
+
   @impl true
   def init([]) do
     Process.flag(:trap_exit, true)
@@ -300,7 +306,7 @@ defmodule Sidecar.Shm do
     run =
       if Regex.match?(@run_re, run),
         do: run,
-        else: Base.encode16(:rand.bytes(6), case: :lower)
+        else: run_prefix() <> Base.encode16(:rand.bytes(6), case: :lower)
 
     :persistent_term.put({__MODULE__, :run_id}, run)
     :persistent_term.put({__MODULE__, :os_pid}, String.to_integer(System.pid()))
