@@ -128,6 +128,49 @@ defmodule Sidecar.PoolTest do
     assert :ok = Sidecar.await_ready(pool(), :all, 30_000)
   end
 
+  test "a poison call (it crashed two workers) fails naming both crashes and never reaches a third worker" do
+    # debug.segfault crashes every worker it runs on; idempotent: true makes it retryable, and a
+    # max_attempts above 2 does not lift the guard.
+    assert {:error, %Error{kind: :worker_crashed, crashes: [first, second]} = err} =
+             Sidecar.call(pool(), "debug.segfault", [], idempotent: true, max_attempts: 5)
+
+    for crash <- [first, second] do
+      assert %{classification: :segfault, signal: 11, exit_code: 139, pid: os_pid} = crash
+      assert is_integer(os_pid)
+      assert err.message =~ "pid #{os_pid} (segfault)"
+    end
+
+    assert first.pid != second.pid
+    assert err.message =~ "poison call"
+    assert %Error{op: "debug.segfault", classification: :segfault, pid: last} = err
+    assert last == second.pid
+
+    # The crash events came before the reply (same sender): exactly these two workers died, and the
+    # call was retried once.
+    assert_received {:event, [:sidecar, :pool, :crash], _, %{os_pid: p1, classification: :segfault}}
+    assert_received {:event, [:sidecar, :pool, :crash], _, %{os_pid: p2, classification: :segfault}}
+    assert Enum.sort([p1, p2]) == Enum.sort([first.pid, second.pid])
+    refute_received {:event, [:sidecar, :pool, :crash], _, _}
+    assert_received {:event, [:sidecar, :pool, :retry], %{attempt: 2}, %{op: "debug.segfault"}}
+    refute_received {:event, [:sidecar, :pool, :retry], _, _}
+
+    # The replacements never saw the call: they are alive and serve.
+    assert :ok = Sidecar.await_ready(pool(), :all, 30_000)
+    serving = Enum.map(Sidecar.status(pool()), & &1.os_pid)
+    assert Enum.all?(serving, &(Sidecar.Shm.alive?(&1) and &1 not in [first.pid, second.pid]))
+    assert {:ok, _} = Sidecar.call(pool(), "debug.pid", [])
+  end
+
+  test "a call whose worker crashed once carries that crash when it is not retried" do
+    assert {:error, %Error{kind: :worker_crashed, crashes: [only]} = err} =
+             Sidecar.call(pool(), "debug.segfault", [])
+
+    assert %{classification: :segfault, pid: pid} = only
+    assert pid == err.pid
+    refute err.message =~ "poison"
+    assert :ok = Sidecar.await_ready(pool(), :all, 30_000)
+  end
+
   test "a worker that cannot start is reported with its exit and stderr, and restarts back off" do
     {:ok, sup} =
       Sidecar.start_link(

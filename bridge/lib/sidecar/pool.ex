@@ -27,7 +27,7 @@ defmodule Sidecar.Pool do
     env: [],
     start_timeout: 60_000,
     timeout: 30_000,
-    max_attempts: 3,
+    max_attempts: 2,
     retry_backoff_ms: 10,
     restart_backoff: {100, 5_000},
     healthy_after_ms: 5_000,

@@ -374,17 +374,9 @@ defmodule Sidecar.Worker do
     level = if info.classification == :clean, do: :info, else: :warning
     Logger.log(level, Exception.message(err) <> tail_text(tail))
 
-    fail_pending(state, err)
     :ets.match_delete(state.pool, {{:worker, state.slot}, self(), :_, :_})
-    Shm.unlink_os_pid(state.os_pid)
 
-    healthy? =
-      state.ready_at != nil and
-        System.convert_time_unit(System.monotonic_time() - state.ready_at, :native, :millisecond) >=
-          state.cfg.healthy_after_ms
-
-    Manager.worker_crashed(state.pool, state.slot, healthy?)
-
+    # Before the replies: a caller (and its handlers) sees the crash event before its error.
     Telemetry.execute([:sidecar, :pool, :crash], %{count: 1}, %{
       pool: state.pool,
       slot: state.slot,
@@ -394,6 +386,16 @@ defmodule Sidecar.Worker do
       signal: info.signal,
       stderr_tail: tail
     })
+
+    fail_pending(state, err)
+    Shm.unlink_os_pid(state.os_pid)
+
+    healthy? =
+      state.ready_at != nil and
+        System.convert_time_unit(System.monotonic_time() - state.ready_at, :native, :millisecond) >=
+          state.cfg.healthy_after_ms
+
+    Manager.worker_crashed(state.pool, state.slot, healthy?)
 
     {:stop, {:shutdown, {:worker_exit, info.classification}}, %{state | port: nil, status: :exited}}
   end
