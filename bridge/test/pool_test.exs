@@ -44,7 +44,7 @@ defmodule Sidecar.PoolTest do
     assert :ok = Sidecar.await_ready(pool(), :all, 30_000)
     assert Enum.all?(Sidecar.status(pool()), &(&1.status == :ready))
     refute crashed in Enum.map(Sidecar.status(pool()), & &1.os_pid)
-    refute Sidecar.Shm.alive?(crashed)
+    refute Sidecar.OsProcess.alive?(crashed)
     # Nothing of the dead worker is left in /dev/shm.
     assert Enum.filter(run_files(), &String.contains?(&1, "-#{crashed}-")) == []
 
@@ -157,7 +157,7 @@ defmodule Sidecar.PoolTest do
     # The replacements never saw the call: they are alive and serve.
     assert :ok = Sidecar.await_ready(pool(), :all, 30_000)
     serving = Enum.map(Sidecar.status(pool()), & &1.os_pid)
-    assert Enum.all?(serving, &(Sidecar.Shm.alive?(&1) and &1 not in [first.pid, second.pid]))
+    assert Enum.all?(serving, &(Sidecar.OsProcess.alive?(&1) and &1 not in [first.pid, second.pid]))
     assert {:ok, _} = Sidecar.call(pool(), "debug.pid", [])
   end
 

@@ -65,6 +65,16 @@ defmodule Sidecar.Pool do
 
   @impl true
   def init(cfg) do
+    # A VM that is ending starts no pool (a parent supervisor may restart one it saw stop).
+    if Sidecar.Cleanup.exiting?() do
+      :ignore
+    else
+      :ok = Sidecar.Cleanup.track_pool(self())
+      init_tree(cfg)
+    end
+  end
+
+  defp init_tree(cfg) do
     workers =
       for slot <- 0..(cfg.workers - 1) do
         Supervisor.child_spec({Sidecar.Worker, Map.put(cfg, :slot, slot)}, id: {:worker, slot})
