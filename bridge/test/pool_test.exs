@@ -14,6 +14,7 @@ defmodule Sidecar.PoolTest do
       Sidecar.Telemetry.attach_many(
         id,
         [
+          [:sidecar, :call, :start],
           [:sidecar, :pool, :crash],
           [:sidecar, :pool, :retry],
           [:sidecar, :pool, :restart],
@@ -53,15 +54,19 @@ defmodule Sidecar.PoolTest do
   end
 
   test "an idempotent call in flight on a worker killed with SIGKILL succeeds on another worker" do
-    task = Task.async(fn -> Sidecar.call(pool(), "debug.sleep", [], attrs: [seconds: 1.0]) end)
-    :ok = wait_until(fn -> Enum.any?(Sidecar.status(pool()), &(&1.in_flight > 0)) end)
-    [busy] = Enum.filter(Sidecar.status(pool()), &(&1.in_flight > 0))
-    System.cmd("kill", ["-KILL", "#{busy.os_pid}"])
+    rid = "kill-retry-#{System.unique_integer([:positive])}"
 
-    assert {:ok, %Sidecar.Result{outputs: [1.0], os_pid: served_by}} = Task.await(task, 15_000)
-    assert served_by != busy.os_pid
+    task =
+      Task.async(fn -> Sidecar.call(pool(), "debug.sleep", [], attrs: [seconds: 2.0], request_id: rid) end)
+
+    # The worker's own start event: the call is running in that OS process now.
+    assert_receive {:event, [:sidecar, :call, :start], _, %{request_id: ^rid, os_pid: busy}}, 30_000
+    System.cmd("kill", ["-KILL", "#{busy}"])
+
+    assert {:ok, %Sidecar.Result{outputs: [2.0], os_pid: served_by}} = Task.await(task, 30_000)
+    assert served_by != busy
     assert_receive {:event, [:sidecar, :pool, :crash], _, %{classification: :killed_oom, os_pid: killed}}
-    assert killed == busy.os_pid
+    assert killed == busy
 
     assert_receive {:event, [:sidecar, :pool, :retry], %{attempt: 2},
                     %{op: "debug.sleep", reason: :killed_oom}}
@@ -70,12 +75,15 @@ defmodule Sidecar.PoolTest do
   end
 
   test "a call that is not idempotent is not retried: it gets the crash" do
-    task =
-      Task.async(fn -> Sidecar.call(pool(), "debug.sleep", [], attrs: [seconds: 1.0], idempotent: false) end)
+    rid = "kill-no-retry-#{System.unique_integer([:positive])}"
 
-    :ok = wait_until(fn -> Enum.any?(Sidecar.status(pool()), &(&1.in_flight > 0)) end)
-    [busy] = Enum.filter(Sidecar.status(pool()), &(&1.in_flight > 0))
-    System.cmd("kill", ["-KILL", "#{busy.os_pid}"])
+    task =
+      Task.async(fn ->
+        Sidecar.call(pool(), "debug.sleep", [], attrs: [seconds: 30.0], idempotent: false, request_id: rid)
+      end)
+
+    assert_receive {:event, [:sidecar, :call, :start], _, %{request_id: ^rid, os_pid: busy}}, 30_000
+    System.cmd("kill", ["-KILL", "#{busy}"])
 
     assert {:error, %Error{kind: :worker_crashed, classification: :killed_oom, signal: 9}} =
              Task.await(task, 15_000)
@@ -114,10 +122,10 @@ defmodule Sidecar.PoolTest do
         end)
       end
 
-    # Kill one worker while the calls run: `add` is idempotent, so its calls move to the other one.
-    :ok = wait_until(fn -> Enum.any?(Sidecar.status(pool()), &(&1.in_flight > 0)) end)
-    [victim | _] = Sidecar.status(pool())
-    System.cmd("kill", ["-KILL", "#{victim.os_pid}"])
+    # Kill a worker once it runs one of the calls: `add` is idempotent, so its calls move to the
+    # other one.
+    assert_receive {:event, [:sidecar, :call, :start], _, %{op: "add", os_pid: victim}}, 30_000
+    System.cmd("kill", ["-KILL", "#{victim}"])
 
     results = tasks |> Enum.map(&Task.await(&1, 60_000)) |> List.flatten()
     assert length(results) == n_procs * per_proc
