@@ -100,10 +100,12 @@ def _finish(proc: subprocess.Popen[str]) -> tuple[ScriptVM, str]:
 
 @pytest.mark.parametrize("ending", ["end", "raise", "stop"])
 def test_a_vm_that_ends_without_stopping_its_pool_leaves_nothing(ending: str, tmp_path: Path) -> None:
-    # end: the CLI halts after the script; raise: an uncaught exception, then halt; stop: System.stop.
+    # end: the CLI halts after the script; raise: an uncaught exception, then halt; stop: System.stop
+    # (the CLI may see the script's process shut down and halt with 1 meanwhile: either status).
     proc = _mix_run(tmp_path, ending)
     vm, out = _finish(proc)
-    assert proc.returncode == (1 if ending == "raise" else 0), out[-4000:]
+    expected = {"end": {0}, "raise": {1}, "stop": {0, 1}}[ending]
+    assert proc.returncode in expected, out[-4000:]
     assert vm.log_mode == "600", "the worker's log must be private from its creation"
     assert shm_of_run(vm.run) == set(), out[-4000:]
     assert not vm.log.exists()
