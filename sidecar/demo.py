@@ -3,17 +3,20 @@
 A pool of sidecar workers on this machine's best device; a 100 MB tensor to a worker and back through
 shared memory; a few ops checked against NumPy; a structured shape error; the hardware a worker sees
 and the timing of each call; a worker segfault absorbed (classified, replaced, the pool serving
-again); and /dev/shm left as it was found.
+again); and none of its shared memory left in /dev/shm. It counts only its own segments (its pool's
+run and this process): other processes on the machine may make and keep sc- segments meanwhile.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sidecar.dataplane.reaper import list_segments
 from sidecar.errors import ShapeMismatch, WorkerCrashed
 from sidecar.host import Pool
 
@@ -30,6 +33,12 @@ def _timing(result: Any) -> str:
 
 def _sc_segments() -> set[str]:
     return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("sc-")}
+
+
+def _own_segments(run_id: str) -> set[str]:
+    """Segments of the pool's run (its workers, template and host arena) or owned by this process."""
+    me = os.getpid()
+    return {seg.name for seg in list_segments() if seg.run == run_id or seg.pid == me}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = [(s.slot, s.pid, s.state.value, s.calls, s.crashes, s.restarts) for s in pool.status()]
         print("  status (slot, pid, state, calls, crashes, restarts): " + "; ".join(map(str, rows)))
 
-    left = _sc_segments() - before
-    print(f"\npool closed; sc- segments left in /dev/shm: {len(left)}")
+    left = _own_segments(pool.run_id)
+    others = {name for name in _sc_segments() - before if "/" + name not in left}
+    print(f"\npool closed; segments of this run (run {pool.run_id}: its pool, workers and this process) "
+          f"left in /dev/shm: {len(left)}" + (f" {sorted(left)}" if left else ""))
+    print(f"  not counted: {len(others)} sc- segments of other processes that appeared meanwhile")
     return 0 if not left else 1
 
 

@@ -1,4 +1,5 @@
-"""The Elixir bridge's ExUnit suite (bridge/test), run as part of the project's tests.
+"""The Elixir bridge's ExUnit suite (bridge/test), run as part of the project's tests, and what a
+real VM leaves behind when it ends without stopping its pool (`mix run` scripts).
 
 It starts real sidecar workers with this interpreter (SIDECAR_PYTHON) from a real BEAM. Elixir is a
 required tool of this project (scripts/install.sh installs Debian's `elixir`): when it is missing
@@ -9,9 +10,16 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.workers import pid_gone, shm_of_run, wait_until
 
 BRIDGE = Path(__file__).resolve().parent.parent / "bridge"
 TIMEOUT_S = 300
@@ -30,3 +38,104 @@ def test_exunit_suite_passes() -> None:
     m = re.search(r"(\d+) tests?, 0 failures", out)
     assert m and int(m.group(1)) >= 30, f"expected the full ExUnit suite to run:\n{out[-3000:]}"
     assert "no segment of run" in out  # the suite's own /dev/shm check ran
+
+
+# -- what a VM leaves behind when it ends ----------------------------------------------------------
+
+# A pool with one worker; a segment of the VM and a worker output segment held (read: false); then
+# the ending named by the first argument. Prints the run id, the pids and the worker's log.
+SCRIPT = r'''
+{:ok, _} = Sidecar.start_link(name: :script_pool, workers: 1)
+:ok = Sidecar.await_ready(:script_pool)
+t = Sidecar.Tensor.from_binary!(:binary.copy(<<1>>, 1_000_000), "uint8", [1_000_000])
+{:ok, _held} = Sidecar.call(:script_pool, "identity", [t], read: false)
+[w] = Sidecar.status(:script_pool)
+mode = Integer.to_string(Bitwise.band(File.stat!(w.stderr_log).mode, 0o777), 8)
+IO.puts("SCRIPT #{Sidecar.Shm.run_id()} #{System.pid()} #{w.os_pid} #{w.stderr_log} #{mode}")
+
+case System.argv() do
+  ["end"] -> :ok
+  ["raise"] -> raise "the script fails"
+  ["stop"] -> System.stop(0) && Process.sleep(:infinity)
+  ["hang"] -> Process.sleep(:infinity)
+end
+'''
+
+
+@dataclass(frozen=True)
+class ScriptVM:
+    run: str
+    vm_pid: int
+    worker_pid: int
+    log: Path
+    log_mode: str
+
+
+def _script_vm(line: str) -> ScriptVM:
+    tag, run, vm, worker, log, mode = line.split()
+    assert tag == "SCRIPT", line
+    return ScriptVM(run, int(vm), int(worker), Path(log), mode)
+
+
+def _mix_run(tmp_path: Path, ending: str, **popen: Any) -> subprocess.Popen[str]:
+    """`mix run script.exs ENDING` in a VM whose umask is 022 and whose temporary directory (where
+    its workers' logs go) is tmp_path."""
+    mix = shutil.which("mix")
+    assert mix is not None, "Elixir is not installed (no `mix` on PATH)"
+    script = tmp_path / "script.exs"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "MIX_ENV": "test", "HEX_OFFLINE": "1", "SIDECAR_PYTHON": sys.executable,
+           "TMPDIR": str(tmp_path)}
+    return subprocess.Popen([mix, "run", str(script), ending], cwd=BRIDGE, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: os.umask(0o022), **popen)
+
+
+def _finish(proc: subprocess.Popen[str]) -> tuple[ScriptVM, str]:
+    out, err = proc.communicate(timeout=TIMEOUT_S)
+    lines = [ln for ln in out.splitlines() if ln.startswith("SCRIPT ")]
+    assert lines, f"the script did not get its pool going (exit {proc.returncode}):\n{out}\n{err[-4000:]}"
+    return _script_vm(lines[0]), out + err
+
+
+@pytest.mark.parametrize("ending", ["end", "raise", "stop"])
+def test_a_vm_that_ends_without_stopping_its_pool_leaves_nothing(ending: str, tmp_path: Path) -> None:
+    # end: the CLI halts after the script; raise: an uncaught exception, then halt; stop: System.stop
+    # (the CLI may see the script's process shut down and halt with 1 meanwhile: either status).
+    proc = _mix_run(tmp_path, ending)
+    vm, out = _finish(proc)
+    expected = {"end": {0}, "raise": {1}, "stop": {0, 1}}[ending]
+    assert proc.returncode in expected, out[-4000:]
+    assert vm.log_mode == "600", "the worker's log must be private from its creation"
+    assert shm_of_run(vm.run) == set(), out[-4000:]
+    assert not vm.log.exists()
+    assert list(tmp_path.glob("sidecar-bridge-*")) == []
+    assert pid_gone(vm.worker_pid)
+
+
+def test_a_vm_killed_with_sigkill_leaves_files_that_the_next_pool_removes(tmp_path: Path) -> None:
+    proc = _mix_run(tmp_path, "hang")
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    while line and not line.startswith("SCRIPT "):
+        line = proc.stdout.readline()
+    assert line, f"the script did not get its pool going:\n{proc.communicate(timeout=60)}"
+    vm = _script_vm(line)
+    # Stopped first, the VM cannot react to its worker's death; then both die with SIGKILL.
+    os.kill(vm.vm_pid, signal.SIGSTOP)
+    os.kill(vm.worker_pid, signal.SIGKILL)
+    wait_until(lambda: pid_gone(vm.worker_pid))
+    os.kill(vm.vm_pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    left = shm_of_run(vm.run)
+    assert any(f"-{vm.vm_pid}-" in name for name in left), left
+    assert any(f"-{vm.worker_pid}-" in name for name in left), left
+    assert vm.log.exists()
+
+    # The next pool (another VM, another run) sweeps the dead owners' files at its start.
+    nxt = _mix_run(tmp_path, "end")
+    nxt_vm, out = _finish(nxt)
+    assert nxt.returncode == 0, out[-4000:]
+    assert nxt_vm.run != vm.run
+    assert shm_of_run(vm.run) == set()
+    assert not vm.log.exists()

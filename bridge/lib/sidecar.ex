@@ -27,7 +27,8 @@ defmodule Sidecar do
     * `:args` - extra `sidecar serve` arguments, e.g. `["--max-concurrency", "8"]`.
     * `:env` - extra environment, `[{"OMP_NUM_THREADS", "4"}]`.
     * `:timeout` - default call timeout in ms (30 000).
-    * `:max_attempts` - tries of an idempotent call across workers when one crashes (3).
+    * `:max_attempts` - tries of an idempotent call across workers when one crashes (2, which is
+      also the most: a call that crashed two workers is a poison call and fails, see `call/4`).
     * `:start_timeout` - ms a worker may take to send its ready term (60 000).
     * `:restart_backoff` - `{base_ms, max_ms}` (`{100, 5000}`); `:healthy_after_ms` (5000) - a worker
       that ran this long before crashing restarts without delay.
@@ -36,6 +37,8 @@ defmodule Sidecar do
     * `:telemetry` - subscribe to worker events (default true); `:memory_interval_s` (5.0).
     * `:read` - default of the per-call `:read` option (true).
   """
+
+  require Logger
 
   alias Sidecar.{Error, Result, Telemetry, Tensor, Worker}
 
@@ -63,7 +66,7 @@ defmodule Sidecar do
       is cancelled in the worker and `{:error, %Sidecar.Error{kind: :cancelled}}` returned.
     * `:idempotent` - may the call be retried on another worker after a crash? Default: what the op
       declares (`Sidecar.list_ops/1`).
-    * `:max_attempts` - tries for an idempotent call (pool default 3).
+    * `:max_attempts` - tries for an idempotent call (pool default 2; values above 2 change nothing).
     * `:read` - `true` (pool default): tensor outputs in worker memory are read into binaries and
       their lease released before returning; `false`: outputs stay in the worker's segments and the
       result holds their `leases` until `release/1` (use `Sidecar.Tensor.to_binary/1` meanwhile).
@@ -72,6 +75,13 @@ defmodule Sidecar do
     * `:release` - lease ids to hand back, piggybacked on this call.
     * `:request_id` - a string echoed in telemetry and errors.
     * `:inline_threshold` - outputs below this many bytes come back inside the reply.
+
+  Poison calls: every call in flight on a worker that dies counts that crash as its own (which call
+  killed it cannot be known). An idempotent call is retried on another worker after its first crash;
+  after a second one it fails with `%Sidecar.Error{kind: :worker_crashed}` whose `crashes` lists both
+  (`%{pid:, classification:, exit_code:, signal:}`, oldest first) and whose message says it is a
+  poison call: it is never sent to a third worker. Any `:worker_crashed` error of a call carries
+  `crashes`.
   """
   @spec call(pool, String.t(), list, keyword) :: {:ok, Result.t()} | {:error, Error.t()}
   def call(pool, op, inputs \\ [], opts \\ []) when is_list(inputs) do
@@ -89,7 +99,7 @@ defmodule Sidecar do
 
       ctx = %{pool: pool, op: to_string(op), deadline: deadline, timeout: timeout, max: attempts, cfg: cfg}
 
-      with {:ok, term, worker, os_pid} <- attempt(ctx, req, 1, []) do
+      with {:ok, term, worker, os_pid} <- attempt(ctx, req, [], []) do
         result(term, worker, os_pid, Keyword.get(opts, :read, cfg.read), t0)
       end
     end
@@ -161,7 +171,12 @@ defmodule Sidecar do
 
   # -- routing and retries -------------------------------------------------------------------------
 
-  defp attempt(ctx, req, n, avoid) do
+  # A call that crashed this many workers is a poison call: failed, never sent to another worker.
+  @poison_crashes 2
+
+  # `crashes` are the worker deaths this call went through (oldest first); every counted retry
+  # follows one, so their number is the number of tries so far minus one.
+  defp attempt(ctx, req, crashes, avoid) do
     with {:ok, pid, counter} <- pick(ctx, avoid) do
       :counters.add(counter, 1, 1)
       res = Worker.request(pid, req, max(remaining(ctx), 1))
@@ -173,16 +188,16 @@ defmodule Sidecar do
 
         {:error, :not_ready} ->
           # Lost a race with a worker going down: route again, this try does not count.
-          attempt(ctx, req, n, [pid | avoid])
+          attempt(ctx, req, crashes, [pid | avoid])
 
         {:error, :timeout} ->
           {:error, timeout_error(ctx)}
 
         {:error, {:down, reason}} ->
-          crashed(ctx, req, n, avoid, pid, down_error(ctx, reason))
+          crashed(ctx, req, crashes, avoid, pid, down_error(ctx, reason))
 
         {:error, %Error{kind: :worker_crashed} = err} ->
-          crashed(ctx, req, n, avoid, pid, %{err | op: err.op || ctx.op})
+          crashed(ctx, req, crashes, avoid, pid, %{err | op: err.op || ctx.op})
 
         {:error, %Error{}} = err ->
           err
@@ -190,22 +205,43 @@ defmodule Sidecar do
     end
   end
 
-  defp crashed(ctx, req, n, avoid, pid, err) do
-    if n < ctx.max and remaining(ctx) > 0 do
-      Telemetry.execute([:sidecar, :pool, :retry], %{attempt: n + 1}, %{
-        pool: ctx.pool,
-        op: ctx.op,
-        reason: err.classification || :worker_crashed,
-        os_pid: err.pid
-      })
+  # The worker died with this call in flight. We cannot tell which of its calls killed it, so each
+  # one counts the crash as its own: retried once at most (idempotent calls), failed after two.
+  defp crashed(ctx, req, crashes, avoid, pid, err) do
+    crashes = crashes ++ [Map.take(err, [:pid, :classification, :exit_code, :signal])]
+    tries = length(crashes)
 
-      # Exponential backoff with jitter, so retries of many callers do not land at once.
-      base = ctx.cfg.retry_backoff_ms * Integer.pow(2, n - 1)
-      Process.sleep(min(base + :rand.uniform(max(base, 1)), max(remaining(ctx), 0)))
-      attempt(ctx, req, n + 1, [pid | avoid])
-    else
-      {:error, err}
+    cond do
+      tries >= @poison_crashes ->
+        {:error, poison_error(ctx, err, crashes)}
+
+      tries < ctx.max and remaining(ctx) > 0 ->
+        Telemetry.execute([:sidecar, :pool, :retry], %{attempt: tries + 1}, %{
+          pool: ctx.pool,
+          op: ctx.op,
+          reason: err.classification || :worker_crashed,
+          os_pid: err.pid
+        })
+
+        # Exponential backoff with jitter, so retries of many callers do not land at once.
+        base = ctx.cfg.retry_backoff_ms * Integer.pow(2, tries - 1)
+        Process.sleep(min(base + :rand.uniform(max(base, 1)), max(remaining(ctx), 0)))
+        attempt(ctx, req, crashes, [pid | avoid])
+
+      true ->
+        {:error, %{err | crashes: crashes}}
     end
+  end
+
+  defp poison_error(ctx, last, crashes) do
+    named =
+      Enum.map_join(crashes, ", ", fn c -> "pid #{c.pid || "?"} (#{c.classification || :worker_crashed})" end)
+
+    message =
+      "#{ctx.op} crashed #{length(crashes)} workers: #{named}; a poison call is not sent to another worker"
+
+    Logger.warning("sidecar pool #{inspect(ctx.pool)}: #{message}")
+    %{last | message: message, crashes: crashes}
   end
 
   # The idlest ready worker (fewest calls in flight), ties broken at random; waits for one to be

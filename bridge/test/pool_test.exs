@@ -14,6 +14,7 @@ defmodule Sidecar.PoolTest do
       Sidecar.Telemetry.attach_many(
         id,
         [
+          [:sidecar, :call, :start],
           [:sidecar, :pool, :crash],
           [:sidecar, :pool, :retry],
           [:sidecar, :pool, :restart],
@@ -44,7 +45,7 @@ defmodule Sidecar.PoolTest do
     assert :ok = Sidecar.await_ready(pool(), :all, 30_000)
     assert Enum.all?(Sidecar.status(pool()), &(&1.status == :ready))
     refute crashed in Enum.map(Sidecar.status(pool()), & &1.os_pid)
-    refute Sidecar.Shm.alive?(crashed)
+    refute Sidecar.OsProcess.alive?(crashed)
     # Nothing of the dead worker is left in /dev/shm.
     assert Enum.filter(run_files(), &String.contains?(&1, "-#{crashed}-")) == []
 
@@ -53,15 +54,19 @@ defmodule Sidecar.PoolTest do
   end
 
   test "an idempotent call in flight on a worker killed with SIGKILL succeeds on another worker" do
-    task = Task.async(fn -> Sidecar.call(pool(), "debug.sleep", [], attrs: [seconds: 1.0]) end)
-    :ok = wait_until(fn -> Enum.any?(Sidecar.status(pool()), &(&1.in_flight > 0)) end)
-    [busy] = Enum.filter(Sidecar.status(pool()), &(&1.in_flight > 0))
-    System.cmd("kill", ["-KILL", "#{busy.os_pid}"])
+    rid = "kill-retry-#{System.unique_integer([:positive])}"
 
-    assert {:ok, %Sidecar.Result{outputs: [1.0], os_pid: served_by}} = Task.await(task, 15_000)
-    assert served_by != busy.os_pid
+    task =
+      Task.async(fn -> Sidecar.call(pool(), "debug.sleep", [], attrs: [seconds: 2.0], request_id: rid) end)
+
+    # The worker's own start event: the call is running in that OS process now.
+    assert_receive {:event, [:sidecar, :call, :start], _, %{request_id: ^rid, os_pid: busy}}, 30_000
+    System.cmd("kill", ["-KILL", "#{busy}"])
+
+    assert {:ok, %Sidecar.Result{outputs: [2.0], os_pid: served_by}} = Task.await(task, 30_000)
+    assert served_by != busy
     assert_receive {:event, [:sidecar, :pool, :crash], _, %{classification: :killed_oom, os_pid: killed}}
-    assert killed == busy.os_pid
+    assert killed == busy
 
     assert_receive {:event, [:sidecar, :pool, :retry], %{attempt: 2},
                     %{op: "debug.sleep", reason: :killed_oom}}
@@ -70,12 +75,15 @@ defmodule Sidecar.PoolTest do
   end
 
   test "a call that is not idempotent is not retried: it gets the crash" do
-    task =
-      Task.async(fn -> Sidecar.call(pool(), "debug.sleep", [], attrs: [seconds: 1.0], idempotent: false) end)
+    rid = "kill-no-retry-#{System.unique_integer([:positive])}"
 
-    :ok = wait_until(fn -> Enum.any?(Sidecar.status(pool()), &(&1.in_flight > 0)) end)
-    [busy] = Enum.filter(Sidecar.status(pool()), &(&1.in_flight > 0))
-    System.cmd("kill", ["-KILL", "#{busy.os_pid}"])
+    task =
+      Task.async(fn ->
+        Sidecar.call(pool(), "debug.sleep", [], attrs: [seconds: 30.0], idempotent: false, request_id: rid)
+      end)
+
+    assert_receive {:event, [:sidecar, :call, :start], _, %{request_id: ^rid, os_pid: busy}}, 30_000
+    System.cmd("kill", ["-KILL", "#{busy}"])
 
     assert {:error, %Error{kind: :worker_crashed, classification: :killed_oom, signal: 9}} =
              Task.await(task, 15_000)
@@ -114,10 +122,10 @@ defmodule Sidecar.PoolTest do
         end)
       end
 
-    # Kill one worker while the calls run: `add` is idempotent, so its calls move to the other one.
-    :ok = wait_until(fn -> Enum.any?(Sidecar.status(pool()), &(&1.in_flight > 0)) end)
-    [victim | _] = Sidecar.status(pool())
-    System.cmd("kill", ["-KILL", "#{victim.os_pid}"])
+    # Kill a worker once it runs one of the calls: `add` is idempotent, so its calls move to the
+    # other one.
+    assert_receive {:event, [:sidecar, :call, :start], _, %{op: "add", os_pid: victim}}, 30_000
+    System.cmd("kill", ["-KILL", "#{victim}"])
 
     results = tasks |> Enum.map(&Task.await(&1, 60_000)) |> List.flatten()
     assert length(results) == n_procs * per_proc
@@ -125,6 +133,49 @@ defmodule Sidecar.PoolTest do
     assert errors == []
     # Each answer carried exactly the expected values.
     assert Enum.all?(results, &(&1 == {:ok, []}))
+    assert :ok = Sidecar.await_ready(pool(), :all, 30_000)
+  end
+
+  test "a poison call (it crashed two workers) fails naming both crashes and never reaches a third worker" do
+    # debug.segfault crashes every worker it runs on; idempotent: true makes it retryable, and a
+    # max_attempts above 2 does not lift the guard.
+    assert {:error, %Error{kind: :worker_crashed, crashes: [first, second]} = err} =
+             Sidecar.call(pool(), "debug.segfault", [], idempotent: true, max_attempts: 5)
+
+    for crash <- [first, second] do
+      assert %{classification: :segfault, signal: 11, exit_code: 139, pid: os_pid} = crash
+      assert is_integer(os_pid)
+      assert err.message =~ "pid #{os_pid} (segfault)"
+    end
+
+    assert first.pid != second.pid
+    assert err.message =~ "poison call"
+    assert %Error{op: "debug.segfault", classification: :segfault, pid: last} = err
+    assert last == second.pid
+
+    # The crash events came before the reply (same sender): exactly these two workers died, and the
+    # call was retried once.
+    assert_received {:event, [:sidecar, :pool, :crash], _, %{os_pid: p1, classification: :segfault}}
+    assert_received {:event, [:sidecar, :pool, :crash], _, %{os_pid: p2, classification: :segfault}}
+    assert Enum.sort([p1, p2]) == Enum.sort([first.pid, second.pid])
+    refute_received {:event, [:sidecar, :pool, :crash], _, _}
+    assert_received {:event, [:sidecar, :pool, :retry], %{attempt: 2}, %{op: "debug.segfault"}}
+    refute_received {:event, [:sidecar, :pool, :retry], _, _}
+
+    # The replacements never saw the call: they are alive and serve.
+    assert :ok = Sidecar.await_ready(pool(), :all, 30_000)
+    serving = Enum.map(Sidecar.status(pool()), & &1.os_pid)
+    assert Enum.all?(serving, &(Sidecar.OsProcess.alive?(&1) and &1 not in [first.pid, second.pid]))
+    assert {:ok, _} = Sidecar.call(pool(), "debug.pid", [])
+  end
+
+  test "a call whose worker crashed once carries that crash when it is not retried" do
+    assert {:error, %Error{kind: :worker_crashed, crashes: [only]} = err} =
+             Sidecar.call(pool(), "debug.segfault", [])
+
+    assert %{classification: :segfault, pid: pid} = only
+    assert pid == err.pid
+    refute err.message =~ "poison"
     assert :ok = Sidecar.await_ready(pool(), :all, 30_000)
   end
 

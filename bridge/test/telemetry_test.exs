@@ -38,20 +38,38 @@ defmodule Sidecar.TelemetryTest do
 
     :ok = Telemetry.detach(id)
     assert {:error, :not_found} = Telemetry.detach(id)
+    # A probe still attached: once it saw this call's stop event and the workers handled everything
+    # they had, the detached handler would have sent its message too.
+    probe = make_ref()
+
+    :ok =
+      Telemetry.attach(probe, [:sidecar, :call, :stop], fn _, _, md, _ -> send(test, {probe, md}) end, nil)
+
     {:ok, _} = Sidecar.call(pool(), "mul", [a, a], request_id: "telemetry-test-2")
-    # (events of calls made by earlier tests may still arrive: only this call's would be wrong)
-    refute_receive {[:sidecar, :call, :stop], _, %{request_id: "telemetry-test-2"}, _}, 300
+    assert_receive {^probe, %{request_id: "telemetry-test-2"}}, 5_000
+    sync_workers(pool())
+    Telemetry.detach(probe)
+    refute_received {[:sidecar, :call, :stop], _, %{request_id: "telemetry-test-2"}, _}
   end
 
   test "a handler that raises is detached and calls go on" do
+    test = self()
     id = make_ref()
+    probe = make_ref()
     :ok = Telemetry.attach(id, [:sidecar, :call, :stop], fn _, _, _, _ -> raise "boom" end, nil)
 
     assert {:error, :already_exists} =
              Telemetry.attach(id, [:sidecar, :call, :stop], fn _, _, _, _ -> :ok end, nil)
 
-    {:ok, _} = Sidecar.call(pool(), "debug.pid", [])
-    assert :ok = wait_until(fn -> Telemetry.list_handlers([:sidecar, :call, :stop]) == [] end, 5_000)
+    :ok =
+      Telemetry.attach(probe, [:sidecar, :call, :stop], fn _, _, md, _ -> send(test, {probe, md}) end, nil)
+
+    {:ok, _} = Sidecar.call(pool(), "debug.pid", [], request_id: "raising-handler")
+    # Both handlers ran on that event in the worker's process; once it answers, it is done with them.
+    assert_receive {^probe, %{request_id: "raising-handler"}}, 5_000
+    sync_workers(pool())
+    assert [%{id: ^probe}] = Telemetry.list_handlers([:sidecar, :call, :stop])
+    Telemetry.detach(probe)
     {:ok, _} = Sidecar.call(pool(), "debug.pid", [])
   end
 

@@ -38,6 +38,16 @@ defmodule SidecarTest do
   @doc "Files of this VM's run in /dev/shm."
   def run_files, do: Sidecar.Shm.run_files()
 
+  @doc """
+  Returns once every worker of `pool` has handled each message it had (each worker answers a call,
+  and a process handles its messages in order): telemetry handlers it was running have finished.
+  """
+  def sync_workers(pool) do
+    Sidecar.status(pool)
+    :ok
+  end
+
+  @doc "Polls `fun` until it is true (for a state no message announces); the deadline stops a hung test."
   def wait_until(fun, timeout \\ 10_000) do
     deadline = System.monotonic_time(:millisecond) + timeout
     do_wait(fun, deadline)

@@ -43,7 +43,10 @@ defmodule Sidecar.Error do
     :signal,
     :classification,
     :stderr_tail,
-    :pid
+    :pid,
+    # host-side only (not in sidecar.v1.Error): every worker crash a :worker_crashed call went
+    # through, oldest first, as %{pid:, classification:, exit_code:, signal:} maps
+    :crashes
   ]
 
   @kinds ~w(shape_mismatch dtype_mismatch device_mismatch out_of_memory invalid_tensor_ref unknown_op
@@ -114,7 +117,7 @@ end
 defimpl Inspect, for: Sidecar.Error do
   import Inspect.Algebra
 
-  # Only the fields that are set: an error has a handful of the 27 possible ones.
+  # Only the fields that are set: an error has a handful of the 28 possible ones.
   def inspect(%Sidecar.Error{} = e, opts) do
     fields = for f <- [:kind, :message | Sidecar.Error.fields()], (v = Map.get(e, f)) != nil, do: {f, v}
 

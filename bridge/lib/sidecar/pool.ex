@@ -27,7 +27,7 @@ defmodule Sidecar.Pool do
     env: [],
     start_timeout: 60_000,
     timeout: 30_000,
-    max_attempts: 3,
+    max_attempts: 2,
     retry_backoff_ms: 10,
     restart_backoff: {100, 5_000},
     healthy_after_ms: 5_000,
@@ -65,6 +65,16 @@ defmodule Sidecar.Pool do
 
   @impl true
   def init(cfg) do
+    # A VM that is ending starts no pool (a parent supervisor may restart one it saw stop).
+    if Sidecar.Cleanup.exiting?() do
+      :ignore
+    else
+      :ok = Sidecar.Cleanup.track_pool(self())
+      init_tree(cfg)
+    end
+  end
+
+  defp init_tree(cfg) do
     workers =
       for slot <- 0..(cfg.workers - 1) do
         Supervisor.child_spec({Sidecar.Worker, Map.put(cfg, :slot, slot)}, id: {:worker, slot})

@@ -14,10 +14,14 @@ defmodule Sidecar.Shm do
 
   This process keeps a registry of the VM's segments: each belongs to an owner process (the caller
   of `Sidecar.Tensor.from_binary/4` by default) and optionally to a pool. A segment is unlinked when it
-  is freed, when its owner exits, when its pool stops, and when the application stops.
+  is freed, when its owner exits, when its pool stops, when the application stops and when the VM
+  exits (`Sidecar.Cleanup`). What a VM or worker killed outright leaves is removed by the next pool
+  that starts, in any VM (`sweep_dead_owners/0`).
   """
   use GenServer
   require Logger
+
+  alias Sidecar.OsProcess
 
   @dir "/dev/shm"
   @name_re ~r/^\/sc-([A-Za-z0-9]{1,32})-([0-9]{1,10})-([0-9a-f]{8,32})$/
@@ -223,6 +227,10 @@ defmodule Sidecar.Shm do
   @spec free(String.t()) :: :ok
   def free(name), do: GenServer.call(__MODULE__, {:free, name})
 
+  @doc "Unlinks every segment the VM registered (its processes are about to end with the VM)."
+  @spec free_all() :: :ok
+  def free_all, do: GenServer.call(__MODULE__, :free_all)
+
   @doc "Unlinks every segment registered for `pool`."
   @spec free_pool(atom) :: :ok
   def free_pool(pool), do: GenServer.call(__MODULE__, {:free_pool, pool})
@@ -239,18 +247,16 @@ defmodule Sidecar.Shm do
   def unlink_os_pid(os_pid), do: unlink_matching("sc-#{run_id()}-#{os_pid}-")
 
   @doc """
-  Unlinks segments of this run whose owner process is dead: what an earlier VM with the same
-  `$SIDECAR_RUN_ID` or a killed worker left behind. Returns how many it removed.
+  Unlinks the segments of every run whose owner process is dead (or is a newer process reusing its
+  pid): what a VM killed with SIGKILL, or a worker killed with it, left behind. Memory rule 6, as
+  the Python pool does it (`sidecar.dataplane.reaper.reap_dead_owners`). Returns how many it removed.
   """
-  @spec sweep_dead() :: non_neg_integer
-  def sweep_dead do
-    prefix = "sc-#{run_id()}-"
-
+  @spec sweep_dead_owners() :: non_neg_integer
+  def sweep_dead_owners do
     list_dir()
-    |> Enum.filter(&String.starts_with?(&1, prefix))
     |> Enum.filter(fn file ->
       case Regex.run(@name_re, "/" <> file) do
-        [_, _, pid, _] -> not alive?(String.to_integer(pid))
+        [_, _, pid, _] -> not OsProcess.file_owner_alive?(String.to_integer(pid), Path.join(@dir, file))
         _ -> false
       end
     end)
@@ -271,22 +277,6 @@ defmodule Sidecar.Shm do
     case File.ls(@dir) do
       {:ok, files} -> files
       _ -> []
-    end
-  end
-
-  @doc "True while OS process `pid` exists and is not a zombie."
-  @spec alive?(non_neg_integer) :: boolean
-  def alive?(pid) do
-    case File.read("/proc/#{pid}/stat") do
-      {:ok, stat} ->
-        # "pid (comm) S ...": the state letter follows the last ')' (comm may contain ')').
-        case Regex.run(~r/\A.*\)\s+(\S)/s, stat) do
-          [_, state] -> state != "Z"
-          _ -> true
-        end
-
-      {:error, _} ->
-        false
     end
   end
 
@@ -336,6 +326,11 @@ defmodule Sidecar.Shm do
     {gone, kept} = Enum.split_with(state.segments, fn {_, {_, p}} -> p == pool end)
     Enum.each(gone, fn {name, _} -> unlink(name) end)
     {:reply, :ok, %{state | segments: Map.new(kept)}}
+  end
+
+  def handle_call(:free_all, _from, state) do
+    Enum.each(Map.keys(state.segments), &unlink/1)
+    {:reply, :ok, %{state | segments: %{}}}
   end
 
   def handle_call(:registered, _from, state), do: {:reply, Map.keys(state.segments), state}

@@ -12,9 +12,7 @@ defmodule Sidecar.Worker do
   use GenServer
   require Logger
 
-  alias Sidecar.{Error, Exit, Pool.Manager, Shm, Telemetry}
-
-  @tail_bytes 16_384
+  alias Sidecar.{Error, Exit, OsProcess, Pool.Manager, Shm, Telemetry, WorkerLog}
 
   # -- API (used by Sidecar) -----------------------------------------------------------------------
 
@@ -67,7 +65,7 @@ defmodule Sidecar.Worker do
 
   defp await_exit(os_pid, deadline) do
     cond do
-      not Shm.alive?(os_pid) ->
+      not OsProcess.alive?(os_pid) ->
         true
 
       System.monotonic_time(:millisecond) >= deadline ->
@@ -129,7 +127,7 @@ defmodule Sidecar.Worker do
   def handle_continue(:spawn, state), do: {:noreply, spawn_port(state)}
 
   defp spawn_port(%{cfg: cfg} = state) do
-    log = if cfg.stderr == :capture, do: log_path(state), else: nil
+    log = if cfg.stderr == :capture, do: WorkerLog.new_path(state.pool, state.slot), else: nil
     {exe, args} = command(cfg, log)
     env = Enum.map(cfg.env, fn {k, v} -> {to_charlist(k), v && to_charlist(v)} end)
 
@@ -179,23 +177,7 @@ defmodule Sidecar.Worker do
         Enum.flat_map(cfg.ops, &["--ops", &1]) ++
         if(cfg.debug_ops, do: ["--debug-ops"], else: []) ++ cfg.args
 
-    case log do
-      nil ->
-        {python, worker_args}
-
-      path ->
-        # `exec` replaces the shell: the port's process IS python (same pid, same exit status),
-        # with stderr in a file we can quote when it crashes.
-        {System.find_executable("sh") || "/bin/sh",
-         ["-c", "f=$1; shift; exec \"$@\" 2>\"$f\"", "sidecar-worker", path, python | worker_args]}
-    end
-  end
-
-  defp log_path(state) do
-    Path.join(
-      System.tmp_dir!(),
-      "sidecar-#{Shm.os_pid()}-#{state.pool}-#{state.slot}-#{System.unique_integer([:positive])}.log"
-    )
+    if log, do: WorkerLog.wrap(log, [python | worker_args]), else: {python, worker_args}
   end
 
   # -- requests ------------------------------------------------------------------------------------
@@ -360,7 +342,7 @@ defmodule Sidecar.Worker do
   defp exited(status, state) do
     info = Exit.classify(status)
     info = if state.kill_reason, do: %{info | classification: state.kill_reason}, else: info
-    tail = stderr_tail(state.log, state.cfg.stderr_lines)
+    tail = WorkerLog.tail(state.log, state.cfg.stderr_lines)
 
     err =
       Error.new(:worker_crashed, "sidecar worker #{state.os_pid} #{Exit.describe(info)}",
@@ -374,17 +356,9 @@ defmodule Sidecar.Worker do
     level = if info.classification == :clean, do: :info, else: :warning
     Logger.log(level, Exception.message(err) <> tail_text(tail))
 
-    fail_pending(state, err)
     :ets.match_delete(state.pool, {{:worker, state.slot}, self(), :_, :_})
-    Shm.unlink_os_pid(state.os_pid)
 
-    healthy? =
-      state.ready_at != nil and
-        System.convert_time_unit(System.monotonic_time() - state.ready_at, :native, :millisecond) >=
-          state.cfg.healthy_after_ms
-
-    Manager.worker_crashed(state.pool, state.slot, healthy?)
-
+    # Before the replies: a caller (and its handlers) sees the crash event before its error.
     Telemetry.execute([:sidecar, :pool, :crash], %{count: 1}, %{
       pool: state.pool,
       slot: state.slot,
@@ -395,6 +369,16 @@ defmodule Sidecar.Worker do
       stderr_tail: tail
     })
 
+    fail_pending(state, err)
+    Shm.unlink_os_pid(state.os_pid)
+
+    healthy? =
+      state.ready_at != nil and
+        System.convert_time_unit(System.monotonic_time() - state.ready_at, :native, :millisecond) >=
+          state.cfg.healthy_after_ms
+
+    Manager.worker_crashed(state.pool, state.slot, healthy?)
+
     {:stop, {:shutdown, {:worker_exit, info.classification}}, %{state | port: nil, status: :exited}}
   end
 
@@ -403,26 +387,6 @@ defmodule Sidecar.Worker do
 
   defp fail_pending(state, err) do
     for {_id, {:call, from}} <- state.pending, do: GenServer.reply(from, {:error, err})
-  end
-
-  defp stderr_tail(nil, _), do: []
-
-  defp stderr_tail(path, n) do
-    with {:ok, fd} <- File.open(path, [:read, :raw, :binary]) do
-      try do
-        size = File.stat!(path).size
-        start = max(size - @tail_bytes, 0)
-
-        case :file.pread(fd, start, size - start) do
-          {:ok, data} -> data |> String.split("\n", trim: true) |> Enum.take(-n)
-          _ -> []
-        end
-      after
-        File.close(fd)
-      end
-    else
-      _ -> []
-    end
   end
 
   @impl true

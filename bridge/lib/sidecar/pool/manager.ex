@@ -3,7 +3,7 @@ defmodule Sidecar.Pool.Manager do
   # Owns the pool's ETS table (which callers read to route without a process hop) and the crash
   # history that sets restart backoff; watches every worker process so that a worker killed without
   # running its cleanup still has its OS process stopped and its segments unlinked; at pool shutdown
-  # it unlinks what is left of the pool.
+  # it unlinks what is left of the pool. At start it sweeps what dead VMs and workers left.
   #
   # Table rows:
   #   {{:worker, slot}, pid, os_pid, counter}   a ready worker; counter = calls in flight
@@ -12,7 +12,7 @@ defmodule Sidecar.Pool.Manager do
   use GenServer
   require Logger
 
-  alias Sidecar.Shm
+  alias Sidecar.{Shm, WorkerLog}
 
   def start_link(cfg), do: GenServer.start_link(__MODULE__, cfg, name: name(cfg.name))
 
@@ -35,8 +35,16 @@ defmodule Sidecar.Pool.Manager do
       {:config, Map.take(cfg, [:timeout, :max_attempts, :retry_backoff_ms, :read, :workers])}
     )
 
-    swept = Shm.sweep_dead()
-    if swept > 0, do: Logger.info("sidecar pool #{inspect(cfg.name)}: removed #{swept} stale segments")
+    # What VMs and workers killed outright left behind, of any run (nothing of theirs ran at exit).
+    segments = Shm.sweep_dead_owners()
+    logs = WorkerLog.sweep_dead_owners()
+
+    if segments + logs > 0,
+      do:
+        Logger.info(
+          "sidecar pool #{inspect(cfg.name)}: removed #{segments} segments and #{logs} worker logs of dead processes"
+        )
+
     {:ok, %{cfg: cfg, crashes: %{}, os_pids: %{}, monitors: %{}}}
   end
 
