@@ -222,7 +222,10 @@ def plot_history(results: Path, out: Path | None = None) -> Path:
     for ax, bench in zip(axes[:, 0], names):
         for key, values in sorted(panels[bench].items()):
             pts = [(x, v) for x, v in zip(xs, values) if v is not None]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+            if pts:  # the newest figure, written out
+                ax.annotate(f"{pts[-1][1]:.3g}", pts[-1], textcoords="offset points", xytext=(5, 3),
+                            fontsize=7, color=line.get_color())
         ax.set_title(bench, fontsize=9, loc="left")
         ax.set_xticks(xs, labels, fontsize=7)
         ax.tick_params(axis="y", labelsize=7)

@@ -125,6 +125,9 @@ def test_dashboard_shows_workers_calls_memory_and_a_crash_in_chromium(browser: A
         assert crash["metadata"]["classification"] == "segfault" and "stderr_tail" not in crash["metadata"]
         memory = get_json(address, "/api/memory")
         assert memory["interval_s"] == 0.25 and all(s["points"] for s in memory["series"])
+        assert max(len(s["points"]) for s in memory["series"]) > 2
+        assert all(len(s["points"]) <= 2 for s in get_json(address, "/api/memory?last=2")["series"])
+        assert {w["device"] for w in status["workers"]} == {"cpu"}
         with pytest.raises(urllib.error.HTTPError) as missing:
             urllib.request.urlopen(f"http://{address}/api/nothing", timeout=10)
         assert missing.value.code == 404

@@ -4,19 +4,24 @@ buckets that hold the calls, a real segfault counted by classification, no GPU s
 machine, loopback-only binding."""
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
+import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.errors import InvalidArgument, ShapeMismatch, UnknownOp, WorkerCrashed
+from sidecar.errors import CircuitOpen, InvalidArgument, ShapeMismatch, UnknownOp, WorkerCrashed
 from sidecar.host import Client
-from sidecar.host.pool import Pool
+from sidecar.host.pool import Pool, PoolClosed
+from sidecar.worker.debug_ops import CRASH_FILE_ENV
 from tests.workers import start_worker, wait_until, worker_command
 
 
@@ -105,6 +110,8 @@ def test_pool_metrics_show_exact_counts_after_a_known_workload() -> None:
             assert not [name for name in m if name.startswith("sidecar_gpu_")]
     with pytest.raises(urllib.error.URLError):  # stopped with the pool
         urllib.request.urlopen(f"http://{address}/metrics", timeout=5)
+    with pytest.raises(PoolClosed):
+        pool.serve_metrics("127.0.0.1:0")
 
 
 def test_metrics_bind_loopback_only_unless_allowed() -> None:
@@ -179,3 +186,51 @@ def test_worker_refuses_a_non_loopback_metrics_address() -> None:
     assert run.returncode == 1
     assert "cannot serve metrics" in run.stderr and "not a loopback address" in run.stderr
     assert "SIDECAR_READY" not in run.stdout
+
+
+def test_breaker_state_transitions_and_start_crashes_are_counted(tmp_path: Path) -> None:
+    """A crash loop at start-up (non-default breaker settings, to open it quickly) shows in the
+    breaker gauges and counters; calls failed fast count as CIRCUIT_OPEN."""
+    crash_file = tmp_path / "crash-at-start"
+    env = {**os.environ, CRASH_FILE_ENV: str(crash_file)}
+    with Pool(1, debug_ops=True, env=env, breaker_threshold=3, breaker_cooldown_s=0.5,
+              restart_backoff=(0.05, 0.2)) as pool:
+        address = pool.serve_metrics("127.0.0.1:0")
+        crash_file.write_text("3")
+        os.kill(pool.status()[0].pid, signal.SIGKILL)  # its replacements now exit 3 at start-up
+        wait_until(lambda: value(scrape(address), "sidecar_breaker_state", state="open") == 1, 30)
+        with pytest.raises(CircuitOpen):
+            pool.call("debug.pid")
+        m = scrape(address)
+        assert value(m, "sidecar_calls", "sidecar_calls_total", op="debug.pid", outcome="CIRCUIT_OPEN") == 1
+        assert value(m, "sidecar_breaker_transitions", "sidecar_breaker_transitions_total", state="open") >= 1
+        assert value(m, "sidecar_worker_crashes", "sidecar_worker_crashes_total",
+                     classification="killed_oom", phase="running") == 1  # SIGKILL reads as a likely OOM
+        assert value(m, "sidecar_worker_crashes", "sidecar_worker_crashes_total",
+                     classification="other", phase="start") >= 2
+        assert value(m, "sidecar_workers", state="restarting") == 1
+        crash_file.unlink()  # fixed: the probe closes the breaker
+        wait_until(lambda: value(scrape(address), "sidecar_breaker_state", state="closed") == 1, 30)
+        m = scrape(address)
+        assert value(m, "sidecar_breaker_transitions", "sidecar_breaker_transitions_total", state="close") == 1
+        assert value(m, "sidecar_breaker_transitions", "sidecar_breaker_transitions_total", state="half_open") >= 1
+
+
+def test_a_retried_call_is_counted_once_and_its_retry_too() -> None:
+    with Pool(2, debug_ops=True) as pool:
+        address = pool.serve_metrics("127.0.0.1:0")
+        box: dict[str, Any] = {}
+
+        def slow() -> None:
+            box["out"] = pool.call("debug.sleep", seconds=2.0, idempotent=True)
+        t = threading.Thread(target=slow)
+        t.start()
+        wait_until(lambda: any(s.inflight for s in pool.status()), 30)
+        busy = next(s.pid for s in pool.status() if s.inflight)
+        os.kill(busy, signal.SIGKILL)  # the call is retried on the other worker
+        t.join(60)
+        assert box["out"] == 2.0
+        m = scrape(address)
+        assert value(m, "sidecar_call_retries", "sidecar_call_retries_total", op="debug.sleep") == 1
+        assert value(m, "sidecar_calls", "sidecar_calls_total", op="debug.sleep", outcome="ok") == 1
+        assert value(m, "sidecar_call_duration_seconds", "sidecar_call_duration_seconds_count", op="debug.sleep") == 1

@@ -22,7 +22,8 @@ from prometheus_client.utils import floatToGoString
 
 from sidecar.errors import SidecarError
 
-__all__ = ["LATENCY_BUCKETS", "CallMetrics", "outcome_of", "gauge", "render", "OTHER_OP", "MAX_OPS"]
+__all__ = ["LATENCY_BUCKETS", "CallMetrics", "LabelledCounter", "outcome_of", "gauge", "render", "OTHER_OP",
+           "MAX_OPS"]
 
 # From a 50 us small call to a minute-long op: the buckets a sidecar call actually lands in.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -135,6 +136,29 @@ class CallMetrics(Collector):
         yield calls
         yield from hists
         yield moved
+
+
+class LabelledCounter(Collector):
+    """A counter by label values, for events (crashes, restarts, ...): like prometheus-client's
+    Counter, without the `_created` series, so the whole scrape has one shape."""
+
+    def __init__(self, registry: CollectorRegistry, name: str, help_text: str, labels: Iterable[str]) -> None:
+        self.name, self.help_text, self.labels = name, help_text, list(labels)
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[str, ...], int] = {}
+        registry.register(self)
+
+    def inc(self, *values: Any) -> None:
+        key = tuple(str(v) for v in values)
+        with self._lock:
+            self._counts[key] = self._counts.get(key, 0) + 1
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self.name, self.help_text, labels=self.labels)
+        with self._lock:
+            for values, n in sorted(self._counts.items()):
+                family.add_metric(list(values), n)
+        yield family
 
 
 def gauge(name: str, help_text: str, labels: Iterable[str] = (),

@@ -20,7 +20,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -29,7 +29,7 @@ from sidecar.host.crash import summarize_tail
 from sidecar.observe.gpu import NvmlGpus
 from sidecar.observe.history import CPU, MemoryHistory, MemoryProfile, MemorySeries
 from sidecar.observe.journal import Journal
-from sidecar.observe.metrics import CallMetrics, gauge, outcome_of, render
+from sidecar.observe.metrics import CallMetrics, LabelledCounter, gauge, outcome_of, render
 from sidecar.observe.server import ObservabilityServer, Response, json_response, static_file
 
 if TYPE_CHECKING:
@@ -62,16 +62,16 @@ class PoolObserver:
         self.calls = CallMetrics(self.registry, "Round trip of a pool call as the caller sees it: waiting for "
                                                 "a worker, retries and the worker's own time included")
         r = self.registry
-        self.crashes = Counter("sidecar_worker_crashes", "Unexpected worker exits (and failed starts), by "
-                               "classification and phase", ["classification", "phase"], registry=r)
-        self.restarts = Counter("sidecar_worker_restarts", "Replacement workers installed, by how they were "
-                                "started (template: forked, cold, spare)", ["via"], registry=r)
-        self.retries = Counter("sidecar_call_retries", "Idempotent calls sent again after their worker crashed",
-                               ["op"], registry=r)
-        self.breaker_changes = Counter("sidecar_breaker_transitions", "Circuit breaker state changes, by the "
-                                       "state entered", ["state"], registry=r)
-        self.memory_events = Counter("sidecar_memory_events", "Memory profiler signals (memory_threshold, "
-                                     "memory_growth), by device", ["event", "device"], registry=r)
+        self.crashes = LabelledCounter(r, "sidecar_worker_crashes", "Unexpected worker exits (and failed starts), "
+                                       "by classification and phase", ["classification", "phase"])
+        self.restarts = LabelledCounter(r, "sidecar_worker_restarts", "Replacement workers installed, by how they "
+                                        "were started (template: forked, cold, spare)", ["via"])
+        self.retries = LabelledCounter(r, "sidecar_call_retries", "Idempotent calls sent again after their worker "
+                                       "crashed", ["op"])
+        self.breaker_changes = LabelledCounter(r, "sidecar_breaker_transitions", "Circuit breaker state changes, by "
+                                               "the state entered", ["state"])
+        self.memory_events = LabelledCounter(r, "sidecar_memory_events", "Memory profiler signals "
+                                             "(memory_threshold, memory_growth), by device", ["event", "device"])
         self.recent_calls = Journal(RECENT_CALLS)
         self.timeline = Journal(TIMELINE_EVENTS)
         self.gpus = NvmlGpus()
@@ -147,18 +147,18 @@ class PoolObserver:
         meta = ev.metadata
         name = ev.event
         if name == "crash":
-            self.crashes.labels(str(meta.get("classification", "unknown")), str(meta.get("phase", "running"))).inc()
+            self.crashes.inc(meta.get("classification", "unknown"), meta.get("phase", "running"))
             history = self.history
             if history is not None and meta.get("pid") is not None:
                 history.mark_dead(int(meta["pid"]))
         elif name == "restart":
-            self.restarts.labels(str(meta.get("via", "unknown"))).inc()
+            self.restarts.inc(meta.get("via", "unknown"))
         elif name == "retry":
-            self.retries.labels(self.calls.op_label(str(meta.get("op", "")))).inc()
+            self.retries.inc(self.calls.op_label(str(meta.get("op", ""))))
         elif name.startswith("breaker_"):
-            self.breaker_changes.labels(name[len("breaker_"):]).inc()
+            self.breaker_changes.inc(name[len("breaker_"):])
         elif name in ("memory_threshold", "memory_growth"):
-            self.memory_events.labels(name, str(meta.get("device", CPU))).inc()
+            self.memory_events.inc(name, meta.get("device", CPU))
         shown = dict(meta)
         tail = shown.pop("stderr_tail", None)
         if tail:  # the telling line, not the thread dump (the whole tail is in the WorkerCrashed error)
@@ -268,7 +268,7 @@ class PoolObserver:
             "/api/status": lambda q: json_response(self.status_json()),
             "/api/calls": lambda q: json_response(self.calls_json(*_since(q))),
             "/api/events": lambda q: json_response(self.events_json(*_since(q))),
-            "/api/memory": lambda q: json_response(self.memory_json()),
+            "/api/memory": lambda q: json_response(self.memory_json(int(q.get("last", "0")) or None)),
         }
 
     def status_json(self) -> dict[str, Any]:
@@ -281,7 +281,7 @@ class PoolObserver:
             workers.append({
                 "slot": s.slot, "pid": s.pid, "state": s.state.value, "calls": s.calls, "crashes": s.crashes,
                 "restarts": s.restarts, "inflight": s.inflight, "gpu": s.gpu,
-                "device": next(iter(gpus), None) or (pool.device if pool.device not in ("auto", "cuda") else CPU),
+                "device": _device_of(pool.device, mem),
                 "last_exit": ({**s.last_exit.as_fields(), "description": s.last_exit.describe()}
                               if s.last_exit is not None else None),
                 "memory": mem.get(CPU), "gpu_memory": gpus})
@@ -292,12 +292,18 @@ class PoolObserver:
                 "workers": workers, "calls_seen": self.recent_calls.last, "events_seen": self.timeline.last,
                 "memory_interval_s": self.history.profile.interval_s if self.history is not None else None}
 
-    def memory_json(self) -> dict[str, Any]:
+    def memory_json(self, last: int | None = None) -> dict[str, Any]:
+        """The history for /api/memory; `last`: at most that many of each series' newest points."""
         history = self.history
         if history is None:
             return {"interval_s": None, "series": []}
-        return {"interval_s": history.profile.interval_s, "length": history.profile.length,
-                "series": [s.to_dict() for s in history.series()]}
+        series = []
+        for s in history.series():
+            doc = s.to_dict()
+            if last:
+                doc["points"] = doc["points"][-last:]
+            series.append(doc)
+        return {"interval_s": history.profile.interval_s, "length": history.profile.length, "series": series}
 
     # -- lifetime ------------------------------------------------------------------------------------
 
@@ -312,6 +318,17 @@ class PoolObserver:
             server.close()
         self.stop_profiling()
         self.gpus.close()
+
+
+def _device_of(configured: str, memory: Mapping[str, Any]) -> str:
+    """What a worker runs on, from its memory sample: GPU figures mean CUDA; a sample without them
+    means CPU (or MPS, when asked for); no sample yet: what the pool was configured with."""
+    gpus = [d for d in memory if d != CPU]
+    if gpus:
+        return gpus[0]
+    if memory:
+        return "mps" if configured == "mps" else CPU
+    return configured
 
 
 def _since(query: Mapping[str, str]) -> tuple[int, int | None]:

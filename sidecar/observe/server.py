@@ -11,7 +11,6 @@ import json
 import logging
 import socket
 import threading
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any, Callable, Mapping
@@ -88,6 +87,7 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+    timeout = 30  # an idle keep-alive connection (a closed browser tab) frees its thread
 
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's naming
         self._answer(send_body=True)

@@ -5,6 +5,7 @@
 const POLL_MS = 1000;
 const MAX_CALL_ROWS = 60;
 const MAX_EVENTS = 300;
+const MAX_CHART_POINTS = 300;  // per worker line: the newest ones
 const COLORS = ["#3366cc", "#dc3912", "#109618", "#990099", "#ff9900", "#0099c6", "#dd4477", "#66aa00"];
 const SVG_NS = "http://www.w3.org/2000/svg";
 
@@ -181,7 +182,7 @@ async function poll() {
   try {
     const [status, calls, events, memory] = await Promise.all([
       getJSON("/api/status"), getJSON("/api/calls?since=" + state.callsSeq),
-      getJSON("/api/events?since=" + state.eventsSeq), getJSON("/api/memory")]);
+      getJSON("/api/events?since=" + state.eventsSeq), getJSON("/api/memory?last=" + MAX_CHART_POINTS)]);
     state.calls = state.calls.concat(calls.calls).slice(-MAX_CALL_ROWS);
     state.callsSeq = calls.last;
     state.events = state.events.concat(events.events).slice(-MAX_EVENTS);
