@@ -229,8 +229,13 @@ def plot_history(results: Path, out: Path | None = None) -> Path:
         ax.set_title(bench, fontsize=9, loc="left")
         ax.set_xticks(xs, labels, fontsize=7)
         ax.tick_params(axis="y", labelsize=7)
-        ax.set_yscale("log")  # ratios of 0.9x and 10000x share a panel
-        ax.set_ylabel("ratio (log)", fontsize=7)
+        values = [v for series in panels[bench].values() for v in series if v is not None and v > 0]
+        if values and max(values) / min(values) > 20:  # ratios of 1x and 10000x share the panel
+            ax.set_yscale("log")
+            ax.set_ylabel("ratio (log)", fontsize=7)
+        else:  # from zero, so that noise of a few percent looks like what it is
+            ax.set_ylim(0, max(values, default=1) * 1.25)
+            ax.set_ylabel("ratio", fontsize=7)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="best")
     fig.suptitle(f"benchmark ratios by commit ({len(docs)} runs; * = uncommitted changes)", fontsize=10)
