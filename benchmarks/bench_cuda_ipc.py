@@ -18,7 +18,7 @@ A real worker (`sidecar serve --device cuda`) and the host `Client`; for each si
   h2d_shm_pinned    the same after the segment was registered with the driver (cuMemHostRegister).
 
 Target (issue 6): ipc_roundtrip independent of size and under 300 us median on an H200.
-Run: python benchmarks/bench_cuda_ipc.py [--sizes 1MB,100MB,1GB] [--repeat N] [--json]
+Run: python benchmarks/bench_cuda_ipc.py [--sizes 1MB,100MB,1GB] [--repeat N] [--quick] [--json]
 On a machine without CUDA it says so and exits 0.
 """
 from __future__ import annotations
@@ -226,7 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     ap.add_argument("--json-out", type=Path, default=None, metavar="FILE",
                     help="also write the JSON to FILE (the table is printed)")
+    ap.add_argument("--quick", action="store_true", help="1MB and 100MB, 5 round trips each (benchmarks/run_all.py)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.sizes, args.repeat = "1MB,100MB", 5
     sizes = parse_sizes(ap, args.sizes, SIZES)
     reason = cuda_reason()
     if reason is not None:

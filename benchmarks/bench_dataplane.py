@@ -16,7 +16,7 @@ Two processes (this one and a spawned worker) joined by a multiprocessing pipe. 
 
 Each transfer is timed from the sender's first step to the worker's ack (perf_counter_ns); the table
 shows medians and ratios. Run: .venv/bin/python benchmarks/bench_dataplane.py [--sizes 1MB,100MB]
-[--repeat N] [--json]
+[--repeat N] [--quick] [--json]
 """
 from __future__ import annotations
 
@@ -194,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=7, help="timed transfers per scenario (default 7; "
                     "ping, arena_view use at least 50)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    ap.add_argument("--quick", action="store_true", help="1MB and 100MB, 3 timed transfers each (benchmarks/run_all.py)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.sizes, args.repeat = "1MB,100MB", 3
     sizes = parse_sizes(ap, args.sizes, SIZES)
 
     ctx = mp.get_context("spawn")  # a fresh interpreter, like a real worker (no inherited mappings)

@@ -10,7 +10,7 @@ its table, side by side per size (float32, identity op, one worker, the port tra
   inline       the same bytes inside the {:packet, 4} port messages both ways
 
 Ratios are against shm_reused. Run: python benchmarks/bench_elixir.py [--sizes 1MB,100MB]
-[--repeat N] [--json]. Needs Elixir (`mix`); without it, it says so and exits 1.
+[--repeat N] [--quick] [--json]. Needs Elixir (`mix`); without it, it says so and exits 1.
 """
 from __future__ import annotations
 
@@ -64,7 +64,10 @@ def main() -> int:
     p.add_argument("--sizes", default="1MB,100MB", help="comma-separated: 1MB, 10MB, 100MB")
     p.add_argument("--repeat", type=int, default=None, help="timed calls per mode and size")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--quick", action="store_true", help="1MB only, 50 calls per mode (benchmarks/run_all.py)")
     args = p.parse_args()
+    if args.quick:
+        args.sizes, args.repeat = "1MB", 50
     result = run(args.sizes, args.repeat)
     print(json.dumps(result, indent=2) if args.json else table(result))
     return 0

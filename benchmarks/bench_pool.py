@@ -17,7 +17,7 @@ pools of 1, 2 and 4 workers, next to the same calls through one bare `Client` (n
 thread, the difference between the bare client and Pool(1) is the pool's own cost per call.
 
 Run: .venv/bin/python benchmarks/bench_pool.py [--trials 15] [--cold-trials 5] [--seconds 3]
-     [--device cuda] [--json] [--json-out FILE]
+     [--device cuda] [--quick] [--json] [--json-out FILE]
 """
 from __future__ import annotations
 
@@ -171,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", help="the workers' --device (default auto)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of tables")
     ap.add_argument("--json-out", default=None, help="also write the JSON to this file")
+    ap.add_argument("--quick", action="store_true",
+                    help="3 kills per mode (2 cold), 1 s throughput runs (benchmarks/run_all.py)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.trials, args.cold_trials, args.seconds = 3, 2, 1.0
 
     modes = [replacement("template", args.trials, args.device), replacement("spare", args.trials, args.device),
              replacement("cold", args.cold_trials, args.device)]

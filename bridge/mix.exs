@@ -15,6 +15,7 @@ defmodule SidecarBridge.MixProject do
   end
 
   def application do
-    [extra_applications: [:logger], mod: {Sidecar.Application, []}]
+    # :inets: OTP's :httpd serves Sidecar.Metrics (part of OTP, not a hex package).
+    [extra_applications: [:logger, :inets], mod: {Sidecar.Application, []}]
   end
 end

@@ -20,3 +20,15 @@ if ! command -v elixir >/dev/null 2>&1 && [ "${SIDECAR_SKIP_ELIXIR_INSTALL:-0}" 
     echo "install.sh: elixir is missing; install Debian's 'elixir' package for the bridge tests" >&2
   fi
 fi
+
+# The dashboard test drives a real headless Chromium (Debian's chromium + chromium-driver, through
+# selenium from the test extra); the test skips, saying why, only where they cannot be installed.
+if { ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; } \
+    && [ "${SIDECAR_SKIP_CHROMIUM_INSTALL:-0}" != 1 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "install.sh: chromium/chromedriver are missing; install Debian's 'chromium' and 'chromium-driver'" \
+         "for the dashboard test" >&2
+  fi
+fi

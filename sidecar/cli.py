@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also serve ops that crash, hang or allocate on purpose (tests only)")
     s.add_argument("--stdio", action="store_true",
                    help="speak the Erlang port protocol on stdin/stdout instead of gRPC")
+    s.add_argument("--metrics", default=None, metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port, "
+                        "logged); loopback only unless $SIDECAR_METRICS_ALLOW_REMOTE=1")
     s.add_argument("--log-level", default=os.environ.get("SIDECAR_LOG_LEVEL", "INFO"),
                    choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"])
 
@@ -156,11 +159,24 @@ def _serve(args: argparse.Namespace) -> int:
     except Exception as exc:  # SidecarError and OpsModuleError included
         log.error("worker failed to start: %s: %s", type(exc).__name__, exc)
         return EXIT_START_FAILED
+    metrics = None
     try:
+        if args.metrics:
+            from sidecar.errors import InvalidArgument
+            from sidecar.observe.worker_metrics import WorkerMetrics
+
+            try:
+                metrics = WorkerMetrics(runtime, args.metrics)
+            except InvalidArgument as exc:  # a malformed or non-loopback address, a port in use
+                log.error("cannot serve metrics: %s", exc)
+                return EXIT_START_FAILED
+            log.info("metrics on http://%s/metrics", metrics.address)
         if args.stdio:
             return _serve_stdio(runtime, args, shutdown)
         return _serve_grpc(runtime, args, shutdown)
     finally:
+        if metrics is not None:
+            metrics.close()
         runtime.close()
 
 

@@ -226,6 +226,8 @@ class Pool:
         self._last_crash: tuple[ExitInfo, int | None, list[str]] | None = None
         self._template: Template | None = None
         self.template_startup_s: float | None = None
+        self._observer: Any = None       # sidecar.observe.PoolObserver, made on first use
+        self._call_observer: Any = None  # its call hook (None: calls are not timed or recorded)
 
         reaper.reap_dead_owners()  # runs of hosts that died without closing their pools
         self._sockdir = tempfile.mkdtemp(prefix=f"sidecar-pool-{self.run_id}-")
@@ -646,6 +648,7 @@ class Pool:
             spare.proc.add_exit_callback(lambda info, s=slot, w=spare: self._on_exit(s, w, info))
             self.events_bus.publish("restart", slot=slot.index, pid=spare.proc.pid, via="spare",
                                     since_crash_ms=round((time.monotonic() - died_at) * 1000, 2))
+            self._telemetry_attach(spare)  # watchers follow the slot, as they do a started replacement
             self._launch_spare()
             return
         delay = 0.0 if slot.consecutive <= 1 else self._restart_delay(slot.consecutive)
@@ -770,6 +773,13 @@ class Pool:
 
     def _invoke(self, method: str, op: str, inputs: tuple[Any, ...], idempotent: bool | None,
                 timeout: float | None, kwargs: dict[str, Any]) -> Any:
+        hook = self._call_observer
+        if hook is not None:  # metrics are on: the observer times and records the call around the run
+            return hook(self._invoke_unobserved, method, op, inputs, idempotent, timeout, kwargs)
+        return self._invoke_unobserved(method, op, inputs, idempotent, timeout, kwargs)
+
+    def _invoke_unobserved(self, method: str, op: str, inputs: tuple[Any, ...], idempotent: bool | None,
+                           timeout: float | None, kwargs: dict[str, Any]) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
         retryable = self.is_idempotent(op) if idempotent is None else bool(idempotent)
         excluded: set[int] = set()
@@ -927,6 +937,33 @@ class Pool:
         for t in watchers:
             t.attach(worker)
 
+    # ---------------------------------------------------------------------------------------------
+    # metrics, dashboard, memory history (sidecar.observe; guides/observability.md)
+
+    @property
+    def observer(self) -> Any:
+        """The pool's `sidecar.observe.PoolObserver` (made on first use; from then on every call is
+        recorded): `profile_memory(...)`, `registry`, `recent_calls`, `timeline`."""
+        with self._lock:
+            if self._observer is None:
+                if self._closing:
+                    raise PoolClosed("the pool is closed")
+                from sidecar.observe.pool_observer import PoolObserver
+
+                self._observer = PoolObserver(self, self._arena)
+                self._call_observer = self._observer.observe_call
+            return self._observer
+
+    def serve_metrics(self, address: str = "127.0.0.1:9464", *, allow_remote: bool = False) -> str:
+        """Serves Prometheus metrics (/metrics) and the live dashboard (/) on `address` (port 0: any
+        free port) until `close()`; returns the bound HOST:PORT. Loopback only unless `allow_remote`."""
+        return self.observer.serve(address, allow_remote=allow_remote)
+
+    def memory_history(self, pid: int | None = None, device: str | None = None) -> list[Any]:
+        """The memory history rings (`sidecar.observe.MemorySeries` per worker pid and device, "cpu" or
+        "cuda:N"); the first call starts sampling (`observer.profile_memory(...)` sets interval etc.)."""
+        return self.observer.memory_history(pid, device)
+
     @property
     def template(self) -> Template | None:
         """The template process (or, with use_template=False, the guardian without preloads)."""
@@ -952,6 +989,8 @@ class Pool:
             for s in self._slots:
                 s.state = WorkerState.STOPPING if s.worker is not None else WorkerState.STOPPED
             starting = list(self._starting)
+        if self._observer is not None:  # no new one is made once closing: its endpoint stops first
+            self._observer.close()
         self._stop.set()
         for proc in starting:
             proc.kill()
@@ -1073,6 +1112,9 @@ class PoolTelemetry:
                 return
             self._closed = True
             watches, self._watches = self._watches, []
+        with self._pool._lock:  # forgotten by the pool, or every watch ever opened would stay listed
+            if self in self._pool._telemetry:
+                self._pool._telemetry.remove(self)
         self._unsubscribe()
         for w in watches:
             try:
