@@ -29,6 +29,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -352,13 +353,98 @@ Segment_open(PyObject *cls, PyObject *args, PyObject *kwds)
 }
 
 /* Segment.private_pages(offset=0, nbytes=-1): pages of [offset, offset + nbytes) that this process
- * holds privately: copied on write (present and not a file/shared page) or swapped out, as
- * /proc/self/pagemap reports them (bit 63 present, 62 swapped, 61 file-page or shared-anon).
- * A shared mapping never has any; a private one has one per page an op wrote. */
+ * holds privately: copied on write (present and not a file page) or swapped out. A shared mapping
+ * never has any; a private one has one per page an op wrote. Asked of /proc/self/pagemap: with the
+ * PAGEMAP_SCAN ioctl (Linux 6.7+: the kernel walks the page tables and reports only matching runs,
+ * ~10x less work than reading 8 bytes per page), else by reading the entries (bit 63 present, 62
+ * swapped, 61 file-page or shared-anon). The descriptor is opened per call: one kept across fork()
+ * would read the parent's page tables. */
 #define PM_PRESENT (1ULL << 63)
 #define PM_SWAPPED (1ULL << 62)
 #define PM_FILE_OR_SHARED (1ULL << 61)
 #define PAGEMAP_CHUNK 512  /* entries per pread: 4 KiB of pagemap covers 2 MiB of mapping */
+
+/* From <linux/fs.h> (6.7), absent from older headers. */
+struct sc_page_region { uint64_t start, end, categories; };
+struct sc_pm_scan_arg {
+    uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages, category_inverted, category_mask,
+        category_anyof_mask, return_mask;
+};
+#define SC_PAGEMAP_SCAN _IOWR('f', 16, struct sc_pm_scan_arg)
+#define SC_PAGE_IS_FILE (1ULL << 2)
+#define SC_PAGE_IS_PRESENT (1ULL << 3)
+#define SC_PAGE_IS_SWAPPED (1ULL << 4)
+#define SCAN_REGIONS 64
+
+/* Pages of [start, end) (page-aligned addresses) held privately, by PAGEMAP_SCAN; -1 with errno
+ * ENOTTY/EINVAL when the kernel lacks it, -1 with another errno on failure. */
+static long long
+count_private_scan(int fd, uintptr_t start, uintptr_t end, uintptr_t page)
+{
+    struct sc_page_region regions[SCAN_REGIONS];
+    long long count = 0;
+    while (start < end) {
+        struct sc_pm_scan_arg arg;
+        memset(&arg, 0, sizeof(arg));
+        arg.size = sizeof(arg);
+        arg.start = start;
+        arg.end = end;
+        arg.vec = (uint64_t)(uintptr_t)regions;
+        arg.vec_len = SCAN_REGIONS;
+        arg.category_inverted = SC_PAGE_IS_FILE;  /* not a file page ... */
+        arg.category_mask = SC_PAGE_IS_FILE;
+        arg.category_anyof_mask = SC_PAGE_IS_PRESENT | SC_PAGE_IS_SWAPPED;  /* ... and present or swapped */
+        arg.return_mask = SC_PAGE_IS_PRESENT | SC_PAGE_IS_SWAPPED;
+        int n;
+        do { n = ioctl(fd, SC_PAGEMAP_SCAN, &arg); } while (n < 0 && errno == EINTR);
+        if (n < 0) {
+            return -1;
+        }
+        for (int i = 0; i < n; i++) {
+            count += (long long)((regions[i].end - regions[i].start) / page);
+        }
+        if (arg.walk_end <= start) {
+            errno = EIO;
+            return -1;
+        }
+        start = arg.walk_end;
+    }
+    return count;
+}
+
+static long long
+count_private_read(int fd, uintptr_t first, uintptr_t last)
+{
+    uint64_t entries[PAGEMAP_CHUNK];
+    long long count = 0;
+    for (uintptr_t vpn = first; vpn <= last;) {
+        size_t want = (size_t)(last - vpn + 1);
+        if (want > PAGEMAP_CHUNK) {
+            want = PAGEMAP_CHUNK;
+        }
+        ssize_t got;
+        do {
+            got = pread(fd, entries, want * sizeof(uint64_t), (off_t)(vpn * sizeof(uint64_t)));
+        } while (got < 0 && errno == EINTR);
+        if (got <= 0 || got % (ssize_t)sizeof(uint64_t) != 0) {
+            if (got >= 0) {
+                errno = EIO;
+            }
+            return -1;
+        }
+        size_t n = (size_t)got / sizeof(uint64_t);
+        for (size_t i = 0; i < n; i++) {
+            uint64_t e = entries[i];
+            if (((e & PM_PRESENT) && !(e & PM_FILE_OR_SHARED)) || (e & PM_SWAPPED)) {
+                count++;
+            }
+        }
+        vpn += n;
+    }
+    return count;
+}
+
+static int pagemap_scan_missing = 0;  /* the kernel refused PAGEMAP_SCAN once: read entries from then on */
 
 static PyObject *
 Segment_private_pages(SegmentObject *self, PyObject *args, PyObject *kwds)
@@ -385,48 +471,83 @@ Segment_private_pages(SegmentObject *self, PyObject *args, PyObject *kwds)
     const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
     uintptr_t first = ((uintptr_t)self->addr + (uintptr_t)offset) / page;
     uintptr_t last = ((uintptr_t)self->addr + (uintptr_t)offset + (uintptr_t)nbytes - 1) / page;
-    long long count = 0;
-    int err = 0;
+    long long count = -1;
+    int err = 0, scan_missing = pagemap_scan_missing;
     const char *what = NULL;
 
+    self->exports++;  /* the range stays mapped while the GIL is released */
     Py_BEGIN_ALLOW_THREADS
-    /* Opened per call: a descriptor kept across fork() would read the parent's page tables. */
     int fd;
     do { fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC); } while (fd < 0 && errno == EINTR);
     if (fd < 0) {
         err = errno; what = "cannot open /proc/self/pagemap to inspect";
     }
-    uint64_t entries[PAGEMAP_CHUNK];
-    for (uintptr_t vpn = first; err == 0 && vpn <= last;) {
-        size_t want = (size_t)(last - vpn + 1);
-        if (want > PAGEMAP_CHUNK) {
-            want = PAGEMAP_CHUNK;
-        }
-        ssize_t got;
-        do {
-            got = pread(fd, entries, want * sizeof(uint64_t), (off_t)(vpn * sizeof(uint64_t)));
-        } while (got < 0 && errno == EINTR);
-        if (got <= 0 || got % (ssize_t)sizeof(uint64_t) != 0) {
-            err = got < 0 ? errno : EIO; what = "cannot read /proc/self/pagemap for"; break;
-        }
-        size_t n = (size_t)got / sizeof(uint64_t);
-        for (size_t i = 0; i < n; i++) {
-            uint64_t e = entries[i];
-            if (((e & PM_PRESENT) && !(e & PM_FILE_OR_SHARED)) || (e & PM_SWAPPED)) {
-                count++;
+    else {
+        if (!scan_missing) {
+            count = count_private_scan(fd, first * page, (last + 1) * page, page);
+            if (count < 0 && (errno == ENOTTY || errno == EINVAL || errno == EOPNOTSUPP)) {
+                scan_missing = 1;
+            }
+            else if (count < 0) {
+                err = errno; what = "PAGEMAP_SCAN failed for";
             }
         }
-        vpn += n;
-    }
-    if (fd >= 0) {
+        if (scan_missing) {
+            count = count_private_read(fd, first, last);
+            if (count < 0) {
+                err = errno; what = "cannot read /proc/self/pagemap for";
+            }
+        }
         close_quietly(fd);
     }
     Py_END_ALLOW_THREADS
+    pagemap_scan_missing = scan_missing;
+    self->exports--;
+    if (self->exports == 0 && self->closed) {
+        unmap(self);
+    }
 
     if (err != 0) {
         return raise_os_error(err, what, self->name, -1);
     }
     return PyLong_FromLongLong(count);
+}
+
+/* Segment.file_size(): the size of the file behind this segment's name now, or -1 when the name is
+ * gone or names another file (it was unlinked, or re-created: another inode) or not a regular file.
+ * One stat of /dev/shm/<name> (where glibc's shm_open keeps segments), without the GIL dance: it
+ * never blocks. What a cache checks before serving a mapping whose file may have been truncated. */
+static PyObject *
+Segment_file_size(SegmentObject *self, PyObject *Py_UNUSED(ignored))
+{
+    Py_ssize_t len;
+    const char *name = PyUnicode_AsUTF8AndSize(self->name, &len);
+    if (name == NULL) {
+        return NULL;
+    }
+    char path[sizeof("/dev/shm/") + MAP_NAME_MAX + 1];
+    if (name[0] == '/') {
+        name++;
+        len--;
+    }
+    if (len > MAP_NAME_MAX) {
+        return PyLong_FromLong(-1);
+    }
+    memcpy(path, "/dev/shm/", sizeof("/dev/shm/") - 1);
+    memcpy(path + sizeof("/dev/shm/") - 1, name, (size_t)len + 1);
+    struct stat st;
+    int rc;
+    do { rc = stat(path, &st); } while (rc < 0 && errno == EINTR);
+    if (rc < 0) {
+        if (errno == ENOENT || errno == ENOTDIR) {
+            return PyLong_FromLong(-1);
+        }
+        return raise_os_error(errno, "cannot stat", self->name, -1);
+    }
+    if (!S_ISREG(st.st_mode) || (unsigned long long)st.st_ino != self->inode) {
+        return PyLong_FromLong(-1);
+    }
+    return PyLong_FromLongLong((long long)st.st_size);
 }
 
 /* Segment.zero(start, stop): memset [start, stop) to 0 (arena blocks handed out again). */
@@ -584,6 +705,10 @@ static PyMethodDef Segment_methods[] = {
      "private_pages(offset=0, nbytes=-1) -> int\n\n"
      "Pages of the range this process holds privately (written into a private mapping), from\n"
      "/proc/self/pagemap. 0 for a mapping nobody wrote (and for every shared mapping)."},
+    {"file_size", (PyCFunction)Segment_file_size, METH_NOARGS,
+     "file_size() -> int\n\n"
+     "Size of the file behind the segment's name now (one stat); -1 when the name is gone or names\n"
+     "another file (unlinked or re-created) or not a regular file."},
     {"zero", (PyCFunction)Segment_zero, METH_VARARGS,
      "zero(start, stop) -> None\n\nSet bytes [start, stop) of a writable mapping to 0."},
     {"close", (PyCFunction)Segment_close, METH_NOARGS,

@@ -2,7 +2,7 @@
 
 Mapping a segment costs shm_open + fstat + mmap (+ page faults on first touch) and munmap later; a
 worker sees the same host arena segments again and again, so a hit must be a dictionary lookup plus
-one `stat` of the name (~1 us). That stat is what keeps a cached mapping honest: a segment that was
+one `stat` of the name (`Segment.file_size`, ~1 us). That stat is what keeps a cached mapping honest: a segment that was
 unlinked (or re-created: a new inode) is dropped, since the mapping alone would keep its memory alive
 invisibly, and a segment whose size changed (truncated by its owner) is mapped again, since touching
 a page past the new end of the file raises SIGBUS. The inode is part of the key: a name that was
@@ -122,6 +122,15 @@ class MappingCache:
 
     def get(self, name: str, inode: int = 0, writable: bool = False) -> Segment:
         """The shared mapping of segment `name` (whose inode is `inode`; 0 = whatever it is now)."""
+        if inode:  # the hot path: a cached mapping whose file is still the same size (one stat)
+            entry = self._shared.get((name, inode))
+            if entry is not None and (entry.seg.writable or not writable) and \
+                    entry.seg.file_size() == entry.seg.size:
+                with self._lock:
+                    if self._lru.get(id(entry.seg)) is entry:
+                        self._lru.move_to_end(id(entry.seg))
+                        self._hits += 1
+                        return entry.seg
         key, size = self._key(name, inode)
         with self._lock:
             entry = self._shared.get(key)
@@ -158,6 +167,20 @@ class MappingCache:
 
     def checkout(self, name: str, inode: int = 0) -> Segment:
         """A private copy-on-write mapping of `name`, for the caller alone until `checkin`."""
+        if inode:  # the hot path: an idle mapping whose file is still the same size (one stat)
+            with self._lock:
+                idle = self._idle.get((name, inode))
+                entry = idle[-1] if idle else None  # the most recently used: its pages are the warmest
+                if entry is not None:
+                    self._remove(entry)
+            if entry is not None:
+                if entry.seg.file_size() == entry.seg.size:
+                    with self._lock:
+                        self._hits += 1
+                    return entry.seg
+                with self._lock:
+                    self._dropped_stale += 1
+                entry.seg.close()  # unlinked, re-created or resized under it: look again below
         key, size = self._key(name, inode)
         with self._lock:
             while key in self._idle:
@@ -244,16 +267,7 @@ class MappingCache:
         (their memory would otherwise stay allocated, invisibly); returns how many went."""
         with self._lock:
             entries = list(self._lru.values())
-        stale = []
-        for entry in entries:
-            name, inode = entry.key
-            try:
-                st = os.stat(_SHM_PREFIX + name)
-                gone = st.st_ino != inode or st.st_size != entry.seg.size
-            except OSError:
-                gone = True
-            if gone:
-                stale.append(entry)
+        stale = [entry for entry in entries if _stale(entry.seg)]
         with self._lock:
             stale = [e for e in stale if self._lru.get(id(e.seg)) is e]
             self._dropped_stale += len(stale)
@@ -328,6 +342,14 @@ class CallMappings:
         held, self._held = self._held, {}
         for name, seg in held.items():
             self._cache.checkin(seg, dirty=name in dirty)
+
+
+def _stale(seg: Segment) -> bool:
+    """The file behind the mapping was unlinked, re-created or resized (or cannot be looked at)."""
+    try:
+        return seg.file_size() != seg.size
+    except OSError:
+        return True
 
 
 def _written(seg: Segment) -> bool:
