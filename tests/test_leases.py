@@ -23,7 +23,7 @@ from sidecar.errors import InvalidArgument
 from sidecar.host import Client, Pool
 from sidecar.worker.leases import LeaseOwner, LeaseTable
 from tests.dataplane_ops_module import mapped_file as mapped_file_at
-from tests.workers import ROOT, pid_gone, run_id, session_run, start_worker, wait_until
+from tests.workers import ROOT, pid_gone, run_id, session_run, shm_of_run, start_worker, wait_until
 
 N = 25_600  # float32: 100 KiB, above the inline threshold
 
@@ -193,3 +193,18 @@ def test_cli_refuses_lease_ttl_zero_negative_and_bad_caps(capsys):
         assert cli_main(["serve", *args]) == 2
         err = capsys.readouterr().err
         assert "must be > 0" in err, err
+
+
+def test_port_leases_end_with_the_vm_stdin_eof():
+    """On the port transport the client is the VM: an unreleased lease is reclaimed (unlinked) when
+    stdin closes, and the worker leaves none of its segments behind."""
+    from sidecar.etf import Atom as A
+    from tests.test_stdio_transport import PortClient, inline
+
+    port = PortClient()
+    tag, _, result = port.request((A("call"), 1, "add", [inline(np.zeros(N, np.float32)), 1.0], {}))
+    assert tag == "ok" and len(result[A("leases")]) == 1, result
+    name = result[A("outputs")][0][1][A("shm")][A("name")].decode()
+    assert segment_exists(name)
+    assert port.close() == 0
+    assert not segment_exists(name) and not shm_of_run(port.run_id)

@@ -3,8 +3,8 @@
 Fresh shared memory is slow: every 4 KiB page faults on first touch (100 MB costs ~75 ms). The arena
 hands out whole segments rounded up to a size class (4 classes per power of two, so at most 25%
 slack, minimum 64 KiB), created with MAP_POPULATE, and keeps released ones mapped for the next
-allocation of that class: a warm allocation touches no new page and costs no syscall (the plasma /
-Ray object-store idea). Cached segments are bounded by `max_cached_bytes` (least recently released
+allocation of that class: a warm allocation touches no new page and costs one stat, which makes
+sure nobody unlinked or truncated the segment meanwhile (the plasma / Ray object-store idea). Cached segments are bounded by `max_cached_bytes` (least recently released
 go first).
 
 Memory rules:
@@ -208,12 +208,16 @@ class Arena:
 
     def _take_cached(self, cap: int) -> Segment | None:
         stack = self._free.get(cap)
-        if not stack:
-            return None
-        seg = stack.pop()
-        del self._free_lru[seg.name]
-        self._cached -= cap
-        return seg
+        while stack:
+            seg = stack.pop()
+            del self._free_lru[seg.name]
+            self._cached -= cap
+            # One stat: a segment someone else unlinked or truncated meanwhile is useless to every
+            # consumer (they refuse it, or would SIGBUS on it): drop it and look further.
+            if seg.file_size() == seg.size:
+                return seg
+            self._destroy(seg)
+        return None
 
     def _hand_out(self, seg: Segment, nbytes: int) -> Block:
         block = Block(self, seg, nbytes)
