@@ -99,6 +99,10 @@ def test_leases_of_a_dead_client_process_are_unlinked(lease_arena):
         client.wait()
     assert table.drop_dead_owners() == 1 and table.orphaned_total == 1
     assert not segment_exists(block.name) and table.count == 0
+    # Clients that hold no lease are not remembered (a host making a Client per request does not grow it).
+    table.release([table.add([lease_arena.alloc(100_000)], LeaseOwner(os.getpid(), f"c{i}")) for i in range(50)])
+    table.drop_dead_owners()
+    assert table.watched_clients == 0
 
 
 def test_an_owner_this_worker_cannot_see_is_never_judged_dead(lease_arena):

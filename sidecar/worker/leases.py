@@ -79,6 +79,13 @@ class _OwnerLiveness:
         for owner in owners:
             self._started.pop(owner, None)
 
+    def keep_only(self, owners: set[LeaseOwner]) -> None:
+        for owner in [o for o in self._started if o not in owners]:
+            del self._started[owner]
+
+    def __len__(self) -> int:
+        return len(self._started)
+
 
 def _create_time(pid: int) -> float | None:
     try:
@@ -114,13 +121,13 @@ class LeaseTable:
         lease = _Lease(self._clock(), list(objects), owner)
         lease_id = "l-" + secrets.token_hex(8)
         evicted: list[_Lease] = []
-        if owner is not None:
-            self._owners.seen(owner)  # once per client object (a psutil lookup): outside the lock
         with self._lock:
             if self._closed:
                 closed = True
             else:
                 closed = False
+                if owner is not None:
+                    self._owners.seen(owner)  # a psutil lookup the first time a client object is seen
                 self._leases[lease_id] = lease
                 while len(self._leases) > self.max_leases:
                     evicted.append(self._leases.popitem(last=False)[1])
@@ -168,6 +175,7 @@ class LeaseTable:
         """Reclaim every lease whose client's process has ended; returns how many."""
         with self._lock:
             owners = {lease.owner for lease in self._leases.values() if lease.owner is not None}
+            self._owners.keep_only(owners)  # clients that hold nothing are forgotten (no growth)
         dead = {owner for owner in owners if not self._owners.alive(owner)}  # psutil, outside the lock
         if not dead:
             return 0
@@ -184,6 +192,12 @@ class LeaseTable:
     @property
     def count(self) -> int:
         return len(self._leases)
+
+    @property
+    def watched_clients(self) -> int:
+        """Client objects whose process liveness is remembered (only those that hold leases, after
+        each `drop_dead_owners`)."""
+        return len(self._owners)
 
     def ids(self) -> list[str]:
         with self._lock:
