@@ -18,7 +18,7 @@ import pytest
 
 from sidecar import wire
 from sidecar.dataplane import segments
-from sidecar.dataplane.arena import Arena, size_class
+from sidecar.dataplane.arena import size_class
 from sidecar.errors import OutOfMemory, SidecarError
 from sidecar.v1 import sidecar_pb2 as pb
 from sidecar.v1 import sidecar_pb2_grpc as pb_grpc
