@@ -12,7 +12,12 @@ Two processes (this one and a spawned worker) joined by a multiprocessing pipe. 
   pickle_pipe     the array pickled through the same pipe, unpickled by the worker -> ack
   mp_shm_fresh    multiprocessing.shared_memory created per transfer: create, copy in, send the name,
                   worker attaches and views it -> ack, close + unlink
-  decode_hit      in-process: to_numpy(ref, cache) on an already cached mapping (validation + view)
+  decode_hit      in-process: to_numpy(ref, cache) on an already cached mapping (validation + one stat
+                  of the segment + view)
+  decode_private  in-process: what a CPU worker does per input and call: check a cached private
+                  (copy-on-write) mapping out of the cache, view it, check it for written pages
+                  (/proc/self/pagemap) and hand it back
+  dirty_check     in-process: the post-call check alone (Segment.private_pages over the whole mapping)
 
 Each transfer is timed from the sender's first step to the worker's ack (perf_counter_ns); the table
 shows medians and ratios. Run: .venv/bin/python benchmarks/bench_dataplane.py [--sizes 1MB,100MB]
@@ -36,7 +41,7 @@ import numpy as np
 from timing import parse_sizes, sample_us  # benchmarks/timing.py
 
 from sidecar.dataplane.arena import Arena
-from sidecar.dataplane.mapcache import MappingCache
+from sidecar.dataplane.mapcache import CallMappings, MappingCache
 from sidecar.dataplane.refs import ShmStorage, TensorRef
 from sidecar.dataplane.tensors import to_numpy, to_ref
 
@@ -120,6 +125,16 @@ class Bench:
         cache = MappingCache()
         to_numpy(ref, cache)
         record("decode_hit", sample_us(lambda: to_numpy(ref, cache), DECODE_CALLS, warmup=100))
+
+        def decode_private() -> None:
+            mappings = CallMappings(cache)
+            to_numpy(ref, mappings)
+            mappings.close()
+        record("decode_private", sample_us(decode_private, DECODE_CALLS // 4, warmup=20))
+        private = cache.checkout(ref.storage.name, ref.storage.inode)
+        int(np.frombuffer(private, np.uint8)[::4096].sum())  # an op read every page: all mapped now
+        record("dirty_check", sample_us(private.private_pages, DECODE_CALLS // 4, warmup=20))
+        cache.checkin(private, dirty=False)
         cache.clear()
         del host
         block.release()  # its warm segment is what (b) gets next

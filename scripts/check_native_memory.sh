@@ -40,6 +40,7 @@ import numpy as np, torch
 import sidecar._native as n
 from sidecar._native import Segment
 assert os.environ["LD_PRELOAD"] and n.__file__.startswith(os.getcwd()), n.__file__
+n.install_sigbus_handler(); n.install_sigbus_handler()
 
 def maps() -> int:
     """Mappings of our churn segments still in the address space (an unmap that never happened)."""
@@ -73,8 +74,27 @@ def cycle(i: int) -> None:
     repr(ro); ro.address; ro.inode
     with Segment.open(name, writable=True) as rw:
         memoryview(rw)[0] = 1
+        rw.zero(1, 4096 + i % 7); rw.zero(0, 0)
+    cow = Segment.open(name, private=True)  # copy-on-write, counted through /proc/self/pagemap
+    v = np.frombuffer(cow, dtype=np.uint8)
+    v[i % 65536] = 7
+    assert cow.private_pages() == 1 and ro.private_pages(offset=4096) == 0
+    for exc, call in ((ValueError, lambda: cow.private_pages(offset=-1)),
+                      (ValueError, lambda: Segment.open(name, writable=True, private=True)),
+                      (BufferError, lambda: ro.zero(0, 1)), (ValueError, lambda: cow.zero(0, 1 << 20))):
+        try:
+            call()
+        except exc:
+            pass
+    cow.close(); del v
     ro.close(); ro.close()
     n.unlink(name)
+    os.mkfifo("/dev/shm" + name)  # refused without blocking: not a regular file
+    try:
+        Segment.open(name)
+    except OSError:
+        pass
+    os.unlink("/dev/shm" + name)
     for exc, call in ((FileNotFoundError, lambda: n.unlink(name)),
                       (FileNotFoundError, lambda: Segment.open(name)),
                       (OSError, lambda: Segment.create(name, 1 << 55))):
@@ -104,7 +124,10 @@ PY
 echo "churn driver: ok"
 
 set +e
-"$PY" -m pytest -q -p no:cacheprovider "$ROOT/tests/test_native_segments.py"
+# tests/ is not a package: its conftest imports tests.workers from ROOT, which comes after the cwd
+# (the sanitized copy of sidecar) on sys.path.
+PYTHONPATH="$ROOT" "$PY" -m pytest -q -p no:cacheprovider "$ROOT/tests/test_native_segments.py" \
+    "$ROOT/tests/test_writable_inputs.py::test_private_mapping_is_copy_on_write_and_counts_written_pages"
 rc=$?
 set -e
 [ $rc -eq 0 ] || { echo "pytest under ASan failed (rc=$rc)"; cat "$WORK"/logs/asan* 2>/dev/null | head -80; exit 1; }

@@ -35,6 +35,29 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    """A duration in seconds > 0 ("inf" allowed: never); 0, negatives and NaN are refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return value
+
+
+def _share(text: str) -> float:
+    """A fraction in (0, 1], or a percentage such as 25%."""
+    t = text.strip()
+    try:
+        value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a fraction or percentage: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (or 1%..100%), got {text}")
+    return value
+
+
 def _bytes(text: str) -> int:
     """A byte count: 1073741824, 1G, 512M, 64K (powers of 1024)."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -77,8 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run id in the names of this worker's segments (default: $SIDECAR_RUN_ID or random)")
     s.add_argument("--inline-threshold", type=_non_negative_int, default=65536,
                    help="outputs smaller than this travel inside the response (default 65536)")
-    s.add_argument("--lease-ttl", type=float, default=300.0,
-                   help="seconds after which an unreleased output lease is reclaimed (default 300)")
+    s.add_argument("--lease-ttl", type=_positive_seconds, default=300.0, metavar="SECONDS",
+                   help="seconds after which an unreleased output lease is reclaimed: its segment is "
+                        "unlinked, never reused, so a host still holding the output keeps valid bytes "
+                        "(default 300; must be > 0)")
+    s.add_argument("--max-leases", type=_positive_int, default=10000,
+                   help="output leases held at most; beyond it the oldest is reclaimed the same way "
+                        "(default 10000)")
+    s.add_argument("--map-cache-share", type=_share, default=0.25, metavar="FRACTION",
+                   help="share of /dev/shm's size the worker may keep mapped in its input mapping cache "
+                        "(default 0.25; e.g. 0.1 or 10%%)")
     s.add_argument("--threads", type=_positive_int, default=None,
                    help="torch/BLAS/OpenMP threads (default: $SIDECAR_THREADS or half the CPUs, max 8)")
     s.add_argument("--grace-period", type=float, default=10.0,
@@ -153,7 +184,8 @@ def _serve(args: argparse.Namespace) -> int:
     opts = WorkerOptions(device=args.device, ops_modules=list(args.ops), debug_ops=args.debug_ops,
                          max_concurrency=args.max_concurrency, max_queue=args.max_queue,
                          run_id=args.run_id, inline_threshold=args.inline_threshold,
-                         lease_ttl_s=args.lease_ttl)
+                         lease_ttl_s=args.lease_ttl, max_leases=args.max_leases,
+                         map_cache_share=args.map_cache_share)
     try:
         runtime = build_runtime(opts)  # loads --ops modules and runs their start-up hooks
     except Exception as exc:  # SidecarError and OpsModuleError included

@@ -212,8 +212,10 @@ def timing_from_pb(m: pb.Timing) -> Timing:
 def execute_request(op: str, inputs: Iterable[Any] = (), attrs: Mapping[str, Any] | None = None, *,
                     placement: Placement = Placement.AUTO, out: Iterable[TensorRef] = (),
                     inline_threshold: int = 0, release: Iterable[str] = (), request_id: str = "",
-                    idempotent: bool = False, allow_alias: bool = False) -> pb.ExecuteRequest:
-    req = pb.ExecuteRequest(op=op, release=list(release), request_id=request_id, idempotent=idempotent)
+                    idempotent: bool = False, allow_alias: bool = False, client_pid: int = 0,
+                    client_id: str = "") -> pb.ExecuteRequest:
+    req = pb.ExecuteRequest(op=op, release=list(release), request_id=request_id, idempotent=idempotent,
+                            client_pid=client_pid, client_id=client_id)
     for v in inputs:
         _fill_value(req.inputs.add(), v)
     for k, v in (attrs or {}).items():
@@ -243,7 +245,7 @@ def call_from_request(req: pb.ExecuteRequest, is_cancelled: Any = None) -> Call:
                                   inline_threshold=req.output.inline_threshold,
                                   alias_inputs=req.output.allow_alias),
                 release=list(req.release), request_id=req.request_id, idempotent=req.idempotent,
-                is_cancelled=is_cancelled)
+                client_pid=req.client_pid, client_id=req.client_id, is_cancelled=is_cancelled)
 
 
 def result_to_response(r: CallResult) -> pb.ExecuteResponse:

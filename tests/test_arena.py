@@ -205,3 +205,17 @@ def test_warm_alloc_does_not_page_fault(arena):
         _native.unlink(name)
     assert cold >= pages // 2, f"measurement broken: cold write of {pages} pages saw {cold} faults"
     assert warm < pages // 20, f"warm alloc + write of {pages} pages saw {warm} minor faults"
+
+
+def test_a_cached_segment_unlinked_or_truncated_by_someone_else_is_never_handed_out(arena):
+    gone, cut = arena.alloc(100_000), arena.alloc(100_000)
+    names = {gone.name, cut.name}
+    gone.release()
+    cut.release()
+    _native.unlink(gone.name)  # another process of the same uid removed it ...
+    os.truncate("/dev/shm" + cut.name, 4096)  # ... or truncated it (touching it would be a SIGBUS)
+    fresh = arena.alloc(100_000)
+    assert fresh.name not in names and os.path.getsize("/dev/shm" + fresh.name) == fresh.capacity
+    fresh.ndarray(np.uint8, 100_000)[:] = 1  # writable all the way: a new segment
+    assert arena.stats().cached_bytes == 0 and arena.stats().segments == 1
+    fresh.release()

@@ -17,7 +17,6 @@ from sidecar.dataplane.refs import ArrowRef, CudaIpcStorage, InlineStorage, ShmS
 from sidecar.errors import (Cancelled, DeviceUnavailable, InvalidArgument, InvalidTensorRef, OpFailed,
                             Overloaded, ShapeMismatch)
 from sidecar.worker.calls import Call, OutputSpec, Placement
-from sidecar.worker.leases import LeaseTable
 from sidecar.worker.registry import OpsModuleError, Registry, make_spec
 from sidecar.worker.runtime import WorkerOptions, build_runtime
 from tests.segment_host import SegmentHost
@@ -181,30 +180,6 @@ def test_leases_of_a_vanished_client_expire(make_rt, host):
     assert rt.leases.count == 3 and rt.arena.stats().in_use_bytes > 0
     wait_until(lambda: rt.leases.count == 0)  # the janitor expires them with no further call
     assert rt.arena.stats().in_use_bytes == 0
-
-
-def test_lease_table_ttl_and_cap_oldest_first():
-    now = [0.0]
-    freed = []
-
-    class Obj:
-        def __init__(self, n):
-            self.n = n
-
-        def release(self):
-            freed.append(self.n)
-
-    table = LeaseTable(ttl_s=10, max_leases=3, clock=lambda: now[0])
-    ids = []
-    for i in range(5):
-        now[0] = float(i)
-        ids.append(table.add([Obj(i)]))
-    assert freed == [0, 1] and table.count == 3  # the cap pushed the two oldest out
-    now[0] = 12.5  # leases made at t=2 are older than 10 s now
-    assert table.expire() == 1 and freed == [0, 1, 2]
-    assert table.release([ids[3], "l-unknown"]) == (1, ["l-unknown"])
-    table.close()
-    assert freed == [0, 1, 2, 3, 4] and table.count == 0
 
 
 def test_inline_and_auto_placements(rt, host):

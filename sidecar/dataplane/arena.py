@@ -3,12 +3,19 @@
 Fresh shared memory is slow: every 4 KiB page faults on first touch (100 MB costs ~75 ms). The arena
 hands out whole segments rounded up to a size class (4 classes per power of two, so at most 25%
 slack, minimum 64 KiB), created with MAP_POPULATE, and keeps released ones mapped for the next
-allocation of that class: a warm allocation touches no new page and costs no syscall (the plasma /
-Ray object-store idea). Cached segments are bounded by `max_cached_bytes` (least recently released
+allocation of that class: a warm allocation touches no new page and costs one stat, which makes
+sure nobody unlinked or truncated the segment meanwhile (the plasma / Ray object-store idea). Cached segments are bounded by `max_cached_bytes` (least recently released
 go first).
 
-Memory rule: a released block is reused. Whoever releases a block must be done with every view of it
-(the worker's leases enforce that for outputs).
+Memory rules:
+- A released block is reused. Whoever releases a block must be done with every view of it, and so
+  must every other process that mapped it (a worker's host releases a lease explicitly for that).
+- A discarded block (`Block.discard`) is never reused: its segment is unlinked at once, and POSIX
+  keeps the pages alive for whoever still maps them. That is how memory another process may still
+  hold (a lease reclaimed after its TTL, or whose client is gone) is given up safely.
+- A block handed out again never shows an earlier user's bytes past its own `nbytes` (a consumer
+  maps the whole segment): the arena remembers how far each segment was ever handed out and zeroes
+  that slack (`[nbytes, high-water mark)`) when it reuses the segment for fewer bytes.
 """
 from __future__ import annotations
 
@@ -98,7 +105,12 @@ class Block:
 
     def release(self) -> None:
         """Gives the block back to the arena for reuse (idempotent)."""
-        self._arena._release(self)
+        self._arena._release(self, reuse=True)
+
+    def discard(self) -> None:
+        """Gives the block up for good: its segment is unlinked, never handed out again (idempotent).
+        Mappings of it (here or in another process) stay valid until they are unmapped."""
+        self._arena._release(self, reuse=False)
 
     def __enter__(self) -> Block:
         return self
@@ -141,10 +153,14 @@ class Arena:
         self._starts: list[int] = []                        # sorted base addresses of blocks in use
         self._live: dict[int, Block] = {}                   # base address -> block in use
         self._names: set[str] = set()                       # every segment we hold, for unlinking
+        # segment name -> bytes of it ever handed out (a fresh segment is all zeros); bytes past a new
+        # block's nbytes up to this mark are zeroed before the block is handed out again
+        self._high_water: dict[str, int] = {}
         self._in_use = 0
         self._cached = 0
         self._hits = 0
         self._misses = 0
+        self.discarded = 0  # blocks given up by discard(): unlinked, never reused
         self._closed = False
         self._finalizer = weakref.finalize(self, _unlink_names, self._names, os.getpid())
 
@@ -160,11 +176,20 @@ class Arena:
             seg = self._take_cached(cap)
             if seg is not None:
                 self._hits += 1
-                return self._hand_out(seg, nbytes)
-            self._misses += 1
+                slack_end = self._high_water[seg.name]
+                self._high_water[seg.name] = nbytes
+                block = self._hand_out(seg, nbytes)
+            else:
+                self._misses += 1
+                block = None
+        if block is not None:
+            if slack_end > nbytes:  # outside the lock: the segment is this block's alone now
+                seg.zero(nbytes, slack_end)
+            return block
         seg = self._create(cap)  # outside the lock: populating a big segment takes a while
         with self._lock:
             self._names.add(seg.name)
+            self._high_water[seg.name] = nbytes
             if self._closed:
                 self._destroy(seg)
                 self._check_open()
@@ -183,12 +208,16 @@ class Arena:
 
     def _take_cached(self, cap: int) -> Segment | None:
         stack = self._free.get(cap)
-        if not stack:
-            return None
-        seg = stack.pop()
-        del self._free_lru[seg.name]
-        self._cached -= cap
-        return seg
+        while stack:
+            seg = stack.pop()
+            del self._free_lru[seg.name]
+            self._cached -= cap
+            # One stat: a segment someone else unlinked or truncated meanwhile is useless to every
+            # consumer (they refuse it, or would SIGBUS on it): drop it and look further.
+            if seg.file_size() == seg.size:
+                return seg
+            self._destroy(seg)
+        return None
 
     def _hand_out(self, seg: Segment, nbytes: int) -> Block:
         block = Block(self, seg, nbytes)
@@ -197,7 +226,7 @@ class Arena:
         self._in_use += block.capacity
         return block
 
-    def _release(self, block: Block) -> None:
+    def _release(self, block: Block, reuse: bool) -> None:
         with self._lock:
             if block._released:
                 return
@@ -208,7 +237,9 @@ class Arena:
             del self._starts[bisect.bisect_left(self._starts, block.address)]
             self._in_use -= block.capacity
             seg = block.segment
-            if self._closed or block.capacity > self.max_cached_bytes:
+            if not reuse:
+                self.discarded += 1
+            if not reuse or self._closed or block.capacity > self.max_cached_bytes:
                 self._destroy(seg)
                 return
             self._free.setdefault(block.capacity, []).append(seg)
@@ -232,6 +263,7 @@ class Arena:
         except FileNotFoundError:
             pass
         self._names.discard(seg.name)
+        self._high_water.pop(seg.name, None)
 
     # -- queries ----------------------------------------------------------------------------------
 

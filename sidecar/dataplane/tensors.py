@@ -191,7 +191,9 @@ def _segment(cache: MappingCache, storage: ShmStorage, writable: bool,
 
 def to_numpy(ref: TensorRef, cache: MappingCache, *, writable: bool = False,
              input_index: int | None = None) -> np.ndarray:
-    """A NumPy view of the descriptor's bytes (no copy); read-only unless `writable`.
+    """A NumPy view of the descriptor's bytes (no copy); read-only unless `writable`, or unless
+    `cache` hands out private copy-on-write mappings (`mapcache.CallMappings`): such a view is
+    writable and its writes stay in this process.
 
     bfloat16 is viewed as uint16 bit patterns (see `sidecar.dataplane.dtypes`). Inline data is
     viewed read-only; asking for a writable view of it is an InvalidTensorRef(field="storage").
@@ -203,8 +205,10 @@ def _to_numpy(ref: TensorRef, layout: Layout, cache: MappingCache, writable: boo
               input_index: int | None) -> np.ndarray:
     """`to_numpy` of a ref that `layout_of` has already checked."""
     storage = ref.storage
+    private = False
     if isinstance(storage, ShmStorage):
         seg = _segment(cache, storage, writable, input_index)
+        private = seg.private  # copy-on-write: writing the view never reaches the segment
         check_segment_bounds(layout.offset, layout.nbytes, seg.size, storage.name, input_index)
         # np.frombuffer's array holds a memoryview, i.e. a buffer export, for as long as any view
         # of it lives, so closing the Segment (cache eviction) defers the munmap. np.ndarray(buffer=
@@ -219,7 +223,7 @@ def _to_numpy(ref: TensorRef, layout: Layout, cache: MappingCache, writable: boo
         raise DeviceMismatch("a CUDA IPC tensor cannot be viewed as a NumPy array; use to_torch",
                              expected="cpu", got="cuda")
     arr = _view(ref, buf, layout.offset, layout.numel)
-    if not writable:
+    if not writable and not private:
         arr.flags.writeable = False  # the cache may hold a writable mapping of this segment
     return arr
 
@@ -255,10 +259,12 @@ def to_torch(ref: TensorRef, cache: MappingCache, *, writable: bool = False,
              input_index: int | None = None) -> torch.Tensor:
     """A torch view of the descriptor's bytes (no copy for shared memory; bfloat16 exact).
 
-    Caution: torch has no read-only tensors. A view with `writable=False` lies over a read-only
-    mapping, so writing into it in place kills the process (SIGSEGV); clone before mutating.
-    Inline data (small by definition) is copied into a private writable buffer for that reason,
-    so writing into such a tensor never alters the descriptor.
+    Caution: torch has no read-only tensors. A view with `writable=False` from a plain
+    `MappingCache` lies over a read-only shared mapping, so writing into it in place kills the
+    process (SIGSEGV); clone before mutating. From a `CallMappings` (what a CPU worker decodes its
+    inputs with) it lies over a private copy-on-write mapping: writes are allowed and never reach
+    the segment. Inline data (small by definition) is copied into a private writable buffer, so
+    writing into such a tensor never alters the descriptor either.
     A CudaIpcStorage ref is opened by `sidecar.dataplane.cuda_ipc`.
     """
     if isinstance(getattr(ref, "storage", None), CudaIpcStorage):

@@ -6,7 +6,9 @@ anything else is copied into it once; small tensors travel inline; CUDA tensors 
 handles. Outputs come back as views of the worker's memory (zero copy) held under a *lease*: when
 every array/tensor/table of a result (and every view of it) has been garbage-collected, the lease
 id is queued and sent with the next call's `release` field (or by `release()` / `close()`), and only
-then may the worker reuse that memory. An output that is a view of an input (identity, transpose)
+then may the worker reuse that memory. Should the worker reclaim the lease first (its TTL or cap,
+or this process gone: each call names its pid and client), it unlinks the segment instead of
+reusing it, so the outputs you hold stay valid. An output that is a view of an input (identity, transpose)
 comes back as a view of that input's memory, which the client then keeps alive.
 
 torch is imported only when torch tensors are passed in.
@@ -263,6 +265,9 @@ class Client:
         self._cache = MappingCache()
         self._pending: list[str] = []
         self._pending_lock = threading.Lock()
+        # Sent with every call (with our pid) as the owner of its leases: the worker reclaims the
+        # leases of a client whose process has ended, instead of holding them until their TTL.
+        self._client_id = os.urandom(8).hex()
         self._closed = False
 
     # -- memory -----------------------------------------------------------------------------------
@@ -326,7 +331,8 @@ class Client:
             req = wire.execute_request(
                 op, refs, attrs, placement=place, out=out_refs, release=self._take_pending(),
                 request_id=request_id or os.urandom(8).hex(), idempotent=bool(idempotent),
-                allow_alias=self.allow_alias and place == Placement.AUTO)
+                allow_alias=self.allow_alias and place == Placement.AUTO, client_pid=os.getpid(),
+                client_id=self._client_id)
             try:
                 resp = self._stub.Execute(req, timeout=timeout if timeout is not None else self.timeout)
             except grpc.RpcError as err:

@@ -195,9 +195,13 @@ def summarize_tail(tail: list[str]) -> str | None:
     lines = [line.rstrip() for line in tail if line.strip()]
     found = _fatal_block(lines)
     if found is not None:
-        _, block = found
+        fatal, block = found
         where = next((line.strip() for line in block[1:] if line.strip().startswith("File ")), None)
-        return f"{block[0]} ({where})" if where else block[0]
+        summary = f"{block[0]} ({where})" if where else block[0]
+        # The worker's own fatal-signal report comes just before faulthandler's and says more, e.g.
+        # "sidecar: SIGBUS at 0x... inside segment /sc-... (mapped N bytes, file now M bytes)".
+        named = next((line.strip() for line in reversed(lines[:fatal]) if line.startswith("sidecar: SIG")), None)
+        return f"{named}; {summary}" if named else summary
     useful = [line for line in lines if not line.startswith("Extension modules:")]
     return useful[-1].strip() if useful else None
 

@@ -151,6 +151,8 @@ class Pool:
         worker (e.g. while all restart) before `Cancelled`.
       grace_s (5): how long `close()` lets workers drain after SIGTERM before SIGKILL (also passed to
         the workers as --grace-period).
+      lease_ttl_s (None = 300), max_leases (None = 10000): the workers' --lease-ttl / --max-leases: an
+        output not released within the TTL, or beyond the cap, is reclaimed (unlinked, never reused).
     """
 
     def __init__(self, workers: int = 2, *, device: str = "auto", ops: Sequence[str] = (),
@@ -163,7 +165,7 @@ class Pool:
                  threads: int | None = None, health_interval_s: float = 5.0, health_timeout_s: float = 2.0,
                  health_failures: int = 3, crash_detect_s: float = 1.0, acquire_timeout_s: float | None = None,
                  grace_s: float = 5.0, inline_threshold: int = 65536, python: str = sys.executable,
-                 tail_lines: int = 40) -> None:
+                 tail_lines: int = 40, lease_ttl_s: float | None = None, max_leases: int | None = None) -> None:
         if workers < 1:
             raise InvalidArgument(f"a pool needs at least one worker, got {workers}", field="workers")
         if max_attempts < 1:
@@ -187,6 +189,13 @@ class Pool:
         self._acquire_timeout_s = float(acquire_timeout_s if acquire_timeout_s is not None else start_timeout)
         self._grace_s = float(grace_s)
         self._inline_threshold = int(inline_threshold)
+        # the workers' output-lease limits (sidecar serve --lease-ttl / --max-leases); None: their defaults
+        if lease_ttl_s is not None and not lease_ttl_s > 0:
+            raise InvalidArgument(f"lease_ttl_s must be > 0 seconds, got {lease_ttl_s!r}", field="lease_ttl_s")
+        if max_leases is not None and max_leases < 1:
+            raise InvalidArgument(f"max_leases must be >= 1, got {max_leases!r}", field="max_leases")
+        self._lease_flags = ([] if lease_ttl_s is None else ["--lease-ttl", repr(float(lease_ttl_s))]) + (
+            [] if max_leases is None else ["--max-leases", str(int(max_leases))])
         self._tail_lines = int(tail_lines)
         self.use_template = use_template
 
@@ -329,7 +338,7 @@ class Pool:
             args += ["--ops", module]
         if self._debug_ops:
             args.append("--debug-ops")
-        return args + self._worker_args
+        return args + self._lease_flags + self._worker_args
 
     def _spawn_process(self, gpu: str | None) -> WorkerProcess:
         env = dict(self._env)

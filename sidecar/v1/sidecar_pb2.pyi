@@ -162,7 +162,7 @@ class OutputSpec(_message.Message):
     def __init__(self, placement: _Optional[_Union[Placement, str]] = ..., out: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., inline_threshold: _Optional[int] = ..., allow_alias: _Optional[bool] = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
-    __slots__ = ("op", "inputs", "attrs", "output", "release", "request_id", "idempotent")
+    __slots__ = ("op", "inputs", "attrs", "output", "release", "request_id", "idempotent", "client_pid", "client_id")
     class AttrsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +177,8 @@ class ExecuteRequest(_message.Message):
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENT_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_PID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     op: str
     inputs: _containers.RepeatedCompositeFieldContainer[Value]
     attrs: _containers.MessageMap[str, Value]
@@ -184,7 +186,9 @@ class ExecuteRequest(_message.Message):
     release: _containers.RepeatedScalarFieldContainer[str]
     request_id: str
     idempotent: bool
-    def __init__(self, op: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., attrs: _Optional[_Mapping[str, Value]] = ..., output: _Optional[_Union[OutputSpec, _Mapping]] = ..., release: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., idempotent: _Optional[bool] = ...) -> None: ...
+    client_pid: int
+    client_id: str
+    def __init__(self, op: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., attrs: _Optional[_Mapping[str, Value]] = ..., output: _Optional[_Union[OutputSpec, _Mapping]] = ..., release: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., idempotent: _Optional[bool] = ..., client_pid: _Optional[int] = ..., client_id: _Optional[str] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("queue_ns", "decode_ns", "compute_ns", "encode_ns", "total_ns")

@@ -44,6 +44,9 @@ class Call:
     release: list[str] = field(default_factory=list)
     request_id: str = ""
     idempotent: bool = False
+    # Who takes the output leases (sidecar.v1.ExecuteRequest.client_pid / client_id); 0 = nobody said.
+    client_pid: int = 0
+    client_id: str = ""
     # Set by the transport: returns True once the caller has gone (cancelled, deadline passed).
     is_cancelled: Callable[[], bool] | None = None
 

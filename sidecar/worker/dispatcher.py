@@ -12,6 +12,12 @@ On a CPU worker an op can write a large output straight into an arena block (`ct
 `sidecar.worker.scratch`): such an output is leased as it is, with no copy.
 With `alias_inputs` an output that is a view of a host input is described in the host's own segment
 instead (no copy, no lease): the only way an identity round trip of 100 MB costs no memcpy.
+
+Inputs are the caller's and an op can never change them (DESIGN memory rule 8): on a CPU worker they
+are decoded from private copy-on-write mappings checked out for the call (`mapcache.CallMappings`), so
+an op may write into an input in place; the write stays in this process. After the op, a mapping it
+wrote into is never aliased by an output (the host's segment does not hold what the op returned)
+and is dropped from the cache. CUDA workers copy inputs to the device and keep shared mappings.
 """
 from __future__ import annotations
 
@@ -26,11 +32,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from sidecar.dataplane import arrow, dtypes, tensors
+from sidecar.dataplane.mapcache import CallMappings
 from sidecar.dataplane.refs import ArrowRef, CudaIpcStorage, InlineStorage, ShmStorage, TensorRef
 from sidecar.errors import (Cancelled, DeviceUnavailable, InvalidArgument, InvalidTensorRef, OpFailed,
                             Overloaded, SidecarError, close_names)
 from sidecar.worker.calls import Call, CallResult, Placement, Timing
-from sidecar.worker.leases import free_objects
+from sidecar.worker.leases import LeaseOwner, free_objects
 from sidecar.worker.registry import CTX_PARAM, OpContext, OpSpec, Registry
 from sidecar.worker.scratch import CallBlocks
 from sidecar.worker.torch_errors import InputsMeta, is_sticky_cuda_error, to_sidecar_error
@@ -219,6 +226,9 @@ class Dispatcher:
         self._own_prefix = f"/sc-{getattr(self.arena, 'run_id', '')}-{os.getpid()}-"
         # ctx.empty hands out arena blocks only where outputs travel through host shared memory.
         self._blocks_for_ops = self.device.type == "cpu" and self.arena is not None
+        # CPU ops compute on the mapped inputs themselves: give them private (copy-on-write) mappings.
+        # Other devices copy inputs to the device first (a CUDA worker also pins the shared mappings).
+        self._private_inputs = self.device.type == "cpu"
         self._gate = _Admission(opts.max_concurrency, opts.max_queue)
         # Set once a sticky CUDA error poisoned the context: the transport must answer, then exit 70.
         self.tainted: str | None = None
@@ -269,13 +279,15 @@ class Dispatcher:
             self._check_call(spec, call)
             self._gate.acquire(call.is_cancelled)
             blocks = CallBlocks(self.arena, self.inline_threshold) if self._blocks_for_ops else None
+            mappings = CallMappings(self.cache) if self._private_inputs else None
             try:
                 t1 = _now()
                 timing.queue_ns = t1 - t0
                 self._check_cancelled(call, "before it ran")
                 # host shared memory the inputs are views of (None: outputs are never aliased)
                 regions: list[_Region] | None = [] if self.alias_inputs or call.output.alias_inputs else None
-                args = [self._decode(v, i, regions) for i, v in enumerate(call.inputs)]
+                source = self.cache if mappings is None else mappings
+                args = [self._decode(v, i, regions, source) for i, v in enumerate(call.inputs)]
                 decoded = True
                 t2 = _now()
                 timing.decode_ns = t2 - t1
@@ -285,6 +297,9 @@ class Dispatcher:
                 t3 = _now()
                 timing.compute_ns = t3 - t2
                 self._check_cancelled(call, "after it ran")
+                if regions and mappings is not None:
+                    written = mappings.scan()  # an input the op wrote into no longer shows its output
+                    regions = [r for r in regions if r.name not in written]
                 outputs, lease_ids, bytes_out = self._encode(_outputs_of(result), call, op_name, regions, blocks)
                 del result
                 t4 = _now()
@@ -295,6 +310,8 @@ class Dispatcher:
             finally:
                 if blocks is not None:
                     blocks.close()  # every block no output lies in (all of them after an error)
+                if mappings is not None:
+                    mappings.close()  # written mappings are dropped, clean ones cached for the next call
                 self._gate.release()
             timing.total_ns = _now() - t0
             if tel.active:
@@ -339,12 +356,13 @@ class Dispatcher:
         if call.is_cancelled is not None and call.is_cancelled():
             raise Cancelled(f"call cancelled by the caller {when}")
 
-    def _decode(self, v: Any, i: int, regions: list[_Region] | None) -> Any:
+    def _decode(self, v: Any, i: int, regions: list[_Region] | None, source: Any) -> Any:
+        """One input as the op sees it; `source` maps its segments (the call's `CallMappings`)."""
         if isinstance(v, TensorRef):
             if isinstance(v.storage, CudaIpcStorage) and self.device.type != "cuda":
                 raise DeviceUnavailable(f"input {i} is a CUDA IPC tensor but this worker runs on {self.device}",
                                         device="cuda", available=[str(self.device)], input_index=i)
-            t = tensors.to_torch(v, self.cache, writable=False, input_index=i)
+            t = tensors.to_torch(v, source, writable=False, input_index=i)
             if t.device != self.device and self.device.type != "cpu":
                 return t.to(self.device)
             if regions is not None:
@@ -353,11 +371,11 @@ class Dispatcher:
                     regions.append(region)
             return t
         if isinstance(v, ArrowRef):
-            return arrow.ref_to_table(v, self.cache, input_index=i)
+            return arrow.ref_to_table(v, source, input_index=i)
         if isinstance(v, list):
-            return [self._decode(x, i, regions) for x in v]
+            return [self._decode(x, i, regions, source) for x in v]
         if isinstance(v, dict):
-            return {k: self._decode(x, i, regions) for k, x in v.items()}
+            return {k: self._decode(x, i, regions, source) for k, x in v.items()}
         return v
 
     def _run(self, spec: OpSpec, args: list[Any], call: Call, request_id: str,
@@ -392,9 +410,10 @@ class Dispatcher:
             if blocks is not None:
                 held += blocks.take_found()  # whole blocks, also when an output is a view of part of one
             bytes_out = sum(_ref_nbytes(v) for v in values)
-            lease_ids = [self.leases.add(held)] if held else []
+            owner = LeaseOwner(call.client_pid, call.client_id) if call.client_pid else None
+            lease_ids = [self.leases.add(held, owner)] if held else []
         except BaseException:
-            free_objects(held)
+            free_objects(held, reuse=True)  # no host has seen them
             raise
         return values, lease_ids, bytes_out
 

@@ -15,6 +15,10 @@ import sys
 import threading
 from dataclasses import dataclass, field
 
+# The limit applies to shared-memory segments too: `segments.check_reservable` refuses a segment that
+# would not fit under it before reserving any /dev/shm space for it.
+from sidecar.dataplane.segments import address_space_bytes
+
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
@@ -70,12 +74,6 @@ def cap_torch_threads(threads: int) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # Memory limit
-
-
-def address_space_bytes() -> int:
-    """This process's current virtual size (VmSize)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def warm_threads(executor: object | None = None, workers: int = 0) -> None:

@@ -6,12 +6,14 @@ modules' start-up hooks, so that by the time a transport prints its ready line t
 """
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from sidecar import _native
 from sidecar.dataplane.arena import Arena
 from sidecar.dataplane.mapcache import MappingCache
 from sidecar.worker import hardware as hardware_mod
@@ -21,7 +23,11 @@ from sidecar.worker.leases import LeaseTable
 from sidecar.worker.registry import OpSpec, Registry
 from sidecar.worker.telemetry import Telemetry, gpu_memory, rss_bytes
 
+log = logging.getLogger(__name__)
+
 BUILTIN_OPS = "sidecar.worker.builtin_ops"
+# The longest the janitor sleeps: how soon a dead client's leases and unlinked input segments go.
+JANITOR_INTERVAL_S = 1.0
 DEBUG_OPS = "sidecar.worker.debug_ops"
 
 
@@ -34,8 +40,9 @@ class WorkerOptions:
     max_queue: int = 64
     run_id: str | None = None
     inline_threshold: int = 65536
-    lease_ttl_s: float = 300.0
-    max_leases: int = 10000
+    lease_ttl_s: float = 300.0   # an unreleased lease is reclaimed (unlinked, never reused) after this
+    max_leases: int = 10000      # beyond this many the oldest lease is reclaimed the same way
+    map_cache_share: float = 0.25  # the input mapping cache keeps at most this share of /dev/shm mapped
     # Outputs that are views of a host's input (identity, reshape/transpose views) are returned as
     # descriptors of the host's own segment: zero copies, no lease. Off by default: the host must
     # then keep its input memory alive (and unchanged) for as long as it uses such outputs.
@@ -83,17 +90,20 @@ class Runtime:
     # -- lifetime ------------------------------------------------------------------------------------
 
     def start_janitor(self) -> None:
-        """Expire forgotten leases even while no call arrives (calls expire them too)."""
+        """Reclaim forgotten leases (TTL, cap: calls expire them too) and those of clients whose
+        process has ended, and drop cached mappings of segments their owners unlinked, even while
+        no call arrives."""
         if self._janitor is not None:
             return
-        interval = min(max(self.options.lease_ttl_s / 4, 0.05), 30.0)
+        interval = min(max(self.options.lease_ttl_s / 4, 0.05), JANITOR_INTERVAL_S)
 
         def loop() -> None:
             while not self._stop.wait(interval):
-                try:
-                    self.leases.expire()
-                except Exception:
-                    pass
+                for chore in (self.leases.expire, self.leases.drop_dead_owners, self.cache.sweep):
+                    try:
+                        chore()
+                    except Exception:
+                        log.exception("janitor: %s failed", getattr(chore, "__name__", chore))
 
         self._janitor = threading.Thread(target=loop, name="sidecar-leases", daemon=True)
         self._janitor.start()
@@ -119,6 +129,10 @@ class Runtime:
 
 
 def build_runtime(opts: WorkerOptions) -> Runtime:
+    # A segment truncated under a mapping raises SIGBUS when touched: name it on stderr first (for the
+    # pool's crash report). Installed after faulthandler (enabled at interpreter start or by the
+    # template's child), so that this handler sees the fault first and then chains to it.
+    _native.install_sigbus_handler()
     device = select_device(opts.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -138,7 +152,8 @@ def build_runtime(opts: WorkerOptions) -> Runtime:
 
         pin_arena = {"on_create": pin, "on_destroy": cuda_ipc.unregister_host_memory}
         pin_inputs = {"on_map": pin, "on_unmap": cuda_ipc.unregister_host_memory}
-    runtime = Runtime(opts, device, registry, Arena(opts.run_id, **pin_arena), MappingCache(**pin_inputs),
+    cache = MappingCache(shm_share=opts.map_cache_share, **pin_inputs)
+    runtime = Runtime(opts, device, registry, Arena(opts.run_id, **pin_arena), cache,
                       LeaseTable(opts.lease_ttl_s, opts.max_leases), Telemetry())
     try:
         registry.run_startup_hooks(runtime)
