@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also serve ops that crash, hang or allocate on purpose (tests only)")
     s.add_argument("--stdio", action="store_true",
                    help="speak the Erlang port protocol on stdin/stdout instead of gRPC")
+    s.add_argument("--max-frame-bytes", type=_bytes, default=None, metavar="BYTES",
+                   help="with --stdio: largest frame accepted, as received and as inflated from a "
+                        "compressed term (default 1G, or $SIDECAR_STDIO_MAX_FRAME). Accepts K/M/G")
     s.add_argument("--log-level", default=os.environ.get("SIDECAR_LOG_LEVEL", "INFO"),
                    choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"])
 
@@ -166,14 +169,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _serve_stdio(runtime: Any, args: argparse.Namespace, shutdown: Any) -> int:
     from sidecar.worker import lifecycle
-    from sidecar.worker.stdio_server import serve_stdio
+    from sidecar.worker.stdio_server import MAX_FRAME, serve_stdio
 
     if args.memory_limit:
         lifecycle.warm_threads()
         lifecycle.apply_memory_limit(args.memory_limit)
     # The port transport drains on SIGTERM / parent death (it watches `shutdown`) and exits 70
     # itself when the device is tainted.
-    return int(serve_stdio(runtime, shutdown) or 0)
+    return int(serve_stdio(runtime, shutdown, max_frame=args.max_frame_bytes or MAX_FRAME) or 0)
 
 
 def _serve_grpc(runtime: Any, args: argparse.Namespace, shutdown: Any) -> int:

@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -193,7 +194,10 @@ def test_errors_carry_kind_and_fields(port: PortClient) -> None:
 
 
 def test_malformed_frames_are_answered_and_the_worker_goes_on() -> None:
-    port = PortClient(env={"SIDECAR_STDIO_MAX_FRAME": "4096"})
+    port = PortClient("--max-frame-bytes", "4K")
+    nan = struct.pack(">d", float("nan"))
+    long_atom = b"\x76\x01\x2c" + b"a" * 300  # ATOM_UTF8_EXT of 300 characters
+    inflating = b"\x6d" + struct.pack(">I", (256 << 20) - 5) + bytes((256 << 20) - 5)
     try:
         cases: list[tuple[bytes, Any, str]] = [
             (b"", A("undefined"), "malformed frame"),
@@ -210,6 +214,15 @@ def test_malformed_frames_are_answered_and_the_worker_goes_on() -> None:
             (etf.encode((A("call"), 9, "add", [], {}, {A("placement"): A("sideways")})), 9, "placement must be"),
             (etf.encode((A("release"), 10, "nope")), 10, "list of lease ids"),
             (b"\x83" + b"\x6a" * 5000, A("undefined"), "exceeds the 4096-byte limit"),
+            # {:call, 12, "add", ...} over the limit: the id at its start is still read
+            (etf.encode((A("call"), 12, "add", [b"x" * 5000], {})), 12, "exceeds the 4096-byte limit"),
+            # a 19-byte frame whose id (NaN) could never be sent back; it used to end the worker with exit 0
+            (b"\x83\x68\x02\x77\x05bogus\x46" + nan, A("undefined"), "no Erlang form"),
+            (b"\x83\x68\x05\x77\x04call" + long_atom + etf.encode("add")[1:] + b"\x6a\x74\x00\x00\x00\x00",
+             A("undefined"), "exceeds Erlang's 255"),
+            # a compressed term declaring 256 MiB inflated (its zlib stream cut to fit the frame limit)
+            (b"\x83\x50" + struct.pack(">I", 256 << 20) + zlib.compress(inflating)[:4000], A("undefined"),
+             "over the 4096-byte limit"),
         ]
         for data, rid, message in cases:
             port.send_raw(data)
@@ -331,3 +344,58 @@ def test_sigterm_drains_calls_in_flight_then_exits_0() -> None:
     assert replies[2][0] == "error" and replies[2][1][A("kind")] == A("cancelled")
     assert b"shutting down" in replies[2][1][A("message")]
     assert port.proc.wait(15) == 0
+
+
+def test_a_reply_with_no_term_form_is_answered_with_an_error_and_its_lease_released(tmp_path: Path) -> None:
+    (tmp_path / "unencodable_ops.py").write_text(textwrap.dedent("""
+        import torch
+        import sidecar
+
+        @sidecar.op("unencodable")
+        def unencodable():
+            # a leased shared-memory output next to a string no Erlang binary can hold
+            return torch.ones(1 << 16), "\\udc80"
+
+        @sidecar.op("lease_count")
+        def lease_count(ctx=None):
+            return ctx.runtime.leases.count
+    """))
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    port = PortClient("--ops", "unencodable_ops", env=env)
+    try:
+        tag, rid, err = port.request((A("call"), ("bad", 1), "unencodable", [], {}))
+        assert (tag, rid) == ("error", (b"bad", 1))
+        assert err[A("kind")] == A("op_failed") and err[A("exception_type")] == b"EncodeError"
+        assert b"no Erlang term form" in err[A("message")]
+        tag, _, result = port.request((A("call"), 2, "lease_count", [], {}))
+        assert (tag, result[A("outputs")]) == ("ok", [0])  # the output's lease went with the reply
+    finally:
+        assert port.close() == 0
+
+
+def test_a_frame_header_costs_nothing_until_its_body_arrives() -> None:
+    """A 4-byte header declaring 200 MiB used to make the worker allocate (and zero) 200 MiB at once."""
+    import tracemalloc
+
+    from sidecar.worker.runtime import WorkerOptions, build_runtime
+    from sidecar.worker.stdio_server import StdioServer
+    from tests.workers import session_run
+
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    with build_runtime(WorkerOptions(device="cpu", run_id=session_run("stdiohdr"))) as rt:
+        server = StdioServer(rt, in_r, out_w, max_frame=256 << 20)
+        try:
+            os.write(in_w, struct.pack(">I", 200 << 20) + b"\x83\x68\x02")  # then the host goes away
+            os.close(in_w)
+            tracemalloc.start()
+            try:
+                server.read_loop()  # returns at EOF in the middle of the body
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+        finally:
+            server.close(0)
+            for fd in (in_r, out_r, out_w):
+                os.close(fd)
+    assert peak < 8 << 20, f"reading a 3-byte body of a 200 MiB frame allocated {peak >> 20} MiB"

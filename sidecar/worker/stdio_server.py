@@ -13,8 +13,11 @@ same dispatcher the gRPC servicer uses does the work.
     worker -> host:         {:ok, id, result}  |  {:error, id, %{kind: :shape_mismatch, message:, ...}}
                             {:telemetry, [:sidecar | event], measurements, metadata}
 
-A malformed frame is answered with an error term (id `:undefined` when the id cannot be read) and
-the worker carries on. The worker exits when stdin closes (the port was closed or the VM died).
+Every frame is answered. A malformed one gets an error term with the request's id whenever the id
+itself decoded (`:undefined` only when it did not), and the worker carries on; a reply that cannot
+be encoded is replaced by an error naming why, and the leases of its outputs are released. Bodies
+are read as they arrive, so a header that declares a large frame costs nothing until its bytes come.
+The worker exits when stdin closes (the port was closed or the VM died).
 """
 from __future__ import annotations
 
@@ -39,9 +42,12 @@ log = logging.getLogger(__name__)
 
 __all__ = ["serve_stdio", "StdioServer", "MAX_FRAME"]
 
-# Largest frame we accept. Tensors belong in shared memory; this only bounds inline payloads (a
-# benchmark sends 100 MB inline on purpose). Bigger frames are skipped and answered with an error.
+# Default largest frame (`--max-frame-bytes`), as received and, for a compressed term, as inflated.
+# Tensors belong in shared memory; this only bounds inline payloads (a benchmark sends 100 MB inline
+# on purpose). Bigger frames are skipped and answered with an error.
 MAX_FRAME = int(os.environ.get("SIDECAR_STDIO_MAX_FRAME", str(1 << 30)))
+_FIRST_READ = 1 << 20  # a body buffer starts at this size and at most doubles while bytes arrive
+_ID_PEEK = 4096        # bytes of an oversized frame read to find its request id
 CONTROL_THREADS = 4
 TAINTED_EXIT = 70
 EOF_GRACE_S = 5.0    # in-flight calls may finish (and free what they hold) after the host went away
@@ -408,7 +414,27 @@ class StdioServer:
     # -- frames --------------------------------------------------------------------------------------
 
     def send(self, term: Any) -> None:
-        data = etf.encode(term)
+        """One frame of a term we built (raises EncodeError if it has no Erlang form)."""
+        self._write(etf.encode(term))
+
+    def reply(self, req_id: Any, tag: str, body: Any, on_replaced: Callable[[], None] | None = None) -> None:
+        """Sends `{tag, req_id, body}`.
+
+        A reply that cannot be encoded (an op returned a string with lone surrogates, ...) is
+        replaced by an error with the same id, and an id that cannot be sent back by :undefined:
+        the host always gets an answer. `on_replaced` runs before the replacement goes out (to
+        release the leases the host will never learn of).
+        """
+        try:
+            data = etf.encode((Atom(tag), req_id, body))
+        except etf.EncodeError as exc:
+            log.error("the %s reply to request %s cannot be encoded: %s", tag, _show(req_id), exc)
+            data = _unencodable_reply(req_id, tag, exc)
+            if on_replaced is not None:
+                on_replaced()
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
         header = _HEADER.pack(len(data))
         with self._write_lock:
             if self.host_gone:
@@ -421,11 +447,15 @@ class StdioServer:
                 self.done.set()
 
     def _read_exact(self, n: int) -> bytearray | None:
-        buf = bytearray(n)
-        view = memoryview(buf)
+        """`n` bytes, or None at EOF. The buffer grows as bytes arrive (never beyond twice what
+        came, plus 1 MiB), so a header that lies about its length allocates nothing."""
+        buf = bytearray(min(n, _FIRST_READ))
         got = 0
         while got < n:
-            k = os.readv(self.in_fd, [view[got:]])
+            if got == len(buf):
+                buf.extend(bytes(min(n, 2 * len(buf)) - len(buf)))
+            with memoryview(buf) as view:
+                k = os.readv(self.in_fd, [view[got:]])
             if k == 0:
                 return None
             got += k
@@ -448,33 +478,47 @@ class StdioServer:
                     break
                 (n,) = _HEADER.unpack(header)
                 if n > self.max_frame:
-                    if not self._skip(n):
+                    # Only the start is read (for the id, which comes first), the rest skipped.
+                    head = self._read_exact(min(n, _ID_PEEK))
+                    if head is None or not self._skip(n - len(head)):
                         break
-                    self.send_error(UNDEFINED, InvalidArgument(
+                    self._answer_error(_id_of_undecodable(head, 0), InvalidArgument(
                         f"frame of {n} bytes exceeds the {self.max_frame}-byte limit (put tensors in "
                         "shared memory)", field="frame"))
                     continue
                 body = self._read_exact(n)
                 if body is None:
                     break
-                self.handle_frame(body)
+                try:
+                    self.handle_frame(body)
+                except Exception as exc:  # a bug here must not end the loop (the worker would exit 0)
+                    log.exception("handling a frame failed")
+                    self._answer_error(UNDEFINED, _unexpected(exc))
+                del body
         except OSError as exc:
             log.error("reading stdin failed: %s", exc)
         finally:
             self.done.set()
 
     def send_error(self, req_id: Any, err: SidecarError) -> None:
-        self.send((Atom("error"), req_id, error_to_term(err)))
+        self.reply(req_id, "error", error_to_term(err))
+
+    def _answer_error(self, req_id: Any, err: SidecarError) -> None:
+        try:
+            self.send_error(req_id, err)
+        except Exception:
+            log.exception("answering request %s failed", _show(req_id))
 
     # -- requests ------------------------------------------------------------------------------------
 
     def handle_frame(self, body: bytes | bytearray) -> None:
         try:
-            req = etf.decode(body)
+            req = etf.decode(body, max_inflated=self.max_frame)
         except etf.DecodeError as exc:
-            self.send_error(UNDEFINED, InvalidArgument(f"malformed frame: {exc}", field="frame"))
+            self.send_error(_id_of_undecodable(body, self.max_frame),
+                            InvalidArgument(f"malformed frame: {exc}", field="frame"))
             return
-        req_id = req[1] if isinstance(req, tuple) and len(req) >= 2 and isinstance(req[0], Atom) else UNDEFINED
+        req_id = _request_id(req)
         try:
             self.dispatch(req, req_id)
         except SidecarError as err:
@@ -505,10 +549,10 @@ class StdioServer:
                 if not isinstance(interval, (int, float)) or isinstance(interval, bool) or not interval > 0:
                     raise InvalidArgument(f"memory_interval_s must be a positive number, got {_show(interval)}",
                                           field="memory_interval_s")
-            self.send((Atom("ok"), req_id, self._subscribe(float(interval))))
+            self.reply(req_id, "ok", self._subscribe(float(interval)))
         elif tag == "unsubscribe" and arity == 2:
             self._unsubscribe()
-            self.send((Atom("ok"), req_id, Atom("unsubscribed")))
+            self.reply(req_id, "ok", Atom("unsubscribed"))
         elif tag == "cancel" and arity == 2:
             key = _hashable(req[1])
             with self._lock:
@@ -527,7 +571,7 @@ class StdioServer:
     def _control(self, req_id: Any, fn: Callable[[], Any]) -> None:
         def run() -> None:
             try:
-                self.send((Atom("ok"), req_id, fn()))
+                self.reply(req_id, "ok", fn())
             except SidecarError as err:
                 self.send_error(req_id, err)
             except Exception as exc:
@@ -574,14 +618,15 @@ class StdioServer:
                 self.send_error(req_id, _unexpected(exc, call.op))
                 return
             try:
-                term = (Atom("ok"), req_id, result_to_term(result))
+                body = result_to_term(result)
             except SidecarError as err:
                 self._release_quietly(result.leases)
                 self.send_error(req_id, err)
                 return
             if self.host_gone or key in self._cancelled:
                 self._release_quietly(result.leases)  # nobody will read or release them
-            self.send(term)
+            # Replaced by an error, the reply takes its lease ids with it: nobody could release them.
+            self.reply(req_id, "ok", body, on_replaced=lambda: self._release_quietly(result.leases))
         finally:
             with self._lock:
                 self._in_flight -= 1
@@ -636,6 +681,30 @@ class StdioServer:
         self._unsubscribe()
         self.calls.shutdown(wait=False, cancel_futures=True)
         self.control.shutdown(wait=False, cancel_futures=True)
+
+
+def _unencodable_reply(req_id: Any, tag: str, reason: Exception) -> bytes:
+    """The error frame that stands in for a reply with no Erlang form."""
+    error = {Atom("kind"): Atom(OpFailed.kind.value.lower()), Atom("exception_type"): "EncodeError",
+             Atom("message"): f"the worker's {tag} reply has no Erlang term form: {reason}"}
+    try:
+        return etf.encode((Atom("error"), req_id, error))
+    except etf.EncodeError as exc:
+        error[Atom("message")] += f"; the request id cannot be sent back either ({exc})"
+        return etf.encode((Atom("error"), UNDEFINED, error))
+
+
+def _request_id(req: Any) -> Any:
+    """The id of `{:tag, id, ...}`; :undefined for any other term."""
+    return req[1] if isinstance(req, tuple) and len(req) >= 2 and isinstance(req[0], Atom) else UNDEFINED
+
+
+def _id_of_undecodable(body: bytes | bytearray, max_inflated: int) -> Any:
+    """The id of a frame `etf.decode` refused (a pid in its inputs, ...), when the id itself decodes."""
+    try:
+        return _request_id(etf.decode_prefix(body, 2, max_inflated=max_inflated))
+    except etf.DecodeError:
+        return UNDEFINED
 
 
 def _is_text(v: Any) -> bool:
@@ -693,7 +762,7 @@ def ready_term(runtime: Any) -> tuple[Any, ...]:
     })
 
 
-def serve_stdio(runtime: Any, shutdown: Any = None) -> int:
+def serve_stdio(runtime: Any, shutdown: Any = None, *, max_frame: int = MAX_FRAME) -> int:
     """Serve the port protocol on stdin/stdout until stdin closes; returns the exit code.
 
     `shutdown` (a `lifecycle.Shutdown`): once requested (SIGTERM, parent death) new calls are refused
@@ -701,7 +770,7 @@ def serve_stdio(runtime: Any, shutdown: Any = None) -> int:
     return. A tainted device ends the loop with exit code 70.
     """
     in_fd, out_fd = _take_stdio()
-    server = StdioServer(runtime, in_fd, out_fd)
+    server = StdioServer(runtime, in_fd, out_fd, max_frame=max_frame)
     server.send(ready_term(runtime))
     log.info("serving the port protocol on stdio (device %s, pid %d)", runtime.device, os.getpid())
     reader = threading.Thread(target=server.read_loop, name="sidecar-stdio-reader", daemon=True)
