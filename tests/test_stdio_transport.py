@@ -197,6 +197,8 @@ def test_malformed_frames_are_answered_and_the_worker_goes_on() -> None:
     port = PortClient("--max-frame-bytes", "4K")
     nan = struct.pack(">d", float("nan"))
     long_atom = b"\x76\x01\x2c" + b"a" * 300  # ATOM_UTF8_EXT of 300 characters
+    pid = b"\x58\x77\x0dnonode@nohost" + bytes(12)  # NEW_PID_EXT
+    ref = b"\x5a\x00\x03\x77\x0dnonode@nohost" + bytes(16)  # NEWER_REFERENCE_EXT
     inflating = b"\x6d" + struct.pack(">I", (256 << 20) - 5) + bytes((256 << 20) - 5)
     try:
         cases: list[tuple[bytes, Any, str]] = [
@@ -220,6 +222,12 @@ def test_malformed_frames_are_answered_and_the_worker_goes_on() -> None:
             (b"\x83\x68\x02\x77\x05bogus\x46" + nan, A("undefined"), "no Erlang form"),
             (b"\x83\x68\x05\x77\x04call" + long_atom + etf.encode("add")[1:] + b"\x6a\x74\x00\x00\x00\x00",
              A("undefined"), "exceeds Erlang's 255"),
+            # a pid in the inputs, a reference in the attrs: the id before them still decodes
+            (b"\x83\x68\x05" + etf.encode(A("call"))[1:] + etf.encode(13)[1:] + etf.encode("identity")[1:]
+             + b"\x6c\x00\x00\x00\x01" + pid + b"\x6a" + b"\x74\x00\x00\x00\x00", 13, "NEW_PID_EXT"),
+            (b"\x83\x68\x05" + etf.encode(A("call"))[1:] + etf.encode((b"req", 14))[1:]
+             + etf.encode("identity")[1:] + b"\x6a" + b"\x74\x00\x00\x00\x01\x77\x01r" + ref,
+             (b"req", 14), "NEWER_REFERENCE_EXT"),
             # a compressed term declaring 256 MiB inflated (its zlib stream cut to fit the frame limit)
             (b"\x83\x50" + struct.pack(">I", 256 << 20) + zlib.compress(inflating)[:4000], A("undefined"),
              "over the 4096-byte limit"),
