@@ -152,6 +152,18 @@ def error_from_dict(data: dict[str, Any]) -> SidecarError:
     return ERROR_CLASSES[kind](str(data.get("message", "")), **fields)
 
 
+ECHO_CHARS = 80  # how much of a caller's value an error message repeats
+
+
+def shorten(value: Any, limit: int = ECHO_CHARS) -> str:
+    """`repr(value)`, cut to `limit` characters: what a message shows of a value a caller sent (a
+    10 KB op name must not make a 10 KB error)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit - 1]}… ({len(text)} characters)"
+
+
 def close_names(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     """Names a user probably meant (for UNKNOWN_OP)."""
     return difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.5)

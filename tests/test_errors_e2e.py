@@ -307,3 +307,35 @@ def test_unavailable_device_stops_the_start() -> None:
     with pytest.raises(WorkerStartError) as info:
         start_worker("--device", "cuda:99", timeout=60)
     assert "DeviceUnavailable" in str(info.value) and "cuda:99" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# errors that echo long input still fit gRPC's metadata limit (8 KiB soft, 16 KiB hard by default)
+
+LONG = 10_000
+LONG_INPUT: list[tuple[str, Any, type[SidecarError], str]] = [
+    ("op name", lambda c: c.call("x" * LONG, SMALL), UnknownOp, None),
+    ("cast dtype attr", lambda c: c.call("cast", SMALL, dtype="f" * LONG), InvalidArgument, "attrs.dtype"),
+    ("10,000 unknown attrs", lambda c: c.call("relu", SMALL, **{f"a{i}": 1 for i in range(LONG)}),
+     InvalidArgument, "attrs"),
+    ("200 unknown attrs", lambda c: c.call("relu", SMALL, **{f"a{i}": 1 for i in range(200)}),
+     InvalidArgument, "attrs"),
+    ("a 10 KB attr name", lambda c: c.call("relu", SMALL, **{"n" * LONG: 1}), InvalidArgument, "attrs"),
+    ("segment name", lambda c: c._stub.Execute(pb.ExecuteRequest(op="relu", inputs=[
+        tensor_msg("/sc-" + "a" * LONG, [4])]), timeout=30), InvalidTensorRef, "name"),
+    ("tensor dtype", lambda c: c._stub.Execute(pb.ExecuteRequest(op="relu", inputs=[pb.Value(tensor=pb.Tensor(
+        dtype="q" * LONG, shape=[4], inline_data=bytes(16)))]), timeout=30), InvalidTensorRef, "dtype"),
+    ("a user's 100 KB message", lambda c: c.call("boom", message="m" * 100_000), OpFailed, None),
+]
+
+
+@pytest.mark.parametrize("case", LONG_INPUT, ids=[c[0] for c in LONG_INPUT])
+def test_errors_echoing_long_input_keep_their_details(client: Client, case: Any) -> None:
+    _, send, cls, field = case
+    with pytest.raises((SidecarError, grpc.RpcError)) as info:
+        send(client)
+    err = info.value if isinstance(info.value, SidecarError) else wire.error_from_rpc(info.value)
+    assert type(err) is cls, repr(err)[:300]  # not a bare RESOURCE_EXHAUSTED without details
+    assert err.field == field and err.request_id
+    assert len(err.message.encode()) <= wire.ERROR_MESSAGE_BYTES
+    assert all(len(str(v).encode()) <= wire.ERROR_TRACEBACK_BYTES for v in err.fields.values())

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from sidecar.errors import DeviceMismatch, DtypeMismatch, InvalidArgument, ShapeMismatch
+from sidecar.errors import DeviceMismatch, DtypeMismatch, InvalidArgument, ShapeMismatch, shorten
 from sidecar.worker.registry import OpContext, op
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -82,8 +82,8 @@ def _need_float(opname: str, x: torch.Tensor, index: int = 0, complex_ok: bool =
 
 
 def _attr_error(opname: str, attr: str, expected: str, value: Any) -> InvalidArgument:
-    return InvalidArgument(f"{opname}: attr {attr!r} must be {expected}, got {value!r}", op=opname,
-                           field=f"attrs.{attr}", expected=expected, got=repr(value), input_index=-1)
+    return InvalidArgument(f"{opname}: attr {attr!r} must be {expected}, got {shorten(value)}", op=opname,
+                           field=f"attrs.{attr}", expected=expected, got=shorten(value), input_index=-1)
 
 
 def _int(opname: str, attr: str, value: Any) -> int:

@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
-from sidecar.errors import UnknownOp, close_names
+from sidecar.errors import UnknownOp, close_names, shorten
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -211,7 +211,7 @@ class Registry:
         try:
             return self._ops[name]
         except KeyError:
-            raise UnknownOp(f"unknown op {name!r}", op=name,
+            raise UnknownOp(f"unknown op {shorten(name)}", op=name,
                             close_names=close_names(str(name), self._ops)) from None
 
     def specs(self) -> list[OpSpec]:

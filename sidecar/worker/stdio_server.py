@@ -34,7 +34,8 @@ from typing import Any, Callable, Mapping
 import sidecar
 from sidecar import etf
 from sidecar.dataplane.refs import ArrowRef, CudaIpcStorage, InlineStorage, ShmStorage, TensorRef
-from sidecar.errors import Cancelled, InvalidArgument, InvalidTensorRef, OpFailed, Overloaded, SidecarError
+from sidecar.errors import (Cancelled, InvalidArgument, InvalidTensorRef, OpFailed, Overloaded, SidecarError,
+                            shorten)
 from sidecar.etf import Atom
 from sidecar.worker.calls import Call, CallResult, Placement
 
@@ -71,24 +72,19 @@ def _text(v: Any, what: str, **where: Any) -> str:
             return v.decode("utf-8")
         except UnicodeDecodeError:
             pass
-    raise InvalidArgument(f"{what} must be a UTF-8 binary or an atom, got {_show(v)}", field=what, **where)
-
-
-def _show(v: Any) -> str:
-    text = repr(v)
-    return text if len(text) <= 80 else text[:77] + "..."
+    raise InvalidArgument(f"{what} must be a UTF-8 binary or an atom, got {shorten(v)}", field=what, **where)
 
 
 def _int(v: Any, what: str, err: Callable[..., SidecarError], **where: Any) -> int:
     if isinstance(v, int) and not isinstance(v, bool):
         return v
-    raise err(f"{what} must be an integer, got {_show(v)}", field=what, **where)
+    raise err(f"{what} must be an integer, got {shorten(v)}", field=what, **where)
 
 
 def _keyed(m: Any, what: str, err: Callable[..., SidecarError] = InvalidArgument, **where: Any) -> dict[str, Any]:
     """A map whose keys are atoms or binaries, with str keys."""
     if not isinstance(m, dict):
-        raise err(f"{what} must be a map, got {_show(m)}", field=what, **where)
+        raise err(f"{what} must be a map, got {shorten(m)}", field=what, **where)
     out: dict[str, Any] = {}
     for k, v in m.items():
         if isinstance(k, str):
@@ -96,7 +92,7 @@ def _keyed(m: Any, what: str, err: Callable[..., SidecarError] = InvalidArgument
         elif isinstance(k, bytes):
             out[_text(k, what, **where)] = v
         else:
-            raise err(f"keys of {what} must be atoms or binaries, got {_show(k)}", field=what, **where)
+            raise err(f"keys of {what} must be atoms or binaries, got {shorten(k)}", field=what, **where)
     return out
 
 
@@ -115,7 +111,7 @@ def _shm_from_term(m: Any, index: int) -> ShmStorage:
 
 def _ints(v: Any, what: str, index: int) -> tuple[int, ...]:
     if not isinstance(v, list):
-        raise InvalidTensorRef(f"{what} must be a list of integers, got {_show(v)}", field=what,
+        raise InvalidTensorRef(f"{what} must be a list of integers, got {shorten(v)}", field=what,
                                input_index=index)
     return tuple(_int(x, what, InvalidTensorRef, input_index=index) for x in v)
 
@@ -130,7 +126,7 @@ def tensor_from_term(m: Any, index: int = -1) -> TensorRef:
         storage: Any = _shm_from_term(t["shm"], index)
     elif "data" in t:
         if not isinstance(t["data"], bytes):
-            raise InvalidTensorRef(f"data must be a binary, got {_show(t['data'])}", field="data",
+            raise InvalidTensorRef(f"data must be a binary, got {shorten(t['data'])}", field="data",
                                    input_index=index)
         storage = InlineStorage(t["data"])
     elif "cuda_ipc" in t:
@@ -176,7 +172,7 @@ def value_from_term(v: Any, index: int = -1) -> Any:
                 return arrow_from_term(v[1], index)
             if tag == "bytes" and isinstance(v[1], bytes):
                 return v[1]
-        raise InvalidArgument(f"unsupported value {_show(v)} (a tuple must be {{:tensor, map}}, "
+        raise InvalidArgument(f"unsupported value {shorten(v)} (a tuple must be {{:tensor, map}}, "
                               "{:arrow, map} or {:bytes, binary})", field="value", input_index=index)
     if isinstance(v, bytes):
         try:
@@ -205,7 +201,7 @@ def call_from_term(req: tuple[Any, ...], is_cancelled: Callable[[], bool] | None
     op = _text(req[2], "op")
     inputs = req[3]
     if not isinstance(inputs, list):
-        raise InvalidArgument(f"inputs must be a list, got {_show(inputs)}", field="inputs", input_index=-1, op=op)
+        raise InvalidArgument(f"inputs must be a list, got {shorten(inputs)}", field="inputs", input_index=-1, op=op)
     values = [value_from_term(v, i) for i, v in enumerate(inputs)]
     call = Call(op=op, inputs=values, attrs=_attrs_from_term(req[4]), is_cancelled=is_cancelled)
     if len(req) > 5 and req[5] is not None:
@@ -239,7 +235,7 @@ def call_from_term(req: tuple[Any, ...], is_cancelled: Callable[[], bool] | None
 def _out_ref(x: Any, k: int) -> TensorRef:
     if isinstance(x, tuple) and len(x) == 2 and x[0] == "tensor":
         return tensor_from_term(x[1], -1)
-    raise InvalidTensorRef(f"out ref {k} must be {{:tensor, map}}, got {_show(x)}", field="out", input_index=-1)
+    raise InvalidTensorRef(f"out ref {k} must be {{:tensor, map}}, got {shorten(x)}", field="out", input_index=-1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -428,7 +424,7 @@ class StdioServer:
         try:
             data = etf.encode((Atom(tag), req_id, body))
         except etf.EncodeError as exc:
-            log.error("the %s reply to request %s cannot be encoded: %s", tag, _show(req_id), exc)
+            log.error("the %s reply to request %s cannot be encoded: %s", tag, shorten(req_id), exc)
             data = _unencodable_reply(req_id, tag, exc)
             if on_replaced is not None:
                 on_replaced()
@@ -507,7 +503,7 @@ class StdioServer:
         try:
             self.send_error(req_id, err)
         except Exception:
-            log.exception("answering request %s failed", _show(req_id))
+            log.exception("answering request %s failed", shorten(req_id))
 
     # -- requests ------------------------------------------------------------------------------------
 
@@ -547,7 +543,7 @@ class StdioServer:
             if arity == 3 and req[2] is not None:
                 interval = _keyed(req[2], "opts").get("memory_interval_s", 1.0)
                 if not isinstance(interval, (int, float)) or isinstance(interval, bool) or not interval > 0:
-                    raise InvalidArgument(f"memory_interval_s must be a positive number, got {_show(interval)}",
+                    raise InvalidArgument(f"memory_interval_s must be a positive number, got {shorten(interval)}",
                                           field="memory_interval_s")
             self.reply(req_id, "ok", self._subscribe(float(interval)))
         elif tag == "unsubscribe" and arity == 2:
@@ -560,7 +556,7 @@ class StdioServer:
                     self._cancelled.add(key)
         else:
             raise InvalidArgument(
-                f"unknown request {_show(req)}: expected {{:call, id, op, inputs, attrs[, opts]}}, "
+                f"unknown request {shorten(req)}: expected {{:call, id, op, inputs, attrs[, opts]}}, "
                 "{:list_ops, id}, {:hardware, id}, {:release, id, leases}, {:subscribe, id}, "
                 "{:unsubscribe, id} or {:cancel, id}", field="request")
 
