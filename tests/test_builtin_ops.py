@@ -274,3 +274,31 @@ def test_worker_keeps_serving_after_errors(host):
 def test_small_result_travels_inline_by_default(host):
     res = host.rt.dispatcher.execute(Call(op="sum", inputs=[host.ref(rand(10))]))
     assert isinstance(res.outputs[0].storage, InlineStorage) and res.leases == []
+
+
+def test_wrong_attrs_are_invalid_argument_not_op_failed(host):
+    """Each of these used to fail inside the op (OP_FAILED or a status the wire could not build)."""
+    for value in (1e300, 2**70, -(2**64)):
+        e = _err(host, InvalidArgument, "sum", rand(2, 3), dim=value)
+        assert e.field == "attrs.dim" and "int64" in e.expected
+    e = _err(host, InvalidArgument, "reshape", rand(2, 3))
+    assert (e.field, e.expected, e.got) == ("attrs.shape", "shape", "absent")
+    e = _err(host, InvalidArgument, "cast", rand(2, 3))
+    assert e.field == "attrs.dtype" and "needs attr(s) 'dtype'" in e.message
+    e = _err(host, InvalidArgument, "layer_norm", rand(2, 3), normalized_shape=[])
+    assert e.field == "attrs.normalized_shape" and "non-empty" in e.expected
+
+
+def test_unsigned_promotion_is_a_dtype_mismatch(host):
+    e = _err(host, DtypeMismatch, "add", np.ones(3, np.uint16), np.ones(3, np.uint32))
+    assert (e.expected, e.got) == ("uint16", "uint32") and e.input_dtypes == ["uint16", "uint32"]
+    assert "cast" in e.suggestion
+
+
+def test_an_empty_tensor_whose_other_dimensions_overflow_is_an_invalid_ref(host):
+    from sidecar.errors import InvalidTensorRef
+
+    huge_empty = TensorRef("float32", (0, 2**62, 4), InlineStorage(b""))
+    with pytest.raises(InvalidTensorRef) as info:
+        host.rt.dispatcher.execute(Call(op="relu", inputs=[huge_empty]))
+    assert info.value.field == "shape" and info.value.input_index == 0

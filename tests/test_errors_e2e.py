@@ -142,6 +142,13 @@ def test_device_unavailable_for_device_placement(client: Client) -> None:
     assert info.value.device == "cuda" and info.value.available == ["cpu"]
 
 
+def test_a_float_dim_beyond_int64_is_invalid_argument(client: Client) -> None:
+    """`dim=1e300` used to fail with UNKNOWN "Value out of range": the error overflowed Error.dim."""
+    with pytest.raises(InvalidArgument) as info:
+        client.call("sum", SMALL, dim=1e300)
+    assert info.value.field == "attrs.dim" and info.value.request_id
+
+
 def test_bad_attr_and_arity(client: Client) -> None:
     with pytest.raises(InvalidArgument) as info:
         client.call("softmax", SMALL, dimm=1)
@@ -184,6 +191,8 @@ MALFORMED: list[tuple[str, Any, type[SidecarError], str]] = [
     ("inline bytes too short", lambda run: pb.ExecuteRequest(
         op="relu", inputs=[pb.Value(tensor=pb.Tensor(dtype="float32", shape=[1000], inline_data=b"abc"))]),
      InvalidTensorRef, "nbytes"),
+    ("empty tensor whose other dimensions overflow", lambda run: pb.ExecuteRequest(
+        op="relu", inputs=[tensor_msg(_name(run), [0, 2**62, 4], nbytes=0)]), InvalidTensorRef, "shape"),
     ("out ref without storage", lambda run: pb.ExecuteRequest(
         op="relu", inputs=[pb.Value(tensor=pb.Tensor(dtype="float32", shape=[1], inline_data=b"\0" * 4))],
         output=pb.OutputSpec(placement=pb.PLACEMENT_OUT, out=[pb.Tensor(dtype="float32", shape=[1])])),

@@ -193,6 +193,15 @@ def test_errors_carry_kind_and_fields(port: PortClient) -> None:
     assert err[A("kind")] == A("invalid_tensor_ref") and err[A("field")] == b"shape"
 
 
+def test_bignums_are_invalid_argument(port: PortClient) -> None:
+    a = np.ones(3, np.float32)
+    tag, rid, err = port.request((A("call"), 1, "add", [inline(a), 2**100], {}))
+    assert (tag, rid, err[A("kind")]) == ("error", 1, A("invalid_argument"))
+    assert (err[A("field")], err[A("input_index")]) == (b"value", 1) and b"int64" in err[A("message")]
+    tag, rid, err = port.request((A("call"), 2, "transpose", [inline(a)], {A("dim0"): -(2**70)}))
+    assert (tag, err[A("kind")], err[A("field")]) == ("error", A("invalid_argument"), b"attrs.dim0")
+
+
 def test_malformed_frames_are_answered_and_the_worker_goes_on() -> None:
     port = PortClient("--max-frame-bytes", "4K")
     nan = struct.pack(">d", float("nan"))

@@ -86,11 +86,14 @@ def _attr_error(opname: str, attr: str, expected: str, value: Any) -> InvalidArg
                            field=f"attrs.{attr}", expected=expected, got=shorten(value), input_index=-1)
 
 
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
 def _int(opname: str, attr: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            return int(value)  # JSON-ish hosts send 1.0 for 1
-        raise _attr_error(opname, attr, "an integer", value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON-ish hosts send 1.0 for 1
+    if isinstance(value, bool) or not isinstance(value, int) or not INT64_MIN <= value <= INT64_MAX:
+        raise _attr_error(opname, attr, "an integer (int64)", value)
     return value
 
 
@@ -385,6 +388,9 @@ def layer_norm(x: Any, weight: Any = None, bias: Any = None, *, normalized_shape
         norm = list(w.shape) if w is not None else list(x.shape[-1:])
     elif isinstance(normalized_shape, (list, tuple)):
         norm = _ints("layer_norm", "normalized_shape", normalized_shape)
+        if not norm:
+            raise _attr_error("layer_norm", "normalized_shape", "a non-empty list of integers (the trailing "
+                              "dimensions to normalise)", normalized_shape)
     else:
         norm = [_int("layer_norm", "normalized_shape", normalized_shape)]
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0 or not math.isfinite(eps):

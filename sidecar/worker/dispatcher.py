@@ -338,6 +338,11 @@ class Dispatcher:
             raise InvalidArgument(f"attr name {shorten(long_name)} is longer than {MAX_ATTR_NAME} characters",
                                   op=spec.name, field="attrs", input_index=-1,
                                   expected=f"names of at most {MAX_ATTR_NAME} characters", got=shorten(long_name))
+        missing = [a for a in spec.required_attrs if a not in call.attrs]
+        if missing:
+            raise InvalidArgument(f"op {spec.name!r} needs attr(s) {', '.join(map(repr, missing))}",
+                                  op=spec.name, field=f"attrs.{missing[0]}", input_index=-1,
+                                  expected=", ".join(missing), got="absent")
         bad = [k for k in call.attrs if k == CTX_PARAM or (not spec.any_attrs and k not in spec.attrs)]
         if bad:
             accepted = ", ".join(spec.attrs) or "none"

@@ -32,6 +32,7 @@ class OpSpec:
     module: str
     accepts_ctx: bool = False
     any_attrs: bool = False  # the function takes **kwargs: every attr is passed through
+    required_attrs: tuple[str, ...] = ()  # keyword-only parameters without a default
 
 
 @dataclass
@@ -81,8 +82,8 @@ _DECLARED_HOOKS: dict[str, list[Callable[..., Any]]] = {}
 _DECL_LOCK = threading.Lock()
 
 
-def _infer_signature(fn: Callable[..., Any]) -> tuple[int, int, list[str], bool, bool]:
-    """(min_inputs, max_inputs, attr names, accepts ctx, takes **kwargs) from fn's signature.
+def _infer_signature(fn: Callable[..., Any]) -> tuple[int, int, list[str], bool, bool, list[str]]:
+    """(min_inputs, max_inputs, attr names, accepts ctx, takes **kwargs, required attrs) from fn's signature.
 
     Positional parameters are inputs (those with defaults are optional inputs); keyword-only
     parameters and positional ones with defaults can be given as attrs.
@@ -90,6 +91,7 @@ def _infer_signature(fn: Callable[..., Any]) -> tuple[int, int, list[str], bool,
     sig = inspect.signature(fn)
     lo = hi = 0
     attrs: list[str] = []
+    required: list[str] = []
     ctx = var_kw = False
     for p in sig.parameters.values():
         if p.name == CTX_PARAM:
@@ -106,9 +108,11 @@ def _infer_signature(fn: Callable[..., Any]) -> tuple[int, int, list[str], bool,
             hi = -1
         elif p.kind is p.KEYWORD_ONLY:
             attrs.append(p.name)
+            if p.default is p.empty:
+                required.append(p.name)
         elif p.kind is p.VAR_KEYWORD:
             var_kw = True
-    return lo, hi, attrs, ctx, var_kw
+    return lo, hi, attrs, ctx, var_kw, required
 
 
 def make_spec(fn: Callable[..., Any], name: str, *, idempotent: bool = True, doc: str | None = None,
@@ -116,7 +120,7 @@ def make_spec(fn: Callable[..., Any], name: str, *, idempotent: bool = True, doc
               attrs: Sequence[str] | None = None) -> OpSpec:
     if not name or not isinstance(name, str):
         raise ValueError("an op needs a non-empty string name")
-    lo, hi, inferred_attrs, ctx, var_kw = _infer_signature(fn)
+    lo, hi, inferred_attrs, ctx, var_kw, required = _infer_signature(fn)
     text = doc if doc is not None else inspect.getdoc(fn) or ""
     return OpSpec(
         name=name, fn=fn, doc=text.strip(),
@@ -125,7 +129,7 @@ def make_spec(fn: Callable[..., Any], name: str, *, idempotent: bool = True, doc
         idempotent=idempotent,
         attrs=tuple(inferred_attrs if attrs is None else attrs),
         module=getattr(fn, "__module__", "") or "",
-        accepts_ctx=ctx, any_attrs=var_kw,
+        accepts_ctx=ctx, any_attrs=var_kw, required_attrs=tuple(required),
     )
 
 

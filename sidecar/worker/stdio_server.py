@@ -55,6 +55,7 @@ EOF_GRACE_S = 5.0    # in-flight calls may finish (and free what they hold) afte
 TERM_GRACE_S = 10.0  # SIGTERM: calls in flight finish and are answered before the worker exits
 FAST_GRACE_S = 0.5   # the parent died: nobody reads the answers
 UNDEFINED = Atom("undefined")
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 _HEADER = struct.Struct(">I")
 _PLACEMENTS = {p.name.lower(): p for p in Placement}
 
@@ -160,7 +161,7 @@ def arrow_from_term(m: Any, index: int = -1) -> ArrowRef:
                                                    input_index=index))
 
 
-def value_from_term(v: Any, index: int = -1) -> Any:
+def value_from_term(v: Any, index: int = -1, field: str = "value") -> Any:
     """A value from the VM: tensors/tables by descriptor, binaries as str when UTF-8 (Elixir strings),
     `{:bytes, bin}` for raw bytes, atoms as their name, lists and maps recursively."""
     if isinstance(v, tuple):
@@ -182,9 +183,13 @@ def value_from_term(v: Any, index: int = -1) -> Any:
     if isinstance(v, Atom):
         return str(v)
     if isinstance(v, list):
-        return [value_from_term(x, index) for x in v]
+        return [value_from_term(x, index, field) for x in v]
     if isinstance(v, dict):
-        return {k: value_from_term(x, index) for k, x in _keyed(v, "value", input_index=index).items()}
+        return {k: value_from_term(x, index, field) for k, x in _keyed(v, "value", input_index=index).items()}
+    if isinstance(v, int) and not isinstance(v, bool) and not INT64_MIN <= v <= INT64_MAX:
+        # a bignum: gRPC's Value holds int64, and torch cannot take more
+        raise InvalidArgument(f"integer {shorten(v)} does not fit in int64", field=field, input_index=index,
+                              expected="an integer in int64 range", got=shorten(v))
     return v  # int, float, bool, None
 
 
@@ -193,7 +198,7 @@ def _attrs_from_term(a: Any) -> dict[str, Any]:
         if not all(isinstance(p, tuple) and len(p) == 2 for p in a):
             raise InvalidArgument("attrs must be a map or a keyword list", field="attrs", input_index=-1)
         a = dict(a)
-    return {k: value_from_term(v) for k, v in _keyed(a, "attrs", input_index=-1).items()}
+    return {k: value_from_term(v, -1, f"attrs.{k}") for k, v in _keyed(a, "attrs", input_index=-1).items()}
 
 
 def call_from_term(req: tuple[Any, ...], is_cancelled: Callable[[], bool] | None = None) -> Call:
