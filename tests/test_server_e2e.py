@@ -392,3 +392,47 @@ def test_every_method_refuses_an_undecodable_body(worker: Any) -> None:
             err = wire.error_from_rpc(info.value)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, info.value)
             assert err.field == message, (method, err)
+
+
+# ---------------------------------------------------------------------------------------------------
+# sockets of dead workers
+
+
+def test_a_new_worker_removes_sockets_of_dead_workers_and_never_a_live_one(tmp_path: Any) -> None:
+    import os
+    import signal
+    import stat
+
+    from tests.workers import start_worker
+
+    env = {"XDG_RUNTIME_DIR": str(tmp_path)}
+    sock_dir = tmp_path / "sidecar"
+
+    def socket_of(w: Any) -> str:
+        assert w.address.startswith(f"unix:{sock_dir}/w-{w.pid}-")
+        return w.address[len("unix:"):]
+
+    live = start_worker("--device", "cpu", "--threads", "1", env=env)
+    killed = start_worker("--device", "cpu", "--threads", "1", env=env)
+    try:
+        stale = socket_of(killed)
+        assert killed.stop(signal.SIGKILL) == -signal.SIGKILL
+        assert stat.S_ISSOCK(os.lstat(stale).st_mode)  # SIGKILL leaves the socket file behind
+        stranger = sock_dir / "w-1-notours.sock"  # not our naming: left alone
+        stranger.write_text("")
+        with start_worker("--device", "cpu", "--threads", "1", env=env) as new:
+            assert not os.path.exists(stale)
+            assert os.path.exists(socket_of(live)) and os.path.exists(socket_of(new)) and stranger.exists()
+            with Client(live.address, timeout=30) as c:
+                assert c.health() == "SERVING"
+    finally:
+        live.stop()
+
+
+def test_tcp_beyond_loopback_warns_that_it_has_no_authentication() -> None:
+    from tests.workers import start_worker, wait_until
+
+    with start_worker("--device", "cpu", "--threads", "1", "--listen", "0.0.0.0:0") as w:
+        wait_until(lambda: "without authentication or TLS" in w.stderr_text())
+        with Client(w.address.replace("0.0.0.0", "127.0.0.1"), timeout=30) as c:
+            assert c.health() == "SERVING"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import socket
 import stat
@@ -58,8 +59,14 @@ class ListenAddress:
         return f"unix:{self.unix_path}" if self.unix_path else f"{self.host}:{self.port}"
 
 
+_SOCKET_NAME = re.compile(r"^w-(\d+)-[0-9a-f]+\.sock$")
+
+
 def default_socket_path() -> str:
-    """A fresh socket path in a private (0700) directory: $XDG_RUNTIME_DIR/sidecar or /tmp/sidecar-<uid>."""
+    """A fresh socket path in a private (0700) directory: $XDG_RUNTIME_DIR/sidecar or /tmp/sidecar-<uid>.
+
+    Sockets left there by workers that died without cleaning up (SIGKILL, a crash) are removed first.
+    """
     runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
     base = Path(runtime_dir) / "sidecar" if runtime_dir and os.path.isdir(runtime_dir) \
         else Path(tempfile.gettempdir()) / f"sidecar-{os.getuid()}"
@@ -67,7 +74,44 @@ def default_socket_path() -> str:
     st = base.stat()
     if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
         raise PermissionError(f"socket directory {base} must be owned by uid {os.getuid()} with mode 0700")
+    remove_stale_sockets(base)
     return str(base / f"w-{os.getpid()}-{secrets.token_hex(4)}.sock")
+
+
+def remove_stale_sockets(base: Path) -> list[str]:
+    """Unlinks `w-<pid>-<rand>.sock` sockets in `base` whose worker is dead and that nobody listens
+    on; returns their paths. A socket of a live pid is never touched (it may be a live worker, or a
+    recycled pid: either way not provably stale)."""
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _SOCKET_NAME.match(entry.name)
+        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid() or _socket_in_use(entry.path):
+                continue
+            os.unlink(entry.path)
+            removed.append(entry.path)
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
+    if removed:
+        log.info("removed %d stale socket(s) of dead workers in %s", len(removed), base)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another uid's
+        return True
+    return True
 
 
 def parse_listen(listen: str | None) -> ListenAddress:
@@ -241,6 +285,17 @@ def _parsing(behaviour: Any, request_cls: Any) -> Any:
     return handle
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: not provably loopback
+        return False
+
+
 def _socket_in_use(path: str) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(1.0)
@@ -301,6 +356,9 @@ class SidecarServer:
         else:
             port = self._bind(target)
             self.address = f"{self.listen.host}:{port}"
+            if not _is_loopback(self.listen.host):
+                log.warning("listening on %s without authentication or TLS: anyone who can reach it can run "
+                            "ops and name this uid's segments (guides/security.md)", self.address)
         self.server.start()
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
