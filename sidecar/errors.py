@@ -8,6 +8,7 @@ transports; this module knows nothing of gRPC beyond the status-code *names*.
 from __future__ import annotations
 
 import difflib
+import re
 from enum import Enum
 from typing import Any, ClassVar, Iterable
 
@@ -68,6 +69,49 @@ class SidecarError(Exception):
     def __repr__(self) -> str:
         extra = ", ".join(f"{k}={v!r}" for k, v in self.fields.items() if k != "traceback")
         return f"{type(self).__name__}({self.message!r}{', ' + extra if extra else ''})"
+
+    def __str__(self) -> str:
+        """The message, then the structured fields, a line each for what says what to do.
+
+        An uncaught error then shows more than its message: where a remote exception was raised (the
+        traceback's last frame, not the whole traceback), the close names, the suggestion, the figures.
+        """
+        f = self.fields
+        lines = [self.message]
+        where = _last_frame(str(f.get("traceback") or ""))
+        if f.get("exception_type") or where:
+            lines.append(f"  {f.get('exception_type') or 'exception'} raised" + (f" at {where}" if where else ""))
+        if f.get("close_names"):
+            lines.append("  did you mean: " + ", ".join(map(str, f["close_names"])))
+        if f.get("suggestion"):
+            lines.append(f"  suggestion: {f['suggestion']}")
+        details = ", ".join(f"{k}={_brief(f[k])}" for k in ERROR_FIELDS if k in f and k not in _OWN_LINES)
+        if details:
+            lines.append(f"  {details}")
+        tail = [line for line in list(f.get("stderr_tail") or ())[-3:] if str(line) not in self.message]
+        if tail:
+            lines.append("  last output: " + " | ".join(map(str, tail)))
+        return "\n".join(lines)
+
+
+_OWN_LINES = frozenset({"traceback", "exception_type", "close_names", "suggestion", "stderr_tail"})
+_FRAME = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>.+)$')
+
+
+def _last_frame(traceback: str) -> str | None:
+    """`file:line in func: code` of the innermost frame of a formatted traceback."""
+    lines = traceback.splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        m = _FRAME.match(lines[i])
+        if m:
+            code = lines[i + 1].strip() if i + 1 < len(lines) and lines[i + 1].startswith("    ") else ""
+            return f"{m['file']}:{m['line']} in {m['func']}" + (f": {code}" if code else "")
+    return None
+
+
+def _brief(value: Any) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= 120 else text[:119] + "…"
 
 
 class ShapeMismatch(SidecarError):

@@ -136,6 +136,25 @@ def test_user_exception_keeps_type_and_traceback(client: Client) -> None:
     assert info.value.exception_type.endswith("KeyError") and "custom" in info.value.message
 
 
+def test_str_of_an_error_carries_what_to_do(client: Client) -> None:
+    """An uncaught error prints more than its message: the remote exception type and the file/line it
+    was raised at (not the whole traceback), the close names, the suggestion, the figures."""
+    with pytest.raises(OpFailed) as info:
+        client.call("fixture.fail", SMALL)
+    text = str(info.value)
+    assert text.startswith("fixture op refuses a tensor of shape (3, 4)\n")
+    assert "ValueError raised at " in text and "ops_fixture_module.py:" in text and " in fail: raise ValueError" in text
+    assert "Traceback (most recent call last)" not in text and "op=fixture.fail" in text
+    with pytest.raises(UnknownOp) as info:
+        client.call("softmx", SMALL)
+    assert "did you mean: softmax" in str(info.value)
+    with pytest.raises(ShapeMismatch) as info:
+        client.call("matmul", np.ones((2, 3), np.float32), np.ones((4, 5), np.float32))
+    text = str(info.value)
+    assert f"suggestion: {info.value.suggestion}" in text
+    assert "input_shapes=[[2, 3], [4, 5]], dim=1, expected=3, got=4" in text
+
+
 def test_device_unavailable_for_device_placement(client: Client) -> None:
     with pytest.raises(DeviceUnavailable) as info:
         client.call("identity", SMALL, placement="device")

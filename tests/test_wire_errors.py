@@ -69,3 +69,22 @@ def test_values_protobuf_cannot_hold_are_mapped_not_raised() -> None:
     assert m.dim == 2**63 - 1 and m.has_dim and m.input_shapes[0].dims == [2**63 - 1]
     m = wire.error_to_pb(OutOfMemory("oom", requested_bytes=float("inf"), free_bytes=-1, total_bytes=2**65))
     assert (m.requested_bytes, m.free_bytes, m.total_bytes) == (2**64 - 1, 0, 2**64 - 1)
+
+
+def test_str_of_every_kind_shows_every_field_it_carries() -> None:
+    from sidecar.errors import ERROR_FIELDS
+
+    values = {name: f"<{name}>" for name in ERROR_FIELDS}
+    values.update(input_shapes=[[2, 3]], dim=7, close_names=["<close>"], stderr_tail=["<tail line>"],
+                  traceback='Traceback (most recent call last):\n  File "/srv/ops.py", line 12, in mine\n'
+                            '    raise KeyError(x)\nKeyError: x\n')
+    for cls in ERROR_CLASSES.values():
+        text = str(cls("the message", **values))
+        assert text.splitlines()[0] == "the message"
+        assert "<exception_type> raised at /srv/ops.py:12 in mine: raise KeyError(x)" in text
+        assert "did you mean: <close>" in text and "suggestion: <suggestion>" in text
+        assert "input_shapes=[[2, 3]]" in text and "dim=7" in text and "last output: <tail line>" in text
+        for name in set(ERROR_FIELDS) - {"traceback", "input_shapes", "dim", "close_names", "stderr_tail",
+                                          "suggestion", "exception_type"}:
+            assert f"{name}=<{name}>" in text, (cls.__name__, name)
+        assert "Traceback" not in text
