@@ -157,7 +157,12 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         runtime = build_runtime(opts)  # loads --ops modules and runs their start-up hooks
     except Exception as exc:  # SidecarError and OpsModuleError included
-        log.error("worker failed to start: %s: %s", type(exc).__name__, exc)
+        from sidecar.errors import SidecarError, start_error_line
+
+        log.error("worker failed to start: %s: %s", type(exc).__name__, str(exc).replace("\n  ", "; "))
+        if isinstance(exc, SidecarError):  # for the host: it raises this error, not a bare start failure
+            sys.stderr.write(start_error_line(exc) + "\n")
+            sys.stderr.flush()
         return EXIT_START_FAILED
     try:
         if args.stdio:

@@ -8,6 +8,7 @@ transports; this module knows nothing of gRPC beyond the status-code *names*.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from enum import Enum
 from typing import Any, ClassVar, Iterable
@@ -194,6 +195,26 @@ def error_from_dict(data: dict[str, Any]) -> SidecarError:
     kind = ErrorKind(str(data.get("kind", "OP_FAILED")).upper())
     fields = {k: v for k, v in data.items() if k in ERROR_FIELDS}
     return ERROR_CLASSES[kind](str(data.get("message", "")), **fields)
+
+
+# A worker that cannot start (DEVICE_UNAVAILABLE, ...) writes its structured error as one line on
+# stderr; the host that spawned it raises that error instead of a bare start failure.
+START_ERROR_PREFIX = "SIDECAR_START_ERROR"
+
+
+def start_error_line(err: SidecarError) -> str:
+    return f"{START_ERROR_PREFIX} {json.dumps(err.to_dict(), default=str)}"
+
+
+def parse_start_error(line: str) -> SidecarError | None:
+    """The error of a `start_error_line`; None for any other line."""
+    if not line.startswith(START_ERROR_PREFIX + " "):
+        return None
+    try:
+        data = json.loads(line[len(START_ERROR_PREFIX) + 1:])
+        return error_from_dict(data) if isinstance(data, dict) else None
+    except (ValueError, TypeError):  # not JSON, an unknown kind or field
+        return None
 
 
 ECHO_CHARS = 80  # how much of a caller's value an error message repeats

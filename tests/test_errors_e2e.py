@@ -367,3 +367,39 @@ def test_errors_echoing_long_input_keep_their_details(client: Client, case: Any)
     assert err.field == field and err.request_id
     assert len(err.message.encode()) <= wire.ERROR_MESSAGE_BYTES
     assert all(len(str(v).encode()) <= wire.ERROR_TRACEBACK_BYTES for v in err.fields.values())
+
+
+def test_an_absent_device_is_device_unavailable_for_the_host_that_spawned_the_worker() -> None:
+    """Not a WorkerStartError ("uncaught Python exception"): the worker reports DEVICE_UNAVAILABLE on
+    stderr and the host raises it, with what exists and how the worker ended."""
+    from sidecar.host.spawn import start_worker as spawn
+
+    with pytest.raises(DeviceUnavailable) as info:
+        spawn(["--device", "cuda:99", "--threads", "1"], start_timeout=60)
+    e = info.value
+    assert e.device == "cuda:99" and e.available == ["cpu"]
+    assert e.exit_code == 1 and e.pid and e.classification
+    assert not any(line.startswith("SIDECAR_START_ERROR") for line in e.stderr_tail)
+    assert "DeviceUnavailable" in "\n".join(e.stderr_tail)
+
+
+def test_a_pool_on_an_absent_device_raises_device_unavailable() -> None:
+    from sidecar.host import Pool
+
+    with pytest.raises(DeviceUnavailable) as info:
+        Pool(workers=1, device="cuda")
+    assert info.value.device == "cuda" and info.value.available == ["cpu"]
+
+
+def test_the_demo_on_an_absent_device_prints_a_clean_message() -> None:
+    import subprocess
+    import sys
+
+    from tests.workers import ROOT
+
+    run = subprocess.run([sys.executable, "-m", "sidecar.demo", "--device", "cuda"], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 2
+    assert "Traceback" not in run.stderr and "Traceback" not in run.stdout
+    assert "cannot run the demo on --device cuda: device 'cuda' is not available" in run.stderr
+    assert "devices this machine has: cpu" in run.stderr
