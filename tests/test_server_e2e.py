@@ -436,3 +436,33 @@ def test_tcp_beyond_loopback_warns_that_it_has_no_authentication() -> None:
         wait_until(lambda: "without authentication or TLS" in w.stderr_text())
         with Client(w.address.replace("0.0.0.0", "127.0.0.1"), timeout=30) as c:
             assert c.health() == "SERVING"
+
+
+# ---------------------------------------------------------------------------------------------------
+# nested values
+
+
+def test_lists_and_dicts_of_arrays_go_in_and_come_back_decoded(client: Client) -> None:
+    """HuggingFace-style inputs: {"input_ids": ..., "attention_mask": ...}, lists of arrays, both nested;
+    big arrays travel by shared memory, small ones inline, and the outputs come back decoded."""
+    ids = np.arange(64 * 1024, dtype=np.int64).reshape(64, 1024)  # 512 KiB: shared memory
+    mask = np.ones((4, 8), np.int64)                                # small: inline
+    batch = {"input_ids": ids, "attention_mask": mask, "meta": {"lengths": [ids[0], 3], "name": "b"}}
+    res = client.execute("identity", batch)
+    out = res.outputs[0]
+    assert set(out) == {"input_ids", "attention_mask", "meta"} and out["meta"]["name"] == "b"
+    np.testing.assert_array_equal(out["input_ids"], ids)
+    np.testing.assert_array_equal(out["attention_mask"], mask)
+    np.testing.assert_array_equal(out["meta"]["lengths"][0], ids[0])
+    assert out["meta"]["lengths"][1] == 3 and res.bytes_in >= ids.nbytes
+    pair = client.call("identity", [A, (B, SMALL)])  # an op returning a list has one output per item
+    assert isinstance(pair, tuple) and isinstance(pair[1], list)
+    for got, want in ((pair[0], A), (pair[1][0], B), (pair[1][1], SMALL)):
+        assert isinstance(got, np.ndarray)
+        np.testing.assert_array_equal(got, want)
+    t = client.call("identity", {"x": torch.from_numpy(A)})  # a torch tensor inside: torch out
+    assert isinstance(t["x"], torch.Tensor) and torch.equal(t["x"], torch.from_numpy(A))
+    del out, res, pair, t
+    gc.collect()
+    client.release()  # every leased output of these calls is collected and handed back
+    assert client.pending_releases == 0
