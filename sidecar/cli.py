@@ -64,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ready-file", type=Path, default=None,
                    help="also write the ready line to this file (atomically: PATH.tmp, fsync, rename)")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
-    s.add_argument("--ops", action="append", default=[], metavar="MODULE",
-                   help="import MODULE and serve the ops it declares with @sidecar.op (repeatable)")
+    s.add_argument("--ops", action="append", default=[], metavar="MODULE|FILE.py",
+                   help="import MODULE (searched on sys.path, then in the current directory) or the Python "
+                        "file FILE.py, and serve the ops it declares with @sidecar.op (repeatable)")
     s.add_argument("--max-concurrency", type=_positive_int, default=4,
                    help="ops running at once (default 4)")
     s.add_argument("--max-queue", type=_non_negative_int, default=64,

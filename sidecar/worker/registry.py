@@ -8,7 +8,10 @@ does not register anything twice.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
+import os
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence, TypeVar
@@ -191,14 +194,27 @@ class Registry:
         return spec
 
     def load_module(self, dotted: str) -> list[OpSpec]:
-        """Import `dotted` and register the ops it (or its submodules) declared. Idempotent."""
-        try:
-            importlib.import_module(dotted)
-        except ImportError as exc:
-            raise OpsModuleError(f"cannot import ops module {dotted!r}: {exc}") from exc
-        except Exception as exc:  # the module itself failed while running
-            raise OpsModuleError(f"ops module {dotted!r} failed on import: "
-                                 f"{type(exc).__name__}: {exc}") from exc
+        """Import `dotted` (a module name, or a path to a .py file) and register the ops it (or its
+        submodules) declared. Idempotent. The current directory is searched too, last."""
+        if _is_file_path(dotted):
+            dotted = _import_file(dotted)
+        else:
+            _search_cwd()
+            try:
+                importlib.import_module(dotted)
+            except ModuleNotFoundError as exc:
+                if exc.name is None or not (dotted == exc.name or dotted.startswith(exc.name + ".")):
+                    raise OpsModuleError(f"ops module {dotted!r} failed on import: a module it imports is "
+                                         f"missing: {exc}") from exc
+                searched = ", ".join(p or os.getcwd() for p in sys.path)
+                raise OpsModuleError(f"cannot import ops module {dotted!r}: {exc}; searched: {searched}. Give "
+                                     "a module importable from one of those, or a path to a .py file "
+                                     "(--ops ./my_ops.py)") from exc
+            except ImportError as exc:
+                raise OpsModuleError(f"cannot import ops module {dotted!r}: {exc}") from exc
+            except Exception as exc:  # the module itself failed while running
+                raise OpsModuleError(f"ops module {dotted!r} failed on import: "
+                                     f"{type(exc).__name__}: {exc}") from exc
         with _DECL_LOCK:
             specs = [s for mod, decl in _DECLARED_OPS.items() if _in_module(mod, dotted) for s in decl]
         for spec in specs:
@@ -251,6 +267,43 @@ class Registry:
                                      f"{type(exc).__name__}: {exc}") from exc
             ran += 1
         return ran
+
+
+def _is_file_path(spec: str) -> bool:
+    return spec.endswith(".py") or os.sep in spec or (os.altsep is not None and os.altsep in spec)
+
+
+def _search_cwd() -> None:
+    """`python -m sidecar` searches the current directory but the `sidecar` console script does not:
+    make both find an ops module next to where the worker was started (after everything installed)."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+
+
+def _import_file(path: str) -> str:
+    """Imports the .py file at `path` as a module named after it; returns that name."""
+    full = os.path.abspath(path)
+    if not os.path.isfile(full):
+        raise OpsModuleError(f"ops file {path!r} does not exist (looked for {full})")
+    name = os.path.splitext(os.path.basename(full))[0]
+    loaded = sys.modules.get(name)
+    if loaded is not None:
+        if os.path.abspath(getattr(loaded, "__file__", "") or "") == full:
+            return name  # already imported from this file
+        raise OpsModuleError(f"ops file {path!r} would be the module {name!r}, but a module of that name is "
+                             f"already loaded from {getattr(loaded, '__file__', None) or 'elsewhere'}: rename the file")
+    spec = importlib.util.spec_from_file_location(name, full)
+    if spec is None or spec.loader is None:
+        raise OpsModuleError(f"ops file {path!r} cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before it runs: dataclasses, pickling and its own imports look it up there
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[name]
+        raise OpsModuleError(f"ops file {path!r} failed on import: {type(exc).__name__}: {exc}") from exc
+    return name
 
 
 def _unique(items: Iterable[Any]) -> list[Any]:
