@@ -225,6 +225,7 @@ def test_malformed_request(stub: Any, client: Client, run: str, case: Any) -> No
     err = raw_error(stub, make(run))
     assert isinstance(err, cls), repr(err)
     assert err.field == field, repr(err)
+    assert err.request_id, repr(err)  # refused before dispatch, and still correlatable
     if isinstance(err, InvalidTensorRef) and field not in ("storage",) and "out" not in case[0]:
         assert err.input_index == 0
 
@@ -301,6 +302,37 @@ def test_oversized_inline_message_is_refused(client: Client) -> None:
     with pytest.raises(SidecarError) as info:
         Client(client.address, inline_threshold=1 << 30, run_id=client.run_id).call("relu", big)
     assert "larger than max" in info.value.message or "RESOURCE_EXHAUSTED" in info.value.message
+
+
+def test_an_out_ref_of_the_wrong_shape_says_what_would_fit(client: Client) -> None:
+    with pytest.raises(ShapeMismatch) as info:
+        client.call("relu", SMALL, out=np.zeros((4, 3), np.float32))
+    e = info.value
+    assert (e.field, e.input_shapes, e.expected, e.got) == ("out[0]", [[3, 4]], "[4, 3]", "[3, 4]")
+    assert "shape [3, 4] and dtype float32" in e.suggestion and e.request_id
+
+
+BIG = np.ones((1024, 1280), np.float32)  # 5 MiB: in by shared memory, but too big for a 4 MiB response
+
+
+@pytest.mark.parametrize("op, inputs", [("identity", (BIG,)), ("mul", (BIG, 2.0)), ("add", (BIG, BIG[:1]))],
+                         ids=["identity", "mul by a number", "add with broadcasting"])
+def test_an_oversized_inline_output_is_refused_before_the_op_runs(client: Client, op: str, inputs: Any) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        client.call(op, *inputs, placement="inline")
+    e = info.value
+    assert "it would return 5242880 bytes inline" in e.message and "--max-message-bytes" in e.message
+    assert (e.field, e.got) == ("output.placement", "5242880 bytes") and "shared memory" in e.suggestion
+
+
+def test_an_oversized_response_of_a_user_op_is_a_structured_error(client: Client) -> None:
+    """Its size is known only once it ran: still refused with the same error, never a bare status."""
+    n_before = client.call("finished_count")
+    with pytest.raises(InvalidArgument) as info:
+        client.call("slow", BIG, seconds=0.0, placement="inline")
+    assert "its response is" in info.value.message and "--max-message-bytes" in info.value.message
+    assert info.value.field == "output.placement"
+    assert client.call("finished_count") == n_before + 1
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -191,6 +191,10 @@ def test_errors_carry_kind_and_fields(port: PortClient) -> None:
     assert err[A("kind")] == A("invalid_tensor_ref") and err[A("field")] == b"name" and err[A("input_index")] == 0
     tag, _, err = port.request((A("call"), 6, "identity", [(A("tensor"), {A("dtype"): "float32"})], {}))
     assert err[A("kind")] == A("invalid_tensor_ref") and err[A("field")] == b"shape"
+    assert err[A("request_id")]  # refused before dispatch, and still correlatable
+    no_storage = (A("tensor"), {A("dtype"): "float32", A("shape"): [1]})
+    tag, _, err = port.request((A("call"), 7, "identity", [no_storage], {}, {A("request_id"): "mine"}))
+    assert (err[A("field")], err[A("request_id")]) == (b"storage", b"mine")
 
 
 def test_bignums_are_invalid_argument(port: PortClient) -> None:

@@ -488,6 +488,11 @@ class Dispatcher:
                 fields = {**err.fields, "input_index": -1}
                 if isinstance(err, InvalidTensorRef):
                     fields["field"] = f"out[{k}].{err.fields.get('field', '')}".rstrip(".")
+                else:  # the result does not fit the ref: say what would
+                    fields["field"] = f"out[{k}]"
+                    fields.setdefault("input_shapes", [shape for shape, _ in _meta(call.inputs)])
+                    fields.setdefault("suggestion", f"give out ref {k} the result's shape {list(out.shape)} and "
+                                                    f"dtype {dtypes.name_of(out.dtype)}, or call without out")
                 raise type(err)(f"out ref {k}: {err.message}", **fields) from None
             values.append(ref)
             k += 1

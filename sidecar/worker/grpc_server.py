@@ -31,6 +31,9 @@ from sidecar import wire
 from sidecar.errors import InvalidArgument, OpFailed, Overloaded, SidecarError
 from sidecar.v1 import sidecar_pb2 as pb
 from sidecar.v1 import sidecar_pb2_grpc as pb_grpc
+from sidecar.worker.calls import Placement
+from sidecar.worker.dispatcher import new_request_id
+from sidecar.worker.registry import estimate_output_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +138,11 @@ def parse_listen(listen: str | None) -> ListenAddress:
 
 
 class SidecarServicer(pb_grpc.SidecarServicer):
-    def __init__(self, runtime: Any, max_watchers: int = MAX_WATCHERS) -> None:
+    def __init__(self, runtime: Any, max_watchers: int = MAX_WATCHERS,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE) -> None:
         self._rt = runtime
         self._max_watchers = max_watchers
+        self._max_message = max_message_bytes
         self._lock = threading.Lock()
         self._subs: set[Any] = set()
         self._closing = False
@@ -149,6 +154,8 @@ class SidecarServicer(pb_grpc.SidecarServicer):
         # dispatcher's: the Erlang port transport gets the same behaviour.
         try:
             call = wire.call_from_request(request, is_cancelled=lambda: not context.is_active())
+            if call.output.placement == Placement.INLINE:
+                self._refuse_oversized_inline(call)
         except SidecarError as err:
             self._release_quietly(request.release)  # the piggybacked releases still count
             self._abort(context, _with_call_ids(err, request))
@@ -166,11 +173,34 @@ class SidecarServicer(pb_grpc.SidecarServicer):
             # The caller is gone (deadline, cancellation): nobody will release these leases.
             self._release_quietly(result.leases)
         try:
-            return wire.result_to_response(result)
+            response = wire.result_to_response(result)
+            size = response.ByteSize()
+            if size > self._max_message:  # gRPC would fail it with a bare RESOURCE_EXHAUSTED
+                raise self._too_big_for_a_message(request.op, f"its response is {size} bytes", size)
+            return response
         except SidecarError as err:
             self._release_quietly(result.leases)
             self._abort(context, _with_call_ids(err, request))
         raise AssertionError("unreachable")
+
+    def _refuse_oversized_inline(self, call: Any) -> None:
+        """An inline output bigger than a message can hold is refused before the op runs, when the
+        op's output size follows from its inputs (the built-ins: `estimate_output_nbytes`)."""
+        try:
+            spec = self._rt.registry.get(call.op)
+        except SidecarError:
+            return  # the dispatcher reports the unknown op
+        nbytes = estimate_output_nbytes(spec, call.inputs, call.attrs)
+        if nbytes is not None and nbytes > self._max_message:
+            raise self._too_big_for_a_message(call.op, f"it would return {nbytes} bytes inline", nbytes)
+
+    def _too_big_for_a_message(self, op: str, what: str, nbytes: int) -> InvalidArgument:
+        limit = self._max_message
+        return InvalidArgument(
+            f"op {op!r}: {what}, over this worker's --max-message-bytes ({limit} bytes)", op=op,
+            field="output.placement", expected=f"at most {limit} bytes in the response (--max-message-bytes)",
+            got=f"{nbytes} bytes", suggestion="let big outputs travel by shared memory (placement auto or shm), "
+            "or raise --max-message-bytes on the worker and max_message_bytes on the client")
 
     def _release_quietly(self, ids: Any) -> None:
         ids = list(ids)
@@ -243,11 +273,11 @@ class SidecarServicer(pb_grpc.SidecarServicer):
 
 
 def _with_call_ids(err: SidecarError, request: pb.ExecuteRequest) -> SidecarError:
-    """Fill in op and request id when the raiser did not know them."""
-    missing = {k: v for k, v in (("op", request.op), ("request_id", request.request_id))
-               if v and err.fields.get(k) is None}
-    if missing:
-        err.fields.update(missing)
+    """Fill in op and request id when the raiser did not know them (a request refused before the
+    dispatcher saw it gets a fresh id, as the dispatcher gives one to a call that has none)."""
+    if request.op and err.fields.get("op") is None:
+        err.fields["op"] = request.op
+    err.fields.setdefault("request_id", request.request_id or new_request_id())
     return err
 
 
@@ -321,7 +351,7 @@ class SidecarServer:
         self.threads = int(opts.max_concurrency) + int(opts.max_queue) + CONTROL_THREADS + MAX_WATCHERS
         self.executor = futures.ThreadPoolExecutor(max_workers=self.threads,
                                                    thread_name_prefix="sidecar-rpc")
-        self.servicer = SidecarServicer(runtime)
+        self.servicer = SidecarServicer(runtime, max_message_bytes=max_message_bytes)
         self.health = health.HealthServicer()
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes),

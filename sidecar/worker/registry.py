@@ -36,6 +36,9 @@ class OpSpec:
     accepts_ctx: bool = False
     any_attrs: bool = False  # the function takes **kwargs: every attr is passed through
     required_attrs: tuple[str, ...] = ()  # keyword-only parameters without a default
+    # Pure torch on its inputs (no data read, no side effect): it runs on meta tensors, so the size of
+    # its outputs is known before it runs (`estimate_output_nbytes`).
+    meta_ok: bool = False
 
 
 @dataclass
@@ -120,7 +123,7 @@ def _infer_signature(fn: Callable[..., Any]) -> tuple[int, int, list[str], bool,
 
 def make_spec(fn: Callable[..., Any], name: str, *, idempotent: bool = True, doc: str | None = None,
               min_inputs: int | None = None, max_inputs: int | None = None,
-              attrs: Sequence[str] | None = None) -> OpSpec:
+              attrs: Sequence[str] | None = None, meta_ok: bool = False) -> OpSpec:
     if not name or not isinstance(name, str):
         raise ValueError("an op needs a non-empty string name")
     lo, hi, inferred_attrs, ctx, var_kw, required = _infer_signature(fn)
@@ -132,23 +135,25 @@ def make_spec(fn: Callable[..., Any], name: str, *, idempotent: bool = True, doc
         idempotent=idempotent,
         attrs=tuple(inferred_attrs if attrs is None else attrs),
         module=getattr(fn, "__module__", "") or "",
-        accepts_ctx=ctx, any_attrs=var_kw, required_attrs=tuple(required),
+        accepts_ctx=ctx, any_attrs=var_kw, required_attrs=tuple(required), meta_ok=meta_ok,
     )
 
 
 def op(name: str, *, idempotent: bool = True, doc: str | None = None, min_inputs: int | None = None,
-       max_inputs: int | None = None, attrs: Sequence[str] | None = None) -> Callable[[F], F]:
+       max_inputs: int | None = None, attrs: Sequence[str] | None = None, meta_ok: bool = False) -> Callable[[F], F]:
     """Declare `fn` as the op `name` (`@sidecar.op("name")`).
 
     Inputs arrive as positional arguments (torch tensors on the worker's device, pyarrow Tables or
     plain values), attrs as keyword arguments; a parameter named `ctx` receives an `OpContext`:
     write a large output into `ctx.empty(shape, dtype)` to skip a copy on the way out.
     Arity and attr names are inferred from the signature unless given. The function returns a
-    tensor, a tuple/list of them, an Arrow table, or a plain value.
+    tensor, a tuple/list of them, an Arrow table, or a plain value. `meta_ok=True` says it is pure
+    torch (it also runs on "meta" tensors, which hold no data, with ctx=None): the worker then knows
+    its output sizes before running it (an inline output too big for a message is refused at once).
     """
     def deco(fn: F) -> F:
         spec = make_spec(fn, name, idempotent=idempotent, doc=doc, min_inputs=min_inputs,
-                         max_inputs=max_inputs, attrs=attrs)
+                         max_inputs=max_inputs, attrs=attrs, meta_ok=meta_ok)
         with _DECL_LOCK:
             decl = _DECLARED_OPS.setdefault(spec.module, [])
             # Re-executing a module (importlib.reload) replaces its earlier declaration.
@@ -267,6 +272,44 @@ class Registry:
                                      f"{type(exc).__name__}: {exc}") from exc
             ran += 1
         return ran
+
+
+def estimate_output_nbytes(spec: OpSpec, inputs: Sequence[Any], attrs: dict[str, Any]) -> int | None:
+    """Bytes of the tensors `spec` would return for these inputs (TensorRefs and plain values), found
+    by running it on meta tensors: no memory, no compute. None when not known (the op is not
+    `meta_ok`, an input is not a tensor it can stand in for, or the op refuses the inputs)."""
+    if not spec.meta_ok:
+        return None
+    import torch
+
+    from sidecar.dataplane import dtypes
+    from sidecar.dataplane.refs import ArrowRef, TensorRef
+
+    def stand_in(v: Any) -> Any:
+        if isinstance(v, TensorRef):
+            return torch.empty(tuple(v.shape), dtype=dtypes.to_torch_dtype(v.dtype), device="meta")
+        if isinstance(v, ArrowRef):
+            raise LookupError("an Arrow table has no meta form")
+        if isinstance(v, (list, tuple)):
+            return [stand_in(x) for x in v]
+        if isinstance(v, dict):
+            return {k: stand_in(x) for k, x in v.items()}
+        return v
+
+    def nbytes(out: Any) -> int:
+        if isinstance(out, torch.Tensor):
+            return out.numel() * out.element_size()
+        if isinstance(out, (list, tuple)):
+            return sum(nbytes(x) for x in out)
+        if isinstance(out, dict):
+            return sum(nbytes(x) for x in out.values())
+        return 0
+
+    try:
+        kwargs = dict(attrs, **({CTX_PARAM: None} if spec.accepts_ctx else {}))
+        return nbytes(spec.fn(*[stand_in(v) for v in inputs], **kwargs))
+    except Exception:  # refused or unknown: the call itself will say why
+        return None
 
 
 def _is_file_path(spec: str) -> bool:

@@ -38,6 +38,7 @@ from sidecar.errors import (Cancelled, InvalidArgument, InvalidTensorRef, OpFail
                             shorten)
 from sidecar.etf import Atom
 from sidecar.worker.calls import Call, CallResult, Placement
+from sidecar.worker.dispatcher import new_request_id
 
 log = logging.getLogger(__name__)
 
@@ -592,6 +593,7 @@ class StdioServer:
                 self._release_quietly(req[5].get("release") or [])
             if err.fields.get("op") is None and _is_text(req[2]):
                 err.fields["op"] = _text(req[2], "op")
+            err.fields.setdefault("request_id", _request_id_of_opts(req) or new_request_id())
             raise
         with self._lock:
             admitted = self._in_flight < self.limit
@@ -682,6 +684,11 @@ class StdioServer:
         self._unsubscribe()
         self.calls.shutdown(wait=False, cancel_futures=True)
         self.control.shutdown(wait=False, cancel_futures=True)
+
+
+def _request_id_of_opts(req: tuple[Any, ...]) -> str | None:
+    rid = req[5].get(Atom("request_id")) if len(req) > 5 and isinstance(req[5], dict) else None
+    return _text(rid, "request_id") if _is_text(rid) else None
 
 
 def _unencodable_reply(req_id: Any, tag: str, reason: Exception) -> bytes:
