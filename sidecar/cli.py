@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -35,7 +36,7 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _bytes(text: str) -> int:
+def _bytes(text: str, minimum: int = 1) -> int:
     """A byte count: 1073741824, 1G, 512M, 64K (powers of 1024)."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     t = text.strip().upper().removesuffix("B").removesuffix("I")
@@ -43,16 +44,42 @@ def _bytes(text: str) -> int:
     number = t[:-1] if t[-1:] in units else t
     try:
         value = int(float(number) * mult)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(f"not a byte count: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be {'> 0' if minimum else '>= 0'}, got {text}")
     return value
 
 
+def _bytes_or_zero(text: str) -> int:
+    return _bytes(text, minimum=0)
+
+
+def _seconds(text: str, *, zero_ok: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds {'>=' if zero_ok else '>'} 0, "
+                                         f"got {text}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    return _seconds(text, zero_ok=False)
+
+
+def _non_negative_seconds(text: str) -> float:
+    return _seconds(text, zero_ok=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from sidecar import __version__
+
     p = argparse.ArgumentParser(prog="sidecar", description="Tensor sidecar worker.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"sidecar {__version__}")
+    sub = p.add_subparsers(dest="command")
 
     s = sub.add_parser("serve", help="run a worker (gRPC, or the Erlang port protocol with --stdio)",
                        description="Run a worker. When ready it prints one line on stdout: "
@@ -76,13 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "+ BYTES): an allocation beyond it is a clean OUT_OF_MEMORY error. Accepts K/M/G")
     s.add_argument("--run-id", default=None,
                    help="run id in the names of this worker's segments (default: $SIDECAR_RUN_ID or random)")
-    s.add_argument("--inline-threshold", type=_non_negative_int, default=65536,
-                   help="outputs smaller than this travel inside the response (default 65536)")
-    s.add_argument("--lease-ttl", type=float, default=300.0,
+    s.add_argument("--inline-threshold", type=_bytes_or_zero, default=65536, metavar="BYTES",
+                   help="outputs smaller than this travel inside the response (default 64K). Accepts K/M/G")
+    s.add_argument("--lease-ttl", type=_positive_seconds, default=300.0,
                    help="seconds after which an unreleased output lease is reclaimed (default 300)")
     s.add_argument("--threads", type=_positive_int, default=None,
                    help="torch/BLAS/OpenMP threads (default: $SIDECAR_THREADS or half the CPUs, max 8)")
-    s.add_argument("--grace-period", type=float, default=10.0,
+    s.add_argument("--grace-period", type=_non_negative_seconds, default=10.0,
                    help="seconds SIGTERM waits for in-flight calls before stopping (default 10)")
     s.add_argument("--max-message-bytes", type=_bytes, default=4 << 20,
                    help="largest gRPC message accepted or sent (default 4M; raise it only for "
@@ -109,8 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    except SystemExit as exc:  # argparse exits on --help and on usage errors
+    except SystemExit as exc:  # argparse exits on --help, --version and on usage errors
         return int(exc.code or 0)
+    if args.command is None:  # bare `sidecar`: say what there is
+        parser.print_help()
+        return EXIT_OK
     if args.command == "hardware":
         return _hardware(args)
     code = _serve(args)
