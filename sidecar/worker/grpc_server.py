@@ -310,7 +310,7 @@ def _parsing(behaviour: Any, request_cls: Any) -> Any:
             name = request_cls.DESCRIPTOR.full_name
             context.abort_with_status(wire.error_to_status(InvalidArgument(
                 f"the request body ({len(raw)} bytes) is not a valid {name}: {exc}",
-                field=request_cls.DESCRIPTOR.name, expected=name)))
+                field=request_cls.DESCRIPTOR.name, expected=name, request_id=new_request_id())))
         return behaviour(request, context)
     return handle
 
