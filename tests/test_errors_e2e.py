@@ -7,7 +7,6 @@ them.
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import grpc
@@ -22,7 +21,7 @@ from sidecar.errors import (DeviceUnavailable, DtypeMismatch, ErrorKind, Invalid
 from sidecar.host import Client
 from sidecar.v1 import sidecar_pb2 as pb
 from sidecar.v1 import sidecar_pb2_grpc as pb_grpc
-from tests.workers import FIXTURE_OPS, long_lived_run, long_lived_worker, start_worker  # noqa: F401
+from tests.workers import FIXTURE_OPS, long_lived_run, long_lived_worker, start_worker, wait_until  # noqa: F401
 
 SMALL = np.arange(12, dtype=np.float32).reshape(3, 4)
 
@@ -34,7 +33,7 @@ def run() -> Any:
 
 @pytest.fixture(scope="module")
 def worker(run: str) -> Any:
-    yield from long_lived_worker(run, *FIXTURE_OPS, "--memory-limit", "1G")
+    yield from long_lived_worker(run, *FIXTURE_OPS, "--ops", "tests.hold_ops_module", "--memory-limit", "1G")
 
 
 @pytest.fixture(scope="module")
@@ -275,16 +274,19 @@ def test_recreated_segment_is_not_served_stale(stub: Any, client: Client, run: s
         unlink(name)
 
 
-def test_segment_unlinked_mid_flight(client: Client, run: str) -> None:
+def test_segment_unlinked_mid_flight(client: Client, run: str, tmp_path: Any) -> None:
     """The worker keeps its mapping: a segment unlinked while an op reads it is not a crash."""
     x = client.empty((256, 256), "float32")
     x[:] = 3.0
     name = client.arena.find(x.__array_interface__["data"][0], x.nbytes)[0].name
     result: list[Any] = []
-    t = threading.Thread(target=lambda: result.append(client.call("slow", x, seconds=0.5)))
+    started, release = tmp_path / "started", tmp_path / "release"
+    t = threading.Thread(target=lambda: result.append(client.call("hold", x, started=str(started),
+                                                                  release=str(release))))
     t.start()
-    time.sleep(0.2)
+    wait_until(started.exists, timeout=30)  # the op runs, on the mapped input
     unlink(name)  # the host's own segment, gone while the worker holds it mapped
+    release.touch()
     t.join(30)
     assert result and float(np.asarray(result[0]).sum()) == 3.0 * 256 * 256
     # Both sides still hold the (now nameless) mapping, so the memory stays valid for this call and
@@ -339,23 +341,34 @@ def test_an_oversized_response_of_a_user_op_is_a_structured_error(client: Client
 # overload
 
 
-def test_overloaded_beyond_concurrency_and_queue() -> None:
-    with start_worker("--device", "cpu", "--ops", "tests.slow_ops_module", "--max-concurrency", "1", "--max-queue", "1",
-                      "--threads", "1") as w:
+def test_overloaded_beyond_concurrency_and_queue(tmp_path: Any) -> None:
+    with start_worker("--device", "cpu", "--ops", "tests.hold_ops_module", "--max-concurrency", "1",
+                      "--max-queue", "1", "--threads", "1") as w:
         c = Client(w.address, timeout=30)
+        release = tmp_path / "release"
+        outcomes: list[Any] = []
+
+        def hold(name: str) -> None:
+            try:
+                outcomes.append(c.call("hold", SMALL, started=str(tmp_path / name), release=str(release)))
+            except Overloaded as err:
+                outcomes.append(err)
+
         try:
-            done: list[Any] = []
-            threads = [threading.Thread(target=lambda: done.append(c.call("slow", SMALL, seconds=1.5)))
-                       for _ in range(2)]  # one runs, one waits in the queue
-            for t in threads:
+            first = threading.Thread(target=hold, args=("first",))
+            first.start()
+            wait_until((tmp_path / "first").exists, timeout=30)  # it holds the only slot
+            # Two more: one waits in the queue (max 1), the other is refused at once.
+            others = [threading.Thread(target=hold, args=(name,)) for name in ("second", "third")]
+            for t in others:
                 t.start()
-                time.sleep(0.3)
-            with pytest.raises(Overloaded) as info:
-                c.call("add", SMALL, SMALL)
-            assert info.value.queue_depth == 1 and info.value.limit == 1
-            for t in threads:
+            wait_until(lambda: any(isinstance(o, Overloaded) for o in outcomes), timeout=30)
+            (err,) = [o for o in outcomes if isinstance(o, Overloaded)]
+            assert err.queue_depth == 1 and err.limit == 1
+            release.touch()
+            for t in (first, *others):
                 t.join(30)
-            assert len(done) == 2  # the admitted calls still completed
+            assert sum(isinstance(o, np.ndarray) for o in outcomes) == 2  # the admitted calls completed
             np.testing.assert_array_equal(c.call("add", SMALL, SMALL), SMALL * 2)
         finally:
             c.close()

@@ -19,7 +19,7 @@ import torch
 
 from sidecar.errors import Cancelled
 from sidecar.host import Client
-from tests.workers import FIXTURE_OPS, long_lived_run, long_lived_worker  # noqa: F401
+from tests.workers import FIXTURE_OPS, long_lived_run, long_lived_worker, wait_until  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def run() -> Any:
 
 @pytest.fixture(scope="module")
 def worker(run: str) -> Any:
-    yield from long_lived_worker(run, *FIXTURE_OPS, "--max-concurrency", "4")
+    yield from long_lived_worker(run, *FIXTURE_OPS, "--ops", "tests.hold_ops_module", "--max-concurrency", "4")
 
 
 @pytest.fixture(scope="module")
@@ -287,44 +287,45 @@ def test_timing_in_every_response(client: Client) -> None:
     assert res.device == "cpu"
 
 
-def test_control_plane_answers_while_long_op_runs(client: Client) -> None:
-    """Health, ListOps, telemetry and another call are answered while a 3 s op runs."""
-    slow_done = threading.Event()
-    result: list[Any] = []
+def _holding(client: Client, tmp_path: Any, names: list[str]) -> tuple[list[threading.Thread], list[Any]]:
+    """Starts one `hold` call per name (tests/hold_ops_module.py): each runs until tmp_path/release exists."""
+    results: list[Any] = []
+    threads = [threading.Thread(target=lambda n=n: results.append(client.call(
+        "hold", SMALL, started=str(tmp_path / n), release=str(tmp_path / "release")))) for n in names]
+    for t in threads:
+        t.start()
+    return threads, results
 
-    def slow_call() -> None:
-        result.append(client.call("slow", SMALL, seconds=3.0))
-        slow_done.set()
 
-    t = threading.Thread(target=slow_call)
-    t.start()
-    time.sleep(0.3)  # let it start running
-    other = Client(client.address, run_id=client.run_id, timeout=2.0)  # 2 s deadlines: must not wait
+def test_control_plane_answers_while_long_op_runs(client: Client, tmp_path: Any) -> None:
+    """Health, ListOps, telemetry and another call are answered while an op runs (until released)."""
+    threads, result = _holding(client, tmp_path, ["long"])
+    wait_until((tmp_path / "long").exists, timeout=30)
+    other = Client(client.address, run_id=client.run_id, timeout=30)
     try:
         assert other.health() == "SERVING"
         assert len(other.list_ops()) > 10
         np.testing.assert_allclose(other.call("add", SMALL, SMALL), SMALL * 2)
         with other.watch_telemetry() as w:
             assert next(iter(w))["type"] in ("memory", "span")
-        assert not slow_done.is_set()  # all of the above happened while the op was still running
+        assert not result  # all of the above happened while the op was still running
     finally:
         other.close()
-    t.join(10)
+        (tmp_path / "release").touch()
+        threads[0].join(30)
     np.testing.assert_array_equal(result[0], SMALL)
 
 
-def test_calls_up_to_the_concurrency_limit_run_together(client: Client) -> None:
-    client.call("peak_concurrency", reset=True)
-    n_before = client.call("finished_count")
-    results: list[Any] = []
-    threads = [threading.Thread(target=lambda: results.append(client.call("slow", SMALL, seconds=1.0)))
-               for _ in range(4)]
-    for t in threads:
-        t.start()
+def test_calls_up_to_the_concurrency_limit_run_together(client: Client, tmp_path: Any) -> None:
+    names = [f"call{i}" for i in range(4)]
+    threads, results = _holding(client, tmp_path, names)
+    # --max-concurrency 4: all four run at once (each marks its start only once it runs), none waits
+    wait_until(lambda: all((tmp_path / n).exists() for n in names), timeout=30)
+    assert not results
+    (tmp_path / "release").touch()
     for t in threads:
         t.join(30)
-    assert len(results) == 4 and client.call("finished_count") == n_before + 4
-    assert client.call("peak_concurrency") == 4  # --max-concurrency 4: none waited for another
+    assert len(results) == 4
 
 
 def test_deadline_cancels_the_call(client: Client) -> None:
@@ -332,10 +333,7 @@ def test_deadline_cancels_the_call(client: Client) -> None:
     with pytest.raises(Cancelled):
         client.call("slow", SMALL, seconds=60.0, timeout=0.3)
     # The op sees ctx.is_cancelled() and stops early instead of running its 60 s.
-    deadline = time.monotonic() + 10
-    while client.call("finished_count") == n_before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert client.call("finished_count") == n_before + 1
+    wait_until(lambda: client.call("finished_count") == n_before + 1, timeout=30)
     assert client.health() == "SERVING"
 
 
@@ -372,7 +370,7 @@ def test_undecodable_requests_get_a_structured_error_and_leave_rss_flat(worker: 
     assert grown < 16 << 20, f"RSS grew by {grown >> 20} MiB over 3,000 undecodable requests"
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     structured = wire.error_from_rpc(err)
-    assert isinstance(structured, InvalidArgument) and structured.field == "ExecuteRequest"
+    assert isinstance(structured, InvalidArgument) and structured.field == "ExecuteRequest" and structured.request_id
     assert "sidecar.v1.ExecuteRequest" in structured.message
     assert client.health() == "SERVING"
 
@@ -430,7 +428,7 @@ def test_a_new_worker_removes_sockets_of_dead_workers_and_never_a_live_one(tmp_p
 
 
 def test_tcp_beyond_loopback_warns_that_it_has_no_authentication() -> None:
-    from tests.workers import start_worker, wait_until
+    from tests.workers import start_worker
 
     with start_worker("--device", "cpu", "--threads", "1", "--listen", "0.0.0.0:0") as w:
         wait_until(lambda: "without authentication or TLS" in w.stderr_text())

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import queue
-import secrets
 import struct
 import subprocess
 import sys
@@ -24,22 +23,28 @@ import pytest
 from sidecar import etf
 from sidecar.dataplane import segments
 from sidecar.etf import Atom as A
+from tests.workers import ROOT, STARTED_PIDS, run_id, wait_until
 
 READY_TIMEOUT_S = 60
+HOLD_OPS = str(ROOT / "tests" / "hold_ops_module.py")  # `hold`: runs until the test lets it go
 
 
 class PortClient:
     """A BEAM port seen from Python: frames out on stdin, frames in on stdout (a reader thread)."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.run_id = "t" + secrets.token_hex(5)
+        self.run_id = run_id()
         cmd = [sys.executable, "-m", "sidecar", "serve", "--stdio", "--debug-ops", "--run-id", self.run_id, *args]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      env={**os.environ, **(env or {})})
+        STARTED_PIDS.add(self.proc.pid)
         self.frames: queue.Queue[Any] = queue.Queue()
         self.raw: list[bytes] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        self._err_lines: list[str] = []
+        self._err_reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._err_reader.start()
         self.ready = self.next(READY_TIMEOUT_S)
 
     def _read(self) -> None:
@@ -54,6 +59,14 @@ class PortClient:
             body = out.read(n)
             self.raw.append(body)
             self.frames.put(etf.decode(body))  # a corrupted stream fails here, loudly
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._err_lines.append(line.decode(errors="replace"))
+
+    def stderr_so_far(self) -> str:
+        return "".join(self._err_lines)
 
     def send_raw(self, data: bytes) -> None:
         assert self.proc.stdin is not None
@@ -97,8 +110,9 @@ class PortClient:
         return self.proc.returncode
 
     def stderr(self) -> str:
-        assert self.proc.stderr is not None
-        return self.proc.stderr.read().decode(errors="replace")
+        """Everything the worker wrote on stderr (waits for it to close, after the worker exited)."""
+        self._err_reader.join(15)
+        return self.stderr_so_far()
 
 
 @pytest.fixture
@@ -296,26 +310,36 @@ def test_telemetry_subscription_streams_spans(port: PortClient) -> None:
     assert port.request((A("unsubscribe"), 4)) == ("ok", 4, A("unsubscribed"))
 
 
-def test_cancel_stops_a_running_call(port: PortClient) -> None:
-    t0 = time.monotonic()
-    port.send((A("call"), 1, "debug.sleep", [], {A("seconds"): 30.0}))
-    time.sleep(0.3)
-    port.send((A("cancel"), 1))
-    tag, rid, err = next(port.replies(1))
-    assert (tag, rid, err[A("kind")]) == ("error", 1, A("cancelled"))
-    assert time.monotonic() - t0 < 10
+def hold_call(rid: Any, tmp_path: Path, name: str) -> tuple[Any, ...]:
+    """A call of `hold` (tests/hold_ops_module.py): it runs until tmp_path/release exists."""
+    return (A("call"), rid, "hold", [rid if isinstance(rid, int) else 0],
+            {A("started"): str(tmp_path / f"{name}.started"), A("release"): str(tmp_path / "release")})
 
 
-def test_overload_is_refused_with_figures() -> None:
-    port = PortClient("--max-concurrency", "1", "--max-queue", "0")
+def test_cancel_stops_a_running_call(tmp_path: Path) -> None:
+    port = PortClient("--ops", HOLD_OPS)
     try:
-        for i in range(3):
-            port.send((A("call"), i, "debug.sleep", [], {A("seconds"): 0.5}))
-        replies = list(port.replies(3))
-        overloaded = [err for tag, _, err in replies if tag == "error"]
-        assert len(overloaded) == 2 and all(e[A("kind")] == A("overloaded") for e in overloaded)
-        assert all(e[A("limit")] == 0 for e in overloaded)
-        assert sum(tag == "ok" for tag, _, _ in replies) == 1
+        port.send(hold_call(1, tmp_path, "one"))  # never released: only the cancel ends it
+        wait_until(lambda: (tmp_path / "one.started").exists(), timeout=30)
+        port.send((A("cancel"), 1))
+        tag, rid, err = next(port.replies(1))
+        assert (tag, rid, err[A("kind")]) == ("error", 1, A("cancelled"))
+    finally:
+        assert port.close() == 0
+
+
+def test_overload_is_refused_with_figures(tmp_path: Path) -> None:
+    port = PortClient("--max-concurrency", "1", "--max-queue", "0", "--ops", HOLD_OPS)
+    try:
+        port.send(hold_call(0, tmp_path, "zero"))
+        wait_until(lambda: (tmp_path / "zero.started").exists(), timeout=30)
+        for i in (1, 2):
+            port.send(hold_call(i, tmp_path, str(i)))
+        refused = list(port.replies(2))
+        assert [(tag, rid) for tag, rid, _ in refused] == [("error", 1), ("error", 2)]
+        assert all(e[A("kind")] == A("overloaded") and e[A("limit")] == 0 for _, _, e in refused)
+        (tmp_path / "release").touch()
+        assert port.next()[:2] == ("ok", 0)
     finally:
         port.close()
 
@@ -348,22 +372,21 @@ def test_a_crash_is_a_signal_exit_and_stdin_eof_is_a_clean_one() -> None:
     port.send((A("call"), 1, "debug.segfault", [], {}))
     assert port.proc.wait(20) == -11
     port = PortClient()
-    t0 = time.monotonic()
-    assert port.close() == 0
-    assert time.monotonic() - t0 < 10
+    assert port.close() == 0  # exited by itself on EOF (close() kills a worker that does not: not 0)
 
 
-def test_sigterm_drains_calls_in_flight_then_exits_0() -> None:
-    port = PortClient()
-    port.send((A("call"), 1, "debug.sleep", [], {A("seconds"): 1.0}))
-    time.sleep(0.3)
+def test_sigterm_drains_calls_in_flight_then_exits_0(tmp_path: Path) -> None:
+    port = PortClient("--ops", HOLD_OPS)
+    port.send(hold_call(1, tmp_path, "one"))
+    wait_until(lambda: (tmp_path / "one.started").exists(), timeout=30)
     port.proc.terminate()
-    time.sleep(0.4)  # the worker has seen SIGTERM: new calls are refused from now on
+    wait_until(lambda: "SIGTERM: stopping" in port.stderr_so_far(), timeout=30)  # new calls refused now
     port.send((A("call"), 2, "debug.pid", [], {}))
-    replies = {rid: (tag, body) for tag, rid, body in port.replies(2)}
-    assert replies[1] == ("ok", replies[1][1]) and replies[1][1][A("outputs")] == [1.0]
-    assert replies[2][0] == "error" and replies[2][1][A("kind")] == A("cancelled")
-    assert b"shutting down" in replies[2][1][A("message")]
+    tag, rid, err = port.next()
+    assert (tag, rid, err[A("kind")]) == ("error", 2, A("cancelled")) and b"shutting down" in err[A("message")]
+    (tmp_path / "release").touch()  # the call in flight finishes and is answered before the exit
+    tag, rid, result = port.next()
+    assert (tag, rid, result[A("outputs")]) == ("ok", 1, [1])
     assert port.proc.wait(15) == 0
 
 
