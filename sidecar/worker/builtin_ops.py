@@ -95,11 +95,10 @@ INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def _int(opname: str, attr: str, value: Any) -> int:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)  # JSON-ish hosts send 1.0 for 1
-    if isinstance(value, bool) or not isinstance(value, int) or not INT64_MIN <= value <= INT64_MAX:
+    n = int(value) if isinstance(value, float) and value.is_integer() else value  # JSON-ish hosts send 1.0
+    if isinstance(n, bool) or not isinstance(n, int) or not INT64_MIN <= n <= INT64_MAX:
         raise _attr_error(opname, attr, "an integer (int64)", value)
-    return value
+    return n
 
 
 def _bool(opname: str, attr: str, value: Any) -> bool:
