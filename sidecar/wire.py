@@ -36,6 +36,7 @@ from sidecar.errors import (
     SidecarError,
     UnknownOp,
     WorkerCrashed,
+    shorten,
 )
 from sidecar.v1 import sidecar_pb2 as pb
 from sidecar.worker.calls import Call, CallResult, OutputSpec, Placement, Timing
@@ -156,7 +157,7 @@ def _fill_value(m: pb.Value, v: Any) -> None:
     elif isinstance(v, float):
         m.f64 = v
     elif isinstance(v, str):
-        m.s = v
+        m.s = _utf8(v)
     elif isinstance(v, (bytes, bytearray, memoryview)):
         m.raw = bytes(v)
     elif isinstance(v, (list, tuple)):
@@ -170,10 +171,20 @@ def _fill_value(m: pb.Value, v: Any) -> None:
         for k, x in v.items():
             if not isinstance(k, str):
                 raise InvalidArgument(f"map keys must be strings, got {type(k).__name__}", field="value")
-            _fill_value(items[k], x)
+            _fill_value(items[_utf8(k)], x)
     else:
         raise InvalidArgument(f"cannot send a value of type {type(v).__name__} (convert it to a tensor "
                               f"first)", field="value")
+
+
+def _utf8(text: str) -> str:
+    """`text` if protobuf can carry it (a str with lone surrogates has no UTF-8 form)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(f"string {shorten(text)} is not valid Unicode ({exc.reason}) and cannot be sent",
+                              field="value") from None
+    return text
 
 
 def value_from_pb(m: pb.Value, input_index: int = -1) -> Any:

@@ -464,3 +464,23 @@ def test_lists_and_dicts_of_arrays_go_in_and_come_back_decoded(client: Client) -
     gc.collect()
     client.release()  # every leased output of these calls is collected and handed back
     assert client.pending_releases == 0
+
+
+def test_an_output_protobuf_cannot_carry_is_a_structured_error_and_its_lease_released(tmp_path: Any) -> None:
+    from sidecar.errors import InvalidArgument
+    from tests.workers import start_worker
+
+    (tmp_path / "unsendable_ops.py").write_text(
+        "import torch\nimport sidecar\n\n"
+        "@sidecar.op('unsendable')\n"
+        "def unsendable():\n"
+        "    return torch.ones(1 << 16), '\\udc80'  # a leased output, and a str with no UTF-8 form\n\n"
+        "@sidecar.op('lease_count')\n"
+        "def lease_count(ctx=None):\n"
+        "    return ctx.runtime.leases.count\n")
+    with start_worker("--device", "cpu", "--threads", "1", "--ops", str(tmp_path / "unsendable_ops.py")) as w:
+        with Client(w.address, timeout=30) as c:
+            with pytest.raises(InvalidArgument) as info:
+                c.call("unsendable")
+            assert "is not valid Unicode" in info.value.message and info.value.op == "unsendable"
+            assert c.call("lease_count") == 0

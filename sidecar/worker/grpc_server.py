@@ -179,8 +179,14 @@ class SidecarServicer(pb_grpc.SidecarServicer):
                 raise self._too_big_for_a_message(request.op, f"its response is {size} bytes", size)
             return response
         except SidecarError as err:
-            self._release_quietly(result.leases)
+            self._release_quietly(result.leases)  # the caller never learns these lease ids
             self._abort(context, _with_call_ids(err, request))
+        except Exception as exc:  # a bug in the encoding: still a structured answer, and nothing held
+            log.exception("encoding the response of %s failed", request.op)
+            self._release_quietly(result.leases)
+            self._abort(context, _with_call_ids(OpFailed(
+                f"the outputs of {request.op!r} cannot be sent: {type(exc).__name__}: {exc}",
+                exception_type=type(exc).__name__), request))
         raise AssertionError("unreachable")
 
     def _refuse_oversized_inline(self, call: Any) -> None:
