@@ -422,7 +422,7 @@ def test_an_absent_device_is_device_unavailable_for_the_host_that_spawned_the_wo
     with pytest.raises(DeviceUnavailable) as info:
         spawn(["--device", "cuda:99", "--threads", "1"], start_timeout=60)
     e = info.value
-    assert e.device == "cuda:99" and e.available == ["cpu"]
+    assert e.device == "cuda:99" and e.available[0] == "cpu" and "cuda:99" not in e.available
     assert e.exit_code == 1 and e.pid and e.classification
     assert not any(line.startswith("SIDECAR_START_ERROR") for line in e.stderr_tail)
     assert "DeviceUnavailable" in "\n".join(e.stderr_tail)
@@ -432,8 +432,8 @@ def test_a_pool_on_an_absent_device_raises_device_unavailable() -> None:
     from sidecar.host import Pool
 
     with pytest.raises(DeviceUnavailable) as info:
-        Pool(workers=1, device="cuda")
-    assert info.value.device == "cuda" and info.value.available == ["cpu"]
+        Pool(workers=1, device="cuda:99")  # absent here and on any GPU machine we test on
+    assert info.value.device == "cuda:99" and info.value.available[0] == "cpu"
 
 
 def test_the_demo_on_an_absent_device_prints_a_clean_message() -> None:
@@ -442,9 +442,9 @@ def test_the_demo_on_an_absent_device_prints_a_clean_message() -> None:
 
     from tests.workers import ROOT
 
-    run = subprocess.run([sys.executable, "-m", "sidecar.demo", "--device", "cuda"], capture_output=True,
+    run = subprocess.run([sys.executable, "-m", "sidecar.demo", "--device", "cuda:99"], capture_output=True,
                          text=True, timeout=120, cwd=ROOT)
     assert run.returncode == 2
     assert "Traceback" not in run.stderr and "Traceback" not in run.stdout
-    assert "cannot run the demo on --device cuda: device 'cuda' is not available" in run.stderr
+    assert "cannot run the demo on --device cuda:99: device 'cuda:99' is not available" in run.stderr
     assert "devices this machine has: cpu" in run.stderr
