@@ -341,7 +341,7 @@ def damaged_frames(draw: Any) -> tuple[bytes, Any]:
 
 @pytest.fixture(scope="module")
 def port_worker() -> Iterator[PortClient]:
-    port = PortClient("--max-frame-bytes", str(MAX_FRAME), "--threads", "1")
+    port = PortClient("--device", "cpu", "--max-frame-bytes", str(MAX_FRAME), "--threads", "1")
     proc = psutil.Process(port.proc.pid)
     port.rss_before = proc.memory_info().rss
     yield port
