@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -35,17 +36,6 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _positive_seconds(text: str) -> float:
-    """A duration in seconds > 0 ("inf" allowed: never); 0, negatives and NaN are refused."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
-    return value
-
-
 def _share(text: str) -> float:
     """A fraction in (0, 1], or a percentage such as 25%."""
     t = text.strip()
@@ -58,7 +48,7 @@ def _share(text: str) -> float:
     return value
 
 
-def _bytes(text: str) -> int:
+def _bytes(text: str, minimum: int = 1) -> int:
     """A byte count: 1073741824, 1G, 512M, 64K (powers of 1024)."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     t = text.strip().upper().removesuffix("B").removesuffix("I")
@@ -66,16 +56,42 @@ def _bytes(text: str) -> int:
     number = t[:-1] if t[-1:] in units else t
     try:
         value = int(float(number) * mult)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(f"not a byte count: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be {'> 0' if minimum else '>= 0'}, got {text}")
     return value
 
 
+def _bytes_or_zero(text: str) -> int:
+    return _bytes(text, minimum=0)
+
+
+def _seconds(text: str, *, zero_ok: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds {'>=' if zero_ok else '>'} 0, "
+                                         f"got {text}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    return _seconds(text, zero_ok=False)
+
+
+def _non_negative_seconds(text: str) -> float:
+    return _seconds(text, zero_ok=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from sidecar import __version__
+
     p = argparse.ArgumentParser(prog="sidecar", description="Tensor sidecar worker.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"sidecar {__version__}")
+    sub = p.add_subparsers(dest="command")
 
     s = sub.add_parser("serve", help="run a worker (gRPC, or the Erlang port protocol with --stdio)",
                        description="Run a worker. When ready it prints one line on stdout: "
@@ -87,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ready-file", type=Path, default=None,
                    help="also write the ready line to this file (atomically: PATH.tmp, fsync, rename)")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
-    s.add_argument("--ops", action="append", default=[], metavar="MODULE",
-                   help="import MODULE and serve the ops it declares with @sidecar.op (repeatable)")
+    s.add_argument("--ops", action="append", default=[], metavar="MODULE|FILE.py",
+                   help="import MODULE (searched on sys.path, then in the current directory) or the Python "
+                        "file FILE.py, and serve the ops it declares with @sidecar.op (repeatable)")
     s.add_argument("--max-concurrency", type=_positive_int, default=4,
                    help="ops running at once (default 4)")
     s.add_argument("--max-queue", type=_non_negative_int, default=64,
@@ -98,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "+ BYTES): an allocation beyond it is a clean OUT_OF_MEMORY error. Accepts K/M/G")
     s.add_argument("--run-id", default=None,
                    help="run id in the names of this worker's segments (default: $SIDECAR_RUN_ID or random)")
-    s.add_argument("--inline-threshold", type=_non_negative_int, default=65536,
-                   help="outputs smaller than this travel inside the response (default 65536)")
+    s.add_argument("--inline-threshold", type=_bytes_or_zero, default=65536, metavar="BYTES",
+                   help="outputs smaller than this travel inside the response (default 64K). Accepts K/M/G")
     s.add_argument("--lease-ttl", type=_positive_seconds, default=300.0, metavar="SECONDS",
                    help="seconds after which an unreleased output lease is reclaimed: its segment is "
                         "unlinked, never reused, so a host still holding the output keeps valid bytes "
@@ -112,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 0.25; e.g. 0.1 or 10%%)")
     s.add_argument("--threads", type=_positive_int, default=None,
                    help="torch/BLAS/OpenMP threads (default: $SIDECAR_THREADS or half the CPUs, max 8)")
-    s.add_argument("--grace-period", type=float, default=10.0,
+    s.add_argument("--grace-period", type=_non_negative_seconds, default=10.0,
                    help="seconds SIGTERM waits for in-flight calls before stopping (default 10)")
     s.add_argument("--max-message-bytes", type=_bytes, default=4 << 20,
                    help="largest gRPC message accepted or sent (default 4M; raise it only for "
@@ -126,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics", default=None, metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port, "
                         "logged); loopback only unless $SIDECAR_METRICS_ALLOW_REMOTE=1")
+    s.add_argument("--max-frame-bytes", type=_bytes, default=None, metavar="BYTES",
+                   help="with --stdio: largest frame accepted, as received and as inflated from a "
+                        "compressed term (default 1G, or $SIDECAR_STDIO_MAX_FRAME). Accepts K/M/G")
     s.add_argument("--log-level", default=os.environ.get("SIDECAR_LOG_LEVEL", "INFO"),
                    choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"])
 
@@ -139,8 +159,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    except SystemExit as exc:  # argparse exits on --help and on usage errors
+    except SystemExit as exc:  # argparse exits on --help, --version and on usage errors
         return int(exc.code or 0)
+    if args.command is None:  # bare `sidecar`: say what there is
+        parser.print_help()
+        return EXIT_OK
     if args.command == "hardware":
         return _hardware(args)
     code = _serve(args)
@@ -189,7 +212,12 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         runtime = build_runtime(opts)  # loads --ops modules and runs their start-up hooks
     except Exception as exc:  # SidecarError and OpsModuleError included
-        log.error("worker failed to start: %s: %s", type(exc).__name__, exc)
+        from sidecar.errors import SidecarError, start_error_line
+
+        log.error("worker failed to start: %s: %s", type(exc).__name__, str(exc).replace("\n  ", "; "))
+        if isinstance(exc, SidecarError):  # for the host: it raises this error, not a bare start failure
+            sys.stderr.write(start_error_line(exc) + "\n")
+            sys.stderr.flush()
         return EXIT_START_FAILED
     metrics = None
     try:
@@ -214,14 +242,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _serve_stdio(runtime: Any, args: argparse.Namespace, shutdown: Any) -> int:
     from sidecar.worker import lifecycle
-    from sidecar.worker.stdio_server import serve_stdio
+    from sidecar.worker.stdio_server import MAX_FRAME, serve_stdio
 
     if args.memory_limit:
         lifecycle.warm_threads()
         lifecycle.apply_memory_limit(args.memory_limit)
     # The port transport drains on SIGTERM / parent death (it watches `shutdown`) and exits 70
     # itself when the device is tainted.
-    return int(serve_stdio(runtime, shutdown) or 0)
+    return int(serve_stdio(runtime, shutdown, max_frame=args.max_frame_bytes or MAX_FRAME) or 0)
 
 
 def _serve_grpc(runtime: Any, args: argparse.Namespace, shutdown: Any) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from sidecar.dataplane.reaper import list_segments
-from sidecar.errors import ShapeMismatch, WorkerCrashed
+from sidecar.errors import DeviceUnavailable, ShapeMismatch, WorkerCrashed
 from sidecar.host import Pool
 
 
@@ -51,7 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     before = _sc_segments()
     t0 = time.perf_counter()
     # debug_ops: the demo crashes a worker on purpose (never enabled by default).
-    with Pool(workers=args.workers, device=args.device, debug_ops=True) as pool:
+    try:
+        pool = Pool(workers=args.workers, device=args.device, debug_ops=True)
+    except DeviceUnavailable as err:
+        print(f"cannot run the demo on --device {args.device}: {err.message}\n"
+              f"  devices this machine has: {', '.join(err.available or []) or 'none'} "
+              f"(try --device {(err.available or ['cpu'])[0]}, or --device auto)", file=sys.stderr)
+        return 2
+    with pool:
         pool.wait_ready()
         print(f"pool of {args.workers} workers ready in {time.perf_counter() - t0:.2f} s "
               f"(run {pool.run_id}); workers: {[s.pid for s in pool.status()]}")

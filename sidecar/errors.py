@@ -8,6 +8,8 @@ transports; this module knows nothing of gRPC beyond the status-code *names*.
 from __future__ import annotations
 
 import difflib
+import json
+import re
 from enum import Enum
 from typing import Any, ClassVar, Iterable
 
@@ -68,6 +70,49 @@ class SidecarError(Exception):
     def __repr__(self) -> str:
         extra = ", ".join(f"{k}={v!r}" for k, v in self.fields.items() if k != "traceback")
         return f"{type(self).__name__}({self.message!r}{', ' + extra if extra else ''})"
+
+    def __str__(self) -> str:
+        """The message, then the structured fields, a line each for what says what to do.
+
+        An uncaught error then shows more than its message: where a remote exception was raised (the
+        traceback's last frame, not the whole traceback), the close names, the suggestion, the figures.
+        """
+        f = self.fields
+        lines = [self.message]
+        where = _last_frame(str(f.get("traceback") or ""))
+        if f.get("exception_type") or where:
+            lines.append(f"  {f.get('exception_type') or 'exception'} raised" + (f" at {where}" if where else ""))
+        if f.get("close_names"):
+            lines.append("  did you mean: " + ", ".join(map(str, f["close_names"])))
+        if f.get("suggestion"):
+            lines.append(f"  suggestion: {f['suggestion']}")
+        details = ", ".join(f"{k}={_brief(f[k])}" for k in ERROR_FIELDS if k in f and k not in _OWN_LINES)
+        if details:
+            lines.append(f"  {details}")
+        tail = [line for line in list(f.get("stderr_tail") or ())[-3:] if str(line) not in self.message]
+        if tail:
+            lines.append("  last output: " + " | ".join(map(str, tail)))
+        return "\n".join(lines)
+
+
+_OWN_LINES = frozenset({"traceback", "exception_type", "close_names", "suggestion", "stderr_tail"})
+_FRAME = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>.+)$')
+
+
+def _last_frame(traceback: str) -> str | None:
+    """`file:line in func: code` of the innermost frame of a formatted traceback."""
+    lines = traceback.splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        m = _FRAME.match(lines[i])
+        if m:
+            code = lines[i + 1].strip() if i + 1 < len(lines) and lines[i + 1].startswith("    ") else ""
+            return f"{m['file']}:{m['line']} in {m['func']}" + (f": {code}" if code else "")
+    return None
+
+
+def _brief(value: Any) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= 120 else text[:119] + "…"
 
 
 class ShapeMismatch(SidecarError):
@@ -150,6 +195,38 @@ def error_from_dict(data: dict[str, Any]) -> SidecarError:
     kind = ErrorKind(str(data.get("kind", "OP_FAILED")).upper())
     fields = {k: v for k, v in data.items() if k in ERROR_FIELDS}
     return ERROR_CLASSES[kind](str(data.get("message", "")), **fields)
+
+
+# A worker that cannot start (DEVICE_UNAVAILABLE, ...) writes its structured error as one line on
+# stderr; the host that spawned it raises that error instead of a bare start failure.
+START_ERROR_PREFIX = "SIDECAR_START_ERROR"
+
+
+def start_error_line(err: SidecarError) -> str:
+    return f"{START_ERROR_PREFIX} {json.dumps(err.to_dict(), default=str)}"
+
+
+def parse_start_error(line: str) -> SidecarError | None:
+    """The error of a `start_error_line`; None for any other line."""
+    if not line.startswith(START_ERROR_PREFIX + " "):
+        return None
+    try:
+        data = json.loads(line[len(START_ERROR_PREFIX) + 1:])
+        return error_from_dict(data) if isinstance(data, dict) else None
+    except (ValueError, TypeError):  # not JSON, an unknown kind or field
+        return None
+
+
+ECHO_CHARS = 80  # how much of a caller's value an error message repeats
+
+
+def shorten(value: Any, limit: int = ECHO_CHARS) -> str:
+    """`repr(value)`, cut to `limit` characters: what a message shows of a value a caller sent (a
+    10 KB op name must not make a 10 KB error)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit - 1]}… ({len(text)} characters)"
 
 
 def close_names(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:

@@ -13,7 +13,7 @@ Python                      Erlang / Elixir
 `Atom("ok")`                atom `:ok` (UTF-8; `ATOM_EXT`/`SMALL_ATOM_EXT` latin-1 decoded too)
 True / False / None         atoms `true` / `false` / `nil`
 int                         small / 32-bit integer, or bignum (SMALL/LARGE_BIG_EXT)
-float                       `NEW_FLOAT_EXT` (also `FLOAT_EXT` on decode); NaN/inf refused
+float                       `NEW_FLOAT_EXT` (also `FLOAT_EXT` on decode); NaN/inf refused both ways
 bytes                       binary (str, bytearray and memoryview encode as binaries too)
 list                        list (`STRING_EXT`, Erlang's compact list of bytes, decodes to a list
                             of ints); improper lists are refused
@@ -22,9 +22,12 @@ dict                        map
 ==========================  ==========================================================
 
 Pids, ports, references, funs and bitstrings are refused with `DecodeError`: the protocol never uses
-them. Decoding never trusts a length: every count is checked against the bytes left before anything
-is allocated, nesting is bounded, and any malformed input raises `DecodeError` (never IndexError,
-RecursionError or MemoryError).
+them; so are atoms longer than 255 characters and non-finite floats, which no Erlang VM produces and
+which could not be sent back. Decoding never trusts a length: every count is checked against the
+bytes left before anything is allocated, nesting is bounded, a compressed term inflates only up to
+`max_inflated` bytes (as the stream really inflates, into one buffer), and any malformed input raises
+`DecodeError` (never IndexError, RecursionError or MemoryError). `decode_prefix` reads the first
+elements of a tuple whose later elements do not decode, so a reply can still name the request's id.
 """
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ import struct
 import zlib
 from typing import Any
 
-__all__ = ["Atom", "EtfError", "DecodeError", "EncodeError", "encode", "decode", "VERSION"]
+__all__ = ["Atom", "EtfError", "DecodeError", "EncodeError", "encode", "decode", "decode_prefix", "VERSION",
+           "MAX_INFLATED"]
 
 VERSION = 131
 
@@ -68,6 +72,8 @@ _REFUSED = {
 
 MAX_DEPTH = 256          # nesting of lists/tuples/maps; our protocol needs < 10
 MAX_ATOM_CHARS = 255     # Erlang's own limit
+MAX_INFLATED = 64 << 20  # default bound of a compressed term's inflated size
+_INFLATE_CHUNK = 1 << 20
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _I32 = struct.Struct(">i")
@@ -193,36 +199,70 @@ def _encode_int(value: int, out: list[bytes]) -> None:
 # Decoding
 
 
-def decode(data: bytes | bytearray | memoryview, *, max_depth: int = MAX_DEPTH) -> Any:
+def decode(data: bytes | bytearray | memoryview, *, max_depth: int = MAX_DEPTH,
+           max_inflated: int = MAX_INFLATED) -> Any:
     """The term in `data` (which starts with the version byte and holds exactly one term)."""
+    dec = _decoder(data, max_depth, max_inflated)
+    term = dec.term(0)
+    if dec.pos != dec.end:
+        raise DecodeError(f"{dec.end - dec.pos} bytes left after the term", dec.pos)
+    return term
+
+
+def decode_prefix(data: bytes | bytearray | memoryview, count: int, *, max_depth: int = MAX_DEPTH,
+                  max_inflated: int = MAX_INFLATED) -> tuple[Any, ...]:
+    """The first `count` elements of the tuple in `data`, whatever follows them.
+
+    For answering a frame that `decode` refused: `{:call, id, op, [pid]}` still yields
+    `(Atom("call"), id)`. Raises DecodeError when the term is not a tuple or one of those elements
+    does not decode.
+    """
+    dec = _decoder(data, max_depth, max_inflated)
+    tag = dec._u8("tag")
+    if tag not in (SMALL_TUPLE_EXT, LARGE_TUPLE_EXT):
+        raise DecodeError(f"the term is not a tuple (tag {tag})", dec.pos - 1)
+    n = dec._count("tuple", tag == LARGE_TUPLE_EXT, 1)
+    return tuple(dec.term(1) for _ in range(min(n, count)))
+
+
+def _decoder(data: bytes | bytearray | memoryview, max_depth: int, max_inflated: int) -> _Decoder:
     view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
     if len(view) < 2:
         raise DecodeError(f"a term needs at least 2 bytes, got {len(view)}", 0)
     if view[0] != VERSION:
         raise DecodeError(f"version byte is {view[0]}, expected {VERSION}", 0)
     if view[1] == COMPRESSED:
-        return _decode_compressed(view, max_depth)
-    dec = _Decoder(view, 1, max_depth)
-    term = dec.term(0)
-    if dec.pos != len(view):
-        raise DecodeError(f"{len(view) - dec.pos} bytes left after the term", dec.pos)
-    return term
+        return _Decoder(memoryview(_inflate(view, max_inflated)), 0, max_depth)
+    return _Decoder(view, 1, max_depth)
 
 
-def _decode_compressed(view: memoryview, max_depth: int) -> Any:
-    # term_to_binary(T, [compressed]): 4-byte uncompressed size, then a zlib stream. The declared size
-    # bounds the inflation, so a small frame cannot expand without limit.
+def _inflate(view: memoryview, max_inflated: int) -> bytearray:
+    """term_to_binary(T, [compressed]): a 4-byte uncompressed size, then a zlib stream.
+
+    The declared size must be within `max_inflated`, and memory grows only as the stream really
+    inflates (a small frame that lies about its size costs nothing), into one buffer that is
+    decoded in place (not copied behind a version byte).
+    """
     if len(view) < 6:
         raise DecodeError("compressed term is truncated", 2)
     size = _U32.unpack_from(view, 2)[0]
+    if size > max_inflated:
+        raise DecodeError(f"compressed term declares {size} bytes inflated, over the {max_inflated}-byte limit", 2)
     inflater = zlib.decompressobj()
+    body = bytearray()
+    pending: memoryview | bytes = view[6:]
     try:
-        body = inflater.decompress(view[6:], size)
+        while len(body) <= size and not inflater.eof:
+            piece = inflater.decompress(pending, min(_INFLATE_CHUNK, size + 1 - len(body)))
+            pending = inflater.unconsumed_tail
+            if not piece and not pending:
+                break  # the stream ended early
+            body += piece
     except zlib.error as e:
         raise DecodeError(f"compressed term is corrupt: {e}", 6) from None
     if len(body) != size or inflater.unconsumed_tail or not inflater.eof:
         raise DecodeError(f"compressed term does not inflate to its declared {size} bytes", 6)
-    return decode(bytes((VERSION,)) + body, max_depth=max_depth)
+    return body
 
 
 class _Decoder:
@@ -294,7 +334,7 @@ class _Decoder:
         if tag == MAP_EXT:
             return self._map(depth)
         if tag == NEW_FLOAT_EXT:
-            return _F64.unpack_from(self.data, self._need(8, "float"))[0]
+            return _finite(_F64.unpack_from(self.data, self._need(8, "float"))[0], at)
         if tag in (SMALL_BIG_EXT, LARGE_BIG_EXT):
             n = self._u32("bignum length") if tag == LARGE_BIG_EXT else self._u8("bignum length")
             sign = self._u8("bignum sign")
@@ -307,9 +347,10 @@ class _Decoder:
             start = self._need(31, "float")
             text = bytes(self.data[start:start + 31]).split(b"\x00", 1)[0]
             try:
-                return float(text.decode("ascii"))
+                value = float(text.decode("ascii"))
             except (UnicodeDecodeError, ValueError):
                 raise DecodeError(f"FLOAT_EXT text {text!r} is not a number", start) from None
+            return _finite(value, at)
         if tag == COMPRESSED:
             raise DecodeError("a compressed term may only appear at the top level", at)
         if tag in _REFUSED:
@@ -324,7 +365,9 @@ class _Decoder:
         try:
             name = raw.decode("utf-8" if tag in (SMALL_ATOM_UTF8_EXT, ATOM_UTF8_EXT) else "latin-1")
         except UnicodeDecodeError:
-            raise DecodeError(f"atom {raw!r} is not valid UTF-8", start) from None
+            raise DecodeError(f"atom {raw[:40]!r} is not valid UTF-8", start) from None
+        if len(name) > MAX_ATOM_CHARS:
+            raise DecodeError(f"atom of {len(name)} characters exceeds Erlang's {MAX_ATOM_CHARS}", start)
         if name == "true":
             return True
         if name == "false":
@@ -349,3 +392,9 @@ class _Decoder:
                     f"map key of type {type(key).__name__} is not supported (keys must be atoms, "
                     "numbers, binaries or tuples of them)", key_at) from None
         return out
+
+
+def _finite(value: float, at: int) -> float:
+    if not math.isfinite(value):
+        raise DecodeError(f"float {value!r} has no Erlang form (Erlang floats are finite)", at)
+    return value

@@ -36,6 +36,7 @@ from sidecar.errors import (
     SidecarError,
     UnknownOp,
     WorkerCrashed,
+    shorten,
 )
 from sidecar.v1 import sidecar_pb2 as pb
 from sidecar.worker.calls import Call, CallResult, OutputSpec, Placement, Timing
@@ -156,7 +157,7 @@ def _fill_value(m: pb.Value, v: Any) -> None:
     elif isinstance(v, float):
         m.f64 = v
     elif isinstance(v, str):
-        m.s = v
+        m.s = _utf8(v)
     elif isinstance(v, (bytes, bytearray, memoryview)):
         m.raw = bytes(v)
     elif isinstance(v, (list, tuple)):
@@ -170,10 +171,20 @@ def _fill_value(m: pb.Value, v: Any) -> None:
         for k, x in v.items():
             if not isinstance(k, str):
                 raise InvalidArgument(f"map keys must be strings, got {type(k).__name__}", field="value")
-            _fill_value(items[k], x)
+            _fill_value(items[_utf8(k)], x)
     else:
         raise InvalidArgument(f"cannot send a value of type {type(v).__name__} (convert it to a tensor "
                               f"first)", field="value")
+
+
+def _utf8(text: str) -> str:
+    """`text` if protobuf can carry it (a str with lone surrogates has no UTF-8 form)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(f"string {shorten(text)} is not valid Unicode ({exc.reason}) and cannot be sent",
+                              field="value") from None
+    return text
 
 
 def value_from_pb(m: pb.Value, input_index: int = -1) -> Any:
@@ -423,6 +434,37 @@ _SCALARS = ("op", "request_id", "expected", "got", "suggestion", "device", "requ
             "exception_type", "traceback", "queue_depth", "limit", "exit_code", "signal",
             "classification", "pid")
 _LISTS = ("input_dtypes", "available", "close_names", "stderr_tail")
+_INT64_FIELDS = ("dim", "requested_bytes", "free_bytes", "total_bytes", "allocated_bytes", "reserved_bytes",
+                 "queue_depth", "limit", "exit_code", "signal", "pid", "input_index")
+
+# A failed call's status travels in HTTP/2 headers: grpc-message (percent-encoded) and
+# grpc-status-details-bin (base64). gRPC drops metadata over 8 KiB (soft) / 16 KiB (hard) by default,
+# and the caller then gets a bare RESOURCE_EXHAUSTED with no details: errors that echo long input
+# (a 10 KB op name, thousands of attrs, a user's huge message) are cut to stay well inside that.
+STATUS_MESSAGE_BYTES = 512   # grpc-message (== google.rpc.Status.message)
+ERROR_MESSAGE_BYTES = 1024   # sidecar.v1.Error.message
+ERROR_FIELD_BYTES = 256      # each other string, and each item of a list
+ERROR_TRACEBACK_BYTES = 2048
+ERROR_LIST_ITEMS = 16
+ERROR_BYTES = 3072           # the whole serialized sidecar.v1.Error
+# What gives way first when an error is still over ERROR_BYTES.
+_EXPENDABLE = ("traceback", "stderr_tail", "close_names", "available", "input_dtypes", "input_shapes",
+               "suggestion", "expected", "got", "message", "op", "request_id", "field", "exception_type",
+               "device", "classification")
+
+
+def cut(text: str, max_bytes: int, keep_head: float = 0.5) -> str:
+    """`text` in at most `max_bytes` of UTF-8 (lone surrogates replaced), with the middle cut out and
+    marked; `keep_head` is the share kept from the start (a traceback keeps its end)."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= max_bytes:
+        return data.decode("utf-8")
+    marker_room = 28  # " …[1234567890 bytes cut]… "
+    keep = max(max_bytes - marker_room, 0)
+    head = data[:int(keep * keep_head)].decode("utf-8", "ignore")
+    tail = data[len(data) - (keep - int(keep * keep_head)):].decode("utf-8", "ignore")
+    cut_bytes = len(data) - len(head.encode()) - len(tail.encode())
+    return f"{head} …[{cut_bytes} bytes cut]… {tail}"
 
 
 class WorkerUnreachable(WorkerCrashed):
@@ -434,23 +476,64 @@ class WorkerUnreachable(WorkerCrashed):
 
 
 def error_to_pb(e: SidecarError) -> pb.Error:
+    """The error as a `sidecar.v1.Error` of at most ERROR_BYTES: long strings cut in the middle,
+    lists shortened, integers that int64 cannot hold clamped (a `dim=1e300` echoed back)."""
     f = e.fields
-    m = pb.Error(kind=pb.ErrorKind.Value(e.kind.value), message=e.message)
+    m = pb.Error(kind=pb.ErrorKind.Value(e.kind.value), message=cut(e.message, ERROR_MESSAGE_BYTES))
     fields = pb.Error.DESCRIPTOR.fields_by_name
     for name in _SCALARS:
         v = f.get(name)
         if v is None:
             continue
-        setattr(m, name, _coerce(fields[name], v))
+        if name in _INT64_FIELDS:
+            setattr(m, name, _clamp(fields[name], v))
+        elif fields[name].type == fields[name].TYPE_STRING:
+            limit = ERROR_TRACEBACK_BYTES if name == "traceback" else ERROR_FIELD_BYTES
+            setattr(m, name, cut(str(v), limit, keep_head=0.25 if name == "traceback" else 0.5))
+        else:
+            setattr(m, name, _coerce(fields[name], v))
     for name in _LISTS:
         if f.get(name):
-            getattr(m, name).extend(str(x) for x in f[name])
-    for shape in f.get("input_shapes") or ():
-        m.input_shapes.add(dims=[int(x) for x in shape])
+            getattr(m, name).extend(cut(str(x), ERROR_FIELD_BYTES) for x in list(f[name])[:ERROR_LIST_ITEMS])
+    for shape in list(f.get("input_shapes") or ())[:ERROR_LIST_ITEMS]:
+        m.input_shapes.add(dims=[_clamp(fields["dim"], x) for x in list(shape)[:64]])
     if f.get("dim") is not None:
-        m.dim, m.has_dim = int(f["dim"]), True
-    m.input_index = int(f["input_index"]) if f.get("input_index") is not None else -1
+        m.dim, m.has_dim = _clamp(fields["dim"], f["dim"]), True
+    m.input_index = _clamp(fields["input_index"], f["input_index"]) if f.get("input_index") is not None else -1
+    _fit(m, ERROR_BYTES)
     return m
+
+
+def _clamp(f: Any, v: Any) -> int:
+    """An integer field from any number-ish value, clamped to what the field can hold."""
+    lo, hi = _INT_RANGES[f.type]
+    try:
+        n = int(v)
+    except OverflowError:  # +-inf
+        n = hi if v > 0 else lo
+    except (TypeError, ValueError):  # NaN, or not a number at all
+        n = 0
+    return min(max(n, lo), hi)
+
+
+_FD = pb.Error.DESCRIPTOR.fields_by_name["dim"]
+_INT_RANGES = {_FD.TYPE_INT64: (INT64_MIN, INT64_MAX), _FD.TYPE_UINT64: (0, (1 << 64) - 1),
+               _FD.TYPE_INT32: (-(1 << 31), (1 << 31) - 1), _FD.TYPE_UINT32: (0, (1 << 32) - 1)}
+
+
+def _fit(m: pb.Error, budget: int) -> None:
+    """Shrinks the most expendable fields of `m` until it serializes to at most `budget` bytes."""
+    for name in _EXPENDABLE:
+        excess = m.ByteSize() - budget
+        if excess <= 0:
+            return
+        value = getattr(m, name)
+        if isinstance(value, str):
+            size = len(value.encode())
+            setattr(m, name, cut(value, max(size - excess, 64), keep_head=0.25 if name == "traceback" else 0.5))
+        else:  # a repeated field: drop items from the end, keep the first
+            while len(value) > 1 and m.ByteSize() > budget:
+                del value[-1]
 
 
 def error_from_pb(m: pb.Error, message: str | None = None) -> SidecarError:
@@ -483,7 +566,8 @@ def error_to_status(e: SidecarError) -> grpc.Status:
     detail = any_pb2.Any()
     detail.Pack(error_to_pb(e))
     code = getattr(code_pb2, e.grpc_code, code_pb2.INTERNAL)
-    return rpc_status.to_status(status_pb2.Status(code=code, message=e.message, details=[detail]))
+    message = cut(e.message, STATUS_MESSAGE_BYTES)  # the whole message is in the details
+    return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=[detail]))
 
 
 _BY_CODE: dict[grpc.StatusCode, type[SidecarError]] = {

@@ -274,3 +274,59 @@ def test_worker_keeps_serving_after_errors(host):
 def test_small_result_travels_inline_by_default(host):
     res = host.rt.dispatcher.execute(Call(op="sum", inputs=[host.ref(rand(10))]))
     assert isinstance(res.outputs[0].storage, InlineStorage) and res.leases == []
+
+
+def test_wrong_attrs_are_invalid_argument_not_op_failed(host):
+    """Each of these used to fail inside the op (OP_FAILED or a status the wire could not build)."""
+    for value in (1e300, 2**70, -(2**64)):
+        e = _err(host, InvalidArgument, "sum", rand(2, 3), dim=value)
+        assert e.field == "attrs.dim" and "int64" in e.expected
+    e = _err(host, InvalidArgument, "reshape", rand(2, 3))
+    assert (e.field, e.expected, e.got) == ("attrs.shape", "shape", "absent")
+    e = _err(host, InvalidArgument, "cast", rand(2, 3))
+    assert e.field == "attrs.dtype" and "needs attr(s) 'dtype'" in e.message
+    e = _err(host, InvalidArgument, "layer_norm", rand(2, 3), normalized_shape=[])
+    assert e.field == "attrs.normalized_shape" and "non-empty" in e.expected
+
+
+def test_unsigned_promotion_is_a_dtype_mismatch(host):
+    e = _err(host, DtypeMismatch, "add", np.ones(3, np.uint16), np.ones(3, np.uint32))
+    assert (e.expected, e.got) == ("uint16", "uint32") and e.input_dtypes == ["uint16", "uint32"]
+    assert "cast" in e.suggestion
+
+
+def test_an_empty_tensor_whose_other_dimensions_overflow_is_an_invalid_ref(host):
+    from sidecar.errors import InvalidTensorRef
+
+    huge_empty = TensorRef("float32", (0, 2**62, 4), InlineStorage(b""))
+    with pytest.raises(InvalidTensorRef) as info:
+        host.rt.dispatcher.execute(Call(op="relu", inputs=[huge_empty]))
+    assert info.value.field == "shape" and info.value.input_index == 0
+
+
+ESTIMATED = [("identity", (rand(3, 5), rand(2)), {}), ("add", (rand(2, 1, 4), rand(3, 1)), {}),
+             ("div", (np.arange(6, dtype=np.int64), 2), {}), ("matmul", (rand(5, 2, 3), rand(3, 4)), {}),
+             ("sum", (rand(3, 4),), {"dim": 0}), ("max", (rand(3, 4),), {}), ("softmax", (rand(3, 4),), {}),
+             ("gelu", (rand(3, 4),), {}), ("layer_norm", (rand(3, 4),), {}), ("reshape", (rand(3, 4),), {"shape": [-1]}),
+             ("transpose", (rand(3, 4),), {}), ("cast", (rand(3, 4),), {"dtype": "float64"}),
+             ("relu", (np.arange(4, dtype=np.int16),), {})]
+
+
+@pytest.mark.parametrize("op, inputs, attrs", ESTIMATED, ids=[c[0] for c in ESTIMATED])
+def test_output_sizes_are_known_before_a_builtin_runs(host, op, inputs, attrs):
+    """On meta tensors (no data, no compute) each built-in tells the bytes it will return."""
+    from sidecar.worker.registry import estimate_output_nbytes
+
+    refs = [host.ref(x) for x in inputs]
+    got = host.call(op, *inputs, **attrs)
+    outs = got if isinstance(got, list) else [got]
+    assert estimate_output_nbytes(host.rt.registry.get(op), refs, attrs) == sum(np.asarray(o).nbytes for o in outs)
+
+
+def test_no_output_size_is_guessed_for_refused_inputs_or_ops_that_are_not_meta_ok(host):
+    from sidecar.worker.registry import estimate_output_nbytes, make_spec
+
+    refs = [host.ref(rand(2, 3)), host.ref(rand(4))]
+    assert estimate_output_nbytes(host.rt.registry.get("add"), refs, {}) is None  # add refuses these shapes
+    user_op = make_spec(lambda x: x, "user.identity")  # may read data or have side effects: never run on meta
+    assert estimate_output_nbytes(user_op, refs[:1], {}) is None

@@ -58,6 +58,7 @@ BAD = [
     (TensorRef("float32", (-1,), shm(nbytes=0)), "shape"),
     (TensorRef("float32", (2**63,), shm(nbytes=8)), "shape"),
     (TensorRef("float32", (2**62, 2**62), shm(nbytes=8)), "shape"),  # product overflows int64
+    (TensorRef("float32", (0, 2**62, 4), shm(nbytes=0)), "shape"),  # empty, but no array can have that shape
     (TensorRef("float64", (2**61,), shm(nbytes=2**64 - 1)), "shape"),  # bytes overflow int64
     (TensorRef("float32", (2.0,), shm(nbytes=8)), "shape"),
     (TensorRef("float32", (True,), shm(nbytes=4)), "shape"),

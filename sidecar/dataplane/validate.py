@@ -118,11 +118,14 @@ def _check_shape(shape: Any, item: int, input_index: int | None) -> int:
     if len(shape) > MAX_NDIM:
         _fail(f"{len(shape)} dimensions; at most {MAX_NDIM} are supported", "shape", input_index)
     numel = 1
+    span = item  # bytes spanned by the non-zero dimensions: NumPy and torch refuse more, empty or not
     for i, dim in enumerate(shape):
         dim = _int(dim, 0, INT64_MAX, "shape", "shape", input_index, i)
         numel *= dim
-        if numel * item > INT64_MAX:
-            _fail(f"shape {tuple(shape)} holds more than {INT64_MAX} bytes", "shape", input_index)
+        span *= max(dim, 1)
+        if span > INT64_MAX:
+            _fail(f"shape {tuple(shape)} spans more than {INT64_MAX} bytes (counting its non-zero dimensions)",
+                  "shape", input_index)
     return numel
 
 

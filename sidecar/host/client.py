@@ -311,7 +311,7 @@ class Client:
         """Like `call`, but returns a `Result` with outputs, timing, device, leases and bytes."""
         self._check_open()
         place = _placement(placement, out)
-        want_torch = any(_is_torch(x) for x in inputs)
+        want_torch = any(_has_torch(x) for x in inputs)
         temp: dict[str, Block] = {}          # input copies made for this call, by segment name
         in_place: dict[str, list[Any]] = {}  # inputs described where they lie (zero copy)
         out_blocks: list[Block] = []
@@ -362,6 +362,12 @@ class Client:
                       bytes_in=res.bytes_in, bytes_out=res.bytes_out, request_id=res.request_id)
 
     def _encode_input(self, x: Any, temp: dict[str, Block], in_place: dict[str, list[Any]]) -> Any:
+        """A value as it travels: arrays/tensors/tables as refs, also inside lists and dicts (a
+        HuggingFace-style {"input_ids": ..., "attention_mask": ...}), anything else as it is."""
+        if isinstance(x, (list, tuple)):
+            return [self._encode_input(v, temp, in_place) for v in x]
+        if isinstance(x, dict):
+            return {k: self._encode_input(v, temp, in_place) for k, v in x.items()}
         if _is_arrow(x):
             ref, block = arrow_io.table_to_ref(x, self.arena, inline_threshold=self.inline_threshold)
         elif _is_tensor_like(x):
@@ -533,6 +539,15 @@ def _is_torch(x: Any) -> bool:
 
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _has_torch(x: Any) -> bool:
+    """A torch tensor, or a list/dict holding one: then outputs come back as torch tensors."""
+    if isinstance(x, (list, tuple)):
+        return any(_has_torch(v) for v in x)
+    if isinstance(x, dict):
+        return any(_has_torch(v) for v in x.values())
+    return _is_torch(x)
 
 
 def _is_arrow(x: Any) -> bool:

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
-from sidecar.errors import WorkerCrashed
+from sidecar.errors import START_ERROR_PREFIX, SidecarError, WorkerCrashed, parse_start_error
 from sidecar.host.crash import (Classification, ExitInfo, classify_returncode, classify_wait_status, condense_tail,
                                 unknown_exit)
 
@@ -326,6 +326,18 @@ def start_worker(args: Sequence[str] = (), *, python: str = sys.executable,
     return proc
 
 
+def _reported_start_error(proc: WorkerProcess) -> SidecarError | None:
+    """The structured error a worker wrote on stderr when it could not start (`SIDECAR_START_ERROR`)."""
+    with proc._cond:
+        lines = list(proc._tail)
+    for line in reversed(lines):
+        err = parse_start_error(line)
+        if err is not None:
+            err.fields["stderr_tail"] = [x for x in proc.stderr_tail() if not x.startswith(START_ERROR_PREFIX)]
+            return err
+    return None
+
+
 def _await_ready(proc: WorkerProcess, start_timeout: float, ready_file: Path | None) -> None:
     deadline = time.monotonic() + start_timeout
     step = _READY_FILE_POLL_S if ready_file is not None else None
@@ -350,6 +362,10 @@ def _await_ready(proc: WorkerProcess, start_timeout: float, ready_file: Path | N
     else:
         info = proc.exit_info
         message = f"worker pid {proc.pid} {info.describe()} during start-up"
+        reported = _reported_start_error(proc)
+        if reported is not None:  # e.g. DeviceUnavailable naming the devices that exist
+            reported.fields.update(pid=proc.pid, **info.as_fields())
+            raise reported
     tail = proc.stderr_tail()
     if tail:
         message += "; last output:\n  " + "\n  ".join(tail[-10:])

@@ -6,14 +6,19 @@ through `torch_errors`. Attr values are validated here too (InvalidArgument nami
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from sidecar.errors import DeviceMismatch, DtypeMismatch, InvalidArgument, ShapeMismatch
+from sidecar.errors import DeviceMismatch, DtypeMismatch, InvalidArgument, ShapeMismatch, shorten
 from sidecar.worker.registry import OpContext, op
+
+# Every built-in is pure torch on its inputs: it runs on meta tensors, so its output sizes are known
+# before it runs (an inline output too big for a gRPC message is refused before any compute).
+builtin_op = functools.partial(op, meta_ok=True)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FLOAT_NAMES = "a floating-point dtype (float16, bfloat16, float32, float64)"
@@ -82,16 +87,18 @@ def _need_float(opname: str, x: torch.Tensor, index: int = 0, complex_ok: bool =
 
 
 def _attr_error(opname: str, attr: str, expected: str, value: Any) -> InvalidArgument:
-    return InvalidArgument(f"{opname}: attr {attr!r} must be {expected}, got {value!r}", op=opname,
-                           field=f"attrs.{attr}", expected=expected, got=repr(value), input_index=-1)
+    return InvalidArgument(f"{opname}: attr {attr!r} must be {expected}, got {shorten(value)}", op=opname,
+                           field=f"attrs.{attr}", expected=expected, got=shorten(value), input_index=-1)
+
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def _int(opname: str, attr: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            return int(value)  # JSON-ish hosts send 1.0 for 1
-        raise _attr_error(opname, attr, "an integer", value)
-    return value
+    n = int(value) if isinstance(value, float) and value.is_integer() else value  # JSON-ish hosts send 1.0
+    if isinstance(n, bool) or not isinstance(n, int) or not INT64_MIN <= n <= INT64_MAX:
+        raise _attr_error(opname, attr, "an integer (int64)", value)
+    return n
 
 
 def _bool(opname: str, attr: str, value: Any) -> bool:
@@ -196,14 +203,14 @@ def _out(ctx: OpContext | None, shape: Sequence[int], dtype: torch.dtype, *input
 # the ops
 
 
-@op("identity", min_inputs=1, max_inputs=-1, attrs=())
+@builtin_op("identity", min_inputs=1, max_inputs=-1, attrs=())
 def identity(*xs: Any) -> Any:
     """Returns its inputs unchanged (one output per input). Inputs: 1 or more values. Attrs: none.
     Useful to move a tensor across the boundary (round trip) or to copy it into the worker's arena."""
     return xs[0] if len(xs) == 1 else tuple(xs)
 
 
-@op("add")
+@builtin_op("add")
 def add(a: Any, b: Any, ctx: OpContext | None = None) -> torch.Tensor:
     """a + b, elementwise with broadcasting (either side may be a number). Inputs: a, b. Attrs: none.
     Shape rule: sizes matched from the last dimension must be equal or 1."""
@@ -211,7 +218,7 @@ def add(a: Any, b: Any, ctx: OpContext | None = None) -> torch.Tensor:
     return torch.add(a, b, **_out(ctx, shape, torch.result_type(a, b), a, b))
 
 
-@op("sub")
+@builtin_op("sub")
 def sub(a: Any, b: Any, ctx: OpContext | None = None) -> torch.Tensor:
     """a - b, elementwise with broadcasting (either side may be a number). Inputs: a, b. Attrs: none.
     Boolean tensors cannot be subtracted."""
@@ -224,14 +231,14 @@ def sub(a: Any, b: Any, ctx: OpContext | None = None) -> torch.Tensor:
     return torch.sub(a, b, **_out(ctx, shape, torch.result_type(a, b), a, b))
 
 
-@op("mul")
+@builtin_op("mul")
 def mul(a: Any, b: Any, ctx: OpContext | None = None) -> torch.Tensor:
     """a * b, elementwise with broadcasting (either side may be a number). Inputs: a, b. Attrs: none."""
     a, b, shape = _elementwise("mul", a, b)
     return torch.mul(a, b, **_out(ctx, shape, torch.result_type(a, b), a, b))
 
 
-@op("div")
+@builtin_op("div")
 def div(a: Any, b: Any, *, rounding_mode: str | None = None, ctx: OpContext | None = None) -> torch.Tensor:
     """a / b, elementwise with broadcasting (either side may be a number). Inputs: a, b.
     Attrs: rounding_mode (optional: "trunc" or "floor"; default true division, which gives floats
@@ -245,7 +252,7 @@ def div(a: Any, b: Any, *, rounding_mode: str | None = None, ctx: OpContext | No
     return torch.div(a, b, rounding_mode=rounding_mode, **_out(ctx, shape, dtype, a, b))
 
 
-@op("matmul")
+@builtin_op("matmul")
 def matmul(a: Any, b: Any, ctx: OpContext | None = None) -> torch.Tensor:
     """Matrix product with torch.matmul semantics (1-D operands are vectors; leading dims are batch
     dims and broadcast). Inputs: a (..., n, k), b (..., k, m). Attrs: none.
@@ -292,7 +299,7 @@ def matmul(a: Any, b: Any, ctx: OpContext | None = None) -> torch.Tensor:
     return torch.matmul(a, b, **(_out(ctx, shape, a.dtype, a, b) if a.dim() > 1 or b.dim() != 2 else {}))
 
 
-@op("sum")
+@builtin_op("sum")
 def sum_(x: Any, *, dim: Any = None, keepdim: Any = False) -> torch.Tensor:
     """Sum of elements. Inputs: x. Attrs: dim (int or list of ints; default: all elements),
     keepdim (bool, default false: reduced dimensions are removed). Booleans and integers sum to int64."""
@@ -301,7 +308,7 @@ def sum_(x: Any, *, dim: Any = None, keepdim: Any = False) -> torch.Tensor:
     return torch.sum(x, dim=dims, keepdim=_bool("sum", "keepdim", keepdim))
 
 
-@op("mean")
+@builtin_op("mean")
 def mean(x: Any, *, dim: Any = None, keepdim: Any = False) -> torch.Tensor:
     """Arithmetic mean. Inputs: x (floating-point or complex). Attrs: dim (int or list of ints;
     default: all elements), keepdim (bool, default false)."""
@@ -311,7 +318,7 @@ def mean(x: Any, *, dim: Any = None, keepdim: Any = False) -> torch.Tensor:
     return torch.mean(x, dim=dims, keepdim=_bool("mean", "keepdim", keepdim))
 
 
-@op("max", min_inputs=1, max_inputs=2, attrs=("dim", "keepdim"))
+@builtin_op("max", min_inputs=1, max_inputs=2, attrs=("dim", "keepdim"))
 def max_(x: Any, other: Any = None, *, dim: Any = None, keepdim: Any = False) -> torch.Tensor:
     """Maximum. With one input: the largest element, or the largest values along `dim` (values only).
     With two inputs: the elementwise maximum with broadcasting. Attrs (one input only): dim (int or list
@@ -335,7 +342,7 @@ def max_(x: Any, other: Any = None, *, dim: Any = None, keepdim: Any = False) ->
     return torch.amax(x, dim=dims, keepdim=keep)
 
 
-@op("softmax")
+@builtin_op("softmax")
 def softmax(x: Any, *, dim: Any = -1, ctx: OpContext | None = None) -> torch.Tensor:
     """Softmax along a dimension (exp(x) / sum(exp(x)), numerically stable). Inputs: x (floating-point).
     Attrs: dim (int, default -1: the last dimension)."""
@@ -345,7 +352,7 @@ def softmax(x: Any, *, dim: Any = -1, ctx: OpContext | None = None) -> torch.Ten
     return torch.softmax(x, dim=d, **_out(ctx, x.shape, x.dtype, x))
 
 
-@op("relu")
+@builtin_op("relu")
 def relu(x: Any, ctx: OpContext | None = None) -> torch.Tensor:
     """max(x, 0) elementwise. Inputs: x (a numeric dtype, not bool). Attrs: none."""
     x = _tensor("relu", x, 0)
@@ -356,7 +363,7 @@ def relu(x: Any, ctx: OpContext | None = None) -> torch.Tensor:
     return torch.clamp_min(x, 0, **_out(ctx, x.shape, x.dtype, x))  # what torch.relu runs, with out=
 
 
-@op("gelu")
+@builtin_op("gelu")
 def gelu(x: Any, *, approximate: Any = "none", ctx: OpContext | None = None) -> torch.Tensor:
     """Gaussian error linear unit. Inputs: x (floating-point). Attrs: approximate ("none", the exact
     erf form, default; or "tanh", the tanh approximation)."""
@@ -368,7 +375,7 @@ def gelu(x: Any, *, approximate: Any = "none", ctx: OpContext | None = None) -> 
     return torch._C._nn.gelu(x, approximate=approximate, **_out(ctx, x.shape, x.dtype, x))
 
 
-@op("layer_norm", min_inputs=1, max_inputs=3, attrs=("normalized_shape", "eps"))
+@builtin_op("layer_norm", min_inputs=1, max_inputs=3, attrs=("normalized_shape", "eps"))
 def layer_norm(x: Any, weight: Any = None, bias: Any = None, *, normalized_shape: Any = None,
                eps: Any = 1e-5) -> torch.Tensor:
     """Layer normalisation over the trailing dimensions: (x - mean) / sqrt(var + eps) * weight + bias.
@@ -385,6 +392,9 @@ def layer_norm(x: Any, weight: Any = None, bias: Any = None, *, normalized_shape
         norm = list(w.shape) if w is not None else list(x.shape[-1:])
     elif isinstance(normalized_shape, (list, tuple)):
         norm = _ints("layer_norm", "normalized_shape", normalized_shape)
+        if not norm:
+            raise _attr_error("layer_norm", "normalized_shape", "a non-empty list of integers (the trailing "
+                              "dimensions to normalise)", normalized_shape)
     else:
         norm = [_int("layer_norm", "normalized_shape", normalized_shape)]
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0 or not math.isfinite(eps):
@@ -409,7 +419,7 @@ def layer_norm(x: Any, weight: Any = None, bias: Any = None, *, normalized_shape
     return F.layer_norm(x, norm, w, b, float(eps))
 
 
-@op("reshape")
+@builtin_op("reshape")
 def reshape(x: Any, *, shape: Any) -> torch.Tensor:
     """Same elements in a new shape (row-major order). Inputs: x. Attrs: shape (list of ints; one of
     them may be -1, inferred from the element count). The element count must not change."""
@@ -436,7 +446,7 @@ def reshape(x: Any, *, shape: Any) -> torch.Tensor:
     return torch.reshape(x, dims)
 
 
-@op("transpose")
+@builtin_op("transpose")
 def transpose(x: Any, *, dim0: Any = -2, dim1: Any = -1) -> torch.Tensor:
     """Swaps two dimensions. Inputs: x. Attrs: dim0, dim1 (ints, default -2 and -1: the last two,
     i.e. a matrix transpose; a tensor with fewer than 2 dimensions is returned as is under the defaults)."""
@@ -449,7 +459,7 @@ def transpose(x: Any, *, dim0: Any = -2, dim1: Any = -1) -> torch.Tensor:
     return torch.transpose(x, d0, d1)
 
 
-@op("cast")
+@builtin_op("cast")
 def cast(x: Any, *, dtype: Any, ctx: OpContext | None = None) -> torch.Tensor:
     """Converts to another dtype. Inputs: x. Attrs: dtype (numpy name: bool, int8, int16, int32, int64,
     uint8, uint16, uint32, uint64, float16, bfloat16, float32, float64, complex64, complex128).

@@ -35,7 +35,7 @@ from sidecar.dataplane import arrow, dtypes, tensors
 from sidecar.dataplane.mapcache import CallMappings
 from sidecar.dataplane.refs import ArrowRef, CudaIpcStorage, InlineStorage, ShmStorage, TensorRef
 from sidecar.errors import (Cancelled, DeviceUnavailable, InvalidArgument, InvalidTensorRef, OpFailed,
-                            Overloaded, SidecarError, close_names)
+                            Overloaded, SidecarError, close_names, shorten)
 from sidecar.worker.calls import Call, CallResult, Placement, Timing
 from sidecar.worker.leases import LeaseOwner, free_objects
 from sidecar.worker.registry import CTX_PARAM, OpContext, OpSpec, Registry
@@ -43,6 +43,8 @@ from sidecar.worker.scratch import CallBlocks
 from sidecar.worker.torch_errors import InputsMeta, is_sticky_cuda_error, to_sidecar_error
 
 _now = time.perf_counter_ns
+MAX_ATTRS = 256      # attrs per call (an op's parameters, not data)
+MAX_ATTR_NAME = 128  # characters of an attr name
 
 
 def new_request_id() -> str:
@@ -344,13 +346,28 @@ class Dispatcher:
         if not isinstance(call.attrs, dict):
             raise InvalidArgument("attrs must be a map of name to value", op=spec.name, field="attrs",
                                   input_index=-1)
+        if len(call.attrs) > MAX_ATTRS:
+            raise InvalidArgument(f"op {spec.name!r} got {len(call.attrs)} attrs; at most {MAX_ATTRS} are accepted",
+                                  op=spec.name, field="attrs", input_index=-1, expected=f"at most {MAX_ATTRS}",
+                                  got=str(len(call.attrs)))
+        long_name = next((k for k in call.attrs if len(str(k)) > MAX_ATTR_NAME), None)
+        if long_name is not None:
+            raise InvalidArgument(f"attr name {shorten(long_name)} is longer than {MAX_ATTR_NAME} characters",
+                                  op=spec.name, field="attrs", input_index=-1,
+                                  expected=f"names of at most {MAX_ATTR_NAME} characters", got=shorten(long_name))
+        missing = [a for a in spec.required_attrs if a not in call.attrs]
+        if missing:
+            raise InvalidArgument(f"op {spec.name!r} needs attr(s) {', '.join(map(repr, missing))}",
+                                  op=spec.name, field=f"attrs.{missing[0]}", input_index=-1,
+                                  expected=", ".join(missing), got="absent")
         bad = [k for k in call.attrs if k == CTX_PARAM or (not spec.any_attrs and k not in spec.attrs)]
         if bad:
             accepted = ", ".join(spec.attrs) or "none"
+            shown = ", ".join(map(repr, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
             raise InvalidArgument(
-                f"op {spec.name!r} does not accept attr(s) {', '.join(map(repr, bad))}; it accepts: {accepted}",
-                op=spec.name, field="attrs", input_index=-1, expected=accepted, got=", ".join(bad),
-                close_names=[c for b in bad for c in close_names(str(b), spec.attrs)])
+                f"op {spec.name!r} does not accept attr(s) {shown}; it accepts: {accepted}",
+                op=spec.name, field="attrs", input_index=-1, expected=accepted, got=shown,
+                close_names=[c for b in bad[:5] for c in close_names(str(b), spec.attrs)])
 
     def _check_cancelled(self, call: Call, when: str) -> None:
         if call.is_cancelled is not None and call.is_cancelled():
@@ -490,6 +507,11 @@ class Dispatcher:
                 fields = {**err.fields, "input_index": -1}
                 if isinstance(err, InvalidTensorRef):
                     fields["field"] = f"out[{k}].{err.fields.get('field', '')}".rstrip(".")
+                else:  # the result does not fit the ref: say what would
+                    fields["field"] = f"out[{k}]"
+                    fields.setdefault("input_shapes", [shape for shape, _ in _meta(call.inputs)])
+                    fields.setdefault("suggestion", f"give out ref {k} the result's shape {list(out.shape)} and "
+                                                    f"dtype {dtypes.name_of(out.dtype)}, or call without out")
                 raise type(err)(f"out ref {k}: {err.message}", **fields) from None
             values.append(ref)
             k += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import socket
 import stat
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -29,6 +31,9 @@ from sidecar import wire
 from sidecar.errors import InvalidArgument, OpFailed, Overloaded, SidecarError
 from sidecar.v1 import sidecar_pb2 as pb
 from sidecar.v1 import sidecar_pb2_grpc as pb_grpc
+from sidecar.worker.calls import Placement
+from sidecar.worker.dispatcher import new_request_id
+from sidecar.worker.registry import estimate_output_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +62,14 @@ class ListenAddress:
         return f"unix:{self.unix_path}" if self.unix_path else f"{self.host}:{self.port}"
 
 
+_SOCKET_NAME = re.compile(r"^w-(\d+)-[0-9a-f]+\.sock$")
+
+
 def default_socket_path() -> str:
-    """A fresh socket path in a private (0700) directory: $XDG_RUNTIME_DIR/sidecar or /tmp/sidecar-<uid>."""
+    """A fresh socket path in a private (0700) directory: $XDG_RUNTIME_DIR/sidecar or /tmp/sidecar-<uid>.
+
+    Sockets left there by workers that died without cleaning up (SIGKILL, a crash) are removed first.
+    """
     runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
     base = Path(runtime_dir) / "sidecar" if runtime_dir and os.path.isdir(runtime_dir) \
         else Path(tempfile.gettempdir()) / f"sidecar-{os.getuid()}"
@@ -66,7 +77,44 @@ def default_socket_path() -> str:
     st = base.stat()
     if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
         raise PermissionError(f"socket directory {base} must be owned by uid {os.getuid()} with mode 0700")
+    remove_stale_sockets(base)
     return str(base / f"w-{os.getpid()}-{secrets.token_hex(4)}.sock")
+
+
+def remove_stale_sockets(base: Path) -> list[str]:
+    """Unlinks `w-<pid>-<rand>.sock` sockets in `base` whose worker is dead and that nobody listens
+    on; returns their paths. A socket of a live pid is never touched (it may be a live worker, or a
+    recycled pid: either way not provably stale)."""
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _SOCKET_NAME.match(entry.name)
+        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid() or _socket_in_use(entry.path):
+                continue
+            os.unlink(entry.path)
+            removed.append(entry.path)
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
+    if removed:
+        log.info("removed %d stale socket(s) of dead workers in %s", len(removed), base)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another uid's
+        return True
+    return True
 
 
 def parse_listen(listen: str | None) -> ListenAddress:
@@ -90,9 +138,11 @@ def parse_listen(listen: str | None) -> ListenAddress:
 
 
 class SidecarServicer(pb_grpc.SidecarServicer):
-    def __init__(self, runtime: Any, max_watchers: int = MAX_WATCHERS) -> None:
+    def __init__(self, runtime: Any, max_watchers: int = MAX_WATCHERS,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE) -> None:
         self._rt = runtime
         self._max_watchers = max_watchers
+        self._max_message = max_message_bytes
         self._lock = threading.Lock()
         self._subs: set[Any] = set()
         self._closing = False
@@ -104,6 +154,8 @@ class SidecarServicer(pb_grpc.SidecarServicer):
         # dispatcher's: the Erlang port transport gets the same behaviour.
         try:
             call = wire.call_from_request(request, is_cancelled=lambda: not context.is_active())
+            if call.output.placement == Placement.INLINE:
+                self._refuse_oversized_inline(call)
         except SidecarError as err:
             self._release_quietly(request.release)  # the piggybacked releases still count
             self._abort(context, _with_call_ids(err, request))
@@ -121,11 +173,40 @@ class SidecarServicer(pb_grpc.SidecarServicer):
             # The caller is gone (deadline, cancellation): nobody will release these leases.
             self._release_quietly(result.leases)
         try:
-            return wire.result_to_response(result)
+            response = wire.result_to_response(result)
+            size = response.ByteSize()
+            if size > self._max_message:  # gRPC would fail it with a bare RESOURCE_EXHAUSTED
+                raise self._too_big_for_a_message(request.op, f"its response is {size} bytes", size)
+            return response
         except SidecarError as err:
-            self._release_quietly(result.leases)
+            self._release_quietly(result.leases)  # the caller never learns these lease ids
             self._abort(context, _with_call_ids(err, request))
+        except Exception as exc:  # a bug in the encoding: still a structured answer, and nothing held
+            log.exception("encoding the response of %s failed", request.op)
+            self._release_quietly(result.leases)
+            self._abort(context, _with_call_ids(OpFailed(
+                f"the outputs of {request.op!r} cannot be sent: {type(exc).__name__}: {exc}",
+                exception_type=type(exc).__name__), request))
         raise AssertionError("unreachable")
+
+    def _refuse_oversized_inline(self, call: Any) -> None:
+        """An inline output bigger than a message can hold is refused before the op runs, when the
+        op's output size follows from its inputs (the built-ins: `estimate_output_nbytes`)."""
+        try:
+            spec = self._rt.registry.get(call.op)
+        except SidecarError:
+            return  # the dispatcher reports the unknown op
+        nbytes = estimate_output_nbytes(spec, call.inputs, call.attrs)
+        if nbytes is not None and nbytes > self._max_message:
+            raise self._too_big_for_a_message(call.op, f"it would return {nbytes} bytes inline", nbytes)
+
+    def _too_big_for_a_message(self, op: str, what: str, nbytes: int) -> InvalidArgument:
+        limit = self._max_message
+        return InvalidArgument(
+            f"op {op!r}: {what}, over this worker's --max-message-bytes ({limit} bytes)", op=op,
+            field="output.placement", expected=f"at most {limit} bytes in the response (--max-message-bytes)",
+            got=f"{nbytes} bytes", suggestion="let big outputs travel by shared memory (placement auto or shm), "
+            "or raise --max-message-bytes on the worker and max_message_bytes on the client")
 
     def _release_quietly(self, ids: Any) -> None:
         ids = list(ids)
@@ -198,12 +279,57 @@ class SidecarServicer(pb_grpc.SidecarServicer):
 
 
 def _with_call_ids(err: SidecarError, request: pb.ExecuteRequest) -> SidecarError:
-    """Fill in op and request id when the raiser did not know them."""
-    missing = {k: v for k, v in (("op", request.op), ("request_id", request.request_id))
-               if v and err.fields.get(k) is None}
-    if missing:
-        err.fields.update(missing)
+    """Fill in op and request id when the raiser did not know them (a request refused before the
+    dispatcher saw it gets a fresh id, as the dispatcher gives one to a call that has none)."""
+    if request.op and err.fields.get("op") is None:
+        err.fields["op"] = request.op
+    err.fields.setdefault("request_id", request.request_id or new_request_id())
     return err
+
+
+def sidecar_handlers(servicer: SidecarServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """The Sidecar methods, registered with an identity request deserializer.
+
+    grpcio leaks ~20 KB per request whose body its deserializer rejects (grpc/grpc#36908), so a
+    flood of undecodable requests would grow the worker without bound, and the caller would get a
+    bare INTERNAL "Exception deserializing request!". Taking the raw bytes and parsing them here
+    avoids that path and answers a structured INVALID_ARGUMENT naming the message instead.
+    """
+    service = pb.DESCRIPTOR.services_by_name["Sidecar"]
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        request_cls = getattr(pb, method.input_type.name)
+        response_cls = getattr(pb, method.output_type.name)
+        make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
+                else grpc.unary_unary_rpc_method_handler)
+        handlers[method.name] = make(_parsing(getattr(servicer, method.name), request_cls),
+                                     request_deserializer=None,
+                                     response_serializer=response_cls.SerializeToString)
+    return handlers
+
+
+def _parsing(behaviour: Any, request_cls: Any) -> Any:
+    def handle(raw: bytes, context: grpc.ServicerContext) -> Any:
+        try:
+            request = request_cls.FromString(raw)
+        except DecodeError as exc:
+            name = request_cls.DESCRIPTOR.full_name
+            context.abort_with_status(wire.error_to_status(InvalidArgument(
+                f"the request body ({len(raw)} bytes) is not a valid {name}: {exc}",
+                field=request_cls.DESCRIPTOR.name, expected=name, request_id=new_request_id())))
+        return behaviour(request, context)
+    return handle
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: not provably loopback
+        return False
 
 
 def _socket_in_use(path: str) -> bool:
@@ -231,13 +357,15 @@ class SidecarServer:
         self.threads = int(opts.max_concurrency) + int(opts.max_queue) + CONTROL_THREADS + MAX_WATCHERS
         self.executor = futures.ThreadPoolExecutor(max_workers=self.threads,
                                                    thread_name_prefix="sidecar-rpc")
-        self.servicer = SidecarServicer(runtime)
+        self.servicer = SidecarServicer(runtime, max_message_bytes=max_message_bytes)
         self.health = health.HealthServicer()
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.so_reuseport", 0)]
         self.server = grpc.server(self.executor, options=options)
-        pb_grpc.add_SidecarServicer_to_server(self.servicer, self.server)
+        handlers = sidecar_handlers(self.servicer)
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        self.server.add_registered_method_handlers(SERVICE_NAME, handlers)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
@@ -264,6 +392,9 @@ class SidecarServer:
         else:
             port = self._bind(target)
             self.address = f"{self.listen.host}:{port}"
+            if not _is_loopback(self.listen.host):
+                log.warning("listening on %s without authentication or TLS: anyone who can reach it can run "
+                            "ops and name this uid's segments (guides/security.md)", self.address)
         self.server.start()
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)

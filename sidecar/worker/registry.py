@@ -8,12 +8,15 @@ does not register anything twice.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
+import os
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
-from sidecar.errors import UnknownOp, close_names
+from sidecar.errors import UnknownOp, close_names, shorten
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,6 +35,10 @@ class OpSpec:
     module: str
     accepts_ctx: bool = False
     any_attrs: bool = False  # the function takes **kwargs: every attr is passed through
+    required_attrs: tuple[str, ...] = ()  # keyword-only parameters without a default
+    # Pure torch on its inputs (no data read, no side effect): it runs on meta tensors, so the size of
+    # its outputs is known before it runs (`estimate_output_nbytes`).
+    meta_ok: bool = False
 
 
 @dataclass
@@ -81,8 +88,8 @@ _DECLARED_HOOKS: dict[str, list[Callable[..., Any]]] = {}
 _DECL_LOCK = threading.Lock()
 
 
-def _infer_signature(fn: Callable[..., Any]) -> tuple[int, int, list[str], bool, bool]:
-    """(min_inputs, max_inputs, attr names, accepts ctx, takes **kwargs) from fn's signature.
+def _infer_signature(fn: Callable[..., Any]) -> tuple[int, int, list[str], bool, bool, list[str]]:
+    """(min_inputs, max_inputs, attr names, accepts ctx, takes **kwargs, required attrs) from fn's signature.
 
     Positional parameters are inputs (those with defaults are optional inputs); keyword-only
     parameters and positional ones with defaults can be given as attrs.
@@ -90,6 +97,7 @@ def _infer_signature(fn: Callable[..., Any]) -> tuple[int, int, list[str], bool,
     sig = inspect.signature(fn)
     lo = hi = 0
     attrs: list[str] = []
+    required: list[str] = []
     ctx = var_kw = False
     for p in sig.parameters.values():
         if p.name == CTX_PARAM:
@@ -106,17 +114,19 @@ def _infer_signature(fn: Callable[..., Any]) -> tuple[int, int, list[str], bool,
             hi = -1
         elif p.kind is p.KEYWORD_ONLY:
             attrs.append(p.name)
+            if p.default is p.empty:
+                required.append(p.name)
         elif p.kind is p.VAR_KEYWORD:
             var_kw = True
-    return lo, hi, attrs, ctx, var_kw
+    return lo, hi, attrs, ctx, var_kw, required
 
 
 def make_spec(fn: Callable[..., Any], name: str, *, idempotent: bool = True, doc: str | None = None,
               min_inputs: int | None = None, max_inputs: int | None = None,
-              attrs: Sequence[str] | None = None) -> OpSpec:
+              attrs: Sequence[str] | None = None, meta_ok: bool = False) -> OpSpec:
     if not name or not isinstance(name, str):
         raise ValueError("an op needs a non-empty string name")
-    lo, hi, inferred_attrs, ctx, var_kw = _infer_signature(fn)
+    lo, hi, inferred_attrs, ctx, var_kw, required = _infer_signature(fn)
     text = doc if doc is not None else inspect.getdoc(fn) or ""
     return OpSpec(
         name=name, fn=fn, doc=text.strip(),
@@ -125,23 +135,25 @@ def make_spec(fn: Callable[..., Any], name: str, *, idempotent: bool = True, doc
         idempotent=idempotent,
         attrs=tuple(inferred_attrs if attrs is None else attrs),
         module=getattr(fn, "__module__", "") or "",
-        accepts_ctx=ctx, any_attrs=var_kw,
+        accepts_ctx=ctx, any_attrs=var_kw, required_attrs=tuple(required), meta_ok=meta_ok,
     )
 
 
 def op(name: str, *, idempotent: bool = True, doc: str | None = None, min_inputs: int | None = None,
-       max_inputs: int | None = None, attrs: Sequence[str] | None = None) -> Callable[[F], F]:
+       max_inputs: int | None = None, attrs: Sequence[str] | None = None, meta_ok: bool = False) -> Callable[[F], F]:
     """Declare `fn` as the op `name` (`@sidecar.op("name")`).
 
     Inputs arrive as positional arguments (torch tensors on the worker's device, pyarrow Tables or
     plain values), attrs as keyword arguments; a parameter named `ctx` receives an `OpContext`:
     write a large output into `ctx.empty(shape, dtype)` to skip a copy on the way out.
     Arity and attr names are inferred from the signature unless given. The function returns a
-    tensor, a tuple/list of them, an Arrow table, or a plain value.
+    tensor, a tuple/list of them, an Arrow table, or a plain value. `meta_ok=True` says it is pure
+    torch (it also runs on "meta" tensors, which hold no data, with ctx=None): the worker then knows
+    its output sizes before running it (an inline output too big for a message is refused at once).
     """
     def deco(fn: F) -> F:
         spec = make_spec(fn, name, idempotent=idempotent, doc=doc, min_inputs=min_inputs,
-                         max_inputs=max_inputs, attrs=attrs)
+                         max_inputs=max_inputs, attrs=attrs, meta_ok=meta_ok)
         with _DECL_LOCK:
             decl = _DECLARED_OPS.setdefault(spec.module, [])
             # Re-executing a module (importlib.reload) replaces its earlier declaration.
@@ -187,14 +199,27 @@ class Registry:
         return spec
 
     def load_module(self, dotted: str) -> list[OpSpec]:
-        """Import `dotted` and register the ops it (or its submodules) declared. Idempotent."""
-        try:
-            importlib.import_module(dotted)
-        except ImportError as exc:
-            raise OpsModuleError(f"cannot import ops module {dotted!r}: {exc}") from exc
-        except Exception as exc:  # the module itself failed while running
-            raise OpsModuleError(f"ops module {dotted!r} failed on import: "
-                                 f"{type(exc).__name__}: {exc}") from exc
+        """Import `dotted` (a module name, or a path to a .py file) and register the ops it (or its
+        submodules) declared. Idempotent. The current directory is searched too, last."""
+        if _is_file_path(dotted):
+            dotted = _import_file(dotted)
+        else:
+            _search_cwd()
+            try:
+                importlib.import_module(dotted)
+            except ModuleNotFoundError as exc:
+                if exc.name is None or not (dotted == exc.name or dotted.startswith(exc.name + ".")):
+                    raise OpsModuleError(f"ops module {dotted!r} failed on import: a module it imports is "
+                                         f"missing: {exc}") from exc
+                searched = ", ".join(p or os.getcwd() for p in sys.path)
+                raise OpsModuleError(f"cannot import ops module {dotted!r}: {exc}; searched: {searched}. Give "
+                                     "a module importable from one of those, or a path to a .py file "
+                                     "(--ops ./my_ops.py)") from exc
+            except ImportError as exc:
+                raise OpsModuleError(f"cannot import ops module {dotted!r}: {exc}") from exc
+            except Exception as exc:  # the module itself failed while running
+                raise OpsModuleError(f"ops module {dotted!r} failed on import: "
+                                     f"{type(exc).__name__}: {exc}") from exc
         with _DECL_LOCK:
             specs = [s for mod, decl in _DECLARED_OPS.items() if _in_module(mod, dotted) for s in decl]
         for spec in specs:
@@ -211,7 +236,7 @@ class Registry:
         try:
             return self._ops[name]
         except KeyError:
-            raise UnknownOp(f"unknown op {name!r}", op=name,
+            raise UnknownOp(f"unknown op {shorten(name)}", op=name,
                             close_names=close_names(str(name), self._ops)) from None
 
     def specs(self) -> list[OpSpec]:
@@ -247,6 +272,81 @@ class Registry:
                                      f"{type(exc).__name__}: {exc}") from exc
             ran += 1
         return ran
+
+
+def estimate_output_nbytes(spec: OpSpec, inputs: Sequence[Any], attrs: dict[str, Any]) -> int | None:
+    """Bytes of the tensors `spec` would return for these inputs (TensorRefs and plain values), found
+    by running it on meta tensors: no memory, no compute. None when not known (the op is not
+    `meta_ok`, an input is not a tensor it can stand in for, or the op refuses the inputs)."""
+    if not spec.meta_ok:
+        return None
+    import torch
+
+    from sidecar.dataplane import dtypes
+    from sidecar.dataplane.refs import ArrowRef, TensorRef
+
+    def stand_in(v: Any) -> Any:
+        if isinstance(v, TensorRef):
+            return torch.empty(tuple(v.shape), dtype=dtypes.to_torch_dtype(v.dtype), device="meta")
+        if isinstance(v, ArrowRef):
+            raise LookupError("an Arrow table has no meta form")
+        if isinstance(v, (list, tuple)):
+            return [stand_in(x) for x in v]
+        if isinstance(v, dict):
+            return {k: stand_in(x) for k, x in v.items()}
+        return v
+
+    def nbytes(out: Any) -> int:
+        if isinstance(out, torch.Tensor):
+            return out.numel() * out.element_size()
+        if isinstance(out, (list, tuple)):
+            return sum(nbytes(x) for x in out)
+        if isinstance(out, dict):
+            return sum(nbytes(x) for x in out.values())
+        return 0
+
+    try:
+        kwargs = dict(attrs, **({CTX_PARAM: None} if spec.accepts_ctx else {}))
+        return nbytes(spec.fn(*[stand_in(v) for v in inputs], **kwargs))
+    except Exception:  # refused or unknown: the call itself will say why
+        return None
+
+
+def _is_file_path(spec: str) -> bool:
+    return spec.endswith(".py") or os.sep in spec or (os.altsep is not None and os.altsep in spec)
+
+
+def _search_cwd() -> None:
+    """`python -m sidecar` searches the current directory but the `sidecar` console script does not:
+    make both find an ops module next to where the worker was started (after everything installed)."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+
+
+def _import_file(path: str) -> str:
+    """Imports the .py file at `path` as a module named after it; returns that name."""
+    full = os.path.abspath(path)
+    if not os.path.isfile(full):
+        raise OpsModuleError(f"ops file {path!r} does not exist (looked for {full})")
+    name = os.path.splitext(os.path.basename(full))[0]
+    loaded = sys.modules.get(name)
+    if loaded is not None:
+        if os.path.abspath(getattr(loaded, "__file__", "") or "") == full:
+            return name  # already imported from this file
+        raise OpsModuleError(f"ops file {path!r} would be the module {name!r}, but a module of that name is "
+                             f"already loaded from {getattr(loaded, '__file__', None) or 'elsewhere'}: rename the file")
+    spec = importlib.util.spec_from_file_location(name, full)
+    if spec is None or spec.loader is None:
+        raise OpsModuleError(f"ops file {path!r} cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before it runs: dataclasses, pickling and its own imports look it up there
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[name]
+        raise OpsModuleError(f"ops file {path!r} failed on import: {type(exc).__name__}: {exc}") from exc
+    return name
 
 
 def _unique(items: Iterable[Any]) -> list[Any]:

@@ -13,8 +13,11 @@ same dispatcher the gRPC servicer uses does the work.
     worker -> host:         {:ok, id, result}  |  {:error, id, %{kind: :shape_mismatch, message:, ...}}
                             {:telemetry, [:sidecar | event], measurements, metadata}
 
-A malformed frame is answered with an error term (id `:undefined` when the id cannot be read) and
-the worker carries on. The worker exits when stdin closes (the port was closed or the VM died).
+Every frame is answered. A malformed one gets an error term with the request's id whenever the id
+itself decoded (`:undefined` only when it did not), and the worker carries on; a reply that cannot
+be encoded is replaced by an error naming why, and the leases of its outputs are released. Bodies
+are read as they arrive, so a header that declares a large frame costs nothing until its bytes come.
+The worker exits when stdin closes (the port was closed or the VM died).
 """
 from __future__ import annotations
 
@@ -31,23 +34,29 @@ from typing import Any, Callable, Mapping
 import sidecar
 from sidecar import etf
 from sidecar.dataplane.refs import ArrowRef, CudaIpcStorage, InlineStorage, ShmStorage, TensorRef
-from sidecar.errors import Cancelled, InvalidArgument, InvalidTensorRef, OpFailed, Overloaded, SidecarError
+from sidecar.errors import (Cancelled, InvalidArgument, InvalidTensorRef, OpFailed, Overloaded, SidecarError,
+                            shorten)
 from sidecar.etf import Atom
 from sidecar.worker.calls import Call, CallResult, Placement
+from sidecar.worker.dispatcher import new_request_id
 
 log = logging.getLogger(__name__)
 
 __all__ = ["serve_stdio", "StdioServer", "MAX_FRAME"]
 
-# Largest frame we accept. Tensors belong in shared memory; this only bounds inline payloads (a
-# benchmark sends 100 MB inline on purpose). Bigger frames are skipped and answered with an error.
+# Default largest frame (`--max-frame-bytes`), as received and, for a compressed term, as inflated.
+# Tensors belong in shared memory; this only bounds inline payloads (a benchmark sends 100 MB inline
+# on purpose). Bigger frames are skipped and answered with an error.
 MAX_FRAME = int(os.environ.get("SIDECAR_STDIO_MAX_FRAME", str(1 << 30)))
+_FIRST_READ = 1 << 20  # a body buffer starts at this size and at most doubles while bytes arrive
+_ID_PEEK = 4096        # bytes of an oversized frame read to find its request id
 CONTROL_THREADS = 4
 TAINTED_EXIT = 70
 EOF_GRACE_S = 5.0    # in-flight calls may finish (and free what they hold) after the host went away
 TERM_GRACE_S = 10.0  # SIGTERM: calls in flight finish and are answered before the worker exits
 FAST_GRACE_S = 0.5   # the parent died: nobody reads the answers
 UNDEFINED = Atom("undefined")
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 _HEADER = struct.Struct(">I")
 _PLACEMENTS = {p.name.lower(): p for p in Placement}
 
@@ -65,24 +74,19 @@ def _text(v: Any, what: str, **where: Any) -> str:
             return v.decode("utf-8")
         except UnicodeDecodeError:
             pass
-    raise InvalidArgument(f"{what} must be a UTF-8 binary or an atom, got {_show(v)}", field=what, **where)
-
-
-def _show(v: Any) -> str:
-    text = repr(v)
-    return text if len(text) <= 80 else text[:77] + "..."
+    raise InvalidArgument(f"{what} must be a UTF-8 binary or an atom, got {shorten(v)}", field=what, **where)
 
 
 def _int(v: Any, what: str, err: Callable[..., SidecarError], **where: Any) -> int:
     if isinstance(v, int) and not isinstance(v, bool):
         return v
-    raise err(f"{what} must be an integer, got {_show(v)}", field=what, **where)
+    raise err(f"{what} must be an integer, got {shorten(v)}", field=what, **where)
 
 
 def _keyed(m: Any, what: str, err: Callable[..., SidecarError] = InvalidArgument, **where: Any) -> dict[str, Any]:
     """A map whose keys are atoms or binaries, with str keys."""
     if not isinstance(m, dict):
-        raise err(f"{what} must be a map, got {_show(m)}", field=what, **where)
+        raise err(f"{what} must be a map, got {shorten(m)}", field=what, **where)
     out: dict[str, Any] = {}
     for k, v in m.items():
         if isinstance(k, str):
@@ -90,7 +94,7 @@ def _keyed(m: Any, what: str, err: Callable[..., SidecarError] = InvalidArgument
         elif isinstance(k, bytes):
             out[_text(k, what, **where)] = v
         else:
-            raise err(f"keys of {what} must be atoms or binaries, got {_show(k)}", field=what, **where)
+            raise err(f"keys of {what} must be atoms or binaries, got {shorten(k)}", field=what, **where)
     return out
 
 
@@ -109,7 +113,7 @@ def _shm_from_term(m: Any, index: int) -> ShmStorage:
 
 def _ints(v: Any, what: str, index: int) -> tuple[int, ...]:
     if not isinstance(v, list):
-        raise InvalidTensorRef(f"{what} must be a list of integers, got {_show(v)}", field=what,
+        raise InvalidTensorRef(f"{what} must be a list of integers, got {shorten(v)}", field=what,
                                input_index=index)
     return tuple(_int(x, what, InvalidTensorRef, input_index=index) for x in v)
 
@@ -124,7 +128,7 @@ def tensor_from_term(m: Any, index: int = -1) -> TensorRef:
         storage: Any = _shm_from_term(t["shm"], index)
     elif "data" in t:
         if not isinstance(t["data"], bytes):
-            raise InvalidTensorRef(f"data must be a binary, got {_show(t['data'])}", field="data",
+            raise InvalidTensorRef(f"data must be a binary, got {shorten(t['data'])}", field="data",
                                    input_index=index)
         storage = InlineStorage(t["data"])
     elif "cuda_ipc" in t:
@@ -158,7 +162,7 @@ def arrow_from_term(m: Any, index: int = -1) -> ArrowRef:
                                                    input_index=index))
 
 
-def value_from_term(v: Any, index: int = -1) -> Any:
+def value_from_term(v: Any, index: int = -1, field: str = "value") -> Any:
     """A value from the VM: tensors/tables by descriptor, binaries as str when UTF-8 (Elixir strings),
     `{:bytes, bin}` for raw bytes, atoms as their name, lists and maps recursively."""
     if isinstance(v, tuple):
@@ -170,7 +174,7 @@ def value_from_term(v: Any, index: int = -1) -> Any:
                 return arrow_from_term(v[1], index)
             if tag == "bytes" and isinstance(v[1], bytes):
                 return v[1]
-        raise InvalidArgument(f"unsupported value {_show(v)} (a tuple must be {{:tensor, map}}, "
+        raise InvalidArgument(f"unsupported value {shorten(v)} (a tuple must be {{:tensor, map}}, "
                               "{:arrow, map} or {:bytes, binary})", field="value", input_index=index)
     if isinstance(v, bytes):
         try:
@@ -180,9 +184,13 @@ def value_from_term(v: Any, index: int = -1) -> Any:
     if isinstance(v, Atom):
         return str(v)
     if isinstance(v, list):
-        return [value_from_term(x, index) for x in v]
+        return [value_from_term(x, index, field) for x in v]
     if isinstance(v, dict):
-        return {k: value_from_term(x, index) for k, x in _keyed(v, "value", input_index=index).items()}
+        return {k: value_from_term(x, index, field) for k, x in _keyed(v, "value", input_index=index).items()}
+    if isinstance(v, int) and not isinstance(v, bool) and not INT64_MIN <= v <= INT64_MAX:
+        # a bignum: gRPC's Value holds int64, and torch cannot take more
+        raise InvalidArgument(f"integer {shorten(v)} does not fit in int64", field=field, input_index=index,
+                              expected="an integer in int64 range", got=shorten(v))
     return v  # int, float, bool, None
 
 
@@ -191,7 +199,7 @@ def _attrs_from_term(a: Any) -> dict[str, Any]:
         if not all(isinstance(p, tuple) and len(p) == 2 for p in a):
             raise InvalidArgument("attrs must be a map or a keyword list", field="attrs", input_index=-1)
         a = dict(a)
-    return {k: value_from_term(v) for k, v in _keyed(a, "attrs", input_index=-1).items()}
+    return {k: value_from_term(v, -1, f"attrs.{k}") for k, v in _keyed(a, "attrs", input_index=-1).items()}
 
 
 def call_from_term(req: tuple[Any, ...], is_cancelled: Callable[[], bool] | None = None) -> Call:
@@ -199,7 +207,7 @@ def call_from_term(req: tuple[Any, ...], is_cancelled: Callable[[], bool] | None
     op = _text(req[2], "op")
     inputs = req[3]
     if not isinstance(inputs, list):
-        raise InvalidArgument(f"inputs must be a list, got {_show(inputs)}", field="inputs", input_index=-1, op=op)
+        raise InvalidArgument(f"inputs must be a list, got {shorten(inputs)}", field="inputs", input_index=-1, op=op)
     values = [value_from_term(v, i) for i, v in enumerate(inputs)]
     call = Call(op=op, inputs=values, attrs=_attrs_from_term(req[4]), is_cancelled=is_cancelled)
     if len(req) > 5 and req[5] is not None:
@@ -233,7 +241,7 @@ def call_from_term(req: tuple[Any, ...], is_cancelled: Callable[[], bool] | None
 def _out_ref(x: Any, k: int) -> TensorRef:
     if isinstance(x, tuple) and len(x) == 2 and x[0] == "tensor":
         return tensor_from_term(x[1], -1)
-    raise InvalidTensorRef(f"out ref {k} must be {{:tensor, map}}, got {_show(x)}", field="out", input_index=-1)
+    raise InvalidTensorRef(f"out ref {k} must be {{:tensor, map}}, got {shorten(x)}", field="out", input_index=-1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -408,7 +416,27 @@ class StdioServer:
     # -- frames --------------------------------------------------------------------------------------
 
     def send(self, term: Any) -> None:
-        data = etf.encode(term)
+        """One frame of a term we built (raises EncodeError if it has no Erlang form)."""
+        self._write(etf.encode(term))
+
+    def reply(self, req_id: Any, tag: str, body: Any, on_replaced: Callable[[], None] | None = None) -> None:
+        """Sends `{tag, req_id, body}`.
+
+        A reply that cannot be encoded (an op returned a string with lone surrogates, ...) is
+        replaced by an error with the same id, and an id that cannot be sent back by :undefined:
+        the host always gets an answer. `on_replaced` runs before the replacement goes out (to
+        release the leases the host will never learn of).
+        """
+        try:
+            data = etf.encode((Atom(tag), req_id, body))
+        except etf.EncodeError as exc:
+            log.error("the %s reply to request %s cannot be encoded: %s", tag, shorten(req_id), exc)
+            data = _unencodable_reply(req_id, tag, exc)
+            if on_replaced is not None:
+                on_replaced()
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
         header = _HEADER.pack(len(data))
         with self._write_lock:
             if self.host_gone:
@@ -421,11 +449,15 @@ class StdioServer:
                 self.done.set()
 
     def _read_exact(self, n: int) -> bytearray | None:
-        buf = bytearray(n)
-        view = memoryview(buf)
+        """`n` bytes, or None at EOF. The buffer grows as bytes arrive (never beyond twice what
+        came, plus 1 MiB), so a header that lies about its length allocates nothing."""
+        buf = bytearray(min(n, _FIRST_READ))
         got = 0
         while got < n:
-            k = os.readv(self.in_fd, [view[got:]])
+            if got == len(buf):
+                buf.extend(bytes(min(n, 2 * len(buf)) - len(buf)))
+            with memoryview(buf) as view:
+                k = os.readv(self.in_fd, [view[got:]])
             if k == 0:
                 return None
             got += k
@@ -448,33 +480,47 @@ class StdioServer:
                     break
                 (n,) = _HEADER.unpack(header)
                 if n > self.max_frame:
-                    if not self._skip(n):
+                    # Only the start is read (for the id, which comes first), the rest skipped.
+                    head = self._read_exact(min(n, _ID_PEEK))
+                    if head is None or not self._skip(n - len(head)):
                         break
-                    self.send_error(UNDEFINED, InvalidArgument(
+                    self._answer_error(_id_of_undecodable(head, 0), InvalidArgument(
                         f"frame of {n} bytes exceeds the {self.max_frame}-byte limit (put tensors in "
                         "shared memory)", field="frame"))
                     continue
                 body = self._read_exact(n)
                 if body is None:
                     break
-                self.handle_frame(body)
+                try:
+                    self.handle_frame(body)
+                except Exception as exc:  # a bug here must not end the loop (the worker would exit 0)
+                    log.exception("handling a frame failed")
+                    self._answer_error(UNDEFINED, _unexpected(exc))
+                del body
         except OSError as exc:
             log.error("reading stdin failed: %s", exc)
         finally:
             self.done.set()
 
     def send_error(self, req_id: Any, err: SidecarError) -> None:
-        self.send((Atom("error"), req_id, error_to_term(err)))
+        self.reply(req_id, "error", error_to_term(err))
+
+    def _answer_error(self, req_id: Any, err: SidecarError) -> None:
+        try:
+            self.send_error(req_id, err)
+        except Exception:
+            log.exception("answering request %s failed", shorten(req_id))
 
     # -- requests ------------------------------------------------------------------------------------
 
     def handle_frame(self, body: bytes | bytearray) -> None:
         try:
-            req = etf.decode(body)
+            req = etf.decode(body, max_inflated=self.max_frame)
         except etf.DecodeError as exc:
-            self.send_error(UNDEFINED, InvalidArgument(f"malformed frame: {exc}", field="frame"))
+            self.send_error(_id_of_undecodable(body, self.max_frame),
+                            InvalidArgument(f"malformed frame: {exc}", field="frame"))
             return
-        req_id = req[1] if isinstance(req, tuple) and len(req) >= 2 and isinstance(req[0], Atom) else UNDEFINED
+        req_id = _request_id(req)
         try:
             self.dispatch(req, req_id)
         except SidecarError as err:
@@ -503,12 +549,12 @@ class StdioServer:
             if arity == 3 and req[2] is not None:
                 interval = _keyed(req[2], "opts").get("memory_interval_s", 1.0)
                 if not isinstance(interval, (int, float)) or isinstance(interval, bool) or not interval > 0:
-                    raise InvalidArgument(f"memory_interval_s must be a positive number, got {_show(interval)}",
+                    raise InvalidArgument(f"memory_interval_s must be a positive number, got {shorten(interval)}",
                                           field="memory_interval_s")
-            self.send((Atom("ok"), req_id, self._subscribe(float(interval))))
+            self.reply(req_id, "ok", self._subscribe(float(interval)))
         elif tag == "unsubscribe" and arity == 2:
             self._unsubscribe()
-            self.send((Atom("ok"), req_id, Atom("unsubscribed")))
+            self.reply(req_id, "ok", Atom("unsubscribed"))
         elif tag == "cancel" and arity == 2:
             key = _hashable(req[1])
             with self._lock:
@@ -516,7 +562,7 @@ class StdioServer:
                     self._cancelled.add(key)
         else:
             raise InvalidArgument(
-                f"unknown request {_show(req)}: expected {{:call, id, op, inputs, attrs[, opts]}}, "
+                f"unknown request {shorten(req)}: expected {{:call, id, op, inputs, attrs[, opts]}}, "
                 "{:list_ops, id}, {:hardware, id}, {:release, id, leases}, {:subscribe, id}, "
                 "{:unsubscribe, id} or {:cancel, id}", field="request")
 
@@ -527,7 +573,7 @@ class StdioServer:
     def _control(self, req_id: Any, fn: Callable[[], Any]) -> None:
         def run() -> None:
             try:
-                self.send((Atom("ok"), req_id, fn()))
+                self.reply(req_id, "ok", fn())
             except SidecarError as err:
                 self.send_error(req_id, err)
             except Exception as exc:
@@ -547,6 +593,7 @@ class StdioServer:
                 self._release_quietly(req[5].get("release") or [])
             if err.fields.get("op") is None and _is_text(req[2]):
                 err.fields["op"] = _text(req[2], "op")
+            err.fields.setdefault("request_id", _request_id_of_opts(req) or new_request_id())
             raise
         with self._lock:
             admitted = self._in_flight < self.limit
@@ -574,14 +621,15 @@ class StdioServer:
                 self.send_error(req_id, _unexpected(exc, call.op))
                 return
             try:
-                term = (Atom("ok"), req_id, result_to_term(result))
+                body = result_to_term(result)
             except SidecarError as err:
                 self._release_quietly(result.leases)
                 self.send_error(req_id, err)
                 return
             if self.host_gone or key in self._cancelled:
                 self._release_quietly(result.leases)  # nobody will read or release them
-            self.send(term)
+            # Replaced by an error, the reply takes its lease ids with it: nobody could release them.
+            self.reply(req_id, "ok", body, on_replaced=lambda: self._release_quietly(result.leases))
         finally:
             with self._lock:
                 self._in_flight -= 1
@@ -636,6 +684,35 @@ class StdioServer:
         self._unsubscribe()
         self.calls.shutdown(wait=False, cancel_futures=True)
         self.control.shutdown(wait=False, cancel_futures=True)
+
+
+def _request_id_of_opts(req: tuple[Any, ...]) -> str | None:
+    rid = req[5].get(Atom("request_id")) if len(req) > 5 and isinstance(req[5], dict) else None
+    return _text(rid, "request_id") if _is_text(rid) else None
+
+
+def _unencodable_reply(req_id: Any, tag: str, reason: Exception) -> bytes:
+    """The error frame that stands in for a reply with no Erlang form."""
+    error = {Atom("kind"): Atom(OpFailed.kind.value.lower()), Atom("exception_type"): "EncodeError",
+             Atom("message"): f"the worker's {tag} reply has no Erlang term form: {reason}"}
+    try:
+        return etf.encode((Atom("error"), req_id, error))
+    except etf.EncodeError as exc:
+        error[Atom("message")] += f"; the request id cannot be sent back either ({exc})"
+        return etf.encode((Atom("error"), UNDEFINED, error))
+
+
+def _request_id(req: Any) -> Any:
+    """The id of `{:tag, id, ...}`; :undefined for any other term."""
+    return req[1] if isinstance(req, tuple) and len(req) >= 2 and isinstance(req[0], Atom) else UNDEFINED
+
+
+def _id_of_undecodable(body: bytes | bytearray, max_inflated: int) -> Any:
+    """The id of a frame `etf.decode` refused (a pid in its inputs, ...), when the id itself decodes."""
+    try:
+        return _request_id(etf.decode_prefix(body, 2, max_inflated=max_inflated))
+    except etf.DecodeError:
+        return UNDEFINED
 
 
 def _is_text(v: Any) -> bool:
@@ -693,7 +770,7 @@ def ready_term(runtime: Any) -> tuple[Any, ...]:
     })
 
 
-def serve_stdio(runtime: Any, shutdown: Any = None) -> int:
+def serve_stdio(runtime: Any, shutdown: Any = None, *, max_frame: int = MAX_FRAME) -> int:
     """Serve the port protocol on stdin/stdout until stdin closes; returns the exit code.
 
     `shutdown` (a `lifecycle.Shutdown`): once requested (SIGTERM, parent death) new calls are refused
@@ -701,7 +778,7 @@ def serve_stdio(runtime: Any, shutdown: Any = None) -> int:
     return. A tainted device ends the loop with exit code 70.
     """
     in_fd, out_fd = _take_stdio()
-    server = StdioServer(runtime, in_fd, out_fd)
+    server = StdioServer(runtime, in_fd, out_fd, max_frame=max_frame)
     server.send(ready_term(runtime))
     log.info("serving the port protocol on stdio (device %s, pid %d)", runtime.device, os.getpid())
     reader = threading.Thread(target=server.read_loop, name="sidecar-stdio-reader", daemon=True)

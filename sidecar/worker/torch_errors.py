@@ -48,6 +48,8 @@ _RE_SAME_DTYPE = re.compile(r"(?:to have the same dtype|must have the same dtype
                             r"([\w: ]+?)\s*$")
 _RE_SCALAR_TYPE = re.compile(r"expected scalar type (\w+) but found (\w+)")
 _RE_NOT_IMPL = re.compile(r"\"(\w+)\" not implemented for '(\w+)'")
+_RE_UNSIGNED_PROMOTION = re.compile(r"Promotion for uint16, uint32, uint64 types is not supported, attempted to "
+                                    r"promote (\w+) and (\w+)")
 _RE_MEAN_DTYPE = re.compile(r"Input dtype must be either a floating point or complex dtype\. Got: (\w+)")
 _RE_CPU_OOM = re.compile(r"DefaultCPUAllocator: can't allocate memory: you tried to allocate (\d+) bytes")
 _RE_CUDA_OOM = re.compile(r"Tried to allocate ([\d.]+) ([KMGTP]?i?B)")
@@ -149,6 +151,12 @@ def _parse_dtype_error(text: str, op: str, meta: InputsMeta | None) -> DtypeMism
         kernel, tname = m.groups()
         return DtypeMismatch(text, op=op, input_dtypes=_dtypes(meta), expected=f"a dtype supported by {kernel}",
                              got=_dtype(tname), suggestion="cast the input to a supported dtype such as float32")
+    m = _RE_UNSIGNED_PROMOTION.search(text)
+    if m:
+        a, b = (_dtype(g) for g in m.groups())
+        return DtypeMismatch(text, op=op, input_dtypes=_dtypes(meta), expected=a, got=b,
+                             suggestion=f"torch does not combine {a} with {b}: cast both to one dtype first "
+                                        "(e.g. cast with dtype=\"int64\")")
     m = _RE_MEAN_DTYPE.search(text)
     if m:
         return DtypeMismatch(text, op=op, input_dtypes=_dtypes(meta), expected="a floating-point or complex dtype",
