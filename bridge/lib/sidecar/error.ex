@@ -72,13 +72,15 @@ defmodule Sidecar.Error do
   @type t :: %__MODULE__{kind: kind, message: String.t()}
 
   @doc "The error kinds, in `sidecar.v1.ErrorKind` order."
+  @spec kinds() :: [kind]
   def kinds, do: @kinds
 
   @doc "The structured field names (besides `kind` and `message`)."
+  @spec fields() :: [atom]
   def fields, do: @fields
 
   @doc "Builds an error from the worker's `%{kind: ..., message: ..., ...}` term."
-  @spec from_term(map) :: t
+  @spec from_term(term) :: t
   def from_term(%{} = term) do
     {kind, term} = Map.pop(term, :kind, :op_failed)
     {message, term} = Map.pop(term, :message, "")
@@ -86,7 +88,7 @@ defmodule Sidecar.Error do
     {known, unknown} = Enum.split_with(term, fn {k, _} -> is_atom(k) and k in @fields end)
 
     struct(
-      %__MODULE__{kind: kind_atom(kind), message: to_string(message), details: Map.new(unknown)},
+      %__MODULE__{kind: kind_atom(kind), message: text(message), details: unknown_kind(kind, Map.new(unknown))},
       normalize(known)
     )
   end
@@ -98,17 +100,32 @@ defmodule Sidecar.Error do
   @spec new(kind, String.t(), keyword) :: t
   def new(kind, message, fields \\ []), do: struct(%__MODULE__{kind: kind, message: message}, fields)
 
+  # Never String.to_atom on what a worker sends: a kind or classification this version does not
+  # know stays text (`:op_failed` with the worker's kind in `details.kind` for kinds).
+  @kind_names Map.new(@kinds, &{Atom.to_string(&1), &1})
+  @classification_names Map.new(Sidecar.Exit.classifications(), &{Atom.to_string(&1), &1})
+
   defp kind_atom(kind) when kind in @kinds, do: kind
-  defp kind_atom(kind) when is_atom(kind), do: kind
-  defp kind_atom(kind) when is_binary(kind), do: kind |> String.downcase() |> String.to_atom()
+  defp kind_atom(kind) when is_atom(kind), do: kind_atom(Atom.to_string(kind))
+  defp kind_atom(kind) when is_binary(kind), do: Map.get(@kind_names, String.downcase(kind), :op_failed)
+  defp kind_atom(_), do: :op_failed
+
+  defp unknown_kind(kind, known) do
+    if is_binary(kind) and not Map.has_key?(@kind_names, String.downcase(kind)),
+      do: Map.put(known, :kind, kind),
+      else: known
+  end
 
   # Classification arrives as a binary from the worker's own errors; atoms match better.
   defp normalize(fields) do
     Enum.map(fields, fn
-      {:classification, c} when is_binary(c) -> {:classification, String.to_atom(c)}
+      {:classification, c} when is_binary(c) -> {:classification, Map.get(@classification_names, c, c)}
       kv -> kv
     end)
   end
+
+  defp text(message) when is_binary(message), do: message
+  defp text(message), do: inspect(message)
 
   @impl true
   def message(%__MODULE__{kind: kind, message: message}), do: "#{kind}: #{message}"
