@@ -67,7 +67,7 @@ defmodule Sidecar do
   @inline_limit 65_536
 
   @call_options [:attrs, :timeout, :idempotent, :max_attempts, :read, :placement, :out, :release, :request_id,
-                 :inline_threshold]
+                 :inline_threshold, :alias_inputs]
 
   @doc """
   Runs `op` on `inputs` in an idle worker of `pool`.
@@ -92,6 +92,9 @@ defmodule Sidecar do
     * `:release` - lease ids to hand back, piggybacked on this call.
     * `:request_id` - a string echoed in telemetry and errors.
     * `:inline_threshold` - outputs below this many bytes come back inside the reply.
+    * `:alias_inputs` - an output that is a view of an input in a VM segment (`identity`, a
+      reshape) comes back as that range of the VM's segment: no copy, no lease (default false).
+      Such an output, like an `out:` one, is the VM's memory: `Sidecar.Tensor.view/1` shows it.
 
   Retries and poison calls: a call whose worker died is retried on another worker (idempotent
   calls, up to `max_attempts` tries, after a backoff with jitter). A crash the work can have caused
@@ -117,7 +120,8 @@ defmodule Sidecar do
       idempotent = Keyword.get_lazy(opts, :idempotent, fn -> idempotent_op?(pool, op) end)
       attempts = if idempotent, do: Keyword.get(opts, :max_attempts, cfg.max_attempts), else: 1
       read = Keyword.get(opts, :read, cfg.read)
-      {terms, keep} = encode_inputs(inputs)
+      {terms, keep} = encode_inputs(inputs ++ Keyword.get(opts, :out, []))
+      terms = Enum.take(terms, length(inputs))
 
       req =
         {:call, nil, to_string(op), terms, Map.new(Keyword.get(opts, :attrs, %{})), wire_opts(opts, idempotent)}
@@ -134,7 +138,7 @@ defmodule Sidecar do
       }
 
       with {:ok, term, worker, os_pid} <- attempt(ctx, req, []) do
-        result(term, worker, os_pid, read, t0)
+        result(term, worker, os_pid, read, t0, own_mappings(inputs ++ Keyword.get(opts, :out, [])))
       end
     end
   end
@@ -422,14 +426,23 @@ defmodule Sidecar do
       {:release, ids}, acc -> Map.put(acc, :release, ids)
       {:request_id, id}, acc -> Map.put(acc, :request_id, to_string(id))
       {:inline_threshold, n}, acc -> Map.put(acc, :inline_threshold, n)
+      {:alias_inputs, a}, acc -> Map.put(acc, :alias_inputs, a == true)
       _, acc -> acc
     end)
   end
 
-  defp result(term, worker, os_pid, read, t0) do
+  # The mappings of the VM segments a call was given (inputs, `out:`), by name: an output in one
+  # of them (an `out:` destination, an aliased input) is that memory, and can be viewed.
+  defp own_mappings(tensors) do
+    for %Tensor{storage: {:shm, %{name: name}}, mapping: m} <- List.flatten(tensors), is_reference(m),
+        into: %{},
+        do: {name, m}
+  end
+
+  defp result(term, worker, os_pid, read, t0, mappings) do
     leases = Map.get(term, :leases, [])
     lease = if leases == [], do: nil, else: {worker, leases}
-    outputs = Enum.map(term.outputs, &decode(&1, lease))
+    outputs = Enum.map(term.outputs, &decode(&1, lease, mappings))
 
     timing =
       Map.put(
@@ -483,8 +496,16 @@ defmodule Sidecar do
   defp read_value(%{} = map) when not is_struct(map), do: Map.new(map, fn {k, v} -> {k, read_value(v)} end)
   defp read_value(other), do: other
 
-  defp decode({:tensor, %{} = m}, lease), do: Tensor.from_term(m, lease)
-  defp decode(list, lease) when is_list(list), do: Enum.map(list, &decode(&1, lease))
-  defp decode(%{} = map, lease), do: Map.new(map, fn {k, v} -> {k, decode(v, lease)} end)
-  defp decode(other, _lease), do: other
+  defp decode({:tensor, %{} = m}, lease, mappings) do
+    t = Tensor.from_term(m, lease)
+
+    case t.storage do
+      {:shm, %{name: name}} when is_map_key(mappings, name) -> %{t | mapping: mappings[name], lease: nil}
+      _ -> t
+    end
+  end
+
+  defp decode(list, lease, mappings) when is_list(list), do: Enum.map(list, &decode(&1, lease, mappings))
+  defp decode(%{} = map, lease, mappings), do: Map.new(map, fn {k, v} -> {k, decode(v, lease, mappings)} end)
+  defp decode(other, _lease, _mappings), do: other
 end

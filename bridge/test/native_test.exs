@@ -116,6 +116,20 @@ defmodule Sidecar.NativeTest do
     Tensor.free(t)
   end
 
+  test "alias_inputs: an identity of a VM segment comes back as that segment, copied by nobody" do
+    bin = payload(8 * @mb)
+    {:ok, t} = Tensor.alloc("uint8", [8 * @mb])
+    :ok = Tensor.write(t, 0, bin)
+    assert {:ok, %{outputs: [out], leases: [], gc_leases: []}} = Sidecar.call(pool(), "identity", [t], alias_inputs: true)
+    assert out.storage == t.storage
+    assert {:ok, view} = Tensor.view(out)
+    assert view == bin
+    # The view is the segment itself: the next write shows in it.
+    :ok = Tensor.write(t, 0, <<42>>)
+    assert :binary.first(view) == 42
+    Tensor.free(t)
+  end
+
   test "alloc/3 gives a writable 0600 segment that write/3 fills, then serves call after call" do
     {:ok, t} = Tensor.alloc("float32", [1024])
     assert {:shm, %{name: name, nbytes: 4096}} = t.storage

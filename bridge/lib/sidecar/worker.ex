@@ -132,13 +132,7 @@ defmodule Sidecar.Worker do
       {:start, delay, crashes, last_exit_at} ->
         state = %{state | crashes: crashes, last_exit_at: last_exit_at}
 
-        if crashes > 0 do
-          Telemetry.execute([:sidecar, :pool, :restart], %{delay_ms: delay}, %{
-            pool: state.pool,
-            slot: state.slot,
-            consecutive_crashes: crashes
-          })
-        end
+        if crashes > 0, do: restart_event(state, delay, false)
 
         if delay > 0 do
           Process.send_after(self(), :spawn, delay)
@@ -147,10 +141,21 @@ defmodule Sidecar.Worker do
           {:noreply, spawn_worker(state)}
         end
 
-      :hold ->
+      {:hold, crashes} ->
         # The circuit breaker is open: the manager sends :spawn for the probe or when it closes.
-        {:noreply, %{state | status: :held}}
+        state = %{state | crashes: crashes, status: :held}
+        restart_event(state, 0, true)
+        {:noreply, state}
     end
+  end
+
+  defp restart_event(state, delay, held) do
+    Telemetry.execute([:sidecar, :pool, :restart], %{delay_ms: delay}, %{
+      pool: state.pool,
+      slot: state.slot,
+      consecutive_crashes: state.crashes,
+      held: held
+    })
   end
 
   defp spawn_worker(%{cold_only: true} = state), do: open_port(state, :cold)

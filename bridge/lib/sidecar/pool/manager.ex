@@ -27,9 +27,12 @@ defmodule Sidecar.Pool.Manager do
   @spec name(atom) :: atom
   def name(pool), do: Module.concat(pool, Manager)
 
-  @doc "May `slot` start a worker now? `{:start, delay_ms, consecutive_crashes, last_exit_at}` or `:hold`."
+  @doc """
+  May `slot` start a worker now? `{:start, delay_ms, consecutive_crashes, last_exit_at}`, or
+  `{:hold, consecutive_crashes}` while the breaker is open (the manager sends `:spawn` later).
+  """
   @spec request_start(atom, non_neg_integer) ::
-          {:start, non_neg_integer, non_neg_integer, integer | nil} | :hold
+          {:start, non_neg_integer, non_neg_integer, integer | nil} | {:hold, non_neg_integer}
   def request_start(pool, slot), do: GenServer.call(name(pool), {:request_start, slot, self()})
 
   @spec worker_spawned(atom, non_neg_integer, pid, non_neg_integer) :: :ok
@@ -113,7 +116,7 @@ defmodule Sidecar.Pool.Manager do
         {:reply, put_elem(start, 1, 0), %{state | probe: pid}}
 
       _ ->
-        {:reply, :hold, %{state | held: Map.put(state.held, pid, slot)}}
+        {:reply, {:hold, n}, %{state | held: Map.put(state.held, pid, slot)}}
     end
   end
 
@@ -166,7 +169,10 @@ defmodule Sidecar.Pool.Manager do
 
   def handle_cast({:exited, slot, pid, exit}, state) do
     now = now()
-    n = if exit.healthy, do: 1, else: Map.get(state.crashes, slot, 0) + 1
+    # A worker that proved itself, or one killed from outside while it served (the work did not
+    # cause it: nothing to back off from), restarts at once; crashes in a row back off.
+    fresh = exit.healthy or (not exit.caused and exit.phase == :running)
+    n = if fresh, do: 1, else: Map.get(state.crashes, slot, 0) + 1
 
     state = %{
       state
