@@ -109,16 +109,17 @@ syscall_error(ErlNifEnv *env, int err, const char *syscall)
     return error_pair(env, enif_make_atom(env, errno_name(err)), syscall);
 }
 
-/* A segment name: a binary of 1..NAME_MAX+1 bytes without NUL, copied into `out`. Which names are
- * acceptable is Sidecar.Shm's business; this only keeps the C string well formed. */
+/* A segment name in POSIX's portable form: a binary of 2..NAME_MAX+1 bytes, "/" then no other "/"
+ * and no NUL, copied into `out`. (glibc would also take "x" for "/x"; we do not guess.) Which names
+ * are acceptable beyond that is Sidecar.Shm's business. */
 static int
 get_name(ErlNifEnv *env, ERL_NIF_TERM term, char out[NAME_MAX + 2])
 {
     ErlNifBinary bin;
-    if (!enif_inspect_binary(env, term, &bin) || bin.size == 0 || bin.size > NAME_MAX + 1) {
+    if (!enif_inspect_binary(env, term, &bin) || bin.size < 2 || bin.size > NAME_MAX + 1 || bin.data[0] != '/') {
         return 0;
     }
-    if (memchr(bin.data, '\0', bin.size) != NULL) {
+    if (memchr(bin.data, '\0', bin.size) != NULL || memchr(bin.data + 1, '/', bin.size - 1) != NULL) {
         return 0;
     }
     memcpy(out, bin.data, bin.size);

@@ -8,7 +8,8 @@ defmodule Sidecar.Native do
   not loaded and the bridge uses its file I/O path (`Sidecar.Shm`): every byte read or written as
   file I/O, one copy each way. `status/0` says which, and why.
 
-  The functions here are the NIF's, with no policy: names are checked by `Sidecar.Shm`, results
+  The functions here are the NIF's, with no policy: a name only has to be POSIX's portable form
+  (`"/"` and no other `"/"`, no NUL); which names are ours is `Sidecar.Shm`'s business. Results
   come back as `{:ok, ...}` or `{:error, {reason, what}}` (`{:badarg, :offset}`,
   `{:enospc, :posix_fallocate}`, ...), never an exception, whatever the arguments.
 
@@ -26,6 +27,7 @@ defmodule Sidecar.Native do
   @type reason :: {atom, atom}
 
   @doc false
+  @spec load_nif() :: :ok
   def load_nif do
     :persistent_term.put({__MODULE__, :status}, try_load())
     :ok

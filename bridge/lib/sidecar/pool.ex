@@ -95,6 +95,13 @@ defmodule Sidecar.Pool do
   @spec registry(atom) :: atom
   def registry(pool), do: Module.concat(pool, Registry)
 
+  @doc """
+  The pool's `env:` as a Port wants it: `{name, value}` sets a variable, `{name, nil}` removes it
+  from what the worker inherits.
+  """
+  @spec port_env([{String.t(), String.t() | nil}]) :: [{charlist, charlist | false}]
+  def port_env(env), do: Enum.map(env, fn {k, v} -> {to_charlist(k), if(v == nil, do: false, else: to_charlist(v))} end)
+
   @doc "The python that runs workers: `$SIDECAR_PYTHON`, else `python3` on the PATH."
   @spec default_python() :: String.t()
   def default_python do

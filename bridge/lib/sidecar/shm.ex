@@ -28,6 +28,7 @@ defmodule Sidecar.Shm do
   @run_re ~r/^[A-Za-z0-9]{1,32}$/
 
   @doc false
+  @spec start_link(term) :: GenServer.on_start()
   def start_link(_opts), do: GenServer.start_link(__MODULE__, [], name: __MODULE__)
 
   @doc "This VM's run id (the `<run>` in segment names)."

@@ -62,6 +62,7 @@ defmodule Sidecar.Telemetry do
   end
 
   @doc false
+  @spec start_link(term) :: GenServer.on_start()
   def start_link(_opts), do: GenServer.start_link(__MODULE__, [], name: __MODULE__)
 
   @impl true

@@ -109,7 +109,7 @@ defmodule Sidecar.Template do
     ]
 
     {exe, args} = if log, do: WorkerLog.wrap(log, command), else: {hd(command), tl(command)}
-    env = Enum.map(cfg.env, fn {k, v} -> {to_charlist(k), v && to_charlist(v)} end)
+    env = Sidecar.Pool.port_env(cfg.env)
 
     try do
       port =

@@ -259,11 +259,13 @@ defmodule Sidecar.Tensor do
 
   @doc false
   # The wire form: {:tensor, %{dtype:, shape:, strides:, shm: ... | data: ...}}.
+  @spec to_term(t) :: {:tensor, map}
   def to_term(%__MODULE__{dtype: dtype, shape: shape, strides: strides, storage: {kind, s}}) do
     {:tensor, %{kind => s, :dtype => dtype, :shape => shape, :strides => strides}}
   end
 
   @doc false
+  @spec from_term(map, {pid, [String.t()]} | nil) :: t
   def from_term(%{dtype: dtype, shape: shape} = m, lease \\ nil) do
     storage =
       cond do

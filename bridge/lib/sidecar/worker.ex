@@ -172,7 +172,7 @@ defmodule Sidecar.Worker do
 
     case command(cfg, mode, log) do
       {:ok, exe, args} ->
-        env = Enum.map(worker_env(cfg.env), fn {k, v} -> {to_charlist(k), v && to_charlist(v)} end)
+        env = Sidecar.Pool.port_env(worker_env(cfg.env))
         oom_kills = Exit.oom_kills()
 
         try do
