@@ -7,6 +7,7 @@ this test fails and says so, it does not skip.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -249,3 +250,19 @@ def test_segments_are_created_0600_never_chmodded(nif: str, tmp_path: Path) -> N
             pid = ln.split()[0]
             umasks = [u for u in text[:text.index(ln)] if u.startswith(pid + " ") and "umask(" in u]
             assert umasks and "umask(077)" in umasks[-1], (ln, umasks)
+
+
+def test_the_benchmark_runs_every_mode_and_a_forked_replacement() -> None:
+    # A short run of benchmarks/bench_elixir.py (its numbers are for the guide, not asserted here).
+    bench = BRIDGE.parent / "benchmarks" / "bench_elixir.py"
+    run = subprocess.run([sys.executable, str(bench), "--sizes", "1MB", "--repeat", "3", "--replace", "2", "--json"],
+                         env={**os.environ, "MIX_ENV": "test"}, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(run.stdout)
+    assert {r["mode"] for r in result["rows"]} == {
+        "binary_copy", "nif_alloc_write_alias", "nif_alloc_write", "nif_from_binary", "nif_zero_copy_input",
+        "descriptors_only", "file_path", "inline"}
+    assert all(r["median_us"] > 0 and r["vs_memcpy"] > 0 for r in result["rows"])
+    [fork] = result["replacement"]
+    assert fork["mode"] == "fork" and fork["via"] == "fork" and fork["count"] == 2
+    assert fork["template_pss_bytes"] > 0

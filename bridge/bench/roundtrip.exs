@@ -16,18 +16,27 @@
 #   inline               the same bytes inside the {:packet, 4} port messages both ways
 #
 # Every mode's result is checked byte for byte once per size. With --replace N it also kills a
-# worker N times and measures how long until its replacement is ready (forked from the template,
-# and, with --cold M, started cold), and the memory of the template and the workers.
+# worker of a 2-worker pool N times and measures how long until its replacement is ready (forked
+# from the template; with --spare N a warm spare takes over; with --cold M started cold), and the
+# memory (RSS, PSS) of the template and the workers.
 #
 # Run from bridge/: mix run bench/roundtrip.exs [--json] [--sizes 1MB,100MB,1GB] [--repeat N]
-#   [--modes a,b] [--replace N] [--cold M]
+#   [--modes a,b] [--replace N] [--spare N] [--cold M]
 # SIDECAR_PYTHON names the interpreter with the sidecar package (default ../.venv/bin/python).
 
 alias Sidecar.{Native, Shm, Tensor}
 
 {opts, _, _} =
   OptionParser.parse(System.argv(),
-    strict: [json: :boolean, sizes: :string, repeat: :integer, modes: :string, replace: :integer, cold: :integer]
+    strict: [
+      json: :boolean,
+      sizes: :string,
+      repeat: :integer,
+      modes: :string,
+      replace: :integer,
+      cold: :integer,
+      spare: :integer
+    ]
   )
 
 sizes_by_name = %{"1MB" => 1_000_000, "10MB" => 10_000_000, "100MB" => 100_000_000, "1GB" => 1_000_000_000}
@@ -76,9 +85,6 @@ rows =
     repeat = repeat_for.(nbytes)
     {:ok, seg} = Tensor.alloc("float32", [n])
     :ok = Tensor.write(seg, 0, data)
-    {:ok, %{outputs: [first]}} = Sidecar.call(:bench, "identity", [seg])
-    # The chained input of nif_zero_copy_input: always the latest result.
-    Process.put(:chain, data_of.(first))
 
     modes = [
       {"binary_copy", fn -> :binary.copy(data) end},
@@ -104,7 +110,12 @@ rows =
        end},
       {"nif_zero_copy_input",
        fn ->
-         t = Tensor.from_binary!(Process.get(:chain), "float32", [n])
+         # The chained input: always the latest result (the first one from the segment).
+         input =
+           Process.get(:chain) ||
+             data_of.(hd(elem(Sidecar.call(:bench, "identity", [seg]), 1).outputs))
+
+         t = Tensor.from_binary!(input, "float32", [n])
          {:shm, _} = t.storage
          {:ok, %{outputs: [out]}} = Sidecar.call(:bench, "identity", [t])
          Process.put(:chain, data_of.(out))
@@ -142,6 +153,7 @@ rows =
         _ = back
         for _ <- 1..min(2, repeat), do: fun.()
         :erlang.garbage_collect()
+
         # A collection between samples (not timed): each result is dropped before the next call,
         # as in a loop that uses it and moves on (its lease goes back, its memory is freed).
         samples =
@@ -160,11 +172,13 @@ rows =
           p90_us: pct.(samples, 0.9),
           min_us: Enum.min(samples)
         }
+        |> tap(fn _ ->
+          # Nothing of one mode stays for the next: a 1 GB run holds a few GiB at a time, no more.
+          Process.delete(:chain)
+          :erlang.garbage_collect()
+        end)
       end
 
-    Process.delete(:chain)
-    first = nil
-    _ = first
     Tensor.free(seg)
     :erlang.garbage_collect()
     base = Enum.find(results, &(&1.mode == "binary_copy"))
@@ -193,6 +207,19 @@ replacement = fn pool_opts, times ->
 
   {:ok, _} = Sidecar.start_link([name: :bench_replace, workers: 2, telemetry: false] ++ pool_opts)
   :ok = Sidecar.await_ready(:bench_replace, :all, 120_000)
+  spares = Keyword.get(pool_opts, :spares, 0)
+
+  await_spare = fn ->
+    if spares > 0 do
+      receive do
+        {:ready, _, %{slot: {:spare, _}}} -> :ok
+      after
+        120_000 -> raise "no spare within 120 s"
+      end
+    end
+  end
+
+  await_spare.()
 
   memory =
     Enum.map(Sidecar.status(:bench_replace), fn w ->
@@ -215,7 +242,7 @@ replacement = fn pool_opts, times ->
         0 -> :ok
       end
 
-      [%{os_pid: victim, slot: slot} | _] = Sidecar.status(:bench_replace)
+      [%{os_pid: victim, slot: slot} | _] = Enum.filter(Sidecar.status(:bench_replace), &is_integer(&1.slot))
       t0 = System.monotonic_time()
       System.cmd("kill", ["-KILL", "#{victim}"])
 
@@ -224,6 +251,8 @@ replacement = fn pool_opts, times ->
           a = Sidecar.Tensor.from_binary!(<<1.0::float-32-native>>, "float32", [1])
           {:ok, _} = Sidecar.call(:bench_replace, "add", [a, a])
           served = System.monotonic_time()
+          # The next kill finds a spare again (the one that took over is a slot's worker now).
+          await_spare.()
 
           %{
             via: via,
@@ -241,7 +270,11 @@ replacement = fn pool_opts, times ->
 end
 
 replace_rows =
-  for {label, pool_opts, times} <- [{"fork", [], opts[:replace] || 0}, {"cold", [template: false], opts[:cold] || 0}],
+  for {label, pool_opts, times} <- [
+        {"fork", [], opts[:replace] || 0},
+        {"spare", [spares: 1], opts[:spare] || 0},
+        {"cold", [template: false], opts[:cold] || 0}
+      ],
       times > 0 do
     r = replacement.(pool_opts, times)
     ms = Enum.map(r.samples, & &1.exit_to_ready_ms)
@@ -298,10 +331,14 @@ else
     )
   end
 
+  mb = fn b -> div(b, 1_048_576) end
+
   for r <- replace_rows do
     IO.puts(
       "replacement #{r.mode} (#{r.count}x, via #{r.via}): exit->ready median #{Float.round(r.median_ms, 1)} ms, " <>
-        "p90 #{Float.round(r.p90_ms, 1)} ms; kill->first call served median #{Float.round(r.served_median_ms, 1)} ms"
+        "p90 #{Float.round(r.p90_ms, 1)} ms; kill->first call served median #{Float.round(r.served_median_ms, 1)} ms; " <>
+        "memory: workers RSS #{mb.(r.worker_rss_bytes)} MiB / PSS #{mb.(r.worker_pss_bytes)} MiB, template RSS " <>
+        "#{mb.(r.template_rss_bytes)} MiB / PSS #{mb.(r.template_pss_bytes)} MiB"
     )
   end
 end

@@ -102,6 +102,21 @@ defmodule Sidecar.BreakerTest do
     assert add_ok?(pool)
   end
 
+  test "with a warm spare, a killed worker's slot is served by the spare at once, and a new spare starts" do
+    pool = start_pool(:spare_pool, workers: 1, spares: 1)
+    :ok = Sidecar.await_ready(pool, :all, 60_000)
+    assert_receive {:event, [:sidecar, :worker, :ready], _, %{pool: :spare_pool, slot: {:spare, 0}, os_pid: spare}}, 60_000
+    assert [%{slot: 0, status: :ready, os_pid: victim}, %{slot: {:spare, 0}, status: :spare}] = Sidecar.status(pool)
+    System.cmd("kill", ["-KILL", "#{victim}"])
+
+    # The spare's process now serves slot 0 (no process started for it); another spare follows.
+    assert_receive {:event, [:sidecar, :worker, :ready], _, %{slot: 0, via: :spare, os_pid: ^spare, restart: true}}, 30_000
+    assert_receive {:event, [:sidecar, :worker, :ready], _, %{slot: {:spare, 0}, os_pid: next}}, 60_000
+    assert next not in [spare, victim]
+    assert {:ok, %{os_pid: ^spare}} = Sidecar.call(pool, "add", [Tensor.from_binary!(floats([1.0]), "float32", [1]), 1.0])
+    assert [%{slot: 0, os_pid: ^spare}, %{slot: {:spare, 0}, os_pid: ^next, status: :spare}] = Sidecar.status(pool)
+  end
+
   test "a worker that stops answering its health checks is killed as :unresponsive and replaced" do
     pool = start_pool(:health_pool, workers: 1, health: [interval_ms: 200, timeout_ms: 200, failures: 2])
     :ok = Sidecar.await_ready(pool, :all, 60_000)

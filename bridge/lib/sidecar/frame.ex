@@ -12,6 +12,25 @@ defmodule Sidecar.Frame do
 
   @max_depth 256
 
+  # The names this version of the protocol uses (sidecar/worker/stdio_server.py, its ready, result,
+  # op list, hardware and telemetry terms): as literals of this module they exist once it is
+  # loaded, so such frames decode as the worker wrote them. Only names a newer worker adds arrive
+  # as binaries.
+  @protocol_atoms ~w(alloc_nbytes already_subscribed arrow attrs bytes_in bytes_out call compute_ns
+    cuda_ipc data decode_ns device device_index device_uuid doc dtype duration encode_ns error gpus
+    handle idempotent inline_threshold inode kind leases max_concurrency max_inputs max_queue memory
+    message min_inputs module name nan infinity neg_infinity nbytes num_rows offset ok op ops os_pid
+    outputs queue_ns ready released request_id run_id shape shm sidecar strides subscribed
+    system_time telemetry tensor timing total_ns undefined unknown unsubscribed version rss_bytes
+    arena_reserved_bytes arena_in_use_bytes start stop exception
+    arch available cores cpu cuda cuda_version devices driver_version flags hostname identity
+    memory_available memory_total model mps_available pid platform python_version reason
+    runtime_version sidecar_version threads torch_version)a
+
+  @doc "The atom names of the protocol this version knows."
+  @spec protocol_atoms() :: [atom]
+  def protocol_atoms, do: @protocol_atoms
+
   @doc "The term in `bin`, or `{:error, :malformed}`."
   @spec decode(binary) :: {:ok, term} | {:error, :malformed}
   def decode(bin) when is_binary(bin) do

@@ -44,7 +44,8 @@ defmodule Sidecar.Pool do
     read: true,
     breaker: [],
     health: [],
-    template: true
+    template: true,
+    spares: 0
   ]
 
   @health_defaults [interval_ms: 5_000, timeout_ms: 2_000, failures: 3]
@@ -73,6 +74,7 @@ defmodule Sidecar.Pool do
           | {:breaker, keyword}
           | {:health, keyword}
           | {:template, boolean}
+          | {:spares, non_neg_integer}
 
   @doc false
   @spec defaults() :: keyword
@@ -117,6 +119,7 @@ defmodule Sidecar.Pool do
     unless is_atom(name), do: raise(ArgumentError, ":name must be an atom, got #{inspect(name)}")
     check!(opts, :workers, &(is_integer(&1) and &1 >= 1), "an integer >= 1")
     check!(opts, :max_attempts, &(is_integer(&1) and &1 >= 1), "an integer >= 1")
+    check!(opts, :spares, &(is_integer(&1) and &1 >= 0), "an integer >= 0")
     check!(opts, :timeout, &(is_integer(&1) and &1 > 0), "a positive integer (ms)")
     check!(opts, :start_timeout, &(is_integer(&1) and &1 > 0), "a positive integer (ms)")
     check!(opts, :retry_backoff, &pair?/1, "{initial_ms, cap_ms} with 0 <= initial <= cap")
@@ -155,8 +158,11 @@ defmodule Sidecar.Pool do
   end
 
   defp init_tree(cfg) do
+    # Spares after the slots: the slots' first workers start first.
+    slots = Enum.to_list(0..(cfg.workers - 1)) ++ for(i <- 0..(cfg.spares - 1)//1, do: {:spare, i})
+
     workers =
-      for slot <- 0..(cfg.workers - 1) do
+      for slot <- slots do
         Supervisor.child_spec({Sidecar.Worker, Map.put(cfg, :slot, slot)}, id: {:worker, slot})
       end
 

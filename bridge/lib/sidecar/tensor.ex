@@ -336,12 +336,19 @@ defimpl Inspect, for: Sidecar.Tensor do
   def inspect(%Sidecar.Tensor{dtype: d, shape: s, storage: storage, lease: lease}, opts) do
     where =
       case storage do
-        {:data, bin} -> "#{byte_size(bin)} bytes inline"
+        {:data, bin} -> data_text(bin)
         {:shm, %{name: n, nbytes: b}} -> "#{b} bytes in #{n}"
         {kind, _} -> to_string(kind)
       end
 
     lease = if lease, do: ", leased", else: ""
     concat(["#Sidecar.Tensor<", to_doc(d, opts), " ", to_doc(s, opts), ", ", where, lease, ">"])
+  end
+
+  defp data_text(bin) do
+    case Sidecar.Tensor.shared(bin) do
+      %{name: name} -> "#{byte_size(bin)} bytes, a zero-copy view of #{name}"
+      nil -> "#{byte_size(bin)} bytes inline"
+    end
   end
 end

@@ -134,11 +134,20 @@ defmodule Sidecar.Worker do
 
         if crashes > 0, do: restart_event(state, delay, false)
 
-        if delay > 0 do
-          Process.send_after(self(), :spawn, delay)
-          {:noreply, state}
-        else
-          {:noreply, spawn_worker(state)}
+        cond do
+          delay > 0 ->
+            Process.send_after(self(), :spawn, delay)
+            {:noreply, state}
+
+          crashes > 0 and not spare?(state) ->
+            # A replacement: a warm spare serves at once, else a new worker starts.
+            case adopt_spare(state) do
+              {:ok, state} -> {:noreply, state}
+              :none -> {:noreply, spawn_worker(state)}
+            end
+
+          true ->
+            {:noreply, spawn_worker(state)}
         end
 
       {:hold, crashes} ->
@@ -168,7 +177,8 @@ defmodule Sidecar.Worker do
   end
 
   defp open_port(%{cfg: cfg} = state, mode) do
-    log = if cfg.stderr == :capture, do: WorkerLog.new_path(state.pool, state.slot), else: nil
+    label = with {:spare, i} <- state.slot, do: "spare#{i}"
+    log = if cfg.stderr == :capture, do: WorkerLog.new_path(state.pool, label), else: nil
 
     case command(cfg, mode, log) do
       {:ok, exe, args} ->
@@ -274,6 +284,19 @@ defmodule Sidecar.Worker do
 
   def handle_call({:request, _id, _req, _read, _keep}, _from, state), do: {:reply, {:error, :not_ready}, state}
 
+  def handle_call({:handover, to}, _from, %{slot: {:spare, _}, status: :ready, port: port} = state) do
+    Registry.unregister(state.cfg.registry, :spare)
+    true = Port.connect(port, to)
+    Process.unlink(port)
+    taken = Map.take(state, [:port, :port_pid, :os_pid, :info, :log, :spawned_at, :ready_at, :oom_kills])
+    # Nothing of the worker is ours any more: terminate/2 must neither stop it nor remove its log.
+    {:stop, {:shutdown, :handed_over}, {:ok, taken}, %{state | port: nil, log: nil}}
+  rescue
+    ArgumentError -> {:reply, :not_ready, state}
+  end
+
+  def handle_call({:handover, _to}, _from, state), do: {:reply, :not_ready, state}
+
   def handle_call({:view, shm, ids}, _from, state) do
     case map_outputs(state, [shm], ids, false) do
       {:ok, [bin], state} -> {:reply, {:ok, bin}, state, {:continue, :drop_views}}
@@ -287,7 +310,7 @@ defmodule Sidecar.Worker do
        slot: state.slot,
        pid: self(),
        os_pid: state.os_pid,
-       status: state.status,
+       status: if(spare?(state) and state.status == :ready, do: :spare, else: state.status),
        via: state.via,
        in_flight: Enum.count(state.pending, &match?({_, {:call, _, _, _}}, &1)),
        leases_held: map_size(state.leases),
@@ -575,38 +598,14 @@ defmodule Sidecar.Worker do
 
   defp handle_term({:ready, os_pid, info}, state) when is_integer(os_pid) and is_map(info) do
     if state.start_timer, do: Process.cancel_timer(state.start_timer)
-    counter = :counters.new(1, [:write_concurrency])
-    reg = state.cfg.registry
-    idempotent = info[:idempotent] || []
-    # Every worker of a pool serves the same ops: the last one to be ready writes the same map.
-    Registry.put_meta(reg, :ops, Map.new(info[:ops] || [], &{&1, &1 in idempotent}))
-    {:ok, _} = Registry.register(reg, :ready, %{slot: state.slot, os_pid: os_pid, counter: counter})
-
-    state = %{state | status: :ready, os_pid: os_pid, info: info, counter: counter, ready_at: System.monotonic_time()}
-    Manager.worker_ready(state.pool, state.slot, self(), os_pid)
+    state = %{state | os_pid: os_pid, info: info, ready_at: System.monotonic_time()}
 
     state =
       if state.cfg.telemetry,
         do: elem(internal(state, {:subscribe, 0, %{memory_interval_s: state.cfg.memory_interval_s}}, :internal), 1),
         else: state
 
-    if state.cfg.health.interval_ms > 0, do: Process.send_after(self(), :health_tick, state.cfg.health.interval_ms)
-
-    measurements = %{startup: state.ready_at - state.spawned_at}
-
-    measurements =
-      if state.last_exit_at, do: Map.put(measurements, :since_exit, state.ready_at - state.last_exit_at), else: measurements
-
-    Telemetry.execute([:sidecar, :worker, :ready], measurements, %{
-      pool: state.pool,
-      slot: state.slot,
-      os_pid: os_pid,
-      device: info[:device],
-      via: state.via,
-      restart: state.crashes > 0
-    })
-
-    state
+    serve(state)
   end
 
   defp handle_term({tag, id, payload}, state) when tag in [:ok, :error] do
@@ -662,6 +661,63 @@ defmodule Sidecar.Worker do
     Logger.warning("sidecar worker #{state.os_pid} sent an unexpected term: #{inspect(other, limit: 10)}")
     state
   end
+
+  # Routable from now on: a slot's worker under :ready (and the manager counts it), a spare under
+  # :spare (a slot's replacement takes it over). Health checks start.
+  defp serve(state) do
+    counter = :counters.new(1, [:write_concurrency])
+    reg = state.cfg.registry
+    info = state.info
+    idempotent = info[:idempotent] || []
+    # Every worker of a pool serves the same ops: the last one to be ready writes the same map.
+    Registry.put_meta(reg, :ops, Map.new(info[:ops] || [], &{&1, &1 in idempotent}))
+    key = if spare?(state), do: :spare, else: :ready
+    {:ok, _} = Registry.register(reg, key, %{slot: state.slot, os_pid: state.os_pid, counter: counter})
+    unless spare?(state), do: Manager.worker_ready(state.pool, state.slot, self(), state.os_pid)
+    if state.cfg.health.interval_ms > 0, do: Process.send_after(self(), :health_tick, state.cfg.health.interval_ms)
+    now = System.monotonic_time()
+    measurements = %{startup: state.ready_at - state.spawned_at}
+    measurements = if state.last_exit_at, do: Map.put(measurements, :since_exit, now - state.last_exit_at), else: measurements
+
+    Telemetry.execute([:sidecar, :worker, :ready], measurements, %{
+      pool: state.pool,
+      slot: state.slot,
+      os_pid: state.os_pid,
+      device: info[:device],
+      via: state.via,
+      restart: state.crashes > 0
+    })
+
+    %{state | status: :ready, counter: counter}
+  end
+
+  defp spare?(%{slot: {:spare, _}}), do: true
+  defp spare?(_state), do: false
+
+  # A replacement takes over a ready spare: its Port (and so its OS process) changes owner. The
+  # spare's process then ends; its supervisor starts another spare.
+  defp adopt_spare(%{cfg: %{spares: n}} = state) when n > 0 do
+    case Registry.lookup(state.cfg.registry, :spare) do
+      [] ->
+        :none
+
+      spares ->
+        {pid, _} = Enum.random(spares)
+
+        case GenServer.call(pid, {:handover, self()}, 5_000) do
+          {:ok, taken} ->
+            Manager.worker_spawned(state.pool, state.slot, self(), taken.os_pid)
+            {:ok, serve(Map.merge(%{state | via: :spare}, taken))}
+
+          :not_ready ->
+            :none
+        end
+    end
+  catch
+    :exit, _ -> :none
+  end
+
+  defp adopt_spare(_state), do: :none
 
   defp reply(:ok, result, read, state) do
     state = %{state | served: true}

@@ -107,8 +107,9 @@ defmodule Sidecar.WorkerLog do
 
   @doc """
   The most telling line of a dead worker's stderr, for an error message: a fatal error with the
-  frame that crashed (faulthandler's report), else the last line (the exception line of a
-  traceback, a log line). Like `sidecar.host.crash.summarize_tail`.
+  frame that crashed (faulthandler's report), else the last line that is not routine (the
+  exception line of a traceback, an error record); nil when there is none. Like
+  `sidecar.host.crash.summarize_tail`.
   """
   @spec summarize([String.t()]) :: String.t() | nil
   def summarize(tail) do
@@ -116,12 +117,19 @@ defmodule Sidecar.WorkerLog do
 
     case fatal_block(lines) do
       nil ->
-        lines |> Enum.reject(&String.starts_with?(&1, "Extension modules:")) |> List.last() |> trim()
+        lines |> Enum.reject(&routine?/1) |> List.last() |> trim()
 
       {_, [fatal | stack]} ->
         frame = Enum.find(stack, &String.starts_with?(String.trim(&1), "File "))
         if frame, do: "#{fatal} (#{String.trim(frame)})", else: fatal
     end
+  end
+
+  # Lines that never explain an end: the worker's own info/debug log records, the launcher's note
+  # of the worker's pid, faulthandler's list of extension modules.
+  defp routine?(line) do
+    String.starts_with?(line, ["Extension modules:", "sidecar_launch: worker pid "]) or
+      Regex.match?(~r/^\S+ \S+ sidecar\[\d+\] (INFO|DEBUG) /, line)
   end
 
   defp trim(nil), do: nil

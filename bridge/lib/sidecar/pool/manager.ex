@@ -286,7 +286,8 @@ defmodule Sidecar.Pool.Manager do
   end
 
   def handle_info({:reap, os_pid}, state) do
-    reap(os_pid)
+    # A spare's process handed over to a replacement belongs to that one now: not to reap.
+    unless os_pid in Map.values(state.os_pids), do: reap(os_pid)
     {:noreply, state}
   end
 
