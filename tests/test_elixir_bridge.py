@@ -131,9 +131,10 @@ def test_a_vm_killed_with_sigkill_leaves_files_that_the_next_pool_removes(tmp_pa
     wait_until(lambda: pid_gone(vm.worker_pid))
     os.kill(vm.vm_pid, signal.SIGKILL)
     proc.communicate(timeout=60)
-    left = shm_of_run(vm.run)
-    assert any(f"-{vm.vm_pid}-" in name for name in left), left
-    assert any(f"-{vm.worker_pid}-" in name for name in left), left
+    # The pool's template sees its host go (stdin EOF): it kills its workers and unlinks the
+    # segments of the run's dead owners (the worker's held output). What is left (the worker's log,
+    # the VM's own segment if the VM was not quite gone when the template looked) is for the next pool.
+    wait_until(lambda: not any(f"-{vm.worker_pid}-" in name for name in shm_of_run(vm.run)))
     assert vm.log.exists()
 
     # The next pool (another VM, another run) sweeps the dead owners' files at its start.

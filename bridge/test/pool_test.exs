@@ -129,6 +129,8 @@ defmodule Sidecar.PoolTest do
     System.cmd("kill", ["-KILL", "#{victim}"])
 
     results = tasks |> Enum.map(&Task.await(&1, 60_000)) |> List.flatten()
+    # Its replacement is a fork of the pool's template.
+    assert_receive {:event, [:sidecar, :worker, :ready], _, %{restart: true, via: :fork}}, 30_000
     assert length(results) == n_procs * per_proc
     errors = for {:error, e} <- results, do: e
     assert errors == []

@@ -10,8 +10,9 @@ defmodule Sidecar.Error do
 
   Kinds are the `sidecar.v1.ErrorKind` names in lower case: `:shape_mismatch`, `:dtype_mismatch`,
   `:device_mismatch`, `:out_of_memory`, `:invalid_tensor_ref`, `:unknown_op`, `:op_failed`,
-  `:overloaded`, `:device_unavailable`, `:worker_crashed`, `:circuit_open`, `:invalid_argument`,
-  `:cancelled` (also used for timeouts). The other fields are those of `sidecar.v1.Error`; those an
+  `:overloaded`, `:device_unavailable`, `:worker_crashed`, `:circuit_open` (the pool's breaker is
+  open and no worker is ready; with the last crash's fields), `:invalid_argument`, `:cancelled`
+  (also used for timeouts). The other fields are those of `sidecar.v1.Error`; those an
   error does not use are `nil`. Fields this version does not know land in `details`.
   It is an exception too, so `Sidecar.call!/4` can raise it.
   """
@@ -45,7 +46,8 @@ defmodule Sidecar.Error do
     :stderr_tail,
     :pid,
     # host-side only (not in sidecar.v1.Error): every worker crash a :worker_crashed call went
-    # through, oldest first, as %{pid:, classification:, exit_code:, signal:} maps
+    # through, oldest first, as %{pid:, classification:, exit_code:, signal:, caused:} maps
+    # (caused: the work can have caused it, Sidecar.Exit.caused_by_work?/1)
     :crashes
   ]
 
