@@ -79,10 +79,10 @@ def _pool(doc: dict[str, Any]) -> Figures:
 def _elixir(doc: dict[str, Any]) -> Figures:
     out: Figures = {}
     for r in doc["rows"]:
-        if r["mode"] == "inline":
-            out[f"x_port_inline_vs_shm_{r['size']}"] = r["vs_shm_reused"]
-        if r["mode"] == "shm_reused":
-            out[f"shm_reused_{r['size']}_us"] = r["median_us"]
+        if r.get("vs_memcpy") is not None and r["mode"] in ("nif_alloc_write_alias", "file_path", "inline"):
+            out[f"x_{r['mode']}_vs_memcpy_{r['size']}"] = r["vs_memcpy"]
+        if r["mode"] == "descriptors_only":
+            out[f"descriptors_only_{r['size']}_us"] = r["median_us"]
     return out
 
 

@@ -32,3 +32,15 @@ if { ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/nu
          "for the dashboard test" >&2
   fi
 fi
+
+# The bridge's NIF (bridge/c_src) needs erl_nif.h (Debian: erlang-dev); without it the bridge still
+# builds and runs on its file I/O path, but the zero-copy tests need it.
+if command -v erl >/dev/null 2>&1 && [ "${SIDECAR_SKIP_ELIXIR_INSTALL:-0}" != 1 ] && \
+   [ ! -f "$(erl -noshell -eval 'io:format("~s", [code:root_dir()]), halt().')/usr/include/erl_nif.h" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq erlang-dev >/dev/null ||
+      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq erlang-dev >/dev/null; }
+  else
+    echo "install.sh: erl_nif.h is missing; install Debian's 'erlang-dev' package for the bridge's NIF" >&2
+  fi
+fi

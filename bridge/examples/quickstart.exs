@@ -22,6 +22,9 @@ a = Tensor.from_binary!(floats, "float32", [1000, 1000])
 IO.inspect(a, label: "input")
 {:ok, result} = Sidecar.call(:demo, "add", [a, a])
 [sum] = result.outputs
+# With the NIF the result's bytes are the worker's memory: a binary made without a copy, whose
+# lease goes back to the worker when it is garbage collected.
+IO.inspect(sum, label: "result")
 <<first::float-32-native, second::float-32-native, _::binary>> = Tensor.to_binary!(sum)
 IO.puts("add: #{inspect(sum.shape)} #{sum.dtype}, first elements #{first}, #{second}; " <>
           "worker compute #{div(result.timing.compute_ns, 1000)} us, round trip #{div(result.timing.round_trip_ns, 1000)} us")
@@ -40,12 +43,14 @@ end
 {:ok, %{outputs: [bc]}} = Sidecar.call(:demo, "matmul", [b, c])
 IO.puts("matmul [3, 2] x [2, 3] -> #{inspect(bc.shape)}")
 
-# 5. A worker segfaults: the call gets a classified crash, the pool replaces the worker.
+# 5. A worker segfaults: the call gets a classified crash, the pool replaces the worker (a fork of
+# its template, which imported torch once: tens of milliseconds).
 {:error, %Error{kind: :worker_crashed} = crash} = Sidecar.call(:demo, "debug.segfault", [])
 IO.puts("crash: #{crash.message} (classification #{inspect(crash.classification)}, signal #{crash.signal})")
 :ok = Sidecar.await_ready(:demo)
 IO.puts("pool back to full strength:")
-for w <- Sidecar.status(:demo), do: IO.puts("  slot #{w.slot}: os pid #{w.os_pid}, #{w.status}, #{w.consecutive_crashes} crash(es)")
+for w <- Sidecar.status(:demo),
+    do: IO.puts("  slot #{w.slot}: os pid #{w.os_pid}, #{w.status} (#{w.via}), #{w.consecutive_crashes} crash(es)")
 
 # 6. Shut down: workers exit, every segment of the pool and of this VM is unlinked.
 Tensor.free(a)

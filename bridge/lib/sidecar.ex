@@ -15,7 +15,7 @@ defmodule Sidecar do
   mid-call yields `kind: :worker_crashed` with the classified exit, and idempotent calls are retried
   on another worker first. Telemetry: `Sidecar.Telemetry`.
 
-  Pool options (`start_link/1`, `child_spec/1`):
+  Pool options (`start_link/1`, `child_spec/1`; an unknown or malformed one raises ArgumentError):
 
     * `:name` (required) - an atom naming the pool; pass it to `call/4` and friends.
     * `:workers` - number of worker processes (default 2).
@@ -27,11 +27,18 @@ defmodule Sidecar do
     * `:args` - extra `sidecar serve` arguments, e.g. `["--max-concurrency", "8"]`.
     * `:env` - extra environment, `[{"OMP_NUM_THREADS", "4"}]`.
     * `:timeout` - default call timeout in ms (30 000).
-    * `:max_attempts` - tries of an idempotent call across workers when one crashes (2, which is
-      also the most: a call that crashed two workers is a poison call and fails, see `call/4`).
+    * `:max_attempts` - tries of an idempotent call whose worker died (3; a call that crashed two
+      workers is a poison call and fails, see `call/4`).
+    * `:retry_backoff` - `{initial_ms, cap_ms}` (`{10, 1000}`): retry n waits a uniform 0.5-1 of
+      `min(cap, initial * 2^(n-1))`.
     * `:start_timeout` - ms a worker may take to send its ready term (60 000).
     * `:restart_backoff` - `{base_ms, max_ms}` (`{100, 5000}`); `:healthy_after_ms` (5000) - a worker
-      that ran this long before crashing restarts without delay.
+      that served a call, or ran this long, before crashing restarts without delay.
+    * `:breaker` - `[threshold: 5, window_ms: 30_000, cooldown_ms: 5_000]` (`Sidecar.Breaker`).
+    * `:health` - `[interval_ms: 5_000, timeout_ms: 2_000, failures: 3]`: a ready worker that misses
+      `failures` pings in a row is killed (`:unresponsive`) and replaced; `interval_ms: 0` turns it off.
+    * `:template` - fork workers from a template process that imported torch once (default true;
+      `Sidecar.Template`): a replacement serves in tens of milliseconds instead of seconds.
     * `:shutdown_grace_ms` - how long a stopping worker may finish its calls (5000).
     * `:stderr` - `:capture` (default; the last `:stderr_lines` lines go into crash errors) or `:inherit`.
     * `:telemetry` - subscribe to worker events (default true); `:memory_interval_s` (5.0).
@@ -45,14 +52,22 @@ defmodule Sidecar do
   @type pool :: atom
 
   @doc "Starts a pool under the caller (use `child_spec/1` in a supervision tree)."
+  @spec start_link([Sidecar.Pool.option()]) :: Supervisor.on_start()
   defdelegate start_link(opts), to: Sidecar.Pool
 
   @doc false
+  @spec child_spec([Sidecar.Pool.option()]) :: Supervisor.child_spec()
   def child_spec(opts), do: Sidecar.Pool.child_spec(opts)
 
   @doc "Stops a pool: workers finish what runs, exit, and every segment of the pool is unlinked."
   @spec stop(pool, timeout) :: :ok
   def stop(pool, timeout \\ :infinity), do: Supervisor.stop(pool, :normal, timeout)
+
+  # Tensors at least this big are never sent inside the message when they lie in shared memory.
+  @inline_limit 65_536
+
+  @call_options [:attrs, :timeout, :idempotent, :max_attempts, :read, :placement, :out, :release, :request_id,
+                 :inline_threshold, :alias_inputs]
 
   @doc """
   Runs `op` on `inputs` in an idle worker of `pool`.
@@ -60,31 +75,43 @@ defmodule Sidecar do
   Inputs are `%Sidecar.Tensor{}` values, numbers, binaries (strings), atoms, lists and maps;
   `{:bytes, bin}` passes raw bytes that are not text.
 
-  Options:
+  Options (an unknown one raises ArgumentError):
     * `:attrs` - op parameters, a map or keyword list (`attrs: [dim: 1]`).
     * `:timeout` - ms for the whole call, retries included (pool default 30 000); on expiry the call
       is cancelled in the worker and `{:error, %Sidecar.Error{kind: :cancelled}}` returned.
     * `:idempotent` - may the call be retried on another worker after a crash? Default: what the op
       declares (`Sidecar.list_ops/1`).
-    * `:max_attempts` - tries for an idempotent call (pool default 2; values above 2 change nothing).
-    * `:read` - `true` (pool default): tensor outputs in worker memory are read into binaries and
-      their lease released before returning; `false`: outputs stay in the worker's segments and the
-      result holds their `leases` until `release/1` (use `Sidecar.Tensor.to_binary/1` meanwhile).
+    * `:max_attempts` - tries for an idempotent call whose worker died (pool default 3).
+    * `:read` - `true` (pool default): tensor outputs come back as binaries (`{:data, bin}`); with
+      the NIF those binaries *are* the worker's memory (no copy) and the lease is given back when
+      the last of them is garbage collected; without it they are read (one copy) and the lease
+      released before returning. `:copy`: always a copy, lease released at once. `false`: outputs
+      stay in the worker's segments and the result holds their `leases` until `release/1`.
     * `:placement` - `:auto` (default), `:shm`, `:inline`, `:device`, `:out`.
-    * `:out` - VM tensors (`Sidecar.Tensor.empty/3`) the worker writes the outputs into.
+    * `:out` - VM tensors (`Sidecar.Tensor.alloc/3`) the worker writes the outputs into.
     * `:release` - lease ids to hand back, piggybacked on this call.
     * `:request_id` - a string echoed in telemetry and errors.
     * `:inline_threshold` - outputs below this many bytes come back inside the reply.
+    * `:alias_inputs` - an output that is a view of an input in a VM segment (`identity`, a
+      reshape) comes back as that range of the VM's segment: no copy, no lease (default false).
+      Such an output, like an `out:` one, is the VM's memory: `Sidecar.Tensor.view/1` shows it.
 
-  Poison calls: every call in flight on a worker that dies counts that crash as its own (which call
-  killed it cannot be known). An idempotent call is retried on another worker after its first crash;
-  after a second one it fails with `%Sidecar.Error{kind: :worker_crashed}` whose `crashes` lists both
-  (`%{pid:, classification:, exit_code:, signal:}`, oldest first) and whose message says it is a
-  poison call: it is never sent to a third worker. Any `:worker_crashed` error of a call carries
-  `crashes`.
+  Retries and poison calls: a call whose worker died is retried on another worker (idempotent
+  calls, up to `max_attempts` tries, after a backoff with jitter). A crash the work can have caused
+  (`Sidecar.Exit.caused_by_work?/1`: a native crash, a confirmed OOM, a taint, a Python error) counts
+  against every call that was in flight on that worker, since which of them caused it cannot be
+  known; an external SIGKILL or SIGTERM counts against none. A call that crashed two workers is a
+  poison call: it fails with `%Sidecar.Error{kind: :worker_crashed}` whose `crashes` lists every
+  worker death it went through (`%{pid:, classification:, exit_code:, signal:, caused:}`, oldest
+  first) and whose message names the two; it is never sent to a third worker.
+
+  While the pool's circuit breaker is open (`Sidecar.Breaker`), a call that finds no ready worker
+  fails at once with `kind: :circuit_open` (with the last crash's fields); ready workers serve
+  calls as usual.
   """
   @spec call(pool, String.t(), list, keyword) :: {:ok, Result.t()} | {:error, Error.t()}
   def call(pool, op, inputs \\ [], opts \\ []) when is_list(inputs) do
+    opts = Keyword.validate!(opts, @call_options)
     t0 = System.monotonic_time()
 
     with {:ok, cfg} <- config(pool) do
@@ -92,15 +119,26 @@ defmodule Sidecar do
       deadline = System.monotonic_time(:millisecond) + timeout
       idempotent = Keyword.get_lazy(opts, :idempotent, fn -> idempotent_op?(pool, op) end)
       attempts = if idempotent, do: Keyword.get(opts, :max_attempts, cfg.max_attempts), else: 1
+      read = Keyword.get(opts, :read, cfg.read)
+      {terms, keep} = encode_inputs(inputs ++ Keyword.get(opts, :out, []))
+      terms = Enum.take(terms, length(inputs))
 
       req =
-        {:call, nil, to_string(op), Enum.map(inputs, &encode/1), Map.new(Keyword.get(opts, :attrs, %{})),
-         wire_opts(opts, idempotent)}
+        {:call, nil, to_string(op), terms, Map.new(Keyword.get(opts, :attrs, %{})), wire_opts(opts, idempotent)}
 
-      ctx = %{pool: pool, op: to_string(op), deadline: deadline, timeout: timeout, max: attempts, cfg: cfg}
+      ctx = %{
+        pool: pool,
+        op: to_string(op),
+        deadline: deadline,
+        timeout: timeout,
+        max: attempts,
+        cfg: cfg,
+        read: if(read == true and Sidecar.Native.loaded?(), do: :zero_copy, else: :raw),
+        keep: keep
+      }
 
-      with {:ok, term, worker, os_pid} <- attempt(ctx, req, [], []) do
-        result(term, worker, os_pid, Keyword.get(opts, :read, cfg.read), t0)
+      with {:ok, term, worker, os_pid} <- attempt(ctx, req, []) do
+        result(term, worker, os_pid, read, t0, own_mappings(inputs ++ Keyword.get(opts, :out, [])))
       end
     end
   end
@@ -114,7 +152,11 @@ defmodule Sidecar do
     end
   end
 
-  @doc "Hands back the leases a `read: false` result (or a leased tensor) holds."
+  @doc """
+  Hands back the leases a `read: false` result (or a leased tensor) holds. A lease whose memory a
+  binary still shows (`Sidecar.Tensor.to_binary/1` with the NIF) is released once that binary is
+  garbage collected, never before.
+  """
   @spec release(Result.t() | Tensor.t()) :: :ok
   def release(%Result{leases: [], worker: _}), do: :ok
   def release(%Result{leases: ids, worker: worker}), do: Worker.release(worker, ids)
@@ -122,13 +164,17 @@ defmodule Sidecar do
 
   @doc "Every op the workers serve: name, doc, arity, idempotency, attrs, module."
   @spec list_ops(pool, keyword) :: {:ok, [map]} | {:error, Error.t()}
-  def list_ops(pool, opts \\ []), do: control(pool, {:list_ops, nil}, opts)
+  def list_ops(pool, opts \\ []), do: control(pool, {:list_ops, nil}, Keyword.validate!(opts, [:timeout]))
 
   @doc "What a worker sees: platform, CPU, CUDA devices, MPS, chosen device, versions, identity."
   @spec hardware(pool, keyword) :: {:ok, map} | {:error, Error.t()}
-  def hardware(pool, opts \\ []), do: control(pool, {:hardware, nil}, opts)
+  def hardware(pool, opts \\ []), do: control(pool, {:hardware, nil}, Keyword.validate!(opts, [:timeout]))
 
-  @doc "Per-worker status: slot, pid, os_pid, status, calls in flight, consecutive crashes, device."
+  @doc """
+  Per-worker status: slot, pid, os_pid, status (`:ready`, `:starting`, `:waiting` for a restart
+  backoff, `:waiting_template`, `:held` by an open breaker), `via` (`:fork` from the template or
+  `:cold`), calls in flight, leases held, consecutive crashes, missed health checks, device.
+  """
   @spec status(pool) :: [map]
   def status(pool) do
     workers_sup =
@@ -147,39 +193,42 @@ defmodule Sidecar do
     |> Enum.sort_by(& &1[:slot])
   end
 
-  @doc "Waits until `count` workers (default: all) are ready; `{:error, %Sidecar.Error{}}` on timeout."
-  @spec await_ready(pool, pos_integer | :all, timeout) :: :ok | {:error, Error.t()}
-  def await_ready(pool, count \\ :all, timeout \\ 60_000) do
-    count = if count == :all, do: config!(pool).workers, else: count
-    deadline = System.monotonic_time(:millisecond) + timeout
-    wait_ready(pool, count, deadline, timeout)
+  @doc """
+  The pool as a whole: its circuit breaker (`state`, `recent_failures`, `retry_after_ms`, ...), its
+  template (`status`, `os_pid`, `preload_ms`, `rss_bytes`) and whether the NIF is loaded.
+  """
+  @spec info(pool) :: %{breaker: map, template: map, native: term}
+  def info(pool) do
+    %{
+      breaker: Sidecar.Pool.Manager.breaker(pool),
+      template: Sidecar.Template.info(pool),
+      native: Sidecar.Native.status()
+    }
   end
 
-  defp wait_ready(pool, count, deadline, timeout) do
-    cond do
-      length(ready_workers(pool)) >= count ->
-        :ok
-
-      System.monotonic_time(:millisecond) >= deadline ->
-        {:error, Error.new(:cancelled, "#{count} workers of #{inspect(pool)} not ready within #{timeout} ms")}
-
-      true ->
-        Process.sleep(20)
-        wait_ready(pool, count, deadline, timeout)
+  @doc """
+  Waits until `count` workers (default: all) are ready. `{:error, %Sidecar.Error{}}` on timeout,
+  or at once when no worker could start (the error says why: the worker's exit and stderr).
+  """
+  @spec await_ready(pool, pos_integer | :all, timeout) :: :ok | {:error, Error.t()}
+  def await_ready(pool, count \\ :all, timeout \\ 60_000) do
+    with {:ok, cfg} <- config(pool) do
+      Sidecar.Pool.Manager.await(pool, if(count == :all, do: cfg.workers, else: count), :ready, timeout)
     end
   end
 
   # -- routing and retries -------------------------------------------------------------------------
 
-  # A call that crashed this many workers is a poison call: failed, never sent to another worker.
+  # A call that crashed this many workers (crashes the work can have caused) is a poison call:
+  # failed, never sent to another worker.
   @poison_crashes 2
 
-  # `crashes` are the worker deaths this call went through (oldest first); every counted retry
-  # follows one, so their number is the number of tries so far minus one.
-  defp attempt(ctx, req, crashes, avoid) do
+  # `crashes` are the worker deaths this call went through (oldest first); every retry follows
+  # one, so their number is the number of tries so far.
+  defp attempt(ctx, req, crashes, avoid \\ []) do
     with {:ok, pid, counter} <- pick(ctx, avoid) do
       :counters.add(counter, 1, 1)
-      res = Worker.request(pid, req, max(remaining(ctx), 1))
+      res = Worker.request(pid, req, max(remaining(ctx), 1), ctx.read, ctx.keep)
       :counters.sub(counter, 1, 1)
 
       case res do
@@ -205,14 +254,17 @@ defmodule Sidecar do
     end
   end
 
-  # The worker died with this call in flight. We cannot tell which of its calls killed it, so each
-  # one counts the crash as its own: retried once at most (idempotent calls), failed after two.
   defp crashed(ctx, req, crashes, avoid, pid, err) do
-    crashes = crashes ++ [Map.take(err, [:pid, :classification, :exit_code, :signal])]
+    crash =
+      err
+      |> Map.take([:pid, :classification, :exit_code, :signal])
+      |> Map.put(:caused, Sidecar.Exit.caused_by_work?(err.classification))
+
+    crashes = crashes ++ [crash]
     tries = length(crashes)
 
     cond do
-      tries >= @poison_crashes ->
+      Enum.count(crashes, & &1.caused) >= @poison_crashes ->
         {:error, poison_error(ctx, err, crashes)}
 
       tries < ctx.max and remaining(ctx) > 0 ->
@@ -223,9 +275,7 @@ defmodule Sidecar do
           os_pid: err.pid
         })
 
-        # Exponential backoff with jitter, so retries of many callers do not land at once.
-        base = ctx.cfg.retry_backoff_ms * Integer.pow(2, tries - 1)
-        Process.sleep(min(base + :rand.uniform(max(base, 1)), max(remaining(ctx), 0)))
+        Process.sleep(min(retry_delay(ctx.cfg.retry_backoff, tries), max(remaining(ctx), 0)))
         attempt(ctx, req, crashes, [pid | avoid])
 
       true ->
@@ -233,19 +283,28 @@ defmodule Sidecar do
     end
   end
 
+  # Exponential with jitter (uniform 0.5-1 of min(cap, initial * 2^(n-1))), so that the retries of
+  # many callers do not land at once.
+  defp retry_delay({initial, cap}, n) do
+    base = min(cap, initial * Integer.pow(2, min(n - 1, 30)))
+    div(base, 2) + :rand.uniform(div(base, 2) + 1) - 1
+  end
+
   defp poison_error(ctx, last, crashes) do
     named =
-      Enum.map_join(crashes, ", ", fn c -> "pid #{c.pid || "?"} (#{c.classification || :worker_crashed})" end)
+      crashes
+      |> Enum.filter(& &1.caused)
+      |> Enum.map_join(", ", fn c -> "pid #{c.pid || "?"} (#{c.classification || :worker_crashed})" end)
 
     message =
-      "#{ctx.op} crashed #{length(crashes)} workers: #{named}; a poison call is not sent to another worker"
+      "#{ctx.op} crashed #{Enum.count(crashes, & &1.caused)} workers: #{named}; a poison call is not sent to another worker"
 
     Logger.warning("sidecar pool #{inspect(ctx.pool)}: #{message}")
     %{last | message: message, crashes: crashes}
   end
 
-  # The idlest ready worker (fewest calls in flight), ties broken at random; waits for one to be
-  # ready until the deadline.
+  # The idlest ready worker (fewest calls in flight), ties broken at random. When none is ready,
+  # the pool's manager answers once one is (or why none will be: an open breaker, a failed start).
   defp pick(ctx, avoid) do
     workers = ready_workers(ctx.pool)
 
@@ -257,23 +316,25 @@ defmodule Sidecar do
 
     cond do
       candidates != [] ->
-        {pid, counter} = candidates |> Enum.shuffle() |> Enum.min_by(fn {_, c} -> :counters.get(c, 1) end)
+        {pid, %{counter: counter}} =
+          candidates |> Enum.shuffle() |> Enum.min_by(fn {_, w} -> :counters.get(w.counter, 1) end)
+
         {:ok, pid, counter}
 
       remaining(ctx) <= 0 ->
         {:error,
-         Error.new(:cancelled, "no worker of #{inspect(ctx.pool)} was ready within #{ctx.timeout} ms",
-           op: ctx.op
-         )}
+         Error.new(:cancelled, "no worker of #{inspect(ctx.pool)} was ready within #{ctx.timeout} ms", op: ctx.op)}
 
       true ->
-        Process.sleep(min(10, remaining(ctx)))
-        pick(ctx, avoid)
+        case Sidecar.Pool.Manager.await(ctx.pool, 1, :call, remaining(ctx)) do
+          :ok -> pick(ctx, avoid)
+          {:error, %Error{} = e} -> {:error, %{e | op: ctx.op}}
+        end
     end
   end
 
   defp ready_workers(pool) do
-    :ets.select(pool, [{{{:worker, :_}, :"$1", :_, :"$2"}, [], [{{:"$1", :"$2"}}]}])
+    Registry.lookup(Sidecar.Pool.registry(pool), :ready)
   rescue
     ArgumentError -> []
   end
@@ -283,12 +344,9 @@ defmodule Sidecar do
   defp timeout_error(ctx),
     do: Error.new(:cancelled, "call to #{ctx.op} timed out after #{ctx.timeout} ms", op: ctx.op)
 
+  # The worker's GenServer went away mid-call (not its OS process): nothing says the work did it.
   defp down_error(ctx, reason),
-    do:
-      Error.new(:worker_crashed, "the worker process serving #{ctx.op} went down: #{inspect(reason)}",
-        op: ctx.op,
-        classification: :other
-      )
+    do: Error.new(:worker_crashed, "the worker process serving #{ctx.op} went down: #{inspect(reason)}", op: ctx.op)
 
   defp control(pool, req, opts) do
     with {:ok, cfg} <- config(pool) do
@@ -296,7 +354,7 @@ defmodule Sidecar do
 
       ctx = %{
         pool: pool,
-        op: elem(req, 0),
+        op: Atom.to_string(elem(req, 0)),
         deadline: System.monotonic_time(:millisecond) + timeout,
         timeout: timeout
       }
@@ -313,35 +371,51 @@ defmodule Sidecar do
   end
 
   defp config(pool) do
-    case :ets.lookup(pool, :config) do
-      [{:config, cfg}] -> {:ok, cfg}
-      [] -> {:error, Error.new(:invalid_argument, "#{inspect(pool)} is not a running sidecar pool")}
+    case Registry.meta(Sidecar.Pool.registry(pool), :config) do
+      {:ok, cfg} -> {:ok, cfg}
+      :error -> {:error, not_running(pool)}
     end
   rescue
-    ArgumentError -> {:error, Error.new(:invalid_argument, "#{inspect(pool)} is not a running sidecar pool")}
+    ArgumentError -> {:error, not_running(pool)}
   end
 
-  defp config!(pool) do
-    case config(pool) do
-      {:ok, cfg} -> cfg
-      {:error, e} -> raise e
-    end
-  end
+  defp not_running(pool), do: Error.new(:invalid_argument, "#{inspect(pool)} is not a running sidecar pool")
 
   defp idempotent_op?(pool, op) do
-    case :ets.lookup(pool, {:op, to_string(op)}) do
-      [{_, idempotent}] -> idempotent
-      [] -> false
+    case Registry.meta(Sidecar.Pool.registry(pool), :ops) do
+      {:ok, ops} -> Map.get(ops, to_string(op), false)
+      :error -> false
     end
   end
 
   # -- values --------------------------------------------------------------------------------------
 
-  defp encode(%Tensor{} = t), do: Tensor.to_term(t)
-  defp encode(list) when is_list(list), do: Enum.map(list, &encode/1)
-  defp encode(%_{} = struct), do: struct
-  defp encode(%{} = map), do: Map.new(map, fn {k, v} -> {k, encode(v)} end)
-  defp encode(other), do: other
+  # The inputs' wire terms, and what must stay alive until the worker has answered: the mappings
+  # and binaries of shared memory the descriptors point into.
+  defp encode_inputs(inputs) do
+    {terms, keep} = Enum.map_reduce(inputs, [], &encode/2)
+    {terms, keep}
+  end
+
+  defp encode(%Tensor{storage: {:data, bin}} = t, keep) when byte_size(bin) >= @inline_limit do
+    # A large binary that lies in shared memory (a zero-copy result): send its descriptor.
+    case Tensor.shared(bin) do
+      nil -> {Tensor.to_term(t), keep}
+      shm -> {Tensor.to_term(%{t | storage: {:shm, shm}}), [bin | keep]}
+    end
+  end
+
+  defp encode(%Tensor{mapping: nil} = t, keep), do: {Tensor.to_term(t), keep}
+  defp encode(%Tensor{mapping: m} = t, keep), do: {Tensor.to_term(t), [m | keep]}
+  defp encode(list, keep) when is_list(list), do: Enum.map_reduce(list, keep, &encode/2)
+  defp encode(%_{} = struct, keep), do: {struct, keep}
+
+  defp encode(%{} = map, keep) do
+    {pairs, keep} = Enum.map_reduce(map, keep, fn {k, v}, acc -> with {v, acc} <- encode(v, acc), do: {{k, v}, acc} end)
+    {Map.new(pairs), keep}
+  end
+
+  defp encode(other, keep), do: {other, keep}
 
   defp wire_opts(opts, idempotent) do
     base = %{idempotent: idempotent}
@@ -352,14 +426,23 @@ defmodule Sidecar do
       {:release, ids}, acc -> Map.put(acc, :release, ids)
       {:request_id, id}, acc -> Map.put(acc, :request_id, to_string(id))
       {:inline_threshold, n}, acc -> Map.put(acc, :inline_threshold, n)
+      {:alias_inputs, a}, acc -> Map.put(acc, :alias_inputs, a == true)
       _, acc -> acc
     end)
   end
 
-  defp result(term, worker, os_pid, read?, t0) do
+  # The mappings of the VM segments a call was given (inputs, `out:`), by name: an output in one
+  # of them (an `out:` destination, an aliased input) is that memory, and can be viewed.
+  defp own_mappings(tensors) do
+    for %Tensor{storage: {:shm, %{name: name}}, mapping: m} <- List.flatten(tensors), is_reference(m),
+        into: %{},
+        do: {name, m}
+  end
+
+  defp result(term, worker, os_pid, read, t0, mappings) do
     leases = Map.get(term, :leases, [])
     lease = if leases == [], do: nil, else: {worker, leases}
-    outputs = Enum.map(term.outputs, &decode(&1, lease))
+    outputs = Enum.map(term.outputs, &decode(&1, lease, mappings))
 
     timing =
       Map.put(
@@ -376,29 +459,32 @@ defmodule Sidecar do
       bytes_out: term[:bytes_out],
       request_id: term[:request_id],
       leases: leases,
+      gc_leases: Map.get(term, :gc_leases, []),
       worker: worker,
       os_pid: os_pid
     }
 
-    if read?, do: read_outputs(base), else: {:ok, base}
+    # A zero-copy result (the worker mapped the outputs) has nothing left to read.
+    if read in [true, :copy] and leases != [], do: read_outputs(base), else: {:ok, base}
   end
 
+  # One copy of each output out of the worker's segment (pread), then the lease goes back at once.
   defp read_outputs(%Result{} = r) do
     read = Enum.map(r.outputs, &read_value/1)
     release(r)
 
-    case Enum.find(read, &match?({:error, _}, &1)) do
+    case List.flatten(read) |> Enum.find(&match?({:error, _}, &1)) do
       nil -> {:ok, %{r | outputs: read, leases: []}}
       {:error, _} = err -> err
     end
   end
 
-  defp read_value(%Tensor{storage: {:shm, %{name: name}}} = t) do
-    if String.starts_with?(name, "/sc-#{Sidecar.Shm.run_id()}-#{Sidecar.Shm.os_pid()}-") do
+  defp read_value(%Tensor{storage: {:shm, %{name: name} = shm}} = t) do
+    if Tensor.own?(name) do
       # one of the VM's own segments (an `out:` destination): already ours
       %{t | lease: nil}
     else
-      case Tensor.to_binary(t) do
+      case Sidecar.Shm.read(name, shm.offset, shm.nbytes) do
         {:ok, bin} -> %{t | storage: {:data, bin}, lease: nil}
         {:error, _} = err -> err
       end
@@ -407,10 +493,19 @@ defmodule Sidecar do
 
   defp read_value(%Tensor{} = t), do: %{t | lease: nil}
   defp read_value(list) when is_list(list), do: Enum.map(list, &read_value/1)
+  defp read_value(%{} = map) when not is_struct(map), do: Map.new(map, fn {k, v} -> {k, read_value(v)} end)
   defp read_value(other), do: other
 
-  defp decode({:tensor, %{} = m}, lease), do: Tensor.from_term(m, lease)
-  defp decode(list, lease) when is_list(list), do: Enum.map(list, &decode(&1, lease))
-  defp decode(%{} = map, lease), do: Map.new(map, fn {k, v} -> {k, decode(v, lease)} end)
-  defp decode(other, _lease), do: other
+  defp decode({:tensor, %{} = m}, lease, mappings) do
+    t = Tensor.from_term(m, lease)
+
+    case t.storage do
+      {:shm, %{name: name}} when is_map_key(mappings, name) -> %{t | mapping: mappings[name], lease: nil}
+      _ -> t
+    end
+  end
+
+  defp decode(list, lease, mappings) when is_list(list), do: Enum.map(list, &decode(&1, lease, mappings))
+  defp decode(%{} = map, lease, mappings), do: Map.new(map, fn {k, v} -> {k, decode(v, lease, mappings)} end)
+  defp decode(other, _lease, _mappings), do: other
 end

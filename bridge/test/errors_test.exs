@@ -98,6 +98,44 @@ defmodule Sidecar.ErrorsTest do
     end
   end
 
+  # SMALL_ATOM_UTF8_EXT: how a worker writes an atom (it may be one this VM never saw).
+  defp etf_atom(text), do: [119, byte_size(text), text]
+
+  test "worker frames never create atoms: unknown ones arrive as text, unknown kinds and classifications stay text" do
+    fresh = "never_seen_#{System.unique_integer([:positive])}"
+    # Loading the modules involved creates their own atoms: do it before counting.
+    {:ok, _} = Sidecar.Frame.decode(IO.iodata_to_binary([131, 104, 1, etf_atom(fresh <> "_warm")]))
+    _ = Error.from_term(%{kind: "x", classification: "y"})
+    before = :erlang.system_info(:atom_count)
+
+    # {:error, 7, %{kind: :<fresh>, message: "boom", <fresh>_field: 1, classification: "<fresh>"}}
+    frame =
+      IO.iodata_to_binary([
+        131, 104, 3, etf_atom("error"), 97, 7, 116, <<4::32>>,
+        etf_atom("kind"), etf_atom(fresh),
+        etf_atom("message"), 109, <<4::32>>, "boom",
+        etf_atom(fresh <> "_field"), 97, 1,
+        etf_atom("classification"), 109, <<byte_size(fresh)::32>>, fresh
+      ])
+
+    assert {:ok, {:error, 7, term}} = Sidecar.Frame.decode(frame)
+    assert term[:kind] == fresh and term[fresh <> "_field"] == 1
+    err = Error.from_term(term)
+    assert %Error{kind: :op_failed, message: "boom", classification: ^fresh} = err
+    assert err.details == %{:kind => fresh, (fresh <> "_field") => 1}
+    assert %Error{kind: :shape_mismatch, classification: :segfault} =
+             Error.from_term(%{kind: "SHAPE_MISMATCH", message: "m", classification: "segfault"})
+
+    assert :erlang.system_info(:atom_count) == before
+    # A frame that needs the rewrite (an unknown atom) and holds what the protocol never carries
+    # (a pid), and garbage: malformed, not exceptions.
+    pid = :erlang.term_to_binary(self())
+    frame = IO.iodata_to_binary([131, 104, 2, etf_atom(fresh <> "_tag"), binary_part(pid, 1, byte_size(pid) - 1)])
+    assert {:error, :malformed} = Sidecar.Frame.decode(frame)
+    assert {:error, :malformed} = Sidecar.Frame.decode(<<131, 200, 1, 2>>)
+    assert :erlang.system_info(:atom_count) == before
+  end
+
   test "a pool that does not exist is an error, not an exit" do
     assert {:error, %Error{kind: :invalid_argument}} = Sidecar.call(:no_such_pool, "add", [1, 2])
   end

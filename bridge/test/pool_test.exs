@@ -65,11 +65,12 @@ defmodule Sidecar.PoolTest do
 
     assert {:ok, %Sidecar.Result{outputs: [2.0], os_pid: served_by}} = Task.await(task, 30_000)
     assert served_by != busy
-    assert_receive {:event, [:sidecar, :pool, :crash], _, %{classification: :killed_oom, os_pid: killed}}
+    # SIGKILL from outside, no OOM kill counted by the cgroup: :killed, not blamed on the work.
+    assert_receive {:event, [:sidecar, :pool, :crash], _, %{classification: :killed, os_pid: killed, caused: false}}
     assert killed == busy
 
     assert_receive {:event, [:sidecar, :pool, :retry], %{attempt: 2},
-                    %{op: "debug.sleep", reason: :killed_oom}}
+                    %{op: "debug.sleep", reason: :killed}}
 
     assert :ok = Sidecar.await_ready(pool(), :all, 30_000)
   end
@@ -85,7 +86,7 @@ defmodule Sidecar.PoolTest do
     assert_receive {:event, [:sidecar, :call, :start], _, %{request_id: ^rid, os_pid: busy}}, 30_000
     System.cmd("kill", ["-KILL", "#{busy}"])
 
-    assert {:error, %Error{kind: :worker_crashed, classification: :killed_oom, signal: 9}} =
+    assert {:error, %Error{kind: :worker_crashed, classification: :killed, signal: 9, crashes: [%{caused: false}]}} =
              Task.await(task, 15_000)
 
     refute_received {:event, [:sidecar, :pool, :retry], _, _}
@@ -128,6 +129,8 @@ defmodule Sidecar.PoolTest do
     System.cmd("kill", ["-KILL", "#{victim}"])
 
     results = tasks |> Enum.map(&Task.await(&1, 60_000)) |> List.flatten()
+    # Its replacement is a fork of the pool's template.
+    assert_receive {:event, [:sidecar, :worker, :ready], _, %{restart: true, via: :fork}}, 30_000
     assert length(results) == n_procs * per_proc
     errors = for {:error, e} <- results, do: e
     assert errors == []
@@ -179,7 +182,7 @@ defmodule Sidecar.PoolTest do
     assert :ok = Sidecar.await_ready(pool(), :all, 30_000)
   end
 
-  test "a worker that cannot start is reported with its exit and stderr, and restarts back off" do
+  test "a worker that cannot start fails calls with its exit and stderr, and restarts back off" do
     {:ok, sup} =
       Sidecar.start_link(
         name: :broken_pool,
@@ -194,7 +197,14 @@ defmodule Sidecar.PoolTest do
     # The second start follows at once, the third only after the backoff.
     assert_receive {:event, [:sidecar, :pool, :crash], _, %{pool: :broken_pool}}, 30_000
     assert_receive {:event, [:sidecar, :pool, :restart], %{delay_ms: 200}, %{pool: :broken_pool}}, 30_000
-    assert {:error, %Error{kind: :cancelled}} = Sidecar.call(:broken_pool, "add", [1, 2], timeout: 100)
+    # The call fails with the cause, not with "no worker ready within N ms".
+    assert {:error, %Error{kind: :worker_crashed, classification: :python_error} = err} =
+             Sidecar.call(:broken_pool, "add", [1, 2], timeout: 30_000)
+
+    assert err.message =~ "no worker of :broken_pool could start"
+    assert err.message =~ "No module named 'no_such_ops_module_xyz'"
+    assert Enum.any?(err.stderr_tail, &String.contains?(&1, "no_such_ops_module_xyz"))
+    assert {:error, %Error{message: "no worker of :broken_pool could start" <> _}} = Sidecar.await_ready(:broken_pool, 1, 30_000)
     Process.unlink(sup)
     :ok = Sidecar.stop(:broken_pool)
   end

@@ -48,6 +48,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -407,6 +408,7 @@ class _TemplateServer:
         self.sel.register(sock, selectors.EVENT_READ, None)
         self.children: dict[int, int] = {}  # pid -> pidfd of workers we forked
         self.watched: dict[int, int] = {}   # pid -> pidfd of workers the host started cold
+        self.requesters: dict[int, socket.socket] = {}  # pid -> the connection that asked for it
         self.pid = os.getpid()
 
     def run(self) -> int:
@@ -446,16 +448,22 @@ class _TemplateServer:
             os.close(fd)
         return False
 
-    def fork(self, msg: dict[str, Any], fds: list[int]) -> None:
+    def _private_fds(self) -> list[int]:
+        """Descriptors of this server besides the host socket, closed in every forked child."""
+        return []
+
+    def fork(self, msg: dict[str, Any], fds: list[int], requester: socket.socket | None = None) -> None:
+        reply_to = requester or self.sock
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
-        to_close = [self.sock.fileno(), self.sel.fileno(), *self.children.values(), *self.watched.values()]
+        to_close = [self.sock.fileno(), self.sel.fileno(), *self.children.values(), *self.watched.values(),
+                    *self._private_fds()]
         try:
             pid = os.fork()
         except OSError as exc:
             for fd in fds:
                 os.close(fd)
-            _send(self.sock, {"op": "spawn_failed", "id": msg["id"], "error": str(exc)})
+            _send(reply_to, {"op": "spawn_failed", "id": msg["id"], "error": str(exc)})
             return
         if pid == 0:
             _child(msg, fds, self.pid, to_close)
@@ -464,9 +472,13 @@ class _TemplateServer:
         pidfd = os.pidfd_open(pid)  # cannot race: our unreaped child keeps its pid
         self.children[pid] = pidfd
         self.sel.register(pidfd, selectors.EVENT_READ, ("child", pid))
+        if requester is not None:
+            self.requesters[pid] = requester
         host_pidfd = os.dup(pidfd)
         try:
-            _send(self.sock, {"op": "spawned", "id": msg["id"], "pid": pid}, [host_pidfd])
+            _send(reply_to, {"op": "spawned", "id": msg["id"], "pid": pid}, [host_pidfd])
+        except OSError:  # the requester is gone; its worker runs on (it ends when its stdin closes)
+            pass
         finally:
             os.close(host_pidfd)
 
@@ -483,7 +495,7 @@ class _TemplateServer:
         self.sel.unregister(pidfd)
         os.close(pidfd)
         try:
-            _send(self.sock, {"op": "exit", "pid": pid, "status": status})
+            _send(self.requesters.pop(pid, self.sock), {"op": "exit", "pid": pid, "status": status})
         except OSError:
             pass
 
@@ -530,26 +542,113 @@ class _TemplateServer:
         return 0
 
 
+# A unix socket path has room for 107 bytes: a $TMPDIR longer than this leaves too little.
+_LISTEN_TMPDIR_MAX = 48
+
+
+class _LaunchServer(_TemplateServer):
+    """Launch mode, for hosts that cannot pass descriptors themselves (the Elixir bridge).
+
+    Each worker's Port runs bridge/c_src/sidecar_launch.c, which connects to our listening socket
+    and sends one spawn request with its own stdin, stdout and stderr; that connection gets the
+    spawned/exit replies of its worker. The host is whoever holds our stdin: EOF there (it closed
+    the Port, or died) ends the template as a host death does. The host's own segments are not
+    reaped here (a VM that stopped one pool lives on); only those of the workers.
+    """
+
+    def __init__(self, listener: socket.socket, run_id: str, sock_dir: str) -> None:
+        super().__init__(listener, run_id, 0, sock_dir)
+        self.sel.modify(listener, selectors.EVENT_READ, "listen")
+        self.sel.register(sys.stdin.fileno(), selectors.EVENT_READ, "host")
+        self.conns: set[socket.socket] = set()
+
+    def _private_fds(self) -> list[int]:
+        return [c.fileno() for c in self.conns]
+
+    def run(self) -> int:
+        while True:
+            for key, _ in self.sel.select():
+                if key.data == "host":
+                    if not os.read(key.fd, 4096):
+                        return self.host_died()
+                elif key.data == "listen":
+                    conn, _ = self.sock.accept()
+                    self.conns.add(conn)
+                    self.sel.register(conn, selectors.EVENT_READ, conn)
+                elif isinstance(key.data, socket.socket):
+                    self.serve(key.data)
+                else:
+                    self.child_event(*key.data)
+
+    def serve(self, conn: socket.socket) -> None:
+        try:
+            msg, fds = _recv(conn)
+        except (OSError, ValueError):
+            msg, fds = None, []
+        if msg is None:  # the launcher is gone; its worker, if any, ends when its stdin closes
+            self.sel.unregister(conn)
+            self.conns.discard(conn)
+            for pid in [p for p, c in self.requesters.items() if c is conn]:
+                del self.requesters[pid]
+            conn.close()
+            return
+        if msg.get("op") == "spawn" and len(fds) == 3:
+            self.fork(msg, fds, requester=conn)
+            return
+        for fd in fds:
+            os.close(fd)
+        _send(conn, {"op": "spawn_failed", "id": msg.get("id"), "error": "expected a spawn with 3 descriptors"})
+
+
+def _serve_launches(args: argparse.Namespace) -> int:
+    hello = _start_up(args)
+    tmp = tempfile.gettempdir()
+    sock_dir = tempfile.mkdtemp(prefix=args.listen_dir_prefix, dir=tmp if len(tmp) <= _LISTEN_TMPDIR_MAX else "/tmp")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    hello["listen"] = os.path.join(sock_dir, "launch.sock")
+    listener.bind(hello["listen"])  # inside a 0700 directory: only this user can connect
+    listener.listen(64)
+    sys.stdout.write(json.dumps(hello) + "\n")
+    sys.stdout.flush()
+    return _LaunchServer(listener, args.run_id, sock_dir).run()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sidecar.host.template")
-    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--fd", type=int, default=None, help="the host's end of a socketpair (required "
+                        "unless --listen-dir-prefix)")
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--host-pid", type=int, required=True)
     parser.add_argument("--preload", action="store_true")
     parser.add_argument("--sock-dir", default=None,
                         help="the pool's directory of worker sockets, removed if the host dies")
+    parser.add_argument("--listen-dir-prefix", default=None,
+                        help="launch mode (the Elixir bridge): make a private directory with this prefix "
+                             "in $TMPDIR, accept spawn requests on a socket in it (one connection per "
+                             "worker, see _LaunchServer) and print the ready message as one JSON line on "
+                             "stdout; the host is whoever holds our stdin")
     parser.add_argument("--check-cuda-fork", action="store_true",
                         help="if libcuda is mapped after the preload, fork a child that uses CUDA to "
                              "see whether forked workers can")
     args = parser.parse_args(argv)
+    if (args.fd is None) == (args.listen_dir_prefix is None):
+        parser.error("give exactly one of --fd and --listen-dir-prefix")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host decides when workers stop
     # Python 3.12+ warns about fork() in a process with threads. Ours are BLAS pools started by the
     # numpy import, which re-create themselves in the child (pthread_atfork); no Python thread runs.
     warnings.filterwarnings("ignore", message=r".*use of fork\(\) may lead to deadlocks",
                             category=DeprecationWarning)
+    if args.listen_dir_prefix is not None:
+        return _serve_launches(args)
     sock = socket.socket(fileno=args.fd)
     if os.getppid() != args.host_pid:
         return 0
+    _send(sock, _start_up(args))
+    return _TemplateServer(sock, args.run_id, args.host_pid, args.sock_dir).run()
+
+
+def _start_up(args: argparse.Namespace) -> dict[str, Any]:
+    """Caps threads, imports what workers need and returns the ready message for the host."""
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     # BLAS/OpenMP read their thread counts when loaded, i.e. here, not in the forked worker: cap
     # them as a cold worker would (from $SIDECAR_THREADS, which the pool sets).
@@ -563,11 +662,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     fork_cuda_ok: bool | None = None
     if cuda_mapped and args.check_cuda_fork:
         fork_cuda_ok = _probe_cuda_fork(_CUDA_PROBE_S)
-    hello = {"op": "ready", "pid": os.getpid(), "preload_s": preload_s, "modules": modules, "failed": failed,
-             "cuda_mapped": cuda_mapped, "fork_cuda_ok": fork_cuda_ok,
-             "cuda_touched": cuda_mapped and not fork_cuda_ok, "threads": threading.active_count()}
-    _send(sock, hello)
-    return _TemplateServer(sock, args.run_id, args.host_pid, args.sock_dir).run()
+    return {"op": "ready", "pid": os.getpid(), "preload_s": preload_s, "modules": modules, "failed": failed,
+            "cuda_mapped": cuda_mapped, "fork_cuda_ok": fork_cuda_ok,
+            "cuda_touched": cuda_mapped and not fork_cuda_ok, "threads": threading.active_count()}
 
 
 if __name__ == "__main__":

@@ -228,6 +228,9 @@ def call_from_term(req: tuple[Any, ...], is_cancelled: Callable[[], bool] | None
         if out and "placement" not in o:
             call.output.placement = Placement.OUT
         call.output.inline_threshold = _int(o.get("inline_threshold", 0), "inline_threshold", InvalidArgument)
+        # gRPC's OutputSpec.allow_alias: an output that is a view of a host input comes back as
+        # that range of the host's segment (no copy, no lease).
+        call.output.alias_inputs = o.get("alias_inputs", False) is True
         release = o.get("release") or []
         if not isinstance(release, list):
             raise InvalidArgument("release must be a list of lease ids", field="release", input_index=-1)

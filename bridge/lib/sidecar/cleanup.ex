@@ -21,10 +21,12 @@ defmodule Sidecar.Cleanup do
   alias Sidecar.{Shm, WorkerLog}
 
   @doc false
+  @spec start_link(term) :: GenServer.on_start()
   def start_link(_opts), do: GenServer.start_link(__MODULE__, [], name: __MODULE__)
 
   @doc false
   # Stopping the pools is bounded by their workers' shutdown; the application waits for it.
+  @spec child_spec(term) :: Supervisor.child_spec()
   def child_spec(opts), do: %{id: __MODULE__, start: {__MODULE__, :start_link, [opts]}, shutdown: :infinity}
 
   @doc false

@@ -10,8 +10,9 @@ defmodule Sidecar.Error do
 
   Kinds are the `sidecar.v1.ErrorKind` names in lower case: `:shape_mismatch`, `:dtype_mismatch`,
   `:device_mismatch`, `:out_of_memory`, `:invalid_tensor_ref`, `:unknown_op`, `:op_failed`,
-  `:overloaded`, `:device_unavailable`, `:worker_crashed`, `:circuit_open`, `:invalid_argument`,
-  `:cancelled` (also used for timeouts). The other fields are those of `sidecar.v1.Error`; those an
+  `:overloaded`, `:device_unavailable`, `:worker_crashed`, `:circuit_open` (the pool's breaker is
+  open and no worker is ready; with the last crash's fields), `:invalid_argument`, `:cancelled`
+  (also used for timeouts). The other fields are those of `sidecar.v1.Error`; those an
   error does not use are `nil`. Fields this version does not know land in `details`.
   It is an exception too, so `Sidecar.call!/4` can raise it.
   """
@@ -45,7 +46,8 @@ defmodule Sidecar.Error do
     :stderr_tail,
     :pid,
     # host-side only (not in sidecar.v1.Error): every worker crash a :worker_crashed call went
-    # through, oldest first, as %{pid:, classification:, exit_code:, signal:} maps
+    # through, oldest first, as %{pid:, classification:, exit_code:, signal:, caused:} maps
+    # (caused: the work can have caused it, Sidecar.Exit.caused_by_work?/1)
     :crashes
   ]
 
@@ -72,13 +74,15 @@ defmodule Sidecar.Error do
   @type t :: %__MODULE__{kind: kind, message: String.t()}
 
   @doc "The error kinds, in `sidecar.v1.ErrorKind` order."
+  @spec kinds() :: [kind]
   def kinds, do: @kinds
 
   @doc "The structured field names (besides `kind` and `message`)."
+  @spec fields() :: [atom]
   def fields, do: @fields
 
   @doc "Builds an error from the worker's `%{kind: ..., message: ..., ...}` term."
-  @spec from_term(map) :: t
+  @spec from_term(term) :: t
   def from_term(%{} = term) do
     {kind, term} = Map.pop(term, :kind, :op_failed)
     {message, term} = Map.pop(term, :message, "")
@@ -86,7 +90,7 @@ defmodule Sidecar.Error do
     {known, unknown} = Enum.split_with(term, fn {k, _} -> is_atom(k) and k in @fields end)
 
     struct(
-      %__MODULE__{kind: kind_atom(kind), message: to_string(message), details: Map.new(unknown)},
+      %__MODULE__{kind: kind_atom(kind), message: text(message), details: unknown_kind(kind, Map.new(unknown))},
       normalize(known)
     )
   end
@@ -98,17 +102,32 @@ defmodule Sidecar.Error do
   @spec new(kind, String.t(), keyword) :: t
   def new(kind, message, fields \\ []), do: struct(%__MODULE__{kind: kind, message: message}, fields)
 
+  # Never String.to_atom on what a worker sends: a kind or classification this version does not
+  # know stays text (`:op_failed` with the worker's kind in `details.kind` for kinds).
+  @kind_names Map.new(@kinds, &{Atom.to_string(&1), &1})
+  @classification_names Map.new(Sidecar.Exit.classifications(), &{Atom.to_string(&1), &1})
+
   defp kind_atom(kind) when kind in @kinds, do: kind
-  defp kind_atom(kind) when is_atom(kind), do: kind
-  defp kind_atom(kind) when is_binary(kind), do: kind |> String.downcase() |> String.to_atom()
+  defp kind_atom(kind) when is_atom(kind), do: kind_atom(Atom.to_string(kind))
+  defp kind_atom(kind) when is_binary(kind), do: Map.get(@kind_names, String.downcase(kind), :op_failed)
+  defp kind_atom(_), do: :op_failed
+
+  defp unknown_kind(kind, known) do
+    if is_binary(kind) and not Map.has_key?(@kind_names, String.downcase(kind)),
+      do: Map.put(known, :kind, kind),
+      else: known
+  end
 
   # Classification arrives as a binary from the worker's own errors; atoms match better.
   defp normalize(fields) do
     Enum.map(fields, fn
-      {:classification, c} when is_binary(c) -> {:classification, String.to_atom(c)}
+      {:classification, c} when is_binary(c) -> {:classification, Map.get(@classification_names, c, c)}
       kv -> kv
     end)
   end
+
+  defp text(message) when is_binary(message), do: message
+  defp text(message), do: inspect(message)
 
   @impl true
   def message(%__MODULE__{kind: kind, message: message}), do: "#{kind}: #{message}"

@@ -1,6 +1,6 @@
 defmodule Sidecar.OsProcess do
   @moduledoc """
-  Questions about OS processes, answered from `/proc` (Linux): is a pid alive, when did it start,
+  Questions about OS processes, answered from `/proc` (Linux), and signals: is a pid alive, when did it start,
   and does a file named after its owner pid still have that owner (the dead-owner sweeps of
   `Sidecar.Shm` and `Sidecar.WorkerLog`, like the Python side's `sidecar.dataplane.reaper`).
   """
@@ -43,6 +43,14 @@ defmodule Sidecar.OsProcess do
       {:ok, %{ctime: ctime}} -> owner_alive?(pid, ctime)
       {:error, _} -> true
     end
+  end
+
+  @doc "Sends SIGTERM or SIGKILL to OS process `pid` (nothing when it is gone)."
+  @spec signal(non_neg_integer, :term | :kill) :: :ok
+  def signal(pid, sig) when is_integer(pid) and pid > 0 and sig in [:term, :kill] do
+    flag = if sig == :term, do: "-TERM", else: "-KILL"
+    _ = System.cmd("kill", [flag, Integer.to_string(pid)], stderr_to_stdout: true)
+    :ok
   end
 
   @doc "When `pid` started, in Unix seconds (boot time plus its start tick)."

@@ -9,6 +9,8 @@ defmodule Sidecar.Result do
       plus `round_trip_ns` measured by the caller.
     * `leases` - output leases still held (only with `read: false`): hand them back with
       `Sidecar.release/1` once the outputs have been read.
+    * `gc_leases` - the leases the output binaries of a zero-copy result hold (`read: true` with
+      the NIF): nothing to do, the worker gets them back once those binaries are garbage collected.
   """
   defstruct outputs: [],
             timing: %{},
@@ -17,6 +19,7 @@ defmodule Sidecar.Result do
             bytes_out: 0,
             request_id: nil,
             leases: [],
+            gc_leases: [],
             worker: nil,
             os_pid: nil
 
@@ -28,6 +31,7 @@ defmodule Sidecar.Result do
           bytes_out: non_neg_integer,
           request_id: String.t(),
           leases: [String.t()],
+          gc_leases: [String.t()],
           worker: pid,
           os_pid: non_neg_integer
         }

@@ -21,13 +21,14 @@ defmodule Sidecar.Shm do
   use GenServer
   require Logger
 
-  alias Sidecar.OsProcess
+  alias Sidecar.{Native, OsProcess}
 
   @dir "/dev/shm"
   @name_re ~r/^\/sc-([A-Za-z0-9]{1,32})-([0-9]{1,10})-([0-9a-f]{8,32})$/
   @run_re ~r/^[A-Za-z0-9]{1,32}$/
 
   @doc false
+  @spec start_link(term) :: GenServer.on_start()
   def start_link(_opts), do: GenServer.start_link(__MODULE__, [], name: __MODULE__)
 
   @doc "This VM's run id (the `<run>` in segment names)."
@@ -51,13 +52,17 @@ defmodule Sidecar.Shm do
   def new_name, do: "/sc-#{run_id()}-#{os_pid()}-#{Base.encode16(:rand.bytes(8), case: :lower)}"
 
   @doc """
-  Creates a segment holding `data` (iodata) or `{:zeros, nbytes}`: exclusive create, mode 0600 before
-  any byte is written, space reserved up front so a full `/dev/shm` is a clean `:out_of_memory`
+  Creates a segment holding `data` (iodata) or `{:zeros, nbytes}`: exclusive create with mode 0600
+  from its first instant, space reserved up front so a full `/dev/shm` is a clean `:out_of_memory`
   error here and never a SIGBUS in the worker. Registers it for `owner` (a pid) and `pool`.
-  Returns `%{name:, nbytes:, inode:}`.
+
+  With the NIF (`Sidecar.Native`) the segment is mapped into the VM and `data` copied into it once
+  (on a dirty scheduler when large); the result carries the `mapping`. Without it the file is
+  created by a shell with umask 077 (Erlang's file API cannot pass a mode) and written with file
+  I/O; `mapping` is nil. Returns `%{name:, nbytes:, inode:, mapping:}`.
   """
   @spec create(iodata | {:zeros, non_neg_integer}, pid, atom | nil) ::
-          {:ok, %{name: String.t(), nbytes: non_neg_integer, inode: non_neg_integer}}
+          {:ok, %{name: String.t(), nbytes: non_neg_integer, inode: non_neg_integer, mapping: Native.segment() | nil}}
           | {:error, Sidecar.Error.t()}
   def create(data, owner \\ self(), pool \\ nil) do
     nbytes =
@@ -66,12 +71,70 @@ defmodule Sidecar.Shm do
         io -> IO.iodata_length(io)
       end
 
+    if Native.loaded?(), do: create_mapped(data, nbytes, owner, pool, 4), else: create_file(data, nbytes, owner, pool)
+  end
+
+  # Registered before the segment exists, so an owner that dies right after still gets it unlinked.
+  # 64 random bits make a clash unlikely; exclusive create turns one into a retry, not a shared file.
+  defp create_mapped(data, nbytes, owner, pool, tries) do
+    name = new_name()
+    :ok = GenServer.call(__MODULE__, {:register, name, owner, pool})
+
+    case Native.create(name, nbytes) do
+      {:ok, seg, inode} ->
+        case write_data(seg, data) do
+          :ok ->
+            {:ok, %{name: name, nbytes: nbytes, inode: inode, mapping: seg}}
+
+          {:error, _} = err ->
+            free(name)
+            err
+        end
+
+      {:error, {:eexist, _}} when tries > 1 ->
+        GenServer.call(__MODULE__, {:forget, name})
+        create_mapped(data, nbytes, owner, pool, tries - 1)
+
+      {:error, {errno, syscall}} ->
+        # The NIF unlinked what it had made.
+        GenServer.call(__MODULE__, {:forget, name})
+        {:error, create_error(path(name), nbytes, errno, "#{syscall}")}
+    end
+  end
+
+  defp write_data(_seg, {:zeros, _}), do: :ok
+  defp write_data(seg, io), do: write_mapped(seg, 0, IO.iodata_to_binary(io))
+
+  # A memcpy longer than this (~0.1 ms) runs on a dirty scheduler, never holding a normal one.
+  @dirty_write_bytes 1_048_576
+
+  @doc "Copies `data` into a mapping of the VM's (the NIF path of `Sidecar.Tensor.write/3`)."
+  @spec write_mapped(Native.segment(), non_neg_integer, binary) :: :ok | {:error, Sidecar.Error.t()}
+  def write_mapped(seg, offset, data) do
+    result =
+      if byte_size(data) >= @dirty_write_bytes,
+        do: Native.write_dirty(seg, offset, data),
+        else: Native.write(seg, offset, data)
+
+    case result do
+      :ok -> :ok
+      {:error, reason} -> {:error, Sidecar.Error.new(:invalid_argument, "cannot write #{byte_size(data)} bytes at #{offset}: #{inspect(reason)}", field: "data")}
+    end
+  end
+
+  defp create_error(file, nbytes, errno, what) when errno in [:enospc, :enomem, :efbig, :edquot],
+    do: no_space(file, nbytes, errno, what)
+
+  defp create_error(file, _nbytes, errno, what),
+    do: Sidecar.Error.new(:invalid_argument, "cannot create #{file}: #{:file.format_error(errno)} (#{what})")
+
+  defp create_file(data, nbytes, owner, pool) do
     {:ok, name, fd} = claim_name(owner, pool, 4)
     file = path(name)
 
     with {:ok, fd} <- fd,
          {:ok, inode} <- fill(fd, file, data, nbytes) do
-      {:ok, %{name: name, nbytes: nbytes, inode: inode}}
+      {:ok, %{name: name, nbytes: nbytes, inode: inode, mapping: nil}}
     else
       {:error, %Sidecar.Error{} = err} ->
         free(name)
@@ -79,12 +142,13 @@ defmodule Sidecar.Shm do
 
       {:error, reason} ->
         free(name)
-        {:error, Sidecar.Error.new(:invalid_argument, "cannot create #{file}: #{:file.format_error(reason)}")}
+        {:error, Sidecar.Error.new(:invalid_argument, "cannot create #{file}: #{format(reason)}")}
     end
   end
 
-  # Registered before the file exists, so an owner that dies right after still gets it unlinked.
-  # 64 random bits make a clash unlikely; exclusive create turns one into a retry, not a shared file.
+  defp format({:shell, out}), do: String.trim(out)
+  defp format(reason), do: :file.format_error(reason)
+
   defp claim_name(owner, pool, tries) do
     name = new_name()
     :ok = GenServer.call(__MODULE__, {:register, name, owner, pool})
@@ -99,20 +163,19 @@ defmodule Sidecar.Shm do
     end
   end
 
+  # Mode 0600 from creation: `file:open` cannot pass a mode, so a shell with umask 077 makes the
+  # file, with noclobber (O_EXCL: an existing path, e.g. a planted symlink, is refused).
   defp open_exclusive(file) do
-    with {:ok, fd} <- File.open(file, [:write, :exclusive, :raw, :binary]) do
-      # Before the first byte: no window in which another user could read the data.
-      case File.chmod(file, 0o600) do
-        :ok -> {:ok, fd}
-        err -> File.close(fd) && err
-      end
+    case System.cmd("sh", ["-c", ~S(umask 077; set -C; : > "$1"), "sidecar-shm", file], stderr_to_stdout: true) do
+      {_, 0} -> File.open(file, [:write, :read, :raw, :binary])
+      {out, _} -> if File.exists?(file), do: {:error, :eexist}, else: {:error, {:shell, out}}
     end
   end
 
   defp fill(fd, file, data, nbytes) do
     result =
       with :ok <- reserve(fd, nbytes),
-           :ok <- write_data(fd, data),
+           :ok <- write_file(fd, data),
            # The inode from the open descriptor: the one the worker will map, whatever the path does.
            {:ok, info} <- :file.read_file_info(fd) do
         {:ok, File.Stat.from_record(info).inode}
@@ -125,15 +188,15 @@ defmodule Sidecar.Shm do
         {:ok, inode}
 
       {:error, reason} when reason in [:enospc, :enomem, :efbig, :edquot] ->
-        {:error, no_space(file, nbytes, reason)}
+        {:error, no_space(file, nbytes, reason, "write")}
 
       {:error, reason} ->
         {:error, reason}
     end
   end
 
-  defp write_data(_fd, {:zeros, _}), do: :ok
-  defp write_data(fd, io), do: :file.pwrite(fd, 0, io)
+  defp write_file(_fd, {:zeros, _}), do: :ok
+  defp write_file(fd, io), do: :file.pwrite(fd, 0, io)
 
   defp reserve(_fd, 0), do: :ok
 
@@ -146,12 +209,12 @@ defmodule Sidecar.Shm do
     end
   end
 
-  defp no_space(file, nbytes, reason) do
+  defp no_space(file, nbytes, reason, what) do
     {free, total} = usage()
 
     Sidecar.Error.new(
       :out_of_memory,
-      "cannot reserve #{nbytes} bytes for shared-memory segment #{file}: #{:file.format_error(reason)} " <>
+      "cannot reserve #{nbytes} bytes for shared-memory segment #{file}: #{:file.format_error(reason)} (#{what}) " <>
         "(#{free} of #{total} bytes free in #{@dir})",
       device: "shm",
       requested_bytes: nbytes,
@@ -247,17 +310,21 @@ defmodule Sidecar.Shm do
   def unlink_os_pid(os_pid), do: unlink_matching("sc-#{run_id()}-#{os_pid}-")
 
   @doc """
-  Unlinks the segments of every run whose owner process is dead (or is a newer process reusing its
-  pid): what a VM killed with SIGKILL, or a worker killed with it, left behind. Memory rule 6, as
-  the Python pool does it (`sidecar.dataplane.reaper.reap_dead_owners`). Returns how many it removed.
+  Unlinks the segments of every run (or of `run`) whose owner process is dead (or is a newer
+  process reusing its pid): what a VM killed with SIGKILL, or a worker killed with it, left behind.
+  Memory rule 6, as the Python pool does it (`sidecar.dataplane.reaper.reap_dead_owners`). Returns
+  how many it removed.
   """
-  @spec sweep_dead_owners() :: non_neg_integer
-  def sweep_dead_owners do
+  @spec sweep_dead_owners(String.t() | nil) :: non_neg_integer
+  def sweep_dead_owners(run \\ nil) do
     list_dir()
     |> Enum.filter(fn file ->
       case Regex.run(@name_re, "/" <> file) do
-        [_, _, pid, _] -> not OsProcess.file_owner_alive?(String.to_integer(pid), Path.join(@dir, file))
-        _ -> false
+        [_, r, pid, _] when run == nil or r == run ->
+          not OsProcess.file_owner_alive?(String.to_integer(pid), Path.join(@dir, file))
+
+        _ ->
+          false
       end
     end)
     |> Enum.count(&(File.rm(Path.join(@dir, &1)) == :ok))

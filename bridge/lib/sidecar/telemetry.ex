@@ -19,11 +19,20 @@ defmodule Sidecar.Telemetry do
       compute_ns, encode_ns, total_ns}`; metadata `op, request_id, os_pid`
     * `[:sidecar, :call, :exception]` - `%{duration: native, ...}`; metadata adds `kind, message`
     * `[:sidecar, :memory]` - `%{rss_bytes, arena_reserved_bytes, arena_in_use_bytes, leases}`
-    * `[:sidecar, :worker, :ready]` - `%{startup: native}`; metadata `slot, os_pid, device, restart`
+    * `[:sidecar, :worker, :ready]` - `%{startup: native}` (spawn to ready) and, for a replacement,
+      `since_exit: native` (the previous worker of the slot exited to this one ready); metadata
+      `slot, os_pid, device, via` (`:fork` from the template, `:cold`), `restart`
     * `[:sidecar, :pool, :crash]` - `%{count: 1}`; metadata `slot, os_pid, classification, exit_code,
-      signal, stderr_tail`
-    * `[:sidecar, :pool, :restart]` - `%{delay_ms}`; metadata `slot, consecutive_crashes`
+      signal, stderr_tail, caused` (can the work have caused it, `Sidecar.Exit.caused_by_work?/1`),
+      `phase` (`:start` before the ready term, `:running`)
+    * `[:sidecar, :pool, :restart]` - `%{delay_ms}`; metadata `slot, consecutive_crashes, held` (true:
+      the open breaker holds the start until its probe or its close)
     * `[:sidecar, :pool, :retry]` - `%{attempt}`; metadata `op, reason`
+    * `[:sidecar, :pool, :breaker]` - `%{crashes}` (within the window); metadata `state` (`:open`,
+      `:half_open`, `:closed`) and, when it opens, the `classification` of the last crash
+    * `[:sidecar, :lease, :release]` - `%{count}` (leases the worker released); metadata `leases`,
+      `reason` (`:gc`: the binaries that showed them were collected; `:explicit`: `Sidecar.release/1`;
+      `:abandoned`: a call the caller gave up on; `:unused`)
 
   Worker events carry `pool` and `slot` in their metadata too.
   """
@@ -46,11 +55,14 @@ defmodule Sidecar.Telemetry do
       [:sidecar, :worker, :ready],
       [:sidecar, :pool, :crash],
       [:sidecar, :pool, :restart],
-      [:sidecar, :pool, :retry]
+      [:sidecar, :pool, :retry],
+      [:sidecar, :pool, :breaker],
+      [:sidecar, :lease, :release]
     ]
   end
 
   @doc false
+  @spec start_link(term) :: GenServer.on_start()
   def start_link(_opts), do: GenServer.start_link(__MODULE__, [], name: __MODULE__)
 
   @impl true
