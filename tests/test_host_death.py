@@ -67,3 +67,54 @@ def test_killing_the_host_leaves_nothing_behind(mode: str) -> None:
     print(f"{mode}: workers and template gone {workers_gone_s * 1000:.0f} ms after the host's SIGKILL, "
           f"/dev/shm and sockets clean after {shm_clean_s * 1000:.0f} ms")
     assert workers_gone_s < 1.0
+
+
+# A host that speaks the template's protocol by hand, so that it can die with the template's answer
+# to a spawn request unread. The worker it asks for serves the port protocol on a pipe the host holds,
+# so it lives until the host is gone: the template's first word from the socket is then ECONNRESET.
+UNREAD_HOST = textwrap.dedent("""
+    import json, os, select, signal, socket, subprocess, sys, time
+    from sidecar.dataplane import segments
+    run, sock_dir = sys.argv[1], sys.argv[2]
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    template = subprocess.Popen([sys.executable, "-m", "sidecar.host.template", "--fd", str(child.fileno()),
+                                 "--run-id", run, "--host-pid", str(os.getpid()), "--sock-dir", sock_dir],
+                                pass_fds=[child.fileno()], start_new_session=True)
+    child.close()
+    assert json.loads(parent.recv(1 << 20))["op"] == "ready"
+    segment = segments.create_segment(4096, run)  # the host's shared memory, for the template to reap
+    null = os.open(os.devnull, os.O_RDWR)
+    stdin_r, stdin_w = os.pipe()
+    request = {"op": "spawn", "id": 1, "argv": ["serve", "--stdio", "--device", "cpu", "--run-id", run],
+               "env": dict(os.environ), "cwd": None}
+    socket.send_fds(parent, [json.dumps(request).encode()], [stdin_r, null, null])
+    select.select([parent], [], [], 30)  # an answer is waiting: leave it unread
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # until the template waits for its next request
+        with open(f"/proc/{template.pid}/wchan") as f:
+            if f.read() == "do_epoll_wait":
+                break
+        time.sleep(0.005)
+    print(template.pid, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_template_cleans_up_when_the_host_dies_with_messages_unread(tmp_path) -> None:
+    """The template's socket reports ECONNRESET (not EOF) when the host dies with unread messages:
+    the template must still reap the run's segments and remove the socket directory."""
+    from tests.workers import run_id
+
+    run = run_id()
+    sock_dir = tmp_path / "sockets"
+    sock_dir.mkdir()
+    host = subprocess.run([sys.executable, "-c", UNREAD_HOST, run, str(sock_dir)], stdout=subprocess.PIPE,
+                          text=True, cwd=ROOT, timeout=60)
+    assert host.returncode == -signal.SIGKILL
+    template = int(host.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while not pid_gone(template) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pid_gone(template)
+    assert not reaper.list_segments(run), "the host's segment was left behind"
+    assert not sock_dir.exists(), "the socket directory was left behind"

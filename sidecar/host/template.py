@@ -413,11 +413,16 @@ class _TemplateServer:
         while True:
             for key, _ in self.sel.select(_PARENT_POLL_S):
                 if key.data is None:
-                    msg, fds = _recv(self.sock)
-                    if msg is None:
+                    try:
+                        msg, fds = _recv(self.sock)
+                        if msg is None:
+                            return self.host_died()
+                        if self.handle(msg, fds):
+                            return 0
+                    except OSError:
+                        # ECONNRESET (the host died with our messages unread) or EPIPE on an answer:
+                        # the host is gone just the same.
                         return self.host_died()
-                    if self.handle(msg, fds):
-                        return 0
                 else:
                     self.child_event(*key.data)
             if os.getppid() != self.host_pid:  # host gone (someone else may hold our socket)
