@@ -9,9 +9,8 @@ import sys
 
 import pytest
 
-from sidecar.host.crash import (Classification, ExitInfo, classify_returncode, classify_wait_status,
-                                condense_tail, oom_kill_count, summarize_tail,
-                                unknown_exit)
+from sidecar.host.crash import (Classification, ExitInfo, classify_from_tail, classify_returncode,
+                                classify_wait_status, condense_tail, oom_kill_count, summarize_tail, unknown_exit)
 
 # Each snippet ends its interpreter the way a broken worker would.
 CASES = [
@@ -130,3 +129,22 @@ def test_condense_tail_keeps_the_crashing_thread() -> None:
     assert condense_tail(FAULTHANDLER_DUMP, 2) == FAULTHANDLER_DUMP[1:2] + FAULTHANDLER_DUMP[6:7]
     plain = [f"line {i}" for i in range(50)]
     assert condense_tail(plain, 3) == ["line 47", "line 48", "line 49"]
+
+
+def test_blames_work_tells_crashes_of_the_work_from_kills_from_outside() -> None:
+    for rc in (-signal.SIGSEGV, -signal.SIGABRT, -signal.SIGFPE, -signal.SIGBUS, -signal.SIGILL, 1, 3, 70, 139):
+        assert classify_returncode(rc).blames_work, rc
+    for rc in (0, -signal.SIGKILL, -signal.SIGTERM, -signal.SIGINT, 137):
+        assert not classify_returncode(rc).blames_work, rc
+    assert classify_returncode(-signal.SIGKILL).with_oom(True).blames_work  # a counted OOM kill: the work's
+    for cls in (Classification.UNRESPONSIVE, Classification.STUCK, Classification.START_TIMEOUT,
+                Classification.UNKNOWN):
+        assert not ExitInfo(cls).blames_work, cls
+
+
+def test_classify_from_tail_reads_faulthandler_when_the_status_is_lost() -> None:
+    assert classify_from_tail(FAULTHANDLER_DUMP).classification is Classification.SEGFAULT
+    assert classify_from_tail(FAULTHANDLER_DUMP).signal == signal.SIGSEGV
+    assert classify_from_tail(["x", "Fatal Python error: Aborted", ""]).classification is Classification.ABORT
+    assert classify_from_tail(["INFO serving on unix:/x"]).classification is Classification.UNKNOWN
+    assert classify_from_tail([]).classification is Classification.UNKNOWN

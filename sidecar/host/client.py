@@ -38,7 +38,7 @@ from sidecar.dataplane.mapcache import MappingCache
 from sidecar.dataplane.names import default_run_id
 from sidecar.dataplane.refs import ArrowRef, InlineStorage, ShmStorage, TensorRef
 from sidecar.dataplane.validate import check_segment_bounds, validate_arrow_ref
-from sidecar.errors import InvalidArgument, SidecarError
+from sidecar.errors import InvalidArgument, InvalidTensorRef, SidecarError
 from sidecar.v1 import sidecar_pb2 as pb
 from sidecar.v1 import sidecar_pb2_grpc as pb_grpc
 from sidecar.wire import WorkerUnreachable
@@ -412,6 +412,14 @@ class Client:
                 cache = _LocalFirst(self.arena, temp, in_place, self._cache) if temp or in_place else self._cache
                 try:
                     outputs = [self._decode_value(v, group, want_torch, cache) for v in res.outputs]
+                except InvalidTensorRef as err:
+                    if not isinstance(err.__cause__, FileNotFoundError):
+                        raise
+                    # The worker answered, then went away and its segments with it (its host unlinks
+                    # a dead worker's memory): a lost worker, not a bad descriptor.
+                    raise WorkerUnreachable(f"the worker answered {op!r} but its output segment is gone "
+                                            f"(the worker exited?): {err.message}", op=op,
+                                            classification="unreachable") from err
                 finally:
                     # Outputs that view an input's memory keep that memory from being reused.
                     for name in group.names:
