@@ -324,6 +324,7 @@ class Client:
         self._watches: weakref.WeakSet[TelemetryWatch] = weakref.WeakSet()
         self._inherited: list[Any] = []  # a forked child keeps its parent's channel, never touching it
         self._pid = os.getpid()
+        self._connected = False
         self._connect()
         _LIVE_CLIENTS.add(self)
 
@@ -334,6 +335,7 @@ class Client:
         self._channel = grpc.insecure_channel(_channel_target(self.address), options=self._options)
         self._stub = pb_grpc.SidecarStub(self._channel)
         self._health_stub = health_pb2_grpc.HealthStub(self._channel)
+        self._connected = True
 
     # -- memory -----------------------------------------------------------------------------------
 
@@ -565,7 +567,8 @@ class Client:
         if self._closed:
             return
         try:
-            self.release()
+            if self.pending_releases:
+                self.release()
         except SidecarError as err:
             log.debug("releasing leases at close failed: %s", err)
         with self._life:
@@ -588,6 +591,8 @@ class Client:
         with self._life:
             if self._closed:
                 raise ClientClosed(f"the client of {self.address} is closed", field="client")
+            if not self._connected:  # first use in a forked child
+                self._connect()
             self._active += 1
 
     def _leave(self) -> None:
@@ -599,7 +604,8 @@ class Client:
             self._shut_down()
 
     def _shut_down(self) -> None:
-        self._channel.close()
+        if self._connected:  # (a forked child that never called has only its parent's channel)
+            self._channel.close()
         self._cache.clear()
         if self._own_arena and self._arena is not None:
             self._arena.close()
@@ -623,8 +629,7 @@ class Client:
         self._arena, self._own_arena = None, True
         self._cache = MappingCache()
         self._watches = weakref.WeakSet()
-        if not self._closed:
-            self._connect()
+        self._connected = False  # a new channel on first use: none is made in children that never call
 
     def __reduce__(self) -> Any:
         raise WrongProcess(f"a Client cannot be pickled (its connection and shared memory belong to process "
