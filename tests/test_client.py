@@ -5,6 +5,8 @@ import gc
 import os
 import subprocess
 import textwrap
+import threading
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -15,8 +17,9 @@ import torch
 from sidecar.dataplane.arena import Arena
 from sidecar.errors import Cancelled, InvalidArgument, ShapeMismatch, WorkerCrashed
 from sidecar.host import Client, WorkerUnreachable
+from sidecar.host.client import ClientClosed
 from tests.workers import (FIXTURE_OPS, PYTHON, ROOT, long_lived_run, long_lived_worker,  # noqa: F401
-                           shm_of_run, start_worker)
+                           session_run, shm_of_run, start_worker)
 
 BIG = np.arange(256 * 1024, dtype=np.float32).reshape(512, 512)  # 1 MiB: crosses through shm
 
@@ -211,8 +214,72 @@ def test_dead_worker_is_unreachable() -> None:
         with pytest.raises(WorkerUnreachable) as info:
             c.call("add", 1, 2)
         assert isinstance(info.value, WorkerCrashed) and info.value.classification == "unreachable"
+        assert info.value.call_started is False  # no connection: the call never reached a worker
         with pytest.raises(WorkerUnreachable):
             c.health()
     finally:
         c.close()
         w.stop()
+
+
+def test_every_method_of_a_closed_client_refuses_without_reaching_grpc(worker: Any, run: str) -> None:
+    c = Client(worker.address, run_id=run)
+    c.call("relu", BIG)
+    c.close()
+    assert c.closed
+    for use in (c.health, c.list_ops, c.hardware, lambda: c.call("relu", BIG), lambda: c.release(["x"]),
+                c.watch_telemetry):
+        with pytest.raises(ClientClosed) as info:
+            use()
+        assert isinstance(info.value, InvalidArgument) and info.value.field == "client"
+
+
+def _hammer_health_while_closing(address: str, run: str, kill: Any = None) -> Counter[str]:
+    """Four threads call health() in a loop while the client is closed under them (what the pool's
+    health thread does when a worker dies); returns what they saw, by type."""
+    seen: Counter[str] = Counter()
+    lock = threading.Lock()
+    c = Client(address, run_id=run)
+    started = threading.Barrier(5)
+
+    def loop() -> None:
+        started.wait()
+        closed_seen = 0
+        while closed_seen < 200:
+            try:
+                outcome = c.health(timeout=5)
+            except ClientClosed:
+                outcome = "ClientClosed"
+                closed_seen += 1
+            except Exception as exc:  # noqa: BLE001 - counted: only the dead worker's errors may appear
+                outcome = type(exc).__name__
+            with lock:
+                seen[outcome] += 1
+
+    threads = [threading.Thread(target=loop) for _ in range(4)]
+    for t in threads:
+        t.start()
+    started.wait()
+    if kill is not None:
+        kill()
+    c.close()
+    for t in threads:
+        t.join(60)
+    return seen
+
+
+def test_hammering_health_on_a_client_closed_under_it(worker: Any, run: str) -> None:
+    for _ in range(10):
+        seen = _hammer_health_while_closing(worker.address, run)
+        assert set(seen) <= {"SERVING", "ClientClosed"}, seen  # never grpc's ValueError on a closed channel
+        assert seen["ClientClosed"] == 4 * 200
+
+
+def test_hammering_health_on_a_closed_client_of_a_dead_worker() -> None:
+    w = start_worker("--device", "cpu", "--threads", "1")
+    try:
+        seen = _hammer_health_while_closing(w.address, session_run("hammer"), kill=lambda: (w.proc.kill(), w.proc.wait(10)))
+    finally:
+        w.stop()
+    assert set(seen) <= {"SERVING", "WorkerUnreachable", "ClientClosed"}, seen
+    assert seen["ClientClosed"] == 4 * 200

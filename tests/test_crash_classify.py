@@ -9,9 +9,8 @@ import sys
 
 import pytest
 
-from sidecar.host.crash import (Classification, ExitInfo, classify_returncode, classify_wait_status,
-                                condense_tail, oom_kill_count, summarize_tail,
-                                unknown_exit)
+from sidecar.host.crash import (Classification, ExitInfo, classify_from_tail, classify_returncode,
+                                classify_wait_status, condense_tail, oom_kill_count, summarize_tail, unknown_exit)
 
 # Each snippet ends its interpreter the way a broken worker would.
 CASES = [
@@ -22,7 +21,7 @@ CASES = [
     ("import signal; signal.raise_signal(signal.SIGFPE)", Classification.FPE, None, signal.SIGFPE),
     ("import signal; signal.raise_signal(signal.SIGBUS)", Classification.BUS_ERROR, None, signal.SIGBUS),
     ("import signal; signal.raise_signal(signal.SIGILL)", Classification.ILLEGAL_INSTRUCTION, None, signal.SIGILL),
-    ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", Classification.KILLED_OOM, None, signal.SIGKILL),
+    ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", Classification.KILLED, None, signal.SIGKILL),
     ("import os, signal; os.kill(os.getpid(), signal.SIGTERM)", Classification.TERMINATED, None, signal.SIGTERM),
     ("import os; os._exit(70)", Classification.TAINTED, 70, None),
     ("import os; os._exit(3)", Classification.OTHER, 3, None),
@@ -71,7 +70,7 @@ def test_raw_wait_status_of_forked_child(code: str, expected: Classification, si
 @pytest.mark.parametrize("code,expected,signum", [
     ("import ctypes; ctypes.memset(0, 1, 1)", Classification.SEGFAULT, signal.SIGSEGV),
     ("import os; os.abort()", Classification.ABORT, signal.SIGABRT),
-    ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", Classification.KILLED_OOM, signal.SIGKILL),
+    ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", Classification.KILLED, signal.SIGKILL),
 ])
 def test_shell_in_between_reports_128_plus_signal(code: str, expected: Classification, signum: int) -> None:
     """`sh -c 'python ...; exit $?'` turns a signal death into exit code 128+N; still classified."""
@@ -86,9 +85,13 @@ def test_describe_and_returncode() -> None:
     seg = classify_returncode(-signal.SIGSEGV)
     assert "segmentation fault" in seg.describe() and "SIGSEGV" in seg.describe()
     assert seg.returncode == -signal.SIGSEGV and seg.signal_name == "SIGSEGV"
-    oom = classify_returncode(-signal.SIGKILL)
-    assert "likely out of memory" in oom.describe()
-    assert "OOM killer" in oom.with_oom(True).describe()
+    killed = classify_returncode(-signal.SIGKILL)
+    assert killed.classification is Classification.KILLED
+    assert "SIGKILL" in killed.describe() and "memory" not in killed.describe()  # no OOM claimed unconfirmed
+    assert killed.with_oom(False) is killed
+    oom = killed.with_oom(True)  # the cgroup's oom_kill counter moved: only then it is an OOM kill
+    assert oom.classification is Classification.KILLED_OOM and oom.oom_confirmed
+    assert "OOM killer" in oom.describe() and oom.signal == signal.SIGKILL
     assert not classify_returncode(-signal.SIGSEGV).with_oom(True).oom_confirmed  # only SIGKILL
     assert "exit code 3" in classify_returncode(3).describe()
     assert unknown_exit().classification is Classification.UNKNOWN
@@ -126,3 +129,22 @@ def test_condense_tail_keeps_the_crashing_thread() -> None:
     assert condense_tail(FAULTHANDLER_DUMP, 2) == FAULTHANDLER_DUMP[1:2] + FAULTHANDLER_DUMP[6:7]
     plain = [f"line {i}" for i in range(50)]
     assert condense_tail(plain, 3) == ["line 47", "line 48", "line 49"]
+
+
+def test_blames_work_tells_crashes_of_the_work_from_kills_from_outside() -> None:
+    for rc in (-signal.SIGSEGV, -signal.SIGABRT, -signal.SIGFPE, -signal.SIGBUS, -signal.SIGILL, 1, 3, 70, 139):
+        assert classify_returncode(rc).blames_work, rc
+    for rc in (0, -signal.SIGKILL, -signal.SIGTERM, -signal.SIGINT, 137):
+        assert not classify_returncode(rc).blames_work, rc
+    assert classify_returncode(-signal.SIGKILL).with_oom(True).blames_work  # a counted OOM kill: the work's
+    for cls in (Classification.UNRESPONSIVE, Classification.STUCK, Classification.START_TIMEOUT,
+                Classification.UNKNOWN):
+        assert not ExitInfo(cls).blames_work, cls
+
+
+def test_classify_from_tail_reads_faulthandler_when_the_status_is_lost() -> None:
+    assert classify_from_tail(FAULTHANDLER_DUMP).classification is Classification.SEGFAULT
+    assert classify_from_tail(FAULTHANDLER_DUMP).signal == signal.SIGSEGV
+    assert classify_from_tail(["x", "Fatal Python error: Aborted", ""]).classification is Classification.ABORT
+    assert classify_from_tail(["INFO serving on unix:/x"]).classification is Classification.UNKNOWN
+    assert classify_from_tail([]).classification is Classification.UNKNOWN

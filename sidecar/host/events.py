@@ -1,4 +1,4 @@
-"""Pool events (crash, restart, retry, breaker_open, breaker_half_open, breaker_close) for subscribers.
+"""Pool events (crash, restart, retry, recycle, breaker_*, template_restart, ...) for subscribers.
 
 Callbacks run synchronously on the pool's thread that raised the event, so they must be quick (hand
 work to a queue). `EventBus.stream()` gives a blocking iterator fed by its own queue instead. Events
@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["PoolEvent", "EventBus", "EventStream", "EVENTS"]
 
-EVENTS = ("crash", "restart", "retry", "breaker_open", "breaker_half_open", "breaker_close", "worker_started")
+EVENTS = ("crash", "restart", "retry", "recycle", "breaker_open", "breaker_half_open", "breaker_close",
+          "worker_started", "template_restart")
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,24 @@ host down or leaks.
   from warm spares, or started cold.
 - Route: each call goes to the least busy ready worker.
 - Crash barrier: every exit is classified (`sidecar.host.crash`); calls in flight on a dead worker get
-  `WorkerCrashed` (exit code, signal, classification, last stderr lines, pid), or, when idempotent,
-  are retried on another worker; the dead worker's shared memory is unlinked and its leases dropped
-  at once; a replacement starts (immediately after a first crash, then with backoff); a circuit
-  breaker (`sidecar.host.breaker`) stops crash loops and fails calls fast with `CircuitOpen`.
-- Events: crash, restart, retry, breaker_open/half_open/close go to subscribers and into the merged
-  telemetry stream (`watch_telemetry`).
+  `WorkerCrashed` (exit code, signal, classification, last stderr lines, pid, whether the call had
+  reached the worker), or, when idempotent, are retried on another worker; a call that crashed a
+  worker by itself is retried at most once, and one that crashed two is failed with `PoisonCall`;
+  the dead worker's shared memory is unlinked (once no call still reads it) and its leases dropped;
+  a replacement starts (immediately after a first crash, then with backoff).
+- Breakers (`sidecar.host.breaker`): a start-up breaker stops start-up crash loops (calls still run
+  on ready workers), and one breaker per op fails calls of an op that keeps crashing workers with
+  `CircuitOpen`. External kills of workers count nowhere.
+- Health: a worker that fails its health checks is killed ("unresponsive"); one that reports
+  NOT_SERVING because a cancelled call is still running past its grace period is recycled: no more
+  calls, SIGTERM, SIGKILL after `grace_s` ("stuck").
+- The template may die on its own: workers outlive it, and the pool starts a new one.
+- Events: crash, restart, retry, recycle, breaker_open/half_open/close, template_restart go to
+  subscribers and into the merged telemetry stream (`watch_telemetry`).
 - Close: SIGTERM (workers drain), grace, SIGKILL of each process group; then nothing of the run is
   left in /dev/shm. If the host dies instead, the template kills the workers and reaps the run.
+- Fork: a Pool belongs to the process that created it; in a forked child every use raises
+  `WrongProcess` (and closing it there touches nothing of the parent's); it cannot be pickled.
 """
 from __future__ import annotations
 
@@ -36,20 +46,32 @@ from sidecar.dataplane import reaper
 from sidecar.dataplane.arena import Arena
 from sidecar.dataplane.names import new_run_id, validate_run_id
 from sidecar.errors import Cancelled, CircuitOpen, InvalidArgument, OpFailed, SidecarError, WorkerCrashed
-from sidecar.host.breaker import BreakerState, CircuitBreaker
-from sidecar.host.client import Client, Result, empty_in
+from sidecar.host.breaker import Admission, BreakerState, CircuitBreaker, OpBreakers
+from sidecar.host.client import Client, ClientClosed, Result, WrongProcess, empty_in
 from sidecar.host.crash import Classification, ExitInfo, oom_kill_count, summarize_tail
 from sidecar.host.events import EventBus, EventStream, PoolEvent
 from sidecar.host.spawn import WorkerProcess, WorkerStartError, start_worker
 from sidecar.host.template import Template, TemplateError
+from sidecar.wire import WorkerUnreachable
+from sidecar.worker.lifecycle import CANCEL_GRACE_ENV, HOST_PID_ENV
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Pool", "PoolClosed", "WorkerState", "WorkerStatus", "PoolTelemetry"]
+__all__ = ["Pool", "PoolClosed", "PoisonCall", "WorkerState", "WorkerStatus", "PoolTelemetry"]
 
 
 class PoolClosed(Cancelled):
     """The pool was closed (kind CANCELLED)."""
+
+
+class PoisonCall(WorkerCrashed):
+    """A call that crashed two workers by itself (kind WORKER_CRASHED); it is not sent to a third.
+
+    The fields describe the second crash; `crashes` lists both ({"pid", "classification",
+    "exit_code", "signal"}), and the message names both.
+    """
+
+    crashes: list[dict[str, Any]]
 
 
 class WorkerState(str, Enum):
@@ -80,16 +102,20 @@ class WorkerStatus:
 class _Worker:
     """One live worker process and its connection."""
 
-    __slots__ = ("proc", "client", "inflight", "served", "ready_at", "gpu", "oom_kills")
+    __slots__ = ("proc", "client", "inflight", "running", "served", "ready_at", "gpu", "oom_kills",
+                 "abandoned", "unlink_when_idle")
 
     def __init__(self, proc: WorkerProcess, client: Client, gpu: str | None) -> None:
         self.proc = proc
         self.client = client
         self.inflight = 0
+        self.running: dict[int, str] = {}  # call token -> op, of the calls in flight (crash attribution)
         self.served = False  # completed a call: a working configuration, not a crash loop
         self.ready_at = time.monotonic()
         self.gpu = gpu
         self.oom_kills = oom_kill_count()  # the cgroup's count now, to confirm an OOM kill later
+        self.abandoned = 0  # calls given up at their deadline while it still ran them
+        self.unlink_when_idle = False  # dead: unlink its segments once no call still reads its outputs
 
 
 class _Slot:
@@ -133,18 +159,28 @@ class Pool:
         one, worker i sees only GPU i mod len(gpus).
       run_id: the run's segment-name prefix (default: random).
       start_timeout (60): a worker that is not ready in this time is killed and counted as a crash.
-      max_attempts (3): tries of an idempotent call whose worker crashed (first try included).
+      max_attempts (3): tries of an idempotent call whose worker died (first try included); a call
+        whose attempt crashed a worker by itself gets one retry at most (a second crash: PoisonCall).
+        A call that never reached its worker (the worker was already gone) is retried whatever it is.
       retry_backoff ((0.01, 1.0)): delay before retry n is uniform(0.5, 1) x min(cap, initial x 2^(n-1)).
       restart_backoff ((0.1, 5.0)): a slot's first crash restarts at once; each further crash before a
         worker of that slot served a call (or lived `stable_after_s`, 5) waits initial x 2^(k-1), capped.
-      breaker_threshold (5), breaker_window_s (30), breaker_cooldown_s (5): that many crashes within
-        the window open the breaker: calls fail fast with CircuitOpen and no worker starts; after the
-        cool-down one probe worker starts; once it is ready and healthy the breaker closes.
+      breaker_threshold (5), breaker_window_s (30), breaker_cooldown_s (5): that many start-up
+        failures within the window open the start-up breaker (`pool.breaker`): no worker starts,
+        calls still run on ready workers (CircuitOpen only when none is); after the cool-down one
+        probe worker starts, and once it is ready and healthy the breaker closes. The same settings
+        drive one breaker per op (`pool.op_breakers`), counting workers that crashed by themselves
+        while running calls of that op: while it is open, calls of that op fail fast with
+        CircuitOpen; after the cool-down one call of the op is the probe. Kills from outside count
+        nowhere (see `sidecar.host.breaker`).
       use_template (True): fork replacements from a template that imported torch (else start cold).
       spares (None = 1 for a GPU pool, 0 otherwise): warm spare workers kept ready to take a crashed
         worker's place instantly.
       health_interval_s (5; 0 = off), health_timeout_s (2), health_failures (3): a worker that fails
-        that many health checks in a row is killed (classification "unresponsive") and replaced.
+        that many health checks in a row is killed (classification "unresponsive") and replaced; one
+        that answers NOT_SERVING is recycled at once (no new calls, SIGTERM, SIGKILL after grace_s).
+      cancel_grace_s (10): how long a cancelled call (its caller's timeout passed) may keep running
+        in a worker; past it the worker reports NOT_SERVING, and the pool recycles it ("stuck").
       crash_detect_s (1): after a call fails with a transport error, how long to wait for the
         worker's exit status before treating the error as not a crash.
       acquire_timeout_s (default start_timeout): how long a call without timeout waits for a ready
@@ -165,7 +201,8 @@ class Pool:
                  threads: int | None = None, health_interval_s: float = 5.0, health_timeout_s: float = 2.0,
                  health_failures: int = 3, crash_detect_s: float = 1.0, acquire_timeout_s: float | None = None,
                  grace_s: float = 5.0, inline_threshold: int = 65536, python: str = sys.executable,
-                 tail_lines: int = 40, lease_ttl_s: float | None = None, max_leases: int | None = None) -> None:
+                 tail_lines: int = 40, lease_ttl_s: float | None = None, max_leases: int | None = None,
+                 cancel_grace_s: float = 10.0) -> None:
         if workers < 1:
             raise InvalidArgument(f"a pool needs at least one worker, got {workers}", field="workers")
         if max_attempts < 1:
@@ -207,6 +244,10 @@ class Pool:
             base_env["SIDECAR_THREADS"] = str(max(1, (len(os.sched_getaffinity(0)) or 1) // workers))
         # A native crash then leaves a Python traceback in the worker's stderr tail.
         base_env.setdefault("PYTHONFAULTHANDLER", "1")
+        # Workers watch this pid, not their parent (the template may die and be replaced), and a
+        # cancelled call that runs on longer than cancel_grace_s makes its worker NOT_SERVING.
+        base_env[HOST_PID_ENV] = str(os.getpid())
+        base_env[CANCEL_GRACE_ENV] = f"{float(cancel_grace_s):g}"
         self._env = base_env
         self._gpus = self._find_gpus(device, gpus, base_env)
         # A forked worker replaces a CPU worker in tens of ms, but a GPU worker first has to create its
@@ -214,7 +255,9 @@ class Pool:
         uses_gpu = device.startswith("cuda") or (device == "auto" and bool(self._gpus))
         self._spares_target = int(spares) if spares is not None else (1 if uses_gpu else 0)
 
+        self._owner_pid = os.getpid()
         self.breaker = CircuitBreaker(breaker_threshold, breaker_window_s, breaker_cooldown_s)
+        self.op_breakers = OpBreakers(breaker_threshold, breaker_window_s, breaker_cooldown_s)
         self.events_bus = EventBus()
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -233,6 +276,9 @@ class Pool:
         self._op_idempotent: dict[str, bool] | None = None
         self._telemetry: list[PoolTelemetry] = []
         self._last_crash: tuple[ExitInfo, int | None, list[str]] | None = None
+        self._op_last_crash: dict[str, tuple[ExitInfo, int | None, list[str]]] = {}
+        self._tokens = itertools.count(1)
+        self._retiring: set[_Worker] = set()  # recycled workers, draining until they exit
         self._template: Template | None = None
         self.template_startup_s: float | None = None
         self._observer: Any = None       # sidecar.observe.PoolObserver, made on first use
@@ -297,16 +343,31 @@ class Pool:
                         "start cold (slow replacement: consider spares)", self.run_id)
 
     def _template_died(self) -> None:
+        """The template died on its own: its workers live on (they watch the host, not it). A new
+        template forks the next replacements and becomes the guardian of every live worker."""
         if self._closing:
             return
+        dead = self._template
         log.warning("pool %s: template process died; starting a new one", self.run_id)
-        self.events_bus.publish("template_restart")
 
         def restart() -> None:
             try:
                 self._start_template()
             except Exception:
                 log.exception("pool %s: cannot restart the template; workers start cold", self.run_id)
+                return
+            if dead is not None:
+                dead.close()  # reap the dead process, close its socket
+            template = self._template
+            with self._lock:
+                workers = [s.worker for s in self._slots if s.worker is not None]
+                workers += [*self._spares, *self._retiring]
+            if template is not None:
+                for w in workers:  # killed and reaped by the new template if the host dies
+                    if w.proc.alive:
+                        template.watch(w.proc.pid)
+            self.events_bus.publish("template_restart", pid=self.template_pid,
+                                    dead_pid=dead.pid if dead is not None else None, workers=len(workers))
         self._spawn_thread(restart, "sidecar-pool-template")
 
     def _start_initial(self) -> None:
@@ -477,7 +538,9 @@ class Pool:
         self.events_bus.publish("crash", slot=slot.index, pid=pid, phase="start",
                                 classification=info.classification.value, exit_code=info.exit_code,
                                 signal=info.signal, stderr_tail=tail, message=str(exc).split("\n")[0])
-        self._after_crash(slot)
+        # A worker killed from outside while it started is no evidence of a crash loop.
+        external = info.classification in (Classification.KILLED, Classification.TERMINATED)
+        self._after_crash(slot, start_failure=not external)
 
     def _load_op_flags(self, client: Client) -> None:
         try:
@@ -539,12 +602,12 @@ class Pool:
             self._load_op_flags(worker.client)
 
     def _spare_crashed(self, info: ExitInfo, pid: int | None, tail: list[str]) -> None:
+        """A spare failed to start: a start-up failure."""
         with self._lock:
             self._last_crash = (info, pid, tail)
         self.events_bus.publish("crash", slot=-1, pid=pid, phase="spare", classification=info.classification.value,
                                 exit_code=info.exit_code, signal=info.signal, stderr_tail=tail)
-        if self.breaker.record_failure() is BreakerState.OPEN:
-            self._breaker_opened()
+        if self._count_start_failure():
             return
         k = self._spare_consecutive
         self._launch_spare(0.0 if k <= 1 else self._restart_delay(k))
@@ -566,15 +629,26 @@ class Pool:
             now = oom_kill_count()
             info = info.with_oom(now is not None and now > worker.oom_kills)
         with self._lock:
-            if slot is None:  # a spare
+            retiring = worker in self._retiring
+            self._retiring.discard(worker)
+            ops = sorted(set(worker.running.values()))
+            if retiring:  # recycled: its slot has a replacement already; only its exit is news
+                expected = True
+                if slot is not None:
+                    slot.last_exit = info
+            elif slot is None:  # a spare
                 was_spare = worker in self._spares
                 if was_spare:
                     self._spares.remove(worker)
                 expected = self._closing or not was_spare
+            elif slot.worker is not worker:
+                expected = True  # replaced already: nothing to restart
             else:
-                if slot.worker is not worker:
-                    return
                 expected = self._closing or slot.state is WorkerState.STOPPING
+            if not expected and info.classification is Classification.CLEAN:
+                # Nobody in the pool asked it to stop: a SIGTERM/SIGINT from outside, drained to exit 0.
+                info = ExitInfo(Classification.TERMINATED, exit_code=info.exit_code)
+            if slot is not None and slot.worker is worker:
                 slot.worker = None
                 slot.last_exit = info
                 slot.died_at = time.monotonic()
@@ -584,10 +658,16 @@ class Pool:
                     slot.state = WorkerState.RESTARTING
                     slot.crashes += 1
                     proven = worker.served or (slot.died_at - worker.ready_at) >= self._stable_after_s
-                    slot.consecutive = 1 if proven else slot.consecutive + 1
+                    # Back off only for a worker that keeps crashing by itself before it proved itself.
+                    slot.consecutive = slot.consecutive + 1 if info.blames_work and not proven else 1
                 self._cond.notify_all()
             if not expected:
                 self._last_crash = (info, proc.pid, proc.stderr_tail())
+        if retiring and not self._closing:
+            self.events_bus.publish(
+                "crash", slot=-1 if slot is None else slot.index, pid=proc.pid, phase="recycled",
+                classification=info.classification.value, exit_code=info.exit_code, signal=info.signal,
+                description=info.describe(), inflight=worker.inflight, ops=ops, stderr_tail=proc.stderr_tail())
         if expected:
             self._dispose(worker, kill=False)
             return
@@ -597,24 +677,33 @@ class Pool:
             "crash", slot=-1 if slot is None else slot.index, pid=proc.pid, phase="running",
             classification=info.classification.value, exit_code=info.exit_code, signal=info.signal,
             description=info.describe(), uptime_s=round(time.monotonic() - worker.ready_at, 3),
-            inflight=worker.inflight, stderr_tail=tail)
+            inflight=worker.inflight, ops=ops, stderr_tail=tail)
+        # What the crash is evidence of: calls that crash workers (their ops' breakers), a worker
+        # that cannot get going (the start-up breaker), or nothing (a kill from outside).
+        start_failure = False
+        if info.blames_work and ops:
+            self._count_op_crashes(ops, info, proc.pid, tail)
+        elif info.blames_work and not worker.served:
+            start_failure = True
         # Replacement first (it has the most latency to hide), then the clean-up of the dead one.
         if slot is None:
-            self._spare_crashed_after_ready()
+            self._spare_crashed_after_ready(start_failure)
         else:
-            self._after_crash(slot)
-        reaped = self._dispose(worker, kill=False)
-        if reaped:
-            log.debug("pool %s: unlinked %d segment(s) of dead worker %d", self.run_id, len(reaped), proc.pid)
+            self._after_crash(slot, start_failure)
+        self._dispose(worker, kill=False)
 
-    def _spare_crashed_after_ready(self) -> None:
-        if self.breaker.record_failure() is BreakerState.OPEN:
-            self._breaker_opened()
+    def _spare_crashed_after_ready(self, start_failure: bool) -> None:
+        if start_failure and self._count_start_failure():
             return
         self._launch_spare()
 
-    def _dispose(self, worker: _Worker, kill: bool) -> list[str]:
-        """Forgets a worker: kill it if asked, drop its connection and leases, unlink its segments."""
+    def _dispose(self, worker: _Worker, kill: bool) -> None:
+        """Forgets a worker: kill it if asked, drop its connection and leases, unlink its segments.
+
+        The client refuses new calls at once and closes its channel when the calls in flight end; the
+        dead worker's segments are unlinked once no call of ours is still reading an output from them
+        (an answer that arrived just before the death is then still delivered).
+        """
         proc = worker.proc
         if kill:
             proc.kill()
@@ -623,24 +712,54 @@ class Pool:
             worker.client.close()
         except Exception:  # noqa: BLE001 - the worker is gone; nothing to release on its side
             pass
-        reaped: list[str] = []
-        if not proc.alive:
-            reaped = reaper.reap_owner(self.run_id, proc.pid)
-            address = proc.address or ""
-            if address.startswith("unix:"):
-                try:
-                    os.unlink(address[len("unix:"):])
-                except OSError:
-                    pass
-        return reaped
+        if proc.alive:
+            return
+        with self._lock:
+            worker.unlink_when_idle = worker.inflight > 0
+            now = not worker.unlink_when_idle
+        if now:
+            self._unlink_dead(worker)
+
+    def _unlink_dead(self, worker: _Worker) -> None:
+        proc = worker.proc
+        reaped = reaper.reap_owner(self.run_id, proc.pid)
+        if reaped:
+            log.debug("pool %s: unlinked %d segment(s) of dead worker %d", self.run_id, len(reaped), proc.pid)
+        address = proc.address or ""
+        if address.startswith("unix:"):
+            try:
+                os.unlink(address[len("unix:"):])
+            except OSError:
+                pass
 
     def _restart_delay(self, consecutive: int) -> float:
         first, cap = self._restart_backoff
         return min(cap, first * 2 ** max(0, consecutive - 2))
 
-    def _after_crash(self, slot: _Slot) -> None:
+    def _count_start_failure(self) -> bool:
+        """Feeds the start-up breaker; True when this opened it."""
         if self.breaker.record_failure() is BreakerState.OPEN:
             self._breaker_opened()
+            return True
+        return False
+
+    def _count_op_crashes(self, ops: list[str], info: ExitInfo, pid: int, tail: list[str]) -> None:
+        """A worker crashed by itself while running calls of `ops`: one failure for each op's breaker."""
+        b = self.op_breakers
+        for op in ops:
+            with self._lock:
+                self._op_last_crash[op] = (info, pid, tail)
+            if b.record_crash(op) is BreakerState.OPEN:
+                breaker = b.get(op)
+                assert breaker is not None
+                log.warning("pool %s: circuit breaker of op %r open (%d crashes within %g s)", self.run_id, op,
+                            breaker.recent_failures(), breaker.window_s)
+                self.events_bus.publish("breaker_open", scope="op", op=op, crashes=breaker.recent_failures(),
+                                        window_s=breaker.window_s, cooldown_s=breaker.cooldown_s,
+                                        classification=info.classification.value)
+
+    def _after_crash(self, slot: _Slot, start_failure: bool) -> None:
+        if start_failure and self._count_start_failure():
             return
         if self.breaker.state is not BreakerState.CLOSED or self._closing:
             return
@@ -671,9 +790,9 @@ class Pool:
             self._cond.notify_all()  # waiting callers fail fast now
             last = self._last_crash
         b = self.breaker
-        log.warning("pool %s: circuit breaker open (%d crashes within %g s); probing in %g s",
+        log.warning("pool %s: start-up circuit breaker open (%d start-up failures within %g s); probing in %g s",
                     self.run_id, b.recent_failures(), b.window_s, b.cooldown_s)
-        self.events_bus.publish("breaker_open", crashes=b.recent_failures(), window_s=b.window_s,
+        self.events_bus.publish("breaker_open", scope="start", crashes=b.recent_failures(), window_s=b.window_s,
                                 cooldown_s=b.cooldown_s,
                                 classification=last[0].classification.value if last else None)
         self._schedule_probe(b.cooldown_s)
@@ -691,7 +810,7 @@ class Pool:
             if self.breaker.state is BreakerState.OPEN:
                 self._schedule_probe(max(0.01, self.breaker.retry_after()))
             return
-        self.events_bus.publish("breaker_half_open")
+        self.events_bus.publish("breaker_half_open", scope="start")
         with self._lock:
             slot = next((s for s in self._slots if s.state is WorkerState.RESTARTING and not s.launching), None)
         if slot is None:  # every slot has a live worker: nothing to probe, the pool works
@@ -701,8 +820,8 @@ class Pool:
         self._launch(slot, probe=True)
 
     def _breaker_closed(self) -> None:
-        log.info("pool %s: circuit breaker closed", self.run_id)
-        self.events_bus.publish("breaker_close")
+        log.info("pool %s: start-up circuit breaker closed", self.run_id)
+        self.events_bus.publish("breaker_close", scope="start")
         with self._lock:
             self._cond.notify_all()
             dead = [s for s in self._slots if s.state is WorkerState.RESTARTING and not s.launching]
@@ -724,19 +843,51 @@ class Pool:
                 if self._stop.is_set():
                     return
                 try:
-                    ok = worker.client.health(timeout=timeout) == "SERVING"
-                except SidecarError:
-                    ok = False
+                    status = worker.client.health(timeout=timeout)
+                except SidecarError:  # unreachable, timed out, or its client closed as it died
+                    status = None
+                if status == "NOT_SERVING" and worker.proc.alive:
+                    self._recycle(slot, worker)
+                    continue
                 with self._lock:
                     if slot.worker is not worker:
                         continue
-                    slot.health_failures = 0 if ok else slot.health_failures + 1
+                    slot.health_failures = 0 if status == "SERVING" else slot.health_failures + 1
                     kill = slot.health_failures >= limit
                 if kill and worker.proc.alive:
                     log.warning("pool %s: worker pid %d failed %d health checks; killing it",
                                 self.run_id, worker.proc.pid, limit)
                     worker.proc.classify_as(Classification.UNRESPONSIVE)
                     worker.proc.kill()
+
+    def _recycle(self, slot: _Slot, worker: _Worker) -> None:
+        """A worker that says NOT_SERVING (a cancelled call of it is stuck, or it is draining after a
+        SIGTERM from outside) gets no more calls; a replacement starts at once; the worker gets SIGTERM
+        (its other calls drain) and SIGKILL after grace_s."""
+        with self._lock:
+            if slot.worker is not worker or self._closing:
+                return
+            slot.worker = None
+            slot.state = WorkerState.RESTARTING
+            slot.died_at = time.monotonic()
+            self._retiring.add(worker)
+            stuck = worker.abandoned > 0
+            self._cond.notify_all()
+        proc = worker.proc
+        if stuck:  # calls we gave up on at their deadline are still running in it
+            proc.classify_as(Classification.STUCK)
+        log.warning("pool %s: worker pid %d reports NOT_SERVING%s; recycling it", self.run_id, proc.pid,
+                    f" with {worker.abandoned} cancelled call(s) still running" if stuck else "")
+        self.events_bus.publish("recycle", slot=slot.index, pid=proc.pid, inflight=worker.inflight,
+                                abandoned=worker.abandoned,
+                                classification=Classification.STUCK.value if stuck else None)
+        self._launch(slot)
+        proc.terminate()
+
+        def kill_after_grace() -> None:
+            if proc.wait_exit(self._grace_s) is None:
+                proc.kill()
+        self._spawn_thread(kill_after_grace, f"sidecar-pool-recycle-{proc.pid}")
 
     # ---------------------------------------------------------------------------------------------
     # calls
@@ -767,14 +918,16 @@ class Pool:
     def empty(self, shape: int | Sequence[int], dtype: Any = "float32", *, torch: bool = False) -> Any:
         """An array (or CPU torch tensor) in the pool's shared arena: passed to `call`, it crosses to
         whichever worker runs the call as a descriptor only, with no copy (see `Client.empty`)."""
+        self._check_process()
         return empty_in(self._arena, shape, dtype, torch=torch)
 
     def _on_any_worker(self, what: str, fn: Callable[[Client], Any]) -> Any:
-        slot, worker = self._acquire(what, None, set())
+        self._check_process()
+        slot, worker, token = self._acquire(what, None, set())
         try:
             return fn(worker.client)
         finally:
-            self._release(slot, worker, ok=False)
+            self._release(slot, worker, token, ok=False)
 
     def is_idempotent(self, op: str) -> bool:
         """What ListOps says about `op` (False for ops it does not know)."""
@@ -782,6 +935,7 @@ class Pool:
 
     def _invoke(self, method: str, op: str, inputs: tuple[Any, ...], idempotent: bool | None,
                 timeout: float | None, kwargs: dict[str, Any]) -> Any:
+        self._check_process()
         hook = self._call_observer
         if hook is not None:  # metrics are on: the observer times and records the call around the run
             return hook(self._invoke_unobserved, method, op, inputs, idempotent, timeout, kwargs)
@@ -791,46 +945,77 @@ class Pool:
                            timeout: float | None, kwargs: dict[str, Any]) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
         retryable = self.is_idempotent(op) if idempotent is None else bool(idempotent)
+        admission = self.op_breakers.admit(op)
+        if admission is Admission.REFUSE:
+            raise self._op_circuit_open_error(op)
+        if admission is Admission.PROBE:
+            self.events_bus.publish("breaker_half_open", scope="op", op=op)
         excluded: set[int] = set()
+        work_crashes: list[tuple[WorkerCrashed, ExitInfo]] = []  # attempts that crashed their worker
+        first_crash: int | None = None  # the attempt that first crashed its worker
+        crashed_nothing = False  # for a probe: the call ended without crashing any worker
         attempt = 0
-        while True:
-            attempt += 1
-            slot, worker = self._acquire(op, deadline, excluded)
-            left = None if deadline is None else max(0.001, deadline - time.monotonic())
-            try:
-                out = getattr(worker.client, method)(op, *inputs, timeout=left, idempotent=retryable, **kwargs)
-            except Exception as exc:
-                self._release(slot, worker, ok=False)
-                crash = self._as_crash(exc, worker, op)
-                if crash is None:
-                    raise
-                if not retryable or attempt >= self._max_attempts or self._closing:
-                    raise crash from (None if crash is exc else exc)
-                delay = self._retry_delay(attempt)
-                if deadline is not None and time.monotonic() + delay >= deadline:
-                    raise crash from (None if crash is exc else exc)
-                self.events_bus.publish("retry", op=op, attempt=attempt + 1, pid=worker.proc.pid,
-                                        classification=crash.fields.get("classification"),
-                                        delay_ms=round(delay * 1000, 2))
-                excluded.add(worker.proc.pid)
-                if delay > 0:
-                    time.sleep(delay)
-                continue
-            self._release(slot, worker, ok=True)
-            return out
+        try:
+            while True:
+                attempt += 1
+                slot, worker, token = self._acquire(op, deadline, excluded)
+                left = None if deadline is None else max(0.001, deadline - time.monotonic())
+                try:
+                    out = getattr(worker.client, method)(op, *inputs, timeout=left, idempotent=retryable, **kwargs)
+                except Exception as exc:
+                    # Still registered as running on the worker while we look: a crash is counted
+                    # against this op (the exit callback reads `worker.running`).
+                    try:
+                        found = self._as_crash(exc, worker, op)
+                    finally:
+                        gave_up = isinstance(exc, Cancelled) and worker.proc.alive
+                        self._release(slot, worker, token, ok=False, abandoned=gave_up)
+                    if found is None:  # the worker answered (an op error), or the call's own timeout
+                        crashed_nothing = True
+                        raise
+                    crash, info = found
+                    if info is not None and info.blames_work:
+                        work_crashes.append((crash, info))
+                        if len(work_crashes) >= 2:
+                            raise self._poison(op, work_crashes) from None
+                        first_crash = first_crash or attempt
+                    # A call whose attempt crashed a worker by itself gets one more try at most.
+                    tries_left = first_crash is None or attempt == first_crash
+                    never_sent = getattr(crash, "call_started", None) is False  # safe to send again
+                    if not (retryable or never_sent) or not tries_left or attempt >= self._max_attempts \
+                            or self._closing:
+                        raise crash from (None if crash is exc else exc)
+                    delay = self._retry_delay(attempt)
+                    if deadline is not None and time.monotonic() + delay >= deadline:
+                        raise crash from (None if crash is exc else exc)
+                    self.events_bus.publish("retry", op=op, attempt=attempt + 1, pid=worker.proc.pid,
+                                            classification=crash.fields.get("classification"),
+                                            delay_ms=round(delay * 1000, 2))
+                    excluded.add(worker.proc.pid)
+                    if delay > 0:
+                        time.sleep(delay)
+                    continue
+                self._release(slot, worker, token, ok=True)
+                crashed_nothing = not work_crashes
+                return out
+        finally:
+            if admission is Admission.PROBE and \
+                    self.op_breakers.probe_done(op, crashed_nothing) is BreakerState.CLOSED:
+                log.info("pool %s: circuit breaker of op %r closed", self.run_id, op)
+                self.events_bus.publish("breaker_close", scope="op", op=op)
 
     def _retry_delay(self, attempt: int) -> float:
         first, cap = self._retry_backoff
         return min(cap, first * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
-    def _acquire(self, op: str, deadline: float | None, excluded: set[int]) -> tuple[_Slot, _Worker]:
+    def _acquire(self, op: str, deadline: float | None, excluded: set[int]) -> tuple[_Slot, _Worker, int]:
+        """The least busy ready worker (not in `excluded`) and a token for `_release`; waits for one
+        (until the deadline) unless the start-up breaker says none will come."""
         wait_until = deadline if deadline is not None else time.monotonic() + self._acquire_timeout_s
         with self._cond:
             while True:
                 if self._closing:
                     raise PoolClosed("the pool is closed", op=op)
-                if self.breaker.state is not BreakerState.CLOSED:
-                    raise self._circuit_open_error(op)
                 ready = [s for s in self._slots if s.state is WorkerState.READY and s.worker is not None
                          and s.worker.proc.pid not in excluded]
                 if ready:
@@ -841,40 +1026,84 @@ class Pool:
                     worker = slot.worker
                     assert worker is not None
                     worker.inflight += 1
-                    return slot, worker
+                    token = next(self._tokens)
+                    worker.running[token] = op
+                    return slot, worker, token
+                if self.breaker.state is not BreakerState.CLOSED:
+                    raise self._circuit_open_error(op)  # no worker is ready and none is being started
                 left = wait_until - time.monotonic()
                 if left <= 0:
                     what = "the call's timeout" if deadline is not None else f"{self._acquire_timeout_s:g} s"
                     raise Cancelled(f"no worker became ready within {what}", op=op)
                 self._cond.wait(left)
 
-    def _release(self, slot: _Slot, worker: _Worker, ok: bool) -> None:
+    def _release(self, slot: _Slot, worker: _Worker, token: int, ok: bool, abandoned: bool = False) -> None:
         with self._lock:
             worker.inflight -= 1
+            worker.running.pop(token, None)
+            if abandoned:
+                worker.abandoned += 1
             if ok:
                 worker.served = True
                 slot.calls += 1
                 if slot.worker is worker:
                     slot.consecutive = 0
+            unlink = worker.unlink_when_idle and worker.inflight == 0
+            if unlink:
+                worker.unlink_when_idle = False
+        if unlink:  # the last call reading a dead worker's outputs is done with them
+            self._unlink_dead(worker)
 
-    def _as_crash(self, exc: Exception, worker: _Worker, op: str) -> SidecarError | None:
-        """The WorkerCrashed error for a failed call if its worker died (None: an ordinary error)."""
+    def _as_crash(self, exc: Exception, worker: _Worker, op: str) -> tuple[WorkerCrashed, ExitInfo | None] | None:
+        """The WorkerCrashed error (and the exit) for a failed call if its worker died; None when the
+        failure is an answer of a live worker (an op error) or the call's own timeout.
+
+        Whatever the transport said (UNAVAILABLE, a reset stream, a client closed under the call, a
+        deadline passed while the worker died) becomes WORKER_CRASHED once the worker is known dead.
+        """
         proc = worker.proc
-        transport = isinstance(exc, WorkerCrashed) or (
+        transport = isinstance(exc, (WorkerCrashed, ClientClosed)) or (
             isinstance(exc, OpFailed) and str(exc.fields.get("exception_type", "")).startswith("grpc."))
-        info = proc.wait_exit(self._crash_detect_s if transport else 0.0)
+        if isinstance(exc, SidecarError) and not transport and not isinstance(exc, Cancelled):
+            return None  # the worker's own answer (an op error), even if it died right after
+        wait = self._crash_detect_s if transport or proc.exit_info is not None else 0.0
+        info = proc.wait_exit(wait)
+        started = getattr(exc, "call_started", None)
         if info is None:
-            # Alive: an unreachable worker still counts as a failed attempt for a retry.
-            return exc if isinstance(exc, WorkerCrashed) else None
+            if not transport:
+                return None
+            # Alive but unreachable: still a failed attempt that may be retried.
+            crash = exc if isinstance(exc, WorkerCrashed) else WorkerUnreachable(
+                f"worker pid {proc.pid} could not be reached while running {op!r}: {exc}", op=op, pid=proc.pid,
+                classification="unreachable")
+            crash.call_started = started  # type: ignore[attr-defined]
+            return crash, None
         tail = proc.stderr_tail()
         message = f"worker pid {proc.pid} {info.describe()} while running {op!r}"
         summary = summarize_tail(tail)
         if summary:
             message += f"; last output: {summary}"
+        message += ("; the call had not reached the worker" if started is False else
+                    "; the call had been sent to the worker, which may have started it")
         fields = info.as_fields()
         if isinstance(exc, SidecarError) and exc.fields.get("request_id"):
             fields["request_id"] = exc.fields["request_id"]
-        return WorkerCrashed(message, op=op, pid=proc.pid, stderr_tail=tail, **fields)
+        crash = WorkerCrashed(message, op=op, pid=proc.pid, stderr_tail=tail, **fields)
+        crash.call_started = started  # type: ignore[attr-defined]
+        return crash, info
+
+    def _poison(self, op: str, crashes: list[tuple[WorkerCrashed, ExitInfo]]) -> PoisonCall:
+        named = ", ".join(f"pid {c.pid} ({i.classification.value}"
+                          f"{', ' + i.signal_name if i.signal_name else ''})" for c, i in crashes)
+        last, info = crashes[-1]
+        summary = summarize_tail(last.stderr_tail or [])
+        err = PoisonCall(f"the call of {op!r} crashed {len(crashes)} workers: {named}; it is not sent to "
+                         f"another worker{'; last output: ' + summary if summary else ''}",
+                         op=op, pid=last.pid, stderr_tail=last.stderr_tail, request_id=last.request_id,
+                         **info.as_fields())
+        err.crashes = [{"pid": c.pid, **i.as_fields()} for c, i in crashes]
+        err.call_started = None  # type: ignore[attr-defined]
+        return err
 
     def _circuit_open_error(self, op: str) -> CircuitOpen:
         b = self.breaker
@@ -884,13 +1113,29 @@ class Pool:
             info, pid, tail = self._last_crash
             fields.update(info.as_fields(), pid=pid, stderr_tail=tail)
             text = f"; last crash: worker pid {pid} {info.describe()}"
-        return CircuitOpen(f"circuit breaker {b.state.value} after {b.recent_failures()} worker crashes within "
-                           f"{b.window_s:g} s; next probe in {b.retry_after():.1f} s{text}", **fields)
+        return CircuitOpen(f"start-up circuit breaker {b.state.value} after {b.recent_failures()} start-up "
+                           f"failures within {b.window_s:g} s, and no worker is ready; next probe in "
+                           f"{b.retry_after():.1f} s{text}", **fields)
+
+    def _op_circuit_open_error(self, op: str) -> CircuitOpen:
+        b = self.op_breakers.get(op)
+        assert b is not None
+        fields: dict[str, Any] = {"op": op}
+        text = ""
+        last = self._op_last_crash.get(op)
+        if last is not None:
+            info, pid, tail = last
+            fields.update(info.as_fields(), pid=pid, stderr_tail=tail)
+            text = f"; last crash: worker pid {pid} {info.describe()}"
+        return CircuitOpen(f"circuit breaker of op {op!r} {b.state.value} after {b.recent_failures()} workers "
+                           f"crashed running it within {b.window_s:g} s; next try in {b.retry_after():.1f} s"
+                           f"{text}", **fields)
 
     # ---------------------------------------------------------------------------------------------
     # observing
 
     def status(self) -> list[WorkerStatus]:
+        self._check_process()
         with self._lock:
             rows = [WorkerStatus(s.index, s.worker.proc.pid if s.worker else None, s.state, s.calls, s.crashes,
                                  s.restarts, s.last_exit, s.worker.inflight if s.worker else 0,
@@ -909,6 +1154,7 @@ class Pool:
 
     def wait_ready(self, timeout: float = 30.0, spares: bool = False) -> bool:
         """Blocks until every slot has a ready worker (and, if asked, every spare is up)."""
+        self._check_process()
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -932,6 +1178,7 @@ class Pool:
 
     def watch_telemetry(self, memory_interval_s: float = 0.0) -> PoolTelemetry:
         """Every worker's telemetry (spans, memory samples) and the pool's events, as one stream of dicts."""
+        self._check_process()
         t = PoolTelemetry(self, memory_interval_s)
         with self._lock:
             self._telemetry.append(t)
@@ -984,17 +1231,44 @@ class Pool:
         return t.pid if t is not None and t.alive else None
 
     # ---------------------------------------------------------------------------------------------
+    # processes: a pool belongs to the one that created it
+
+    def _in_owner(self) -> bool:
+        return os.getpid() == self._owner_pid
+
+    def _check_process(self) -> None:
+        if not self._in_owner():
+            raise WrongProcess(
+                f"this Pool belongs to process {self._owner_pid} and cannot be used in process {os.getpid()} "
+                f"(a fork of it): its workers, template and shared memory are the parent's, and its threads "
+                f"did not survive the fork. Create a Pool in this process after the fork, or connect a "
+                f"Client to a worker address the parent hands over (row.address for row in pool.status())",
+                field="pool")
+
+    def __reduce__(self) -> Any:
+        raise WrongProcess(
+            f"a Pool cannot be pickled (its workers, template and shared memory belong to process "
+            f"{self._owner_pid}): create the Pool in the process that uses it (e.g. in the multiprocessing "
+            f"worker, once per worker process), or pass worker addresses (row.address for row in "
+            f"pool.status()) and connect sidecar.host.Client(address) there", field="pool")
+
+    # ---------------------------------------------------------------------------------------------
     # closing
 
     def close(self, grace_s: float | None = None) -> None:
         """SIGTERM every worker (they drain), wait `grace_s`, SIGKILL what is left, then unlink
-        everything of the run. Calls waiting for a worker get `PoolClosed`. Idempotent."""
+        everything of the run. Calls waiting for a worker get `PoolClosed`. Idempotent.
+
+        In a forked child this does nothing: the workers and the run's memory are the parent's."""
+        if not self._in_owner():
+            return
         with self._lock:
             if self._closed:
                 return
             self._closed = self._closing = True
             self._cond.notify_all()
             workers = [s.worker for s in self._slots if s.worker is not None] + list(self._spares)
+            workers += list(self._retiring)
             for s in self._slots:
                 s.state = WorkerState.STOPPING if s.worker is not None else WorkerState.STOPPED
             starting = list(self._starting)
@@ -1040,7 +1314,7 @@ class Pool:
         self.close()
 
     def __del__(self) -> None:
-        if not getattr(self, "_closed", True):
+        if not getattr(self, "_closed", True) and os.getpid() == getattr(self, "_owner_pid", None):
             log.warning("pool %s was not closed; closing it now", getattr(self, "run_id", "?"))
             try:
                 self.close(grace_s=0.5)
@@ -1048,6 +1322,8 @@ class Pool:
                 pass
 
     def __repr__(self) -> str:
+        if not self._in_owner():
+            return f"<Pool run={self.run_id} of process {self._owner_pid}>"
         return (f"<Pool run={self.run_id} workers={self.ready_count()}/{len(self._slots)} "
                 f"breaker={self.breaker.state.value}>")
 

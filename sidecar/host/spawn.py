@@ -8,7 +8,8 @@ Two ways to start one, same handle (`WorkerProcess`) either way:
 - cold: `subprocess.Popen`; a thread blocked in `wait()` learns the exit status at once;
 - forked by a template process (`sidecar.host.template`) that already imported torch: the worker is
   the template's child, so its exit status comes over the template's control socket, and a pidfd
-  tells us of the death even if the template itself is gone.
+  tells us of the death even if the template itself is gone (the status is then lost: the
+  classification is read from the worker's last output, see `crash.classify_from_tail`).
 
 Every worker gets a pipe on stdin whose write end only this host holds: when the host dies the
 worker sees EOF. Each worker leads its own process group, so a signal to the group also reaches
@@ -30,8 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from sidecar.errors import START_ERROR_PREFIX, SidecarError, WorkerCrashed, parse_start_error
-from sidecar.host.crash import (Classification, ExitInfo, classify_returncode, classify_wait_status, condense_tail,
-                                unknown_exit)
+from sidecar.host.crash import (Classification, ExitInfo, classify_from_tail, classify_returncode,
+                                classify_wait_status, condense_tail)
 
 if TYPE_CHECKING:
     from sidecar.host.template import Template
@@ -72,7 +73,7 @@ class WorkerProcess:
         self._cond = threading.Condition()
         self._exit: ExitInfo | None = None
         self._finished = False  # exit known and every exit callback has run
-        self._status: int | None = None          # raw wait status reported by the template
+        self._status: int | None = None          # raw wait status reported by the template (None: lost)
         self._status_event = threading.Event()
         self._callbacks: list[Callable[[ExitInfo], None]] = []
         self._override: Classification | None = None
@@ -156,9 +157,11 @@ class WorkerProcess:
                 pass
 
     # -- called by the template reader --------------------------------------------------------------
-    def report_status(self, status: int) -> None:
-        self._status = status
-        self._status_event.set()
+    def report_status(self, status: int | None) -> None:
+        """The raw wait status, or None: the template died, no status will come."""
+        if not self._status_event.is_set():
+            self._status = status
+            self._status_event.set()
 
     # -- internals --------------------------------------------------------------------------------
     def _pump_output(self, stdout_fd: int, stderr_fd: int) -> None:
@@ -232,17 +235,20 @@ class WorkerProcess:
     def _wait_forked(self) -> ExitInfo:
         pidfd, self._pidfd = self._pidfd, None
         if pidfd is not None:
-            try:
-                while not self._status_event.is_set():
+            try:  # until it is gone (the pidfd fires) or its template reported its status
+                while self._status is None:
                     readable, _, _ = select.select([pidfd], [], [], 0.5)
                     if readable:
                         break
             finally:
                 os.close(pidfd)
-        if not self._status_event.wait(_STATUS_WAIT_S):
-            log.warning("worker %d is gone but its exit status never came (template dead?)", self.pid)
-            return unknown_exit()
-        assert self._status is not None
+        if not self._status_event.wait(_STATUS_WAIT_S) or self._status is None:
+            # Its template died before it: init reaped it. faulthandler's report may still say why.
+            self._pump.join(_PUMP_DRAIN_S)
+            with self._cond:
+                lines = list(self._tail)
+            log.info("worker %d is gone and its template with it: exit status lost", self.pid)
+            return classify_from_tail(lines)
         return classify_wait_status(self._status)
 
     def __repr__(self) -> str:

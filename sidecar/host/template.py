@@ -17,6 +17,10 @@ Each child runs `sidecar.cli.main(["serve", ...])` with the stdin/stdout/stderr 
 reaps it and sends the raw wait status to the host, together with a pidfd at spawn time so the host
 learns of the death even if the template is gone.
 
+Workers outlive their template: a child does not die with it (no parent-death signal on the template);
+it watches the host instead ($SIDECAR_HOST_PID and its stdin pipe, see sidecar.worker.lifecycle).
+When the template dies by accident, the host starts a new one and asks it to watch every live worker.
+
 The template is also the pool's guardian: when the host dies (control socket EOF, or the template is
 re-parented), it SIGKILLs every worker it forked or was asked to watch, waits for them, unlinks the
 shared memory of the host and of those workers and removes the pool's socket directory, all within
@@ -34,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import ctypes
 import importlib
 import itertools
 import json
@@ -60,7 +63,6 @@ log = logging.getLogger(__name__)
 __all__ = ["Template", "TemplateError", "PRELOAD_MODULES"]
 
 _MSG_MAX = 1 << 20
-_PR_SET_PDEATHSIG = 1
 _PARENT_POLL_S = 0.25     # how often the template checks that the host is still its parent
 _KILL_WAIT_S = 2.0        # after SIGKILL, how long to wait for workers before reaping anyway
 _SPAWN_REPLY_S = 30.0
@@ -245,9 +247,12 @@ class Template:
             was_closed = self._closed
             self.dead = True
             pending, self._pending = self._pending, {}
+            orphans, self._procs = self._procs, {}
         for slot in pending.values():
             slot[2] = TemplateError("the template process died")
             slot[1].set()
+        for proc in orphans.values():  # nobody will report their wait status now
+            proc.report_status(None)
         if not was_closed:
             log.warning("template process %d died", self.pid)
             if self._on_death is not None:
@@ -343,7 +348,7 @@ def _probe_cuda_fork(timeout: float) -> bool:
     return os.waitstatus_to_exitcode(status) == 0
 
 
-def _child(msg: dict[str, Any], fds: list[int], template_pid: int, to_close: list[int]) -> None:
+def _child(msg: dict[str, Any], fds: list[int], to_close: list[int]) -> None:
     """Runs in the forked worker: becomes `sidecar serve` and never returns."""
     code = 1
     try:
@@ -358,10 +363,8 @@ def _child(msg: dict[str, Any], fds: list[int], template_pid: int, to_close: lis
                     pass
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
-        # Die with the template (it only dies with the host, or by accident): never an orphan worker.
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != template_pid:
-            os._exit(1)
+        # No parent-death signal here: a worker outlives its template. It dies with the host, whose
+        # pid it watches ($SIDECAR_HOST_PID in msg["env"]) like a cold worker watches its parent.
         os.environ.clear()
         os.environ.update(msg["env"])
         if os.environ.get("PYTHONFAULTHANDLER"):  # what the variable does at a cold interpreter start
@@ -415,11 +418,16 @@ class _TemplateServer:
         while True:
             for key, _ in self.sel.select(_PARENT_POLL_S):
                 if key.data is None:
-                    msg, fds = _recv(self.sock)
-                    if msg is None:
+                    try:
+                        msg, fds = _recv(self.sock)
+                        if msg is None:
+                            return self.host_died()
+                        if self.handle(msg, fds):
+                            return 0
+                    except OSError:
+                        # ECONNRESET (the host died with our messages unread) or EPIPE on an answer:
+                        # the host is gone just the same.
                         return self.host_died()
-                    if self.handle(msg, fds):
-                        return 0
                 else:
                     self.child_event(*key.data)
             if os.getppid() != self.host_pid:  # host gone (someone else may hold our socket)
@@ -466,7 +474,7 @@ class _TemplateServer:
             _send(reply_to, {"op": "spawn_failed", "id": msg["id"], "error": str(exc)})
             return
         if pid == 0:
-            _child(msg, fds, self.pid, to_close)
+            _child(msg, fds, to_close)
         for fd in fds:
             os.close(fd)
         pidfd = os.pidfd_open(pid)  # cannot race: our unreaped child keeps its pid

@@ -2,7 +2,9 @@
 
 Transports (gRPC, the Erlang port) call `Dispatcher.execute` from their own threads. It admits at
 most `max_concurrency` calls to run at once and `max_queue` more to wait (in arrival order); beyond
-that a call is refused at once with OVERLOADED, so a flood never piles up unbounded work. Every
+that a call is refused at once with OVERLOADED, so a flood never piles up unbounded work. It keeps
+the admitted calls in a table, so that a transport can find calls whose caller has gone but that
+still run (`stuck_calls`: an op that ignores cancellation holds its slot for ever). Every
 failure leaves here as a `SidecarError`, and whatever a failed or cancelled call had allocated is
 given back before it returns.
 
@@ -22,6 +24,7 @@ and is dropped from the cache. CUDA workers copy inputs to the device and keep s
 from __future__ import annotations
 
 import collections
+import itertools
 import os
 import secrets
 import threading
@@ -237,6 +240,9 @@ class Dispatcher:
         self.on_taint: list[Callable[[str], None]] = []
         self._counts_lock = threading.Lock()
         self.calls_total = 0
+        # Admitted calls: id -> [op, request id, is_cancelled, when first seen cancelled (or None)].
+        self._running: dict[int, list[Any]] = {}
+        self._running_ids = itertools.count(1)
 
     # -- load ----------------------------------------------------------------------------------------
 
@@ -255,6 +261,23 @@ class Dispatcher:
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Blocks until no call runs or waits (SIGTERM drain); False on timeout."""
         return self._gate.wait_idle(timeout)
+
+    def stuck_calls(self, grace_s: float) -> list[str]:
+        """Calls still running `grace_s` after this first saw their caller gone (call it periodically:
+        that is when cancellation is noticed), described for a log line."""
+        now = time.monotonic()
+        with self._counts_lock:
+            entries = list(self._running.values())
+        stuck = []
+        for entry in entries:
+            op, request_id, is_cancelled, since = entry
+            if is_cancelled is None or not is_cancelled():
+                continue
+            if since is None:
+                entry[3] = since = now
+            if now - since >= grace_s:
+                stuck.append(f"call {request_id} of op {op!r} (its caller left over {now - since:.1f} s ago)")
+        return stuck
 
     # -- the call ------------------------------------------------------------------------------------
 
@@ -280,6 +303,9 @@ class Dispatcher:
             spec = self.registry.get(op_name)
             self._check_call(spec, call)
             self._gate.acquire(call.is_cancelled)
+            with self._counts_lock:
+                token = next(self._running_ids)
+                self._running[token] = [op_name, request_id, call.is_cancelled, None]
             blocks = CallBlocks(self.arena, self.inline_threshold) if self._blocks_for_ops else None
             mappings = CallMappings(self.cache) if self._private_inputs else None
             try:
@@ -310,6 +336,8 @@ class Dispatcher:
                     self.leases.release(lease_ids)  # nobody will read or release them
                     raise Cancelled("call cancelled while its outputs were written")
             finally:
+                with self._counts_lock:
+                    del self._running[token]
                 if blocks is not None:
                     blocks.close()  # every block no output lies in (all of them after an error)
                 if mappings is not None:

@@ -4,6 +4,10 @@ The servicer only translates: protobuf -> `Call` -> `runtime.dispatcher.execute`
 protobuf, and `SidecarError` -> a status carrying `sidecar.v1.Error`. Compute runs on the server's
 thread pool, which is sized so that health checks, ListOps, telemetry and new calls up to the
 concurrency limit still find a free thread while long ops run.
+
+A call whose caller has gone (deadline, cancellation) but that still runs after the cancel grace
+period ($SIDECAR_CANCEL_GRACE_S, default 10 s; 0 = never) holds a slot for nothing: the server then
+says NOT_SERVING on the health service, for good, and logs which calls, so that its host recycles it.
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ MAX_WATCHERS = 8          # WatchTelemetry streams each hold a server thread for
 MAX_BATCH_WINDOW_MS = 1000  # a watcher asking for batching waits at most this long per message
 TELEMETRY_BATCH_MAX = 1024  # events per message (~100 KB), far below the message limit
 DEFAULT_MAX_MESSAGE = 4 << 20
+DEFAULT_CANCEL_GRACE_S = 10.0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -330,6 +335,13 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:  # a host name: not provably loopback
         return False
+def _cancel_grace_s() -> float:
+    text = os.environ.get("SIDECAR_CANCEL_GRACE_S", "")
+    try:
+        return max(0.0, float(text)) if text else DEFAULT_CANCEL_GRACE_S
+    except ValueError:
+        log.warning("ignoring SIDECAR_CANCEL_GRACE_S=%r (not a number of seconds)", text)
+        return DEFAULT_CANCEL_GRACE_S
 
 
 def _socket_in_use(path: str) -> bool:
@@ -370,6 +382,7 @@ class SidecarServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.address = ""
+        self._stopped = threading.Event()
 
     def start(self) -> str:
         """Bind, start serving, mark SERVING; returns the address clients dial."""
@@ -398,7 +411,22 @@ class SidecarServer:
         self.server.start()
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        grace = _cancel_grace_s()
+        if grace > 0:
+            threading.Thread(target=self._watch_stuck, args=(grace,), name="sidecar-stuck-watch",
+                             daemon=True).start()
         return self.address
+
+    def _watch_stuck(self, grace_s: float) -> None:
+        """NOT_SERVING, for good, once a cancelled call outlives the grace period."""
+        while not self._stopped.wait(min(1.0, grace_s / 3)):
+            stuck = self.runtime.dispatcher.stuck_calls(grace_s)
+            if stuck:
+                log.warning("cancelled calls still running after %g s: %s; reporting NOT_SERVING so that "
+                            "the host recycles this worker", grace_s, "; ".join(stuck))
+                for service in ("", SERVICE_NAME):
+                    self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+                return
 
     def _bind(self, target: str) -> int:
         try:
@@ -411,6 +439,7 @@ class SidecarServer:
 
     def stop(self, grace_s: float) -> bool:
         """Refuse new calls, let in-flight ones finish for up to `grace_s`; True if all finished."""
+        self._stopped.set()
         self.health.enter_graceful_shutdown()
         self.servicer.close_watchers()
         done = self.server.stop(grace_s)

@@ -154,24 +154,54 @@ def _set_pdeathsig(sig: int) -> bool:
         return False
 
 
+# Set by the Python pool in every worker's environment.
+HOST_PID_ENV = "SIDECAR_HOST_PID"  # the host to watch instead of our parent (which may be the template)
+CANCEL_GRACE_ENV = "SIDECAR_CANCEL_GRACE_S"  # how long a cancelled call may run on (grpc_server)
+
+
 class ParentWatch:
     """Requests a fast shutdown when the process that started us goes away.
 
     Two mechanisms: PR_SET_PDEATHSIG (immediate on Linux) and a thread that polls getppid() (covers
     the race before prctl, other platforms, and a parent that is itself a forked template).
+
+    A worker forked by the pool's template has the template as its parent, but must outlive it and
+    die with the host: the pool puts the host's pid in $SIDECAR_HOST_PID, and that process is
+    watched instead (a pidfd, so a recycled pid cannot fool it). The parent-death signal of the
+    template is then ignored.
     """
 
     def __init__(self, shutdown: Shutdown, interval_s: float = 0.1, parent_pid: int | None = None) -> None:
         self._shutdown = shutdown
         self._interval = interval_s
-        self.parent_pid = os.getppid() if parent_pid is None else parent_pid
+        if parent_pid is None:
+            host = os.environ.get(HOST_PID_ENV, "")
+            parent_pid = int(host) if host.isdigit() else os.getppid()
+        self.parent_pid = parent_pid
+        self._pidfd: int | None = None
+        if parent_pid > 1 and parent_pid != os.getppid():  # not our parent: getppid() cannot tell
+            try:
+                self._pidfd = os.pidfd_open(parent_pid)
+            except (OSError, AttributeError):
+                self._pidfd = None  # already gone (ProcessLookupError) or no pidfd: polled by pid
+                if not _pid_exists(parent_pid):
+                    self.parent_pid = 0
         self._thread: threading.Thread | None = None
 
     def parent_alive(self) -> bool:
+        if self._pidfd is not None:
+            import select
+
+            return not select.select([self._pidfd], [], [], 0)[0]  # readable once it has exited
+        if self.parent_pid != os.getppid() and self.parent_pid > 1:
+            return _pid_exists(self.parent_pid)
         return os.getppid() == self.parent_pid
 
     def start(self) -> bool:
         """Returns False when there is no parent to watch (started by init, e.g. a daemon)."""
+        if self.parent_pid == 0:  # the host to watch was gone before we started
+            self._shutdown.request("host exited", fast=True)
+            return True
         if self.parent_pid <= 1:
             return False
         _set_pdeathsig(PDEATH_SIGNAL)
@@ -193,6 +223,16 @@ class ParentWatch:
             self._shutdown.request("parent exited", fast=True)
         else:
             log.debug("signal %d but parent %d is alive; ignored", signum, self.parent_pid)
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def install_signal_handlers(shutdown: Shutdown, watch: ParentWatch | None) -> None:
