@@ -219,3 +219,41 @@ def test_a_cached_segment_unlinked_or_truncated_by_someone_else_is_never_handed_
     fresh.ndarray(np.uint8, 100_000)[:] = 1  # writable all the way: a new segment
     assert arena.stats().cached_bytes == 0 and arena.stats().segments == 1
     fresh.release()
+
+
+def test_a_forked_child_never_shares_the_parents_free_list(arena):
+    """Memory rule 9: after fork() the child's arena starts over. The parent's warm block is not
+    handed out in the child, a block the child inherited is not put on any free list by its release,
+    and the child's own segments are its own (named for its pid) and unlinked by it."""
+    warm = arena.alloc(MIN_CLASS)
+    warm_name = warm.name
+    warm.release()  # on the parent's free list now
+    held = arena.alloc(MIN_CLASS * 2)
+    held.ndarray(np.uint8, (held.nbytes,))[:] = 7
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what it saw, never return into pytest
+        code = 1
+        try:
+            held.release()  # inherited: a no-op here
+            mine = arena.alloc(MIN_CLASS)
+            ok = (mine.name != warm_name and parse_name(mine.name).pid == os.getpid()
+                  and arena.stats().segments == 1 and arena.find(held.address, 1) is None)
+            mine.release()
+            arena.close()  # unlinks only the child's own segment
+            ok = ok and not os.path.exists(segment_path(mine.name))
+            os.write(w, b"ok" if ok else b"bad")
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    answer = os.read(r, 16)
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and answer == b"ok", answer
+    # The parent's segments are untouched: the held block still holds its bytes, the warm one is reused.
+    assert os.path.exists(segment_path(held.name)) and (held.ndarray(np.uint8, (held.nbytes,)) == 7).all()
+    again = arena.alloc(MIN_CLASS)
+    assert again.name == warm_name
+    again.release()
+    held.release()

@@ -16,6 +16,8 @@ Memory rules:
 - A block handed out again never shows an earlier user's bytes past its own `nbytes` (a consumer
   maps the whole segment): the arena remembers how far each segment was ever handed out and zeroes
   that slack (`[nbytes, high-water mark)`) when it reuses the segment for fewer bytes.
+- After fork() the child's copy of an arena starts over (DESIGN memory rule 9): it never reuses,
+  releases or unlinks one of the parent's segments, and allocates its own, named for its pid.
 """
 from __future__ import annotations
 
@@ -136,6 +138,10 @@ def _unlink_names(names: set[str], owner_pid: int) -> None:
         names.discard(name)
 
 
+# Every live arena, so that a forked child's copies start over (os.register_at_fork at the end).
+_ARENAS: weakref.WeakSet[Arena] = weakref.WeakSet()
+
+
 class Arena:
     """Thread-safe allocator of shared-memory blocks; the creator owns (and unlinks) every segment."""
 
@@ -162,6 +168,17 @@ class Arena:
         self._misses = 0
         self.discarded = 0  # blocks given up by discard(): unlinked, never reused
         self._closed = False
+        self._finalizer = weakref.finalize(self, _unlink_names, self._names, os.getpid())
+        _ARENAS.add(self)
+
+    def _start_over_in_child(self) -> None:
+        """After fork() in the child: the parent's segments are the parent's (memory rule 9). The child
+        forgets them (never reuses, releases or unlinks one) and allocates its own, named for its pid."""
+        self._finalizer.detach()
+        self._lock = threading.Lock()
+        self._free, self._free_lru, self._starts, self._live = {}, OrderedDict(), [], {}
+        self._names, self._high_water = set(), {}
+        self._in_use = self._cached = self._hits = self._misses = self.discarded = 0
         self._finalizer = weakref.finalize(self, _unlink_names, self._names, os.getpid())
 
     # -- allocation -------------------------------------------------------------------------------
@@ -330,3 +347,12 @@ class Arena:
         s = self.stats()
         return (f"<Arena run={self.run_id} segments={s.segments} in_use={s.in_use_bytes} "
                 f"cached={s.cached_bytes}>")
+
+
+def _arenas_start_over_in_child() -> None:
+    for arena in list(_ARENAS):
+        arena._start_over_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_arenas_start_over_in_child)
