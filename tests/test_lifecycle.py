@@ -47,9 +47,14 @@ def test_sigterm_drains_in_flight_calls() -> None:
                 errors.append(exc)
 
         threads = [threading.Thread(target=call) for _ in range(4)]
-        for t in threads:
-            t.start()
-        time.sleep(0.4)  # all four are running now
+        with c.watch_telemetry(batch_window_ms=0) as watch:  # each call's span starts as it arrives
+            for t in threads:
+                t.start()
+            started = 0
+            for event in watch:
+                started += event.get("type") == "span" and event.get("phase") == "start"
+                if started == 4:
+                    break  # all four are in the worker (4 slots: none waits) before SIGTERM
         w.proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(30)
