@@ -47,14 +47,17 @@ def test_sigterm_drains_in_flight_calls() -> None:
                 errors.append(exc)
 
         threads = [threading.Thread(target=call) for _ in range(4)]
-        with c.watch_telemetry(batch_window_ms=0) as watch:  # each call's span starts as it arrives
+        # Each call's span starts as it arrives; a first memory sample shows the watch is subscribed.
+        with c.watch_telemetry(memory_interval_s=0.05, batch_window_ms=0) as watch:
+            events = iter(watch)
+            while next(events).get("type") != "memory":
+                pass
             for t in threads:
                 t.start()
             started = 0
-            for event in watch:
+            while started < 4:  # all four are in the worker (4 slots: none waits) before SIGTERM
+                event = next(events)
                 started += event.get("type") == "span" and event.get("phase") == "start"
-                if started == 4:
-                    break  # all four are in the worker (4 slots: none waits) before SIGTERM
         w.proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(30)
