@@ -271,11 +271,13 @@ class Client:
     def _encode_input(self, x: Any, temp: dict[str, Block], in_place: dict[str, list[Any]]) -> Any:
         """A value as it travels: arrays/tensors/tables as refs, also inside lists and dicts (a
         HuggingFace-style {"input_ids": ..., "attention_mask": ...}), anything else as it is."""
-        if isinstance(x, (list, tuple)):
+        if isinstance(x, np.ndarray):  # the common case first
+            ref, block = tensors.to_ref(x, self.arena, inline_threshold=self.inline_threshold)
+        elif isinstance(x, (list, tuple)):
             return [self._encode_input(v, temp, in_place) for v in x]
-        if isinstance(x, dict):
+        elif isinstance(x, dict):
             return {k: self._encode_input(v, temp, in_place) for k, v in x.items()}
-        if _is_arrow(x):
+        elif _is_arrow(x):
             ref, block = arrow_io.table_to_ref(x, self.arena, inline_threshold=self.inline_threshold)
         elif _is_tensor_like(x):
             ref, block = tensors.to_ref(x, self.arena, inline_threshold=self.inline_threshold)
