@@ -45,8 +45,9 @@ class Machine:
         return effects
 
     def start_all(self) -> list[Worker]:
-        launches = self.note(self.sup.start())
-        assert all(isinstance(e, Launch) for e in launches)
+        effects = self.note(self.sup.start())
+        launches = self.launches(effects)
+        assert len(launches) == len(effects)  # nothing but launches
         return [self.ready(e.slot) for e in launches]
 
     def ready(self, slot: Any, probe: bool = False) -> Worker:
@@ -168,8 +169,9 @@ def test_a_probe_killed_from_outside_is_followed_by_another_probe() -> None:
 def test_recycling_a_not_serving_worker_and_killing_it_after_the_grace_period() -> None:
     m = Machine(workers=1)
     (w,) = m.start_all()
-    _, token = m.sup.acquire("hold")
-    m.sup.finished(w, token, ok=False, abandoned=True)  # a call given up at its deadline, still running
+    got = m.sup.acquire("hold")
+    assert got is not None and got[0] is w
+    m.sup.finished(w, got[1], ok=False, abandoned=True)  # a call given up at its deadline, still running
     effects = m.note(m.sup.health(w, "NOT_SERVING"))
     recycle = m.named("recycle")[0]
     assert recycle.metadata["classification"] == "stuck" and recycle.metadata["abandoned"] == 1

@@ -271,6 +271,7 @@ class Client:
     def _encode_input(self, x: Any, temp: dict[str, Block], in_place: dict[str, list[Any]]) -> Any:
         """A value as it travels: arrays/tensors/tables as refs, also inside lists and dicts (a
         HuggingFace-style {"input_ids": ..., "attention_mask": ...}), anything else as it is."""
+        ref: TensorRef | ArrowRef
         if isinstance(x, np.ndarray):  # the common case first
             ref, block = tensors.to_ref(x, self.arena, inline_threshold=self.inline_threshold)
         elif isinstance(x, (list, tuple)):
@@ -290,7 +291,9 @@ class Client:
         return ref
 
     def _decode_inline(self, v: Any, want_torch: bool) -> Any:
+        """A value whose tensors are all inline (`_all_inline`), as the caller gets it."""
         if isinstance(v, TensorRef):
+            assert isinstance(v.storage, InlineStorage)
             arr = tensors._view(v, bytearray(v.storage.data), 0, _numel(v.shape))  # private, writable
             return tensors._array_to_torch(arr, v.dtype) if want_torch else _numpy_out(arr, v.dtype)
         if isinstance(v, list):

@@ -546,8 +546,8 @@ class Pool:
         with self._lock:
             self._sup.closed()
             telemetry, self._telemetry = self._telemetry, []
-        for t in telemetry:
-            t.close()
+        for stream in telemetry:
+            stream.close()
         if launcher is not None:
             launcher.close()
         self.events_bus.close()
