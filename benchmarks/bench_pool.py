@@ -16,6 +16,13 @@ Throughput: threads issue small `add` calls (16 float32 each, inline) for a fixe
 pools of 1, 2 and 4 workers, next to the same calls through one bare `Client` (no pool); with one
 thread, the difference between the bare client and Pool(1) is the pool's own cost per call.
 
+Where a small call's time goes (one thread, the same `add`), each row adding one layer:
+  Client, replayed answer   the host's own work: encode inputs, build the Call, decode the result
+                            (a transport that answers every call with one recorded answer)
+  Client, in-process        plus the worker's dispatcher, in this process (InProcessTransport)
+  Client, gRPC              plus the RPC and the worker's server: a real call
+  Pool(1), gRPC             plus the pool's routing and bookkeeping
+
 Run: .venv/bin/python benchmarks/bench_pool.py [--trials 15] [--cold-trials 5] [--seconds 3]
      [--device cuda] [--quick] [--json] [--json-out FILE]
 """
@@ -36,8 +43,10 @@ import numpy as np
 import psutil
 
 from sidecar.host.client import Client
+from sidecar.host.local_transport import InProcessTransport
 from sidecar.host.pool import Pool
 from sidecar.host.spawn import start_worker
+from sidecar.worker.calls import Call, CallResult
 
 TARGET_MS = 100.0
 BUSY_S = 0.05
@@ -132,6 +141,49 @@ def _drive(fn: Any, threads: int, seconds: float) -> int:
     return sum(counts)
 
 
+class ReplayTransport(InProcessTransport):
+    """Runs the first call on an in-process runtime, then answers every call with that same answer:
+    what a Client costs beyond it is its own work."""
+
+    def __init__(self, runtime: Any) -> None:
+        super().__init__(runtime)
+        self._answer: CallResult | None = None
+
+    def execute(self, call: Call, timeout: float | None = None) -> CallResult:
+        if self._answer is None:
+            self._answer = super().execute(call, timeout)
+        return self._answer
+
+
+def small_call_layers(seconds: float, device: str = "auto") -> list[dict[str, Any]]:
+    """us per small call through each layer (see the module doc), one thread."""
+    from sidecar.worker.runtime import WorkerOptions, build_runtime
+
+    def per_call(fn: Any) -> float:
+        _drive(fn, 1, min(0.5, seconds))  # warm up
+        return seconds / _drive(fn, 1, seconds) * 1e6
+
+    rows: list[dict[str, Any]] = []
+    runtime = build_runtime(WorkerOptions(device="cpu" if device == "auto" else device))
+    try:
+        for setup, transport in (("Client, replayed answer", ReplayTransport(runtime)),
+                                 ("Client, in-process", InProcessTransport(runtime))):
+            with Client(transport=transport) as client:
+                rows.append({"setup": setup, "us_per_call": per_call(client.call)})
+    finally:
+        runtime.close()
+    proc = start_worker(["--watch-stdin", "--device", device])
+    try:
+        with Client(proc.address) as client:
+            rows.append({"setup": "Client, gRPC", "us_per_call": per_call(client.call)})
+    finally:
+        proc.terminate()
+        proc.wait_exit(15)
+    with Pool(1, device=device) as pool:
+        rows.append({"setup": "Pool(1), gRPC", "us_per_call": per_call(pool.call)})
+    return rows
+
+
 def throughput(seconds: float, threads_per_worker: int, device: str = "auto") -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     proc = start_worker(["--watch-stdin", "--device", device])
@@ -180,9 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     modes = [replacement("template", args.trials, args.device), replacement("spare", args.trials, args.device),
              replacement("cold", args.cold_trials, args.device)]
     tput = [] if args.skip_throughput else throughput(args.seconds, args.threads_per_worker, args.device)
+    layers = [] if args.skip_throughput else small_call_layers(args.seconds, args.device)
     env = {"python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine(),
            "torch": __import__("torch").__version__, "device": args.device}
-    doc = {"env": env, "replacement": modes, "throughput": tput}
+    doc = {"env": env, "replacement": modes, "throughput": tput, "small_call_layers": layers}
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(doc, f, indent=2)
@@ -216,6 +269,16 @@ def main(argv: list[str] | None = None) -> int:
             us = 1e6 / r["calls_per_s"] * r["threads"] if r["calls_per_s"] else float("nan")
             print(f"{r['setup']:<24} {r['threads']:>7} {r['calls_per_s']:>9.0f} {us:>8.0f} "
                   f"{r['calls_per_s'] / base:>7.2f}x")
+    if layers:
+        print()
+        print("Where a small call's time goes (one thread; each row adds a layer to the one above)")
+        print(f"{'setup':<24} {'us/call':>8} {'added':>8} {'share':>7}")
+        total = layers[-1]["us_per_call"]
+        before = 0.0
+        for r in layers:
+            us = r["us_per_call"]
+            print(f"{r['setup']:<24} {us:>8.1f} {us - before:>+8.1f} {(us - before) / total:>6.0%}")
+            before = us
     return 0
 
 

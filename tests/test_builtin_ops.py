@@ -1,5 +1,6 @@
-"""Every built-in op through a real in-process Dispatcher: inputs in real shared memory, results
-compared with NumPy; shape, dtype and attr errors with their structured fields."""
+"""Every built-in op through a real Client and the in-process transport to a worker runtime: inputs
+in real shared memory, results compared with NumPy; shape, dtype and attr errors with their
+structured fields."""
 from __future__ import annotations
 
 import math
@@ -8,33 +9,28 @@ import numpy as np
 import pytest
 import torch
 
-from sidecar.dataplane.refs import InlineStorage, ShmStorage, TensorRef
+from sidecar.dataplane import tensors
+from sidecar.dataplane.refs import InlineStorage, TensorRef
 from sidecar.errors import DtypeMismatch, InvalidArgument, ShapeMismatch, UnknownOp
-from sidecar.worker.calls import Call
 from sidecar.worker.runtime import WorkerOptions, build_runtime
-from tests.segment_host import SegmentHost
+from tests.in_process import in_process_client
 from tests.workers import session_run
 
 RNG = np.random.default_rng(7)
 
 
-class Host(SegmentHost):
-    """Runs calls through the runtime's dispatcher with every tensor input in shared memory."""
+class Host:
+    """A Client of an in-process worker runtime; every tensor input crosses through shared memory."""
 
     def __init__(self, runtime) -> None:
-        super().__init__("bophost")
         self.rt = runtime
-
-    def ref(self, x):
-        ref = super().ref(x)
-        assert not isinstance(ref, TensorRef) or isinstance(ref.storage, ShmStorage) or ref.nbytes == 0
-        return ref
+        self.client, self.transport = in_process_client(runtime, "bophost")
 
     def call(self, op, *inputs, **attrs):
-        res = self.rt.dispatcher.execute(Call(op=op, inputs=[self.ref(x) for x in inputs], attrs=attrs))
-        outs = [self.read(v) for v in res.outputs]
-        self.rt.release(res.leases)
-        return outs[0] if len(outs) == 1 else outs
+        return self.client.call(op, *inputs, **attrs)
+
+    def close(self) -> None:
+        self.client.close()
 
 
 @pytest.fixture
@@ -272,8 +268,8 @@ def test_worker_keeps_serving_after_errors(host):
 
 
 def test_small_result_travels_inline_by_default(host):
-    res = host.rt.dispatcher.execute(Call(op="sum", inputs=[host.ref(rand(10))]))
-    assert isinstance(res.outputs[0].storage, InlineStorage) and res.leases == []
+    res = host.client.execute("sum", rand(10))
+    assert isinstance(host.transport.last.outputs[0].storage, InlineStorage) and res.leases == []
 
 
 def test_wrong_attrs_are_invalid_argument_not_op_failed(host):
@@ -298,9 +294,9 @@ def test_unsigned_promotion_is_a_dtype_mismatch(host):
 def test_an_empty_tensor_whose_other_dimensions_overflow_is_an_invalid_ref(host):
     from sidecar.errors import InvalidTensorRef
 
-    huge_empty = TensorRef("float32", (0, 2**62, 4), InlineStorage(b""))
+    huge_empty = TensorRef("float32", (0, 2**62, 4), InlineStorage(b""))  # a descriptor passes as it is
     with pytest.raises(InvalidTensorRef) as info:
-        host.rt.dispatcher.execute(Call(op="relu", inputs=[huge_empty]))
+        host.call("relu", huge_empty)
     assert info.value.field == "shape" and info.value.input_index == 0
 
 
@@ -317,16 +313,16 @@ def test_output_sizes_are_known_before_a_builtin_runs(host, op, inputs, attrs):
     """On meta tensors (no data, no compute) each built-in tells the bytes it will return."""
     from sidecar.worker.registry import estimate_output_nbytes
 
-    refs = [host.ref(x) for x in inputs]
     got = host.call(op, *inputs, **attrs)
-    outs = got if isinstance(got, list) else [got]
+    refs = host.transport.last_call.inputs  # the descriptors the worker got
+    outs = got if isinstance(got, tuple) else [got]
     assert estimate_output_nbytes(host.rt.registry.get(op), refs, attrs) == sum(np.asarray(o).nbytes for o in outs)
 
 
 def test_no_output_size_is_guessed_for_refused_inputs_or_ops_that_are_not_meta_ok(host):
     from sidecar.worker.registry import estimate_output_nbytes, make_spec
 
-    refs = [host.ref(rand(2, 3)), host.ref(rand(4))]
+    refs = [tensors.to_ref(rand(2, 3))[0], tensors.to_ref(rand(4))[0]]  # descriptors (inline): meta only
     assert estimate_output_nbytes(host.rt.registry.get("add"), refs, {}) is None  # add refuses these shapes
     user_op = make_spec(lambda x: x, "user.identity")  # may read data or have side effects: never run on meta
     assert estimate_output_nbytes(user_op, refs[:1], {}) is None

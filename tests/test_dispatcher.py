@@ -1,5 +1,8 @@
 """The transport-free dispatcher and runtime: user ops modules and start-up hooks, placements and
-leases over real shared memory, admission control, cancellation, structured errors, thread safety."""
+leases over real shared memory, admission control, cancellation, structured errors, thread safety.
+
+Calls come from a real `Client` over the in-process transport (`tests/in_process.py`), which keeps
+the descriptors that crossed (`transport.last_call`, `transport.last`) for the checks on them."""
 from __future__ import annotations
 
 import importlib
@@ -12,14 +15,15 @@ import pyarrow as pa
 import pytest
 import torch
 
-from sidecar.dataplane import arrow, tensors
+from sidecar.dataplane import tensors
 from sidecar.dataplane.refs import ArrowRef, CudaIpcStorage, InlineStorage, ShmStorage, TensorRef
 from sidecar.errors import (Cancelled, DeviceUnavailable, InvalidArgument, InvalidTensorRef, OpFailed,
                             Overloaded, ShapeMismatch)
+from sidecar.host.local_transport import InProcessTransport
 from sidecar.worker.calls import Call, OutputSpec, Placement
 from sidecar.worker.registry import OpsModuleError, Registry, make_spec
 from sidecar.worker.runtime import WorkerOptions, build_runtime
-from tests.segment_host import SegmentHost
+from tests.in_process import in_process_client
 from tests.workers import session_run, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,13 +31,6 @@ if str(ROOT) not in sys.path:  # `tests.ops_fixture_module` is imported by name,
     sys.path.insert(0, str(ROOT))
 FIXTURE = "tests.ops_fixture_module"
 RUN = session_run("dispworker")
-
-
-@pytest.fixture
-def host():
-    h = SegmentHost("disphost")
-    yield h
-    h.close()
 
 
 @pytest.fixture
@@ -57,27 +54,56 @@ def rt(make_rt):
     return make_rt(ops_modules=[FIXTURE])
 
 
-def run(rt, op, *inputs, placement=Placement.AUTO, out=(), release=(), is_cancelled=None, **attrs):
-    return rt.dispatcher.execute(Call(op=op, inputs=list(inputs), attrs=attrs,
-                                      output=OutputSpec(placement, tuple(out)), release=list(release),
-                                      is_cancelled=is_cancelled))
+@pytest.fixture
+def connect():
+    """connect(rt, **client_options) -> (client, transport): a Client of the runtime `rt`, inputs in
+    shared memory."""
+    made = []
+
+    def make(rt, **options):
+        client, transport = in_process_client(rt, "disphost", shm_inputs_only=False, **options)
+        made.append(client)
+        return client, transport
+
+    yield make
+    for client in made:
+        client.close()
+
+
+@pytest.fixture
+def host(rt, connect):
+    return connect(rt)
+
+
+def in_arena(client, x):
+    """`x` copied into an array of the client's arena: it crosses as a descriptor of where it lies."""
+    arr = client.empty(x.shape, x.dtype)
+    arr[...] = x
+    return arr
+
+
+def run(rt, op, *inputs, placement=Placement.AUTO, out=(), is_cancelled=None, **attrs):
+    """A Call handed to the transport as it is (plain values or descriptors), e.g. with `is_cancelled`."""
+    return InProcessTransport(rt).execute(Call(op=op, inputs=list(inputs), attrs=attrs,
+                                               output=OutputSpec(placement, tuple(out)),
+                                               is_cancelled=is_cancelled))
 
 
 # ---------------------------------------------------------------------------------------------------
 # user ops modules
 
 
-def test_user_module_loaded_by_name_with_startup_hook_run_once(make_rt, host):
+def test_user_module_loaded_by_name_with_startup_hook_run_once(make_rt, connect):
     mod = importlib.import_module(FIXTURE)
     before = mod.LOADS
     rt = make_rt(ops_modules=[FIXTURE])
     assert mod.LOADS == before + 1  # the hook ran before build_runtime returned (before "ready")
+    client, _ = connect(rt)
     w, b = mod.reference_weights()
     x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
     for _ in range(3):
-        res = run(rt, "fixture.predict", host.ref(x))
-        np.testing.assert_allclose(host.read(res.outputs[0]), x @ w.numpy().T + b.numpy(), rtol=1e-5, atol=1e-5)
-        rt.release(res.leases)
+        np.testing.assert_allclose(client.call("fixture.predict", x), x @ w.numpy().T + b.numpy(), rtol=1e-5,
+                                   atol=1e-5)
     assert mod.LOADS == before + 1  # calls reuse the loaded state
     assert rt.registry.run_startup_hooks(rt) == 0  # and asking again runs nothing
 
@@ -92,45 +118,43 @@ def test_list_ops_describes_user_ops(rt):
     assert "add" in specs  # built-ins are there too
 
 
-def test_user_op_attrs_outputs_and_values(rt, host):
+def test_user_op_attrs_outputs_and_values(host):
+    client, _ = host
     x = np.arange(6, dtype=np.float32)
-    res = run(rt, "fixture.scale", host.ref(x), factor=3.0, offset=1.0)
-    np.testing.assert_array_equal(host.read(res.outputs[0]), x * 3 + 1)
-    parts = run(rt, "fixture.split", host.ref(x), parts=3).outputs
-    assert [host.read(p).tolist() for p in parts] == [[0, 1], [2, 3], [4, 5]]
-    stats = run(rt, "fixture.stats", host.ref(x)).outputs[0]
-    assert stats == {"device": "cpu", "n": 6, "mean": 2.5}
+    np.testing.assert_array_equal(client.call("fixture.scale", x, factor=3.0, offset=1.0), x * 3 + 1)
+    parts = client.call("fixture.split", x, parts=3)
+    assert [p.tolist() for p in parts] == [[0, 1], [2, 3], [4, 5]]
+    assert client.call("fixture.stats", x) == {"device": "cpu", "n": 6, "mean": 2.5}
 
 
 def test_arrow_table_in_and_out(rt, host):
+    client, transport = host
     table = pa.table({"v": pa.array(np.arange(20000, dtype=np.int64))})
-    ref, block = arrow.table_to_ref(table, host.arena, inline_threshold=0)
-    host.blocks.append(block)
-    res = run(rt, "fixture.table_total", ref, placement=Placement.SHM)
-    out = res.outputs[0]
+    res = client.execute("fixture.table_total", table, placement="shm")
+    assert isinstance(transport.last_call.inputs[0].storage, ShmStorage)
+    out = transport.last.outputs[0]
     assert isinstance(out, ArrowRef) and isinstance(out.storage, ShmStorage) and res.leases
-    got = arrow.ref_to_table(out, host.cache)
+    got = res.outputs[0]
     assert got.column("total")[0].as_py() == sum(range(20000))
     assert got.column("doubled").to_pylist()[:3] == [0, 2, 4]
-    del got
-    rt.release(res.leases)
+    assert client.release(res) == (1, []) and rt.leases.count == 0
 
 
-def test_user_exception_keeps_type_and_traceback(rt, host):
+def test_user_exception_keeps_type_and_traceback(host):
+    client, _ = host
     with pytest.raises(OpFailed) as info:
-        run(rt, "fixture.fail", host.ref(np.zeros((2, 2), np.float32)))
+        client.call("fixture.fail", np.zeros((2, 2), np.float32))
     e = info.value
     assert e.exception_type == "ValueError" and "refuses a tensor of shape (2, 2)" in e.message
     assert "ops_fixture_module.py" in e.traceback and "raise ValueError" in e.traceback
     assert e.op == "fixture.fail"
-    res = run(rt, "identity", 5)  # still serving
-    assert res.outputs == [5]
+    assert client.call("identity", 5) == 5  # still serving
 
 
-def test_torch_raised_shape_error_is_parsed(rt, host):
+def test_torch_raised_shape_error_is_parsed(host):
+    client, _ = host
     with pytest.raises(ShapeMismatch) as info:
-        run(rt, "fixture.torch_shape_error", host.ref(np.ones((2, 3), np.float32)),
-            host.ref(np.ones((4, 5), np.float32)))
+        client.call("fixture.torch_shape_error", np.ones((2, 3), np.float32), np.ones((4, 5), np.float32))
     e = info.value
     assert (e.dim, e.expected, e.got) == (1, "3", "4") and e.input_shapes == [[2, 3], [4, 5]]
     assert e.op == "fixture.torch_shape_error"
@@ -154,114 +178,135 @@ def test_duplicate_op_name_is_refused():
 
 
 def test_leases_hold_arena_blocks_until_released(rt, host):
+    client, transport = host
     x = np.ones((256, 256), np.float32)
-    res = run(rt, "identity", host.ref(x), placement=Placement.SHM)
-    assert isinstance(res.outputs[0].storage, ShmStorage) and len(res.leases) == 1
+    res = client.execute("identity", x, placement="shm")
+    assert isinstance(transport.last.outputs[0].storage, ShmStorage) and len(res.leases) == 1
     assert rt.arena.stats().in_use_bytes >= x.nbytes and rt.leases.count == 1
-    np.testing.assert_array_equal(host.read(res.outputs[0]), x)
-    assert rt.release(res.leases) == (1, [])
+    np.testing.assert_array_equal(res.outputs[0], x)
+    assert client.release(res) == (1, [])
     assert rt.arena.stats().in_use_bytes == 0 and rt.leases.count == 0
-    assert rt.release(res.leases) == (0, res.leases)  # a second release is not an error
+    assert client.release(res) == (0, res.leases)  # a second release is not an error
 
 
 def test_piggybacked_release(rt, host):
-    x = host.ref(np.ones(100000, np.float32))
-    first = run(rt, "identity", x, placement=Placement.SHM)
+    client, transport = host
+    x = in_arena(client, np.ones(100000, np.float32))
+    first = client.execute("identity", x, placement="shm")
+    first_lease = first.leases[0]
     assert rt.leases.count == 1
-    second = run(rt, "identity", x, placement=Placement.SHM, release=first.leases)
-    assert rt.leases.count == 1 and first.leases[0] not in rt.leases and second.leases[0] in rt.leases
-    rt.release(second.leases)
+    del first  # its output is collected: the lease id waits for the next call
+    assert client.pending_releases == 1
+    second = client.execute("identity", x, placement="shm")
+    assert transport.last_call.release == [first_lease]
+    assert rt.leases.count == 1 and first_lease not in rt.leases and second.leases[0] in rt.leases
+    client.release(second)
 
 
-def test_leases_of_a_vanished_client_expire(make_rt, host):
+def test_leases_of_a_vanished_client_expire(make_rt, connect):
     rt = make_rt(lease_ttl_s=0.2)
-    for _ in range(3):
-        run(rt, "identity", host.ref(np.ones(50000, np.float32)), placement=Placement.SHM)
+    client, _ = connect(rt)
+    held = [client.execute("identity", np.ones(50000, np.float32), placement="shm") for _ in range(3)]
     assert rt.leases.count == 3 and rt.arena.stats().in_use_bytes > 0
     wait_until(lambda: rt.leases.count == 0)  # the janitor expires them with no further call
     assert rt.arena.stats().in_use_bytes == 0
+    assert all((r.outputs[0] == 1).all() for r in held)  # reclaimed by unlinking: still valid here
 
 
-def test_inline_and_auto_placements(rt, host):
-    big = host.ref(np.ones(100000, np.float32))
-    res = run(rt, "identity", big, placement=Placement.INLINE)
-    assert isinstance(res.outputs[0].storage, InlineStorage) and res.leases == []
-    res = run(rt, "identity", big)  # AUTO: above the threshold -> shared memory
-    assert isinstance(res.outputs[0].storage, ShmStorage) and res.leases
-    rt.release(res.leases)
-    small = host.ref(np.ones(10, np.float32))
-    assert isinstance(run(rt, "identity", small).outputs[0].storage, InlineStorage)
-    res = run(rt, "identity", small, placement=Placement.SHM)
-    assert isinstance(res.outputs[0].storage, ShmStorage)
-    rt.release(res.leases)
+def test_inline_and_auto_placements(rt, connect):
+    client, transport = connect(rt, allow_alias=False)  # AUTO asks for no view of an input
+    big = in_arena(client, np.ones(100000, np.float32))
+    res = client.execute("identity", big, placement="inline")
+    assert isinstance(transport.last.outputs[0].storage, InlineStorage) and res.leases == []
+    res = client.execute("identity", big)  # AUTO: above the threshold -> shared memory
+    assert isinstance(transport.last.outputs[0].storage, ShmStorage) and res.leases
+    client.release(res)
+    small = in_arena(client, np.ones(10, np.float32))
+    client.execute("identity", small)
+    assert isinstance(transport.last.outputs[0].storage, InlineStorage)
+    res = client.execute("identity", small, placement="shm")
+    assert isinstance(transport.last.outputs[0].storage, ShmStorage)
+    client.release(res)
 
 
 def test_out_refs_are_written_in_place(rt, host):
+    client, transport = host
     a, b = np.random.rand(64, 32).astype(np.float32), np.random.rand(32, 16).astype(np.float32)
-    out = host.out_ref((64, 16))
-    res = run(rt, "matmul", host.ref(a), host.ref(b), placement=Placement.OUT, out=[out])
-    assert res.outputs == [out] and res.leases == [] and res.bytes_out == out.nbytes
-    np.testing.assert_allclose(host.read(out), a @ b, rtol=1e-5)
-    parts = [host.out_ref((2,)), host.out_ref((2,))]
-    run(rt, "fixture.split", host.ref(np.arange(4, dtype=np.float32)), placement=Placement.OUT, out=parts)
-    assert [host.read(p).tolist() for p in parts] == [[0, 1], [2, 3]]
+    out = client.empty((64, 16))
+    res = client.execute("matmul", a, b, out=out)
+    sent = list(transport.last_call.output.out)
+    assert transport.last.outputs == sent and res.leases == [] and res.bytes_out == out.nbytes
+    assert res.outputs == [out] and res.outputs[0] is out
+    np.testing.assert_allclose(out, a @ b, rtol=1e-5)
+    parts = [client.empty(2), client.empty(2)]
+    client.call("fixture.split", np.arange(4, dtype=np.float32), out=parts)
+    assert [p.tolist() for p in parts] == [[0, 1], [2, 3]]
 
 
 def test_out_ref_errors(rt, host):
-    a = host.ref(np.ones((4, 4), np.float32))
+    client, _ = host
+    a = in_arena(client, np.ones((4, 4), np.float32))
     with pytest.raises(ShapeMismatch) as info:
-        run(rt, "identity", a, placement=Placement.OUT, out=[host.out_ref((4, 5))])
+        client.call("identity", a, out=client.empty((4, 5)))
     assert info.value.input_index == -1 and "out ref 0" in info.value.message
     with pytest.raises(InvalidArgument) as info:
-        run(rt, "identity", a, placement=Placement.OUT, out=[])
+        client.call("identity", a, out=[])
     assert info.value.field == "out" and (info.value.expected, info.value.got) == ("1", "0")
     assert rt.arena.stats().in_use_bytes == 0
 
 
-def test_device_placement_and_cuda_inputs_need_a_cuda_worker(rt, host):
+def test_device_placement_and_cuda_inputs_need_a_cuda_worker(host):
+    client, _ = host
     with pytest.raises(DeviceUnavailable) as info:
-        run(rt, "identity", host.ref(np.ones(4, np.float32)), placement=Placement.DEVICE)
+        client.call("identity", np.ones(4, np.float32), placement="device")
     assert info.value.available == ["cpu"]
-    ipc = TensorRef("float32", (4,), CudaIpcStorage(b"\0" * 64, 0, 16))
+    ipc = TensorRef("float32", (4,), CudaIpcStorage(b"\0" * 64, 0, 16))  # a descriptor passes as it is
     with pytest.raises(DeviceUnavailable) as info:
-        run(rt, "identity", ipc)
+        client.call("identity", ipc)
     assert info.value.input_index == 0
 
 
-def test_invalid_refs_name_the_input(rt, host):
-    good = host.ref(np.ones(4, np.float32))
+def test_invalid_refs_name_the_input(host):
+    client, transport = host
+    good = in_arena(client, np.ones(4, np.float32))
+    client.call("identity", good)
+    good_ref = transport.last_call.inputs[0]
+    assert isinstance(good_ref.storage, ShmStorage)
     missing = TensorRef("float32", (4,), ShmStorage(f"/sc-{RUN}-1-deadbeef00", 0, 16))
     with pytest.raises(InvalidTensorRef) as info:
-        run(rt, "add", good, missing)
+        client.call("add", good, missing)
     assert info.value.input_index == 1 and info.value.field == "name"
-    lying = TensorRef("float32", (1 << 20,), good.storage)
+    lying = TensorRef("float32", (1 << 20,), good_ref.storage)
     with pytest.raises(InvalidTensorRef) as info:
-        run(rt, "identity", lying)
+        client.call("identity", lying)
     assert info.value.input_index == 0
 
 
-def test_timing_and_bytes(rt, host):
+def test_timing_and_bytes(host):
+    client, _ = host
     x = np.ones(100000, np.float32)
-    res = run(rt, "identity", host.ref(x))
+    res = client.execute("identity", x)
     t = res.timing
     assert t.total_ns >= t.queue_ns + t.decode_ns + t.compute_ns + t.encode_ns > 0
     assert res.bytes_in == x.nbytes == res.bytes_out and res.device == "cpu" and res.request_id
-    rt.release(res.leases)
 
 
-def test_unencodable_result_is_op_failed(rt):
+def test_unencodable_result_is_op_failed(rt, host):
+    client, _ = host
     rt.registry.add(make_spec(lambda: {1, 2}, "test.set_result"))
     with pytest.raises(OpFailed, match="type builtins.set"):
-        run(rt, "test.set_result")
+        client.call("test.set_result")
 
 
-def test_system_exit_from_an_op_does_not_escape(rt):
+def test_system_exit_from_an_op_does_not_escape(rt, host):
+    client, _ = host
+
     def quit_():
         raise SystemExit(3)
 
     rt.registry.add(make_spec(quit_, "test.exit"))
     with pytest.raises(OpFailed) as info:
-        run(rt, "test.exit")
+        client.call("test.exit")
     assert info.value.exception_type == "SystemExit"
 
 
@@ -329,6 +374,8 @@ def test_cancelled_while_queued(make_rt):
 
 
 def test_cancelled_after_compute_frees_outputs(rt, host):
+    client, _ = host
+    x = in_arena(client, np.ones(100000, np.float32))
     calls = []
 
     def cancelled_on_fourth_check():  # checks: admitted, decoded, computed, encoded: gone by the last
@@ -336,24 +383,25 @@ def test_cancelled_after_compute_frees_outputs(rt, host):
         return len(calls) >= 4
 
     with pytest.raises(Cancelled):
-        run(rt, "identity", host.ref(np.ones(100000, np.float32)), placement=Placement.SHM,
+        run(rt, "identity", tensors.to_ref(x, client.arena)[0], placement=Placement.SHM,
             is_cancelled=cancelled_on_fourth_check)
     assert len(calls) == 4  # the outputs had been written (and leased) when the caller left
     assert rt.leases.count == 0 and rt.arena.stats().in_use_bytes == 0
 
 
-def test_many_threads_at_once(make_rt, host):
+def test_many_threads_at_once(make_rt, connect):
     rt = make_rt(max_concurrency=4, max_queue=64)
+    client, _ = connect(rt)
     xs = [np.full((50, 50), i, np.float32) for i in range(8)]
-    refs = [host.ref(x) for x in xs]
+    shared = [in_arena(client, x) for x in xs]
     failures = []
 
     def worker(i):
         try:
             for _ in range(10):
-                res = run(rt, "add", refs[i], refs[i], placement=Placement.SHM)
-                got = tensors.to_numpy(res.outputs[0], host.cache).copy()
-                rt.release(res.leases)
+                res = client.execute("add", shared[i], shared[i], placement="shm")
+                got = res.outputs[0].copy()
+                client.release(res)
                 if not np.array_equal(got, xs[i] * 2):
                     failures.append(i)
         except Exception as e:  # pragma: no cover - reported below
@@ -371,14 +419,15 @@ def test_many_threads_at_once(make_rt, host):
 # runtime
 
 
-def test_close_unlinks_every_worker_segment(make_rt, host):
+def test_close_unlinks_every_worker_segment(make_rt, connect):
     rt = make_rt(run_id=session_run("closeme"))
+    client, _ = connect(rt)
     prefix = f"sc-{session_run('closeme')}-"
-    for _ in range(3):
-        run(rt, "identity", host.ref(np.ones(100000, np.float32)), placement=Placement.SHM)
+    held = [client.execute("identity", np.ones(100000, np.float32), placement="shm") for _ in range(3)]
     assert any(p.name.startswith(prefix) for p in Path("/dev/shm").iterdir())
     rt.close()
     assert not any(p.name.startswith(prefix) for p in Path("/dev/shm").iterdir())
+    assert all((r.outputs[0] == 1).all() for r in held)  # unlinked, still mapped in the host
 
 
 @pytest.mark.parametrize("spec", ["tpu", "cuda:7", "mps"] + (["cuda"] if not torch.cuda.is_available() else []))
@@ -400,20 +449,21 @@ def test_runtime_reports_hardware_and_memory(rt):
 # exceptions -> structured errors
 
 
-def test_cpu_out_of_memory_is_structured_and_survived(rt):
+def test_cpu_out_of_memory_is_structured_and_survived(rt, host):
+    client, _ = host
     rt.registry.add(make_spec(lambda: torch.empty(10 ** 13), "test.huge_torch"))  # 40 TB
     rt.registry.add(make_spec(lambda: np.empty(10 ** 14), "test.huge_numpy"))  # 800 TB
     from sidecar.errors import OutOfMemory
 
     with pytest.raises(OutOfMemory) as info:
-        run(rt, "test.huge_torch")
+        client.call("test.huge_torch")
     e = info.value
     assert e.device == "cpu" and e.requested_bytes == 4 * 10 ** 13
     assert 0 < e.free_bytes <= e.total_bytes and e.op == "test.huge_torch"
     with pytest.raises(OutOfMemory) as info:
-        run(rt, "test.huge_numpy")
+        client.call("test.huge_numpy")
     assert info.value.requested_bytes > 7 * 10 ** 14 and info.value.total_bytes > 0
-    assert run(rt, "identity", 1).outputs == [1]
+    assert client.call("identity", 1) == 1
 
 
 def _raised(fn):
@@ -481,14 +531,15 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @needs_cuda
-def test_cuda_worker_runs_shm_inputs_on_the_gpu(make_rt, host):
+def test_cuda_worker_runs_shm_inputs_on_the_gpu(make_rt, connect):
     rt = make_rt(device="cuda", ops_modules=[FIXTURE])
+    client, _ = connect(rt)
     a, b = np.random.rand(256, 128).astype(np.float32), np.random.rand(128, 64).astype(np.float32)
-    res = run(rt, "matmul", host.ref(a), host.ref(b), placement=Placement.SHM)
+    res = client.execute("matmul", a, b, placement="shm")
     assert res.device == "cuda:0"
-    np.testing.assert_allclose(host.read(res.outputs[0]), a @ b, rtol=1e-3, atol=1e-3)
-    rt.release(res.leases)
-    stats = run(rt, "fixture.stats", host.ref(a)).outputs[0]
+    np.testing.assert_allclose(res.outputs[0], a @ b, rtol=1e-3, atol=1e-3)
+    client.release(res)
+    stats = client.call("fixture.stats", a)
     assert stats["device"] == "cuda:0"
     assert rt.memory_sample()["gpus"][0]["total"] > 0
 
@@ -525,37 +576,48 @@ def test_a_tainted_worker_refuses_further_calls(rt):
 
 
 def test_outputs_are_copied_unless_aliasing_is_on(rt, host):
-    x = host.ref(np.arange(100000, dtype=np.float32))
-    res = run(rt, "identity", x, placement=Placement.SHM)
-    assert res.outputs[0].storage.name != x.storage.name and res.leases
-    rt.release(res.leases)
+    client, transport = host
+    res = client.execute("identity", np.arange(100000, dtype=np.float32), placement="shm")
+    x = transport.last_call.inputs[0]
+    assert transport.last.outputs[0].storage.name != x.storage.name and res.leases
+    client.release(res)
 
 
-def test_aliased_outputs_describe_the_host_segment(make_rt, host):
+def test_aliased_outputs_describe_the_host_segment(make_rt, connect):
     rt = make_rt(alias_inputs=True)
+    client, transport = connect(rt)
     a = np.arange(24, dtype=np.float32).reshape(4, 6)
-    x = host.ref(a)
-    res = run(rt, "identity", x)
-    assert res.outputs[0] == x and res.leases == [] and rt.arena.stats().in_use_bytes == 0
-    t = run(rt, "transpose", x).outputs[0]  # a strided view of the same bytes
+    shared = in_arena(client, a)
+    res = client.execute("identity", shared)
+    x = transport.last_call.inputs[0]
+    assert isinstance(x.storage, ShmStorage)
+    assert transport.last.outputs[0] == x and res.leases == [] and rt.arena.stats().in_use_bytes == 0
+    assert np.shares_memory(res.outputs[0], shared)  # the caller gets a view of its own input
+    got = client.call("transpose", shared)
+    t = transport.last.outputs[0]  # a strided view of the same bytes
     assert t.storage.name == x.storage.name and t.strides == (4, 24) and t.shape == (6, 4)
-    np.testing.assert_array_equal(host.read(t), a.T)
-    r = run(rt, "reshape", x, shape=[2, 12]).outputs[0]
+    np.testing.assert_array_equal(got, a.T)
+    got = client.call("reshape", shared, shape=[2, 12])
+    r = transport.last.outputs[0]
     assert r.storage.name == x.storage.name and r.strides is None
-    np.testing.assert_array_equal(host.read(r), a.reshape(2, 12))
+    np.testing.assert_array_equal(got, a.reshape(2, 12))
     # a computed result is new memory: copied as usual; INLINE asks for bytes
-    added = run(rt, "add", x, x, placement=Placement.SHM)
-    assert added.outputs[0].storage.name != x.storage.name and added.leases
-    rt.release(added.leases)
-    assert isinstance(run(rt, "identity", x, placement=Placement.INLINE).outputs[0].storage, InlineStorage)
+    added = client.execute("add", shared, shared, placement="shm")
+    assert transport.last.outputs[0].storage.name != x.storage.name and added.leases
+    client.release(added)
+    client.call("identity", shared, placement="inline")
+    assert isinstance(transport.last.outputs[0].storage, InlineStorage)
 
 
-def test_worker_segments_passed_back_are_never_aliased(make_rt, host):
+def test_worker_segments_passed_back_are_never_aliased(make_rt, connect):
     rt = make_rt(alias_inputs=True)
-    first = run(rt, "add", host.ref(np.ones(50000, np.float32)), 1.0, placement=Placement.SHM)
-    again = run(rt, "identity", first.outputs[0], placement=Placement.SHM)  # a leased output as input
-    assert again.outputs[0].storage.name != first.outputs[0].storage.name and again.leases
-    rt.release(first.leases + again.leases)
+    client, transport = connect(rt)
+    first = client.execute("add", np.ones(50000, np.float32), 1.0, placement="shm")
+    leased = transport.last.outputs[0]
+    again = client.execute("identity", leased, placement="shm")  # a leased output's descriptor as input
+    assert transport.last.outputs[0].storage.name != leased.storage.name and again.leases
+    client.release(first)
+    client.release(again)
 
 
 def test_out_of_memory_under_an_address_space_limit_reports_the_limit(python_exe):

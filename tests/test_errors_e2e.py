@@ -388,6 +388,14 @@ def test_unavailable_device_stops_the_start() -> None:
 # errors that echo long input still fit gRPC's metadata limit (8 KiB soft, 16 KiB hard by default)
 
 LONG = 10_000
+
+
+def _raw_execute(c: Client, request: pb.ExecuteRequest) -> Any:
+    """An ExecuteRequest as given, on a channel of its own to the client's worker."""
+    with grpc.insecure_channel(c.address) as channel:
+        return pb_grpc.SidecarStub(channel).Execute(request, timeout=30)
+
+
 LONG_INPUT: list[tuple[str, Any, type[SidecarError], str]] = [
     ("op name", lambda c: c.call("x" * LONG, SMALL), UnknownOp, None),
     ("cast dtype attr", lambda c: c.call("cast", SMALL, dtype="f" * LONG), InvalidArgument, "attrs.dtype"),
@@ -396,10 +404,10 @@ LONG_INPUT: list[tuple[str, Any, type[SidecarError], str]] = [
     ("200 unknown attrs", lambda c: c.call("relu", SMALL, **{f"a{i}": 1 for i in range(200)}),
      InvalidArgument, "attrs"),
     ("a 10 KB attr name", lambda c: c.call("relu", SMALL, **{"n" * LONG: 1}), InvalidArgument, "attrs"),
-    ("segment name", lambda c: c._stub.Execute(pb.ExecuteRequest(op="relu", inputs=[
-        tensor_msg("/sc-" + "a" * LONG, [4])]), timeout=30), InvalidTensorRef, "name"),
-    ("tensor dtype", lambda c: c._stub.Execute(pb.ExecuteRequest(op="relu", inputs=[pb.Value(tensor=pb.Tensor(
-        dtype="q" * LONG, shape=[4], inline_data=bytes(16)))]), timeout=30), InvalidTensorRef, "dtype"),
+    ("segment name", lambda c: _raw_execute(c, pb.ExecuteRequest(op="relu", inputs=[
+        tensor_msg("/sc-" + "a" * LONG, [4])])), InvalidTensorRef, "name"),
+    ("tensor dtype", lambda c: _raw_execute(c, pb.ExecuteRequest(op="relu", inputs=[pb.Value(tensor=pb.Tensor(
+        dtype="q" * LONG, shape=[4], inline_data=bytes(16)))])), InvalidTensorRef, "dtype"),
     ("a user's 100 KB message", lambda c: c.call("boom", message="m" * 100_000), OpFailed, None),
 ]
 

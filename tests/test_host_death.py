@@ -81,7 +81,7 @@ UNREAD_HOST = textwrap.dedent("""
     from sidecar.dataplane import segments
     run, sock_dir = sys.argv[1], sys.argv[2]
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    template = subprocess.Popen([sys.executable, "-m", "sidecar.host.template", "--fd", str(child.fileno()),
+    template = subprocess.Popen([sys.executable, "-m", "sidecar.host.template_process", "--fd", str(child.fileno()),
                                  "--run-id", run, "--host-pid", str(os.getpid()), "--sock-dir", sock_dir],
                                 pass_fds=[child.fileno()], start_new_session=True)
     child.close()

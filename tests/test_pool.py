@@ -18,6 +18,7 @@ from sidecar.errors import WorkerCrashed
 from sidecar.host.crash import Classification
 from sidecar.host.events import PoolEvent
 from sidecar.host.pool import Pool, PoolClosed, WorkerState
+from sidecar.host.settings import find_gpus
 from sidecar.host.spawn import WorkerStartError, start_worker
 from tests.workers import long_lived_pool, pid_gone, run_id, wait_until  # noqa: F401
 
@@ -80,11 +81,11 @@ def test_gpu_placement_sets_cuda_visible_devices_per_worker(pool: Pool) -> None:
 
 
 def test_find_gpus_rules() -> None:
-    assert Pool._find_gpus("cpu", None, {"CUDA_VISIBLE_DEVICES": "0,1"}) == []
-    assert Pool._find_gpus("auto", None, {"CUDA_VISIBLE_DEVICES": "0, 1,"}) == ["0", "1"]
-    assert Pool._find_gpus("cuda", None, {"CUDA_VISIBLE_DEVICES": "-1"}) == []
-    assert Pool._find_gpus("auto", 3, {}) == ["0", "1", "2"]
-    assert Pool._find_gpus("cuda", ["GPU-abc", 4], {}) == ["GPU-abc", "4"]
+    assert find_gpus("cpu", None, {"CUDA_VISIBLE_DEVICES": "0,1"}) == []
+    assert find_gpus("auto", None, {"CUDA_VISIBLE_DEVICES": "0, 1,"}) == ["0", "1"]
+    assert find_gpus("cuda", None, {"CUDA_VISIBLE_DEVICES": "-1"}) == []
+    assert find_gpus("auto", 3, {}) == ["0", "1", "2"]
+    assert find_gpus("cuda", ["GPU-abc", 4], {}) == ["GPU-abc", "4"]
 
 
 def test_routes_to_the_least_busy_worker(pool: Pool) -> None:

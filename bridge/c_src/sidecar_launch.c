@@ -2,7 +2,7 @@
  *
  *   sidecar_launch SOCKET ARG...
  *
- * Connects to the pool's template (python -m sidecar.host.template --listen-dir, a process that
+ * Connects to the pool's template (python -m sidecar.host.template_process, a process that
  * imported torch once), hands it this process's stdin, stdout and stderr (SCM_RIGHTS) with ARG...
  * (the `sidecar` command line, e.g. serve --stdio ...), the environment and the working directory,
  * and the template forks a worker that speaks the port protocol on exactly those pipes. Then it

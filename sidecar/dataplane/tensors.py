@@ -151,7 +151,8 @@ def to_ref(obj: Any, arena: Arena | None = None, *,
     arr, name = _host_array(obj)
     shape = arr.shape
     nbytes = arr.nbytes
-    if arena is not None and nbytes:
+    # Memory NumPy allocated for an array of its own is never an arena block: no lookup for it.
+    if arena is not None and nbytes and not arr.flags.owndata:
         layout = _byte_layout(arr)
         if layout is not None:
             strides, span = layout

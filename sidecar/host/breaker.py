@@ -50,7 +50,6 @@ class CircuitBreaker:
         self._failures: collections.deque[float] = collections.deque()
         self._state = BreakerState.CLOSED
         self._opened_at = 0.0
-        self._probing = False
         self.opened_count = 0  # how many times it opened (statistics)
 
     @property
@@ -73,7 +72,6 @@ class CircuitBreaker:
             self._failures.append(now)
             self._trim(now)
             if self._state is BreakerState.HALF_OPEN:
-                self._probing = False
                 return self._open(now)
             if self._state is BreakerState.CLOSED and len(self._failures) >= self.threshold:
                 return self._open(now)
@@ -90,7 +88,6 @@ class CircuitBreaker:
         with self._lock:
             if self._state is BreakerState.HALF_OPEN:
                 self._state = BreakerState.CLOSED
-                self._probing = False
                 self._failures.clear()
                 return self._state
             return None
@@ -100,7 +97,6 @@ class CircuitBreaker:
         with self._lock:
             if self._state is BreakerState.HALF_OPEN:
                 self._state = BreakerState.OPEN
-                self._probing = False
                 self._opened_at = self._clock() - self.cooldown_s
 
     def retry_after(self) -> float:
@@ -116,7 +112,6 @@ class CircuitBreaker:
             now = self._clock()
             if self._state is BreakerState.OPEN and now >= self._opened_at + self.cooldown_s:
                 self._state = BreakerState.HALF_OPEN
-                self._probing = True
                 return True
             return False
 

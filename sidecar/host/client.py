@@ -1,4 +1,4 @@
-"""`Client`: one sidecar worker over gRPC, from the host side.
+"""`Client`: one sidecar worker, from the host side, over a `Transport` (gRPC by default).
 
 Inputs cross through the client's own arena (POSIX shared memory named `/sc-<run>-<host pid>-...`):
 an array that already lives there travels as a descriptor only (zero copy, see `Client.empty`),
@@ -11,7 +11,9 @@ or this process gone: each call names its pid and client), it unlinks the segmen
 reusing it, so the outputs you hold stay valid. An output that is a view of an input (identity, transpose)
 comes back as a view of that input's memory, which the client then keeps alive.
 
-torch is imported only when torch tensors are passed in.
+The client does not know how its descriptors travel: `sidecar.host.transport` is the cut (a worker
+process over gRPC, or a worker runtime in this process). torch is imported only when torch tensors
+are passed in.
 
 Lifetime: `close()` refuses new calls at once; the connection (and the client's own arena) closes
 when the calls in flight have ended, so no RPC ever starts on a closed channel. After `os.fork()`
@@ -21,18 +23,16 @@ cannot be pickled: pass its `address` and connect a new `Client` in the other pr
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
+import sys
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Sequence
 
-import grpc
 import numpy as np
 
-from sidecar import wire
 from sidecar.dataplane import arrow as arrow_io
 from sidecar.dataplane import tensors
 from sidecar.dataplane.arena import Arena, Block
@@ -41,14 +41,14 @@ from sidecar.dataplane.names import default_run_id
 from sidecar.dataplane.refs import ArrowRef, InlineStorage, ShmStorage, TensorRef
 from sidecar.dataplane.validate import check_segment_bounds, validate_arrow_ref
 from sidecar.errors import InvalidArgument, InvalidTensorRef, SidecarError
-from sidecar.v1 import sidecar_pb2 as pb
-from sidecar.v1 import sidecar_pb2_grpc as pb_grpc
+from sidecar.host.leases import LeaseGroup, LocalFirst, PendingReleases, empty_in
+from sidecar.host.transport import TelemetryWatch, Transport
 from sidecar.wire import WorkerUnreachable
-from sidecar.worker.calls import Placement, Timing
+from sidecar.worker.calls import Call, OutputSpec, Placement, Timing
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Client", "ClientClosed", "Result", "TelemetryWatch", "WorkerUnreachable", "WrongProcess"]
+__all__ = ["Client", "ClientClosed", "Result", "TelemetryWatch", "WorkerUnreachable", "WrongProcess", "empty_in"]
 
 
 class ClientClosed(InvalidArgument):
@@ -63,6 +63,7 @@ class WrongProcess(InvalidArgument, TypeError):
     Its workers, connections and shared memory belong to the process that created it; the message
     says what to do instead. A TypeError too, which is what `pickle` callers expect.
     """
+
 
 _PLACEMENTS = {"auto": Placement.AUTO, "shm": Placement.SHM, "inline": Placement.INLINE,
                "device": Placement.DEVICE, "out": Placement.OUT}
@@ -81,173 +82,6 @@ class Result:
     request_id: str = ""
 
 
-class _LeaseKeeper(np.ndarray):
-    """A marker ndarray subclass that every leased output (and every `Client.empty` array) views.
-
-    Its `.base` is a pyarrow Buffer holding a buffer export of the mapping (so the segment stays
-    mapped), not an ndarray, and the array handed out is a plain view of it. NumPy collapses
-    `.base` chains only through arrays of the same type, so every later view (slices, reshapes,
-    torch.from_numpy, pyarrow buffers) keeps the keeper alive: its finalizer fires only once no
-    view of the memory remains.
-    """
-
-
-def _owner(arr: np.ndarray) -> np.ndarray | None:
-    """The outermost ndarray under `arr` (the contiguous view a buffer export was taken for)."""
-    base = arr
-    while isinstance(base.base, np.ndarray):
-        base = base.base
-    return base if base is not arr or arr.base is not None else None
-
-
-def _kept(arr: np.ndarray, on_collect: Any) -> np.ndarray | None:
-    """`arr` re-made as a view of a finalised keeper; None when `arr` shares no memory."""
-    import pyarrow as pa
-
-    owner = _owner(arr)
-    if owner is None or not owner.flags.c_contiguous:
-        return None
-    buffer = pa.py_buffer(owner)
-    offset = arr.__array_interface__["data"][0] - owner.__array_interface__["data"][0]
-    keeper = np.ndarray.__new__(_LeaseKeeper, arr.shape, arr.dtype, buffer=buffer, offset=offset,
-                                strides=arr.strides)
-    if not arr.flags.writeable:
-        keeper.flags.writeable = False
-    weakref.finalize(keeper, on_collect)
-    return keeper.view(np.ndarray)
-
-
-class _LeaseGroup:
-    """What the outputs of one call keep alive, and what happens once they are all collected.
-
-    Holds the worker's lease ids (queued for release at the end), temporary input blocks that an
-    output aliases (the worker may answer with a view of an input, e.g. identity), and input
-    objects whose memory an output aliases (kept alive so their arena block is not reused).
-    """
-
-    __slots__ = ("client_ref", "lease_ids", "blocks", "keepalive", "names", "live", "lock", "done", "pid")
-
-    def __init__(self, client: Client, lease_ids: list[str]) -> None:
-        self.pid = os.getpid()  # a forked child's copy of these outputs releases nothing of the parent's
-        self.client_ref = weakref.ref(client)
-        self.lease_ids = lease_ids
-        self.blocks: list[Block] = []
-        self.keepalive: list[Any] = []
-        self.names: set[str] = set()  # segments the kept outputs view
-        self.live = 1  # the decoder's own token, given up by seal(): nothing finishes before it
-        self.lock = threading.Lock()
-        self.done = False
-
-    def keep(self, arr: np.ndarray, name: str) -> np.ndarray:
-        kept = _kept(arr, self.drop)
-        if kept is None:
-            return arr  # nothing shared (an empty tensor)
-        with self.lock:
-            self.live += 1
-        self.names.add(name)
-        return kept
-
-    def keep_cuda(self, ref: TensorRef) -> Any:
-        """A CUDA tensor over the worker's memory; the lease is held until torch frees it."""
-        from sidecar.dataplane import cuda_ipc
-
-        with self.lock:
-            self.live += 1
-        return cuda_ipc.ref_to_tensor(ref, on_free=self.drop)  # calls drop once, whatever happens
-
-    def seal(self) -> None:
-        """All outputs decoded (and what they alias attached): drop the decoder's token."""
-        self.drop()
-
-    def drop(self) -> None:
-        with self.lock:
-            self.live -= 1
-            if self.live > 0 or self.done:
-                return
-            self.done = True
-        if self.pid != os.getpid():
-            return  # collected in a forked child: the leases and blocks are the parent's to give back
-        for block in self.blocks:
-            block.release()
-        self.blocks, self.keepalive = [], []
-        client = self.client_ref()
-        if client is not None:
-            client._queue_release(self.lease_ids)
-
-
-class _LocalFirst:
-    """A MappingCache stand-in for one call: an output that aliases one of the call's own input
-    segments is read from the segment we already hold, never re-opened by name (which could be gone
-    or re-created); anything else comes from the cache. Looked up only for outputs, by name."""
-
-    __slots__ = ("arena", "temp", "in_place", "cache")
-
-    def __init__(self, arena: Arena, temp: dict[str, Block], in_place: dict[str, list[Any]],
-                 cache: MappingCache) -> None:
-        self.arena, self.temp, self.in_place, self.cache = arena, temp, in_place, cache
-
-    def get(self, name: str, inode: int = 0, writable: bool = False) -> Any:
-        seg = self._input_segment(name)
-        if seg is not None and (not inode or inode == seg.inode):
-            return seg
-        return self.cache.get(name, inode, writable)
-
-    def _input_segment(self, name: str) -> Any:
-        block = self.temp.get(name)
-        if block is not None:
-            return block.segment
-        objs = self.in_place.get(name)
-        if objs:
-            arr = tensors._host_array(objs[0])[0]
-            hit = self.arena.find(arr.__array_interface__["data"][0], 1)
-            if hit is not None and hit[0].name == name:
-                return hit[0].segment
-        return None
-
-
-class TelemetryWatch:
-    """An iterator of telemetry event dicts; `close()` (or leaving a `with` block, or closing the
-    client) ends the stream."""
-
-    def __init__(self, call: Any) -> None:
-        self._call = call
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        try:
-            for message in self._call:
-                for event in message.batch or (message,):
-                    yield wire.telemetry_from_pb(event)
-        except grpc.RpcError as err:
-            if err.code() == grpc.StatusCode.CANCELLED:
-                return
-            raise wire.error_from_rpc(err) from None
-
-    def close(self) -> None:
-        self._call.cancel()
-
-    def __enter__(self) -> TelemetryWatch:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-_Method = TypeVar("_Method", bound=Callable[..., Any])
-
-
-def _while_open(method: _Method) -> _Method:
-    """Runs a Client method as a call in flight: refused with ClientClosed once the client is closed,
-    and the channel is not closed under it (see `Client.close`)."""
-    @functools.wraps(method)
-    def guarded(self: Client, *args: Any, **kwargs: Any) -> Any:
-        self._enter()
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            self._leave()
-    return guarded  # type: ignore[return-value]
-
-
 # Every live client, so that a forked child's copies start over (os.register_at_fork below).
 _LIVE_CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
 
@@ -261,37 +95,15 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_start_over_in_child)
 
 
-def _channel_target(address: str) -> str:
-    if address.startswith(("unix:", "dns:", "ipv4:", "ipv6:")) or ":" in address:
-        return address
-    return f"unix:{address}"  # a bare socket path
-
-
-
-def empty_in(arena: Arena, shape: int | Sequence[int], dtype: Any = "float32", *, torch: bool = False) -> Any:
-    """An uninitialised array (or CPU torch tensor) in `arena`, returned to it when no view is left."""
-    from sidecar.dataplane import dtypes
-
-    shp = (shape,) if isinstance(shape, int) else tuple(int(d) for d in shape)
-    name = dtypes.name_of(dtype)
-    np_dtype = dtypes.to_numpy_dtype(name)
-    count = int(np.prod(shp, dtype=np.int64)) if shp else 1
-    block = arena.alloc(count * np_dtype.itemsize)
-    arr = _kept(block.ndarray(np_dtype, shp), block.release)
-    if arr is None:  # zero elements: nothing to share
-        block.release()
-        arr = np.empty(shp, np_dtype)
-    return tensors._array_to_torch(arr, name) if torch else arr
-
-
 class Client:
     """A connection to one worker.
 
-    `address` is what the worker printed (`unix:/path` or `host:port`). `arena`: share one host
-    arena between clients (the caller then closes it); by default the client makes its own, named
-    with `run_id` and this process's pid, and unlinks it on `close()`. `timeout` is the default
-    deadline of every call in seconds (None = none). `max_message_bytes` raises gRPC's 4 MiB message
-    limits, needed only to move big tensors *inside* messages (placement="inline").
+    `address` is what the worker printed (`unix:/path` or `host:port`): the client talks gRPC to it.
+    Or pass `transport=` (a `sidecar.host.transport.Transport`, e.g. an `InProcessTransport`) instead.
+    `arena`: share one host arena between clients (the caller then closes it); by default the client
+    makes its own, named with `run_id` and this process's pid, and unlinks it on `close()`. `timeout`
+    is the default deadline of every call in seconds (None = none). `max_message_bytes` raises gRPC's
+    4 MiB message limits, needed only to move big tensors *inside* messages (placement="inline").
 
     `allow_alias` (default True): an output that is a view of an input (identity, reshape,
     transpose) comes back as a view of that input's memory, like NumPy views: no copy, no lease.
@@ -299,54 +111,58 @@ class Client:
     shows in the other. With False every output is a fresh copy in the worker's arena.
     """
 
-    def __init__(self, address: str, *, arena: Arena | None = None, run_id: str | None = None,
+    def __init__(self, address: str | None = None, *, transport: Transport | None = None,
+                 arena: Arena | None = None, run_id: str | None = None,
                  inline_threshold: int = tensors.DEFAULT_INLINE_THRESHOLD, timeout: float | None = None,
                  max_message_bytes: int | None = None, allow_alias: bool = True) -> None:
-        self.address = address
+        if (address is None) == (transport is None):
+            raise InvalidArgument("a Client needs either a worker address or a transport", field="address")
+        if transport is None:
+            from sidecar.host.grpc_transport import GrpcTransport
+
+            transport = GrpcTransport(str(address), max_message_bytes=max_message_bytes)
+        self.address = transport.address
         self.run_id = run_id or (arena.run_id if arena is not None else default_run_id())
         self.inline_threshold = inline_threshold
         self.timeout = timeout
         self.allow_alias = allow_alias
-        self._options: list[tuple[str, Any]] = [("grpc.enable_retries", 0)]
-        if max_message_bytes:
-            self._options += [("grpc.max_receive_message_length", max_message_bytes),
-                              ("grpc.max_send_message_length", max_message_bytes)]
         self._own_arena = arena is None
         self._arena: Arena | None = arena
         self._arena_lock = threading.Lock()
         self._cache = MappingCache()
-        self._pending: list[str] = []
-        self._pending_lock = threading.Lock()
+        self._pending = PendingReleases()
         # Sent with every call (with our pid) as the owner of its leases: the worker reclaims the
         # leases of a client whose process has ended, instead of holding them until their TTL.
         self._client_id = os.urandom(8).hex()
-        # Lifetime: _closed refuses new calls; _active counts calls in flight (the channel closes
-        # when the last of them ends); _shut: the channel and arena are closed.
-        self._life = threading.Condition()
+        # Lifetime: _closed refuses new calls; _active counts calls in flight (the transport closes
+        # when the last of them ends); _shut: the transport and arena are closed.
+        self._life = threading.Lock()
         self._closed = False
         self._active = 0
         self._shut = False
         self._watches: weakref.WeakSet[TelemetryWatch] = weakref.WeakSet()
-        self._inherited: list[Any] = []  # a forked child keeps its parent's channel, never touching it
+        self._inherited: list[Any] = []  # a forked child keeps its parent's transport and arena, untouched
+        self._parent_transport: Transport | None = None  # in a forked child: what to reopen
         self._pid = os.getpid()
-        self._connected = False
-        self._connect()
+        self._transport: Transport | None = transport
         _LIVE_CLIENTS.add(self)
 
-    def _connect(self) -> None:
-        from grpc_health.v1 import health_pb2_grpc
-
-        # Stubs are built once here: building one on a closed channel is what crashes grpcio.
-        self._channel = grpc.insecure_channel(_channel_target(self.address), options=self._options)
-        self._stub = pb_grpc.SidecarStub(self._channel)
-        self._health_stub = health_pb2_grpc.HealthStub(self._channel)
-        self._connected = True
+    @property
+    def transport(self) -> Transport:
+        """The connection the client's descriptors travel by."""
+        transport = self._transport
+        if transport is None:  # a forked child that has not called yet
+            raise WrongProcess("this client has not connected in this process yet", field="client")
+        return transport
 
     # -- memory -----------------------------------------------------------------------------------
 
     @property
     def arena(self) -> Arena:
         """The host arena inputs travel through (created on first use)."""
+        arena = self._arena
+        if arena is not None:
+            return arena
         with self._arena_lock:
             if self._arena is None:
                 self._arena = Arena(self.run_id)
@@ -377,13 +193,21 @@ class Client:
         outs = result.outputs
         return outs[0] if len(outs) == 1 else tuple(outs)
 
-    @_while_open
     def execute(self, op: str, *inputs: Any, out: Any = None, placement: str | Placement = "auto",
                 timeout: float | None = None, idempotent: bool | None = None,
                 request_id: str | None = None, **attrs: Any) -> Result:
         """Like `call`, but returns a `Result` with outputs, timing, device, leases and bytes."""
+        transport = self._enter()
+        try:
+            return self._execute(transport, op, inputs, out, placement, timeout, idempotent, request_id, attrs)
+        finally:
+            self._leave()
+
+    def _execute(self, transport: Transport, op: str, inputs: tuple[Any, ...], out: Any,
+                 placement: str | Placement, timeout: float | None, idempotent: bool | None,
+                 request_id: str | None, attrs: dict[str, Any]) -> Result:
         place = _placement(placement, out)
-        want_torch = any(_has_torch(x) for x in inputs)
+        want_torch = "torch" in sys.modules and any(_has_torch(x) for x in inputs)
         temp: dict[str, Block] = {}          # input copies made for this call, by segment name
         in_place: dict[str, list[Any]] = {}  # inputs described where they lie (zero copy)
         out_blocks: list[Block] = []
@@ -400,55 +224,61 @@ class Client:
                         out_blocks.append(block)
                         copy_back.append((obj, block))
                     out_refs.append(ref)
-            req = wire.execute_request(
-                op, refs, attrs, placement=place, out=out_refs, release=self._take_pending(),
-                request_id=request_id or os.urandom(8).hex(), idempotent=bool(idempotent),
-                allow_alias=self.allow_alias and place == Placement.AUTO, client_pid=os.getpid(),
-                client_id=self._client_id)
-            try:
-                resp = self._stub.Execute(req, timeout=timeout if timeout is not None else self.timeout)
-            except grpc.RpcError as err:
-                raise _rpc_failure(err, op) from None
+            call = Call(op=op, inputs=refs, attrs=attrs,
+                        output=OutputSpec(placement=place, out=tuple(out_refs),
+                                          alias_inputs=self.allow_alias and place == Placement.AUTO),
+                        release=self._pending.take(), request_id=request_id or os.urandom(8).hex(),
+                        idempotent=bool(idempotent), client_pid=self._pid, client_id=self._client_id)
+            res = transport.execute(call, timeout if timeout is not None else self.timeout)
             for obj, block in copy_back:
                 _copy_back(obj, block)
-            res = wire.result_from_response(resp)
             if place == Placement.OUT:
                 outputs = out_objs
-                self._queue_release(res.leases)
+                self._pending.add(res.leases)
+            elif not res.leases and _all_inline(res.outputs):
+                # The small call's path: values and inline tensors, nothing of the worker's to keep alive.
+                outputs = [self._decode_inline(v, want_torch) for v in res.outputs]
             else:
-                group = _LeaseGroup(self, res.leases)  # a fresh list: result_from_response made it
-                cache = _LocalFirst(self.arena, temp, in_place, self._cache) if temp or in_place else self._cache
-                try:
-                    outputs = [self._decode_value(v, group, want_torch, cache) for v in res.outputs]
-                except InvalidTensorRef as err:
-                    if not isinstance(err.__cause__, FileNotFoundError):
-                        raise
-                    # The worker answered, then went away and its segments with it (its host unlinks
-                    # a dead worker's memory): a lost worker, not a bad descriptor.
-                    raise WorkerUnreachable(f"the worker answered {op!r} but its output segment is gone "
-                                            f"(the worker exited?): {err.message}", op=op,
-                                            classification="unreachable") from err
-                finally:
-                    # Outputs that view an input's memory keep that memory from being reused.
-                    for name in group.names:
-                        if name in temp:
-                            group.blocks.append(temp.pop(name))
-                        group.keepalive.extend(in_place.get(name, ()))
-                    group.seal()
+                outputs = self._decode_outputs(op, res.outputs, list(res.leases), temp, in_place, want_torch)
         finally:
             for block in [*temp.values(), *out_blocks]:
                 block.release()
         return Result(outputs=outputs, timing=res.timing, device=res.device, leases=list(res.leases),
                       bytes_in=res.bytes_in, bytes_out=res.bytes_out, request_id=res.request_id)
 
+    def _decode_outputs(self, op: str, values: list[Any], leases: list[str], temp: dict[str, Block],
+                        in_place: dict[str, list[Any]], want_torch: bool) -> list[Any]:
+        group = LeaseGroup(self._pending, leases)
+        cache = LocalFirst(self.arena, temp, in_place, self._cache) if temp or in_place else self._cache
+        try:
+            return [self._decode_value(v, group, want_torch, cache) for v in values]
+        except InvalidTensorRef as err:
+            if not isinstance(err.__cause__, FileNotFoundError):
+                raise
+            # The worker answered, then went away and its segments with it (its host unlinks
+            # a dead worker's memory): a lost worker, not a bad descriptor.
+            raise WorkerUnreachable(f"the worker answered {op!r} but its output segment is gone "
+                                    f"(the worker exited?): {err.message}", op=op,
+                                    classification="unreachable") from err
+        finally:
+            # Outputs that view an input's memory keep that memory from being reused.
+            for name in group.names:
+                if name in temp:
+                    group.blocks.append(temp.pop(name))
+                group.keepalive.extend(in_place.get(name, ()))
+            group.seal()
+
     def _encode_input(self, x: Any, temp: dict[str, Block], in_place: dict[str, list[Any]]) -> Any:
         """A value as it travels: arrays/tensors/tables as refs, also inside lists and dicts (a
         HuggingFace-style {"input_ids": ..., "attention_mask": ...}), anything else as it is."""
-        if isinstance(x, (list, tuple)):
+        ref: TensorRef | ArrowRef
+        if isinstance(x, np.ndarray):  # the common case first
+            ref, block = tensors.to_ref(x, self.arena, inline_threshold=self.inline_threshold)
+        elif isinstance(x, (list, tuple)):
             return [self._encode_input(v, temp, in_place) for v in x]
-        if isinstance(x, dict):
+        elif isinstance(x, dict):
             return {k: self._encode_input(v, temp, in_place) for k, v in x.items()}
-        if _is_arrow(x):
+        elif _is_arrow(x):
             ref, block = arrow_io.table_to_ref(x, self.arena, inline_threshold=self.inline_threshold)
         elif _is_tensor_like(x):
             ref, block = tensors.to_ref(x, self.arena, inline_threshold=self.inline_threshold)
@@ -460,11 +290,23 @@ class Client:
             in_place.setdefault(ref.storage.name, []).append(x)
         return ref
 
-    def _decode_value(self, v: Any, group: _LeaseGroup, want_torch: bool, cache: Any) -> Any:
+    def _decode_inline(self, v: Any, want_torch: bool) -> Any:
+        """A value whose tensors are all inline (`_all_inline`), as the caller gets it."""
+        if isinstance(v, TensorRef):
+            assert isinstance(v.storage, InlineStorage)
+            arr = tensors._view(v, bytearray(v.storage.data), 0, _numel(v.shape))  # private, writable
+            return tensors._array_to_torch(arr, v.dtype) if want_torch else _numpy_out(arr, v.dtype)
+        if isinstance(v, list):
+            return [self._decode_inline(x, want_torch) for x in v]
+        if isinstance(v, dict):
+            return {k: self._decode_inline(x, want_torch) for k, x in v.items()}
+        return v
+
+    def _decode_value(self, v: Any, group: LeaseGroup, want_torch: bool, cache: Any) -> Any:
         if isinstance(v, TensorRef):
             if isinstance(v.storage, InlineStorage):
-                arr = tensors._view(v, bytearray(v.storage.data), 0, _numel(v.shape))  # private, writable
-            elif isinstance(v.storage, ShmStorage):
+                return self._decode_inline(v, want_torch)
+            if isinstance(v.storage, ShmStorage):
                 # Writable: the leased block is ours until released, and torch has no read-only
                 # tensors (an in-place op on a read-only mapping would crash the host).
                 arr = tensors.to_numpy(v, cache, writable=True)
@@ -480,7 +322,7 @@ class Client:
             return {k: self._decode_value(x, group, want_torch, cache) for k, x in v.items()}
         return v
 
-    def _table(self, ref: ArrowRef, group: _LeaseGroup, cache: Any) -> Any:
+    def _table(self, ref: ArrowRef, group: LeaseGroup, cache: Any) -> Any:
         import pyarrow as pa
 
         if isinstance(ref.storage, InlineStorage):
@@ -495,23 +337,11 @@ class Client:
 
     # -- leases -----------------------------------------------------------------------------------
 
-    def _queue_release(self, ids: list[str]) -> None:
-        if ids:
-            with self._pending_lock:
-                self._pending.extend(ids)
-
-    def _take_pending(self) -> list[str]:
-        with self._pending_lock:
-            ids, self._pending = self._pending, []
-        return ids
-
     @property
     def pending_releases(self) -> int:
         """Lease ids queued for the next call (outputs already garbage-collected)."""
-        with self._pending_lock:
-            return len(self._pending)
+        return len(self._pending)
 
-    @_while_open
     def release(self, leases: Result | Sequence[str] | None = None) -> tuple[int, list[str]]:
         """Send a Release now: of `leases` (a Result or ids) plus everything queued.
 
@@ -519,63 +349,65 @@ class Client:
         them; without arguments only the leases of collected results are sent.
         Returns (released, unknown ids).
         """
-        ids = list(leases.leases if isinstance(leases, Result) else (leases or ()))
-        ids += self._take_pending()
-        if not ids:
-            return 0, []
+        transport = self._enter()
         try:
-            resp = self._stub.Release(pb.ReleaseRequest(leases=ids), timeout=self.timeout)
-        except grpc.RpcError as err:
-            self._queue_release(ids)
-            raise _rpc_failure(err, "Release") from None
-        return resp.released, list(resp.unknown)
+            ids = list(leases.leases if isinstance(leases, Result) else (leases or ()))
+            ids += self._pending.take()
+            if not ids:
+                return 0, []
+            try:
+                return transport.release(ids, self.timeout)
+            except SidecarError:
+                self._pending.add(ids)
+                raise
+        finally:
+            self._leave()
 
     # -- control ----------------------------------------------------------------------------------
 
     def list_ops(self) -> list[dict[str, Any]]:
         """Every op the worker serves: name, doc, min_inputs, max_inputs (-1 variadic), idempotent, attrs, module."""
-        resp = self._unary(self._stub.ListOps, pb.ListOpsRequest(), "ListOps")
-        return [wire.op_from_pb(o) for o in resp.ops]
+        transport = self._enter()
+        try:
+            return transport.list_ops(self.timeout)
+        finally:
+            self._leave()
 
     def hardware(self) -> dict[str, Any]:
         """The worker's `Hardware` message as a dict."""
-        return wire.hardware_from_pb(self._unary(self._stub.GetHardware, pb.HardwareRequest(), "GetHardware"))
+        transport = self._enter()
+        try:
+            return transport.hardware(self.timeout)
+        finally:
+            self._leave()
 
-    @_while_open
     def health(self, service: str = "", timeout: float | None = 5.0) -> str:
         """The gRPC health status name: "SERVING", "NOT_SERVING", ..."""
-        from grpc_health.v1 import health_pb2
-
+        transport = self._enter()
         try:
-            resp = self._health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
-        except grpc.RpcError as err:
-            raise _rpc_failure(err, "Health") from None
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+            return transport.health(service, timeout)
+        finally:
+            self._leave()
 
-    @_while_open
     def watch_telemetry(self, memory_interval_s: float = 0.0, batch_window_ms: int = 20) -> TelemetryWatch:
         """Stream the worker's call spans and memory samples (dicts) until `close()`.
 
         Events arrive in batches gathered over `batch_window_ms` (0: one stream message per event),
         which keeps a watcher's cost to the calls it observes under 1 %; the iterator yields them one by one.
         """
-        request = pb.TelemetryRequest(memory_interval_s=memory_interval_s, batch_window_ms=batch_window_ms)
-        watch = TelemetryWatch(self._stub.WatchTelemetry(request))
-        self._watches.add(watch)
-        return watch
-
-    @_while_open
-    def _unary(self, method: Any, request: Any, name: str) -> Any:
+        transport = self._enter()
         try:
-            return method(request, timeout=self.timeout)
-        except grpc.RpcError as err:
-            raise _rpc_failure(err, name) from None
+            watch = transport.watch_telemetry(memory_interval_s, batch_window_ms)
+            self._watches.add(watch)
+            return watch
+        finally:
+            self._leave()
 
     # -- lifetime ---------------------------------------------------------------------------------
 
     def close(self) -> None:
         """Release queued leases (best effort), refuse new calls, end telemetry watches; once the
-        calls in flight have ended, close the channel and unlink the client's own arena."""
+        calls in flight have ended, close the connection and unlink the client's own arena."""
         if self._closed:
             return
         try:
@@ -599,25 +431,30 @@ class Client:
     def closed(self) -> bool:
         return self._closed
 
-    def _enter(self) -> None:
+    def _enter(self) -> Transport:
+        """Counts a call in flight (refused with ClientClosed once the client is closed, so that the
+        connection is never closed under a call, see `close`); returns the transport to use."""
         with self._life:
             if self._closed:
                 raise ClientClosed(f"the client of {self.address} is closed", field="client")
-            if not self._connected:  # first use in a forked child
-                self._connect()
+            transport = self._transport
+            if transport is None:  # first use in a forked child: a connection of its own
+                assert self._parent_transport is not None
+                transport = self._transport = self._parent_transport.reopen()
             self._active += 1
+        return transport
 
     def _leave(self) -> None:
         with self._life:
             self._active -= 1
             last = self._closed and self._active == 0 and not self._shut
             self._shut = self._shut or last
-        if last:  # close() came while calls were in flight: the last one out closes the channel
+        if last:  # close() came while calls were in flight: the last one out closes the connection
             self._shut_down()
 
     def _shut_down(self) -> None:
-        if self._connected:  # (a forked child that never called has only its parent's channel)
-            self._channel.close()
+        if self._transport is not None:  # (a forked child that never called has only its parent's)
+            self._transport.close()
         self._cache.clear()
         if self._own_arena and self._arena is not None:
             self._arena.close()
@@ -625,23 +462,24 @@ class Client:
     def _start_over_after_fork(self) -> None:
         """In a forked child (the only thread there): fresh locks, connection, cache and arena.
 
-        The parent's channel is kept but never used (grpc channels do not survive fork); its queued
+        The parent's transport is kept but never used (grpc channels do not survive fork); its queued
         lease ids and its arena (free list included) stay the parent's, so nothing is released,
         reused or unlinked twice.
         """
-        self._inherited.append(self._channel)
+        if self._transport is not None:
+            self._parent_transport = self._transport
+            self._inherited.append(self._transport)
+        self._transport = None  # a new connection on first use: none is made in children that never call
         self._pid = os.getpid()
-        self._life = threading.Condition()
+        self._life = threading.Lock()
         self._active = 0
-        self._pending_lock = threading.Lock()
-        self._pending = []
+        self._pending = PendingReleases()
         self._arena_lock = threading.Lock()
         if self._arena is not None:
             self._inherited.append(self._arena)  # its finalizer unlinks nothing outside the parent
         self._arena, self._own_arena = None, True
         self._cache = MappingCache()
         self._watches = weakref.WeakSet()
-        self._connected = False  # a new channel on first use: none is made in children that never call
 
     def __reduce__(self) -> Any:
         raise WrongProcess(f"a Client cannot be pickled (its connection and shared memory belong to process "
@@ -662,16 +500,6 @@ class Client:
 # helpers
 
 
-def _rpc_failure(err: grpc.RpcError, op: str) -> SidecarError:
-    """The structured error of a failed RPC, marked `call_started = False` when the request provably
-    never reached the worker (no connection could be made)."""
-    exc = wire.error_from_rpc(err, op)
-    details = err.details() if hasattr(err, "details") else None
-    if err.code() == grpc.StatusCode.UNAVAILABLE and str(details or "").startswith("failed to connect"):
-        exc.call_started = False  # type: ignore[attr-defined]
-    return exc
-
-
 def _placement(placement: str | Placement, out: Any) -> Placement:
     if out is not None:
         return Placement.OUT
@@ -684,9 +512,24 @@ def _placement(placement: str | Placement, out: Any) -> Placement:
                               field="placement") from None
 
 
-def _is_torch(x: Any) -> bool:
-    import sys
+def _all_inline(values: list[Any]) -> bool:
+    """Only plain values and inline tensors (at any depth): nothing of the worker's memory."""
+    for v in values:
+        if isinstance(v, TensorRef):
+            if not isinstance(v.storage, InlineStorage):
+                return False
+        elif isinstance(v, ArrowRef):
+            return False
+        elif isinstance(v, list):
+            if not _all_inline(v):
+                return False
+        elif isinstance(v, dict):
+            if not _all_inline(list(v.values())):
+                return False
+    return True
 
+
+def _is_torch(x: Any) -> bool:
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(x, torch.Tensor)
 
@@ -701,8 +544,6 @@ def _has_torch(x: Any) -> bool:
 
 
 def _is_arrow(x: Any) -> bool:
-    import sys
-
     pa = sys.modules.get("pyarrow")
     return pa is not None and isinstance(x, (pa.Table, pa.RecordBatch))
 

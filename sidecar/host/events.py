@@ -1,9 +1,20 @@
-"""Pool events (crash, restart, retry, recycle, breaker_*, template_restart, ...) for subscribers.
+"""Pool events for subscribers, and the catalogue of them: each event is made by one function here,
+with one key set (a key that does not apply is None), and published by the pool's shell only.
+
+    worker_started  slot, pid, via, start_ms
+    restart         slot, pid, via (template/cold/spare), start_ms, since_crash_ms
+    crash           slot (-1 for a spare), pid, phase (running/start/spare/recycled), classification,
+                    exit_code, signal, description, uptime_s, inflight, ops, stderr_tail, message
+    recycle         slot, pid, inflight, abandoned, classification
+    retry           op, attempt, pid, classification, delay_ms
+    breaker_open    scope (start/op), op, crashes, window_s, cooldown_s, classification
+    breaker_half_open, breaker_close   scope, op
+    template_restart  pid, dead_pid, workers
 
 Callbacks run synchronously on the pool's thread that raised the event, so they must be quick (hand
 work to a queue). `EventBus.stream()` gives a blocking iterator fed by its own queue instead. Events
 convert to the `sidecar.v1.TelemetryEvent` shape (`PoolEvent`) so a host sees pool events and worker
-telemetry in one stream.
+telemetry in one stream. (The memory profiler, `sidecar.observe`, publishes its own memory_* events.)
 """
 from __future__ import annotations
 
@@ -13,14 +24,14 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
+
+from sidecar.host.crash import ExitInfo
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PoolEvent", "EventBus", "EventStream", "EVENTS"]
-
-EVENTS = ("crash", "restart", "retry", "recycle", "breaker_open", "breaker_half_open", "breaker_close",
-          "worker_started", "template_restart")
+__all__ = ["PoolEvent", "EventBus", "EventStream", "worker_started", "restart", "crash", "recycle", "retry",
+           "breaker_open", "breaker_half_open", "breaker_close", "template_restart"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,67 @@ class PoolEvent:
         """The metadata as the proto carries it: strings, lists joined by newlines, None left out."""
         return {k: "\n".join(map(str, v)) if isinstance(v, list) else str(v)
                 for k, v in self.metadata.items() if v is not None}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the catalogue
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 2)
+
+
+def worker_started(slot: int, pid: int, via: str, start_s: float) -> PoolEvent:
+    return PoolEvent("worker_started", {"slot": slot, "pid": pid, "via": via, "start_ms": _ms(start_s)})
+
+
+def restart(slot: int, pid: int, via: str, start_s: float | None, since_crash_s: float | None) -> PoolEvent:
+    return PoolEvent("restart", {"slot": slot, "pid": pid, "via": via, "start_ms": _ms(start_s),
+                                 "since_crash_ms": _ms(since_crash_s)})
+
+
+def crash(slot: int, pid: int | None, phase: str, exit: ExitInfo, *, uptime_s: float | None = None,
+          inflight: int = 0, ops: Sequence[str] = (), stderr_tail: Sequence[str] = (),
+          message: str | None = None) -> PoolEvent:
+    """A worker that ended unexpectedly, failed to start (phase start; spare for a spare), or was
+    recycled and has now exited (phase recycled)."""
+    return PoolEvent("crash", {
+        "slot": slot, "pid": pid, "phase": phase, "classification": exit.classification.value,
+        "exit_code": exit.exit_code, "signal": exit.signal, "description": exit.describe(),
+        "uptime_s": None if uptime_s is None else round(uptime_s, 3), "inflight": inflight, "ops": list(ops),
+        "stderr_tail": list(stderr_tail), "message": message})
+
+
+def recycle(slot: int, pid: int, inflight: int, abandoned: int, classification: str | None) -> PoolEvent:
+    return PoolEvent("recycle", {"slot": slot, "pid": pid, "inflight": inflight, "abandoned": abandoned,
+                                 "classification": classification})
+
+
+def retry(op: str, attempt: int, pid: int | None, classification: str | None, delay_s: float) -> PoolEvent:
+    return PoolEvent("retry", {"op": op, "attempt": attempt, "pid": pid, "classification": classification,
+                               "delay_ms": _ms(delay_s)})
+
+
+def breaker_open(scope: str, op: str | None, crashes: int, window_s: float, cooldown_s: float,
+                 classification: str | None) -> PoolEvent:
+    return PoolEvent("breaker_open", {"scope": scope, "op": op, "crashes": crashes, "window_s": window_s,
+                                      "cooldown_s": cooldown_s, "classification": classification})
+
+
+def breaker_half_open(scope: str, op: str | None = None) -> PoolEvent:
+    return PoolEvent("breaker_half_open", {"scope": scope, "op": op})
+
+
+def breaker_close(scope: str, op: str | None = None) -> PoolEvent:
+    return PoolEvent("breaker_close", {"scope": scope, "op": op})
+
+
+def template_restart(pid: int | None, dead_pid: int | None, workers: int) -> PoolEvent:
+    return PoolEvent("template_restart", {"pid": pid, "dead_pid": dead_pid, "workers": workers})
+
+
+# ---------------------------------------------------------------------------------------------------
+# delivery
 
 
 class EventStream:
@@ -122,7 +194,13 @@ class EventBus:
                 self._streams.remove(s)
 
     def publish(self, event: str, **metadata: Any) -> PoolEvent:
-        ev = PoolEvent(event, metadata)
+        """Makes and delivers an event (the memory profiler's; the pool's come from the catalogue)."""
+        return self.emit(PoolEvent(event, metadata))
+
+    def emit(self, ev: PoolEvent) -> PoolEvent:
+        """Delivers `ev` to every subscriber and stream."""
+        event = ev.event
+        metadata = ev.metadata
         with self._lock:
             self.counts[event] = self.counts.get(event, 0) + 1
             callbacks = list(self._callbacks)

@@ -24,125 +24,45 @@ host down or leaks.
   left in /dev/shm. If the host dies instead, the template kills the workers and reaps the run.
 - Fork: a Pool belongs to the process that created it; in a forked child every use raises
   `WrongProcess` (and closing it there touches nothing of the parent's); it cannot be pickled.
+
+How it is built (one concept per module): `settings` (the parameters and the workers' command line
+and environment), `supervisor` (the one state machine of slots, spares included) with `policy` (what
+a death means, when a slot restarts, the breakers), `launcher` (template, spawn, handshake, connect),
+`scheduler` (routing, retries, the poison-call guard), `events` (the catalogue of events),
+`pool_telemetry` (the merged stream). This module is the shell: it feeds the state machine its inputs
+(worker ready, launch failed, worker exited, call finished, health result, timer) under one lock and
+carries out the effects it returns once the lock is released.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import os
-import queue
-import random
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
-from dataclasses import dataclass
-from enum import Enum
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from sidecar.dataplane import reaper
 from sidecar.dataplane.arena import Arena
-from sidecar.dataplane.names import new_run_id, validate_run_id
-from sidecar.errors import Cancelled, CircuitOpen, InvalidArgument, OpFailed, SidecarError, WorkerCrashed
-from sidecar.host.breaker import Admission, BreakerState, CircuitBreaker, OpBreakers
-from sidecar.host.client import Client, ClientClosed, Result, WrongProcess, empty_in
-from sidecar.host.crash import Classification, ExitInfo, oom_kill_count, summarize_tail
+from sidecar.host import events
+from sidecar.host.breaker import CircuitBreaker, OpBreakers
+from sidecar.host.client import Result, WrongProcess
+from sidecar.host.crash import ExitInfo, oom_kill_count
 from sidecar.host.events import EventBus, EventStream, PoolEvent
-from sidecar.host.spawn import WorkerProcess, WorkerStartError, start_worker
-from sidecar.host.template import Template, TemplateError
-from sidecar.wire import WorkerUnreachable
-from sidecar.worker.lifecycle import CANCEL_GRACE_ENV, HOST_PID_ENV
+from sidecar.host.launcher import LAUNCH_ERRORS, Launcher, start_failure
+from sidecar.host.leases import empty_in
+from sidecar.host.policy import SupervisionPolicy
+from sidecar.host.pool_telemetry import PoolTelemetry
+from sidecar.host.scheduler import CallScheduler, PoisonCall, PoolClosed
+from sidecar.host.settings import PoolSettings
+from sidecar.host.supervisor import (Attach, Dispose, Effect, Launch, Publish, Role, Signal, Slot, Supervisor,
+                                     Watch, Worker, WorkerState, WorkerStatus)
+from sidecar.host.template import Template
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Pool", "PoolClosed", "PoisonCall", "WorkerState", "WorkerStatus", "PoolTelemetry"]
-
-
-class PoolClosed(Cancelled):
-    """The pool was closed (kind CANCELLED)."""
-
-
-class PoisonCall(WorkerCrashed):
-    """A call that crashed two workers by itself (kind WORKER_CRASHED); it is not sent to a third.
-
-    The fields describe the second crash; `crashes` lists both ({"pid", "classification",
-    "exit_code", "signal"}), and the message names both.
-    """
-
-    crashes: list[dict[str, Any]]
-
-
-class WorkerState(str, Enum):
-    STARTING = "starting"        # being spawned (first start)
-    READY = "ready"              # serving calls
-    RESTARTING = "restarting"    # died; a replacement is (or will be, after backoff/breaker) started
-    STOPPING = "stopping"        # the pool is closing it
-    STOPPED = "stopped"          # gone for good (pool closed)
-    SPARE = "spare"              # a warm spare: started, serving nothing until it replaces a worker
-
-
-@dataclass(frozen=True)
-class WorkerStatus:
-    """One row of `Pool.status()`: a worker slot (or a spare) and its history."""
-
-    slot: int                 # -1 for a spare
-    pid: int | None
-    state: WorkerState
-    calls: int                # calls completed by this slot (all its processes)
-    crashes: int              # unexpected exits, failed starts included
-    restarts: int             # replacements started
-    last_exit: ExitInfo | None
-    inflight: int = 0
-    address: str | None = None
-    gpu: str | None = None    # CUDA_VISIBLE_DEVICES given to it, when the pool places workers
-
-
-class _Worker:
-    """One live worker process and its connection."""
-
-    __slots__ = ("proc", "client", "inflight", "running", "served", "ready_at", "gpu", "oom_kills",
-                 "abandoned", "unlink_when_idle")
-
-    def __init__(self, proc: WorkerProcess, client: Client, gpu: str | None) -> None:
-        self.proc = proc
-        self.client = client
-        self.inflight = 0
-        self.running: dict[int, str] = {}  # call token -> op, of the calls in flight (crash attribution)
-        self.served = False  # completed a call: a working configuration, not a crash loop
-        self.ready_at = time.monotonic()
-        self.gpu = gpu
-        self.oom_kills = oom_kill_count()  # the cgroup's count now, to confirm an OOM kill later
-        self.abandoned = 0  # calls given up at their deadline while it still ran them
-        self.unlink_when_idle = False  # dead: unlink its segments once no call still reads its outputs
-
-
-class _Slot:
-    __slots__ = ("index", "gpu", "worker", "state", "calls", "crashes", "restarts", "last_exit",
-                 "consecutive", "launching", "started_once", "health_failures", "died_at")
-
-    def __init__(self, index: int, gpu: str | None) -> None:
-        self.index = index
-        self.gpu = gpu
-        self.worker: _Worker | None = None
-        self.state = WorkerState.STARTING
-        self.calls = 0
-        self.crashes = 0
-        self.restarts = 0
-        self.last_exit: ExitInfo | None = None
-        self.consecutive = 0      # crashes since the slot last had a worker that proved itself
-        self.launching = False
-        self.started_once = False
-        self.health_failures = 0
-        self.died_at = 0.0
-
-
-def _pair(value: tuple[float, float] | float, name: str) -> tuple[float, float]:
-    first, cap = (value, value * 50) if isinstance(value, (int, float)) else value
-    if first < 0 or cap < first:
-        raise ValueError(f"{name} wants (initial >= 0, cap >= initial), got {value!r}")
-    return float(first), float(cap)
 
 
 class Pool:
@@ -203,187 +123,101 @@ class Pool:
                  grace_s: float = 5.0, inline_threshold: int = 65536, python: str = sys.executable,
                  tail_lines: int = 40, lease_ttl_s: float | None = None, max_leases: int | None = None,
                  cancel_grace_s: float = 10.0) -> None:
-        if workers < 1:
-            raise InvalidArgument(f"a pool needs at least one worker, got {workers}", field="workers")
-        if max_attempts < 1:
-            raise InvalidArgument(f"max_attempts must be >= 1, got {max_attempts}", field="max_attempts")
-        if spares is not None and spares < 0:
-            raise InvalidArgument(f"spares must be >= 0, got {spares}", field="spares")
-        self.run_id = validate_run_id(run_id) if run_id else new_run_id()
-        self.device = device
-        self._ops = list(ops)
-        self._debug_ops = debug_ops
-        self._worker_args = list(worker_args)
-        self._python = python
-        self._start_timeout = float(start_timeout)
-        self._max_attempts = int(max_attempts)
-        self._retry_backoff = _pair(retry_backoff, "retry_backoff")
-        self._restart_backoff = _pair(restart_backoff, "restart_backoff")
-        self._stable_after_s = float(stable_after_s)
-        self._spares_target = 0  # set once the GPUs are known (below)
-        self._health = (float(health_interval_s), float(health_timeout_s), int(health_failures))
-        self._crash_detect_s = float(crash_detect_s)
-        self._acquire_timeout_s = float(acquire_timeout_s if acquire_timeout_s is not None else start_timeout)
-        self._grace_s = float(grace_s)
-        self._inline_threshold = int(inline_threshold)
-        # the workers' output-lease limits (sidecar serve --lease-ttl / --max-leases); None: their defaults
-        if lease_ttl_s is not None and not lease_ttl_s > 0:
-            raise InvalidArgument(f"lease_ttl_s must be > 0 seconds, got {lease_ttl_s!r}", field="lease_ttl_s")
-        if max_leases is not None and max_leases < 1:
-            raise InvalidArgument(f"max_leases must be >= 1, got {max_leases!r}", field="max_leases")
-        self._lease_flags = ([] if lease_ttl_s is None else ["--lease-ttl", repr(float(lease_ttl_s))]) + (
-            [] if max_leases is None else ["--max-leases", str(int(max_leases))])
-        self._tail_lines = int(tail_lines)
-        self.use_template = use_template
-
-        base_env = dict(os.environ if env is None else env)
-        if threads is not None:
-            base_env["SIDECAR_THREADS"] = str(int(threads))
-        elif "SIDECAR_THREADS" not in base_env:
-            # N workers on one machine: split the CPUs instead of each taking half of them.
-            base_env["SIDECAR_THREADS"] = str(max(1, (len(os.sched_getaffinity(0)) or 1) // workers))
-        # A native crash then leaves a Python traceback in the worker's stderr tail.
-        base_env.setdefault("PYTHONFAULTHANDLER", "1")
-        # Workers watch this pid, not their parent (the template may die and be replaced), and a
-        # cancelled call that runs on longer than cancel_grace_s makes its worker NOT_SERVING.
-        base_env[HOST_PID_ENV] = str(os.getpid())
-        base_env[CANCEL_GRACE_ENV] = f"{float(cancel_grace_s):g}"
-        self._env = base_env
-        self._gpus = self._find_gpus(device, gpus, base_env)
-        # A forked worker replaces a CPU worker in tens of ms, but a GPU worker first has to create its
-        # CUDA context (~0.4 s on an H200): there only a warm spare meets the < 100 ms target.
-        uses_gpu = device.startswith("cuda") or (device == "auto" and bool(self._gpus))
-        self._spares_target = int(spares) if spares is not None else (1 if uses_gpu else 0)
-
+        s = self.settings = PoolSettings.build(
+            workers, device=device, ops=ops, debug_ops=debug_ops, run_id=run_id, start_timeout=start_timeout,
+            max_attempts=max_attempts, retry_backoff=retry_backoff, restart_backoff=restart_backoff,
+            stable_after_s=stable_after_s, breaker_threshold=breaker_threshold, breaker_window_s=breaker_window_s,
+            breaker_cooldown_s=breaker_cooldown_s, use_template=use_template, spares=spares,
+            worker_args=worker_args, env=env, gpus=gpus, threads=threads, health_interval_s=health_interval_s,
+            health_timeout_s=health_timeout_s, health_failures=health_failures, crash_detect_s=crash_detect_s,
+            acquire_timeout_s=acquire_timeout_s, grace_s=grace_s, inline_threshold=inline_threshold,
+            python=python, tail_lines=tail_lines, lease_ttl_s=lease_ttl_s, max_leases=max_leases,
+            cancel_grace_s=cancel_grace_s)
+        self.run_id = s.run_id
+        self.device = s.device
+        self.use_template = s.use_template
         self._owner_pid = os.getpid()
-        self.breaker = CircuitBreaker(breaker_threshold, breaker_window_s, breaker_cooldown_s)
-        self.op_breakers = OpBreakers(breaker_threshold, breaker_window_s, breaker_cooldown_s)
+        self._policy = SupervisionPolicy(restart_backoff=s.restart_backoff, stable_after_s=s.stable_after_s,
+                                         breaker_threshold=s.breaker_threshold, breaker_window_s=s.breaker_window_s,
+                                         breaker_cooldown_s=s.breaker_cooldown_s)
+        self.breaker: CircuitBreaker = self._policy.start_breaker
+        self.op_breakers: OpBreakers = self._policy.op_breakers
+        self._sup = Supervisor(self._policy, s.workers, s.spares, gpu_of_worker=s.gpu_of_worker,
+                               gpu_of_spare=s.gpu_of_spare, health_failures=s.health_failures, grace_s=s.grace_s,
+                               run_id=s.run_id)
         self.events_bus = EventBus()
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._stop = threading.Event()
-        self._closing = False
         self._closed = False
-        self._rr = 0
-        self._listen_ids = itertools.count()
-        self._slots = [_Slot(i, self._gpus[i % len(self._gpus)] if len(self._gpus) > 1 else None)
-                       for i in range(workers)]
-        self._spares: list[_Worker] = []
-        self._spares_launching = 0
-        self._spare_consecutive = 0
-        self._starting: set[WorkerProcess] = set()
         self._threads: list[threading.Thread] = []
-        self._op_idempotent: dict[str, bool] | None = None
         self._telemetry: list[PoolTelemetry] = []
-        self._last_crash: tuple[ExitInfo, int | None, list[str]] | None = None
-        self._op_last_crash: dict[str, tuple[ExitInfo, int | None, list[str]]] = {}
-        self._tokens = itertools.count(1)
-        self._retiring: set[_Worker] = set()  # recycled workers, draining until they exit
-        self._template: Template | None = None
-        self.template_startup_s: float | None = None
         self._observer: Any = None       # sidecar.observe.PoolObserver, made on first use
         self._call_observer: Any = None  # its call hook (None: calls are not timed or recorded)
 
         reaper.reap_dead_owners()  # runs of hosts that died without closing their pools
-        self._sockdir = tempfile.mkdtemp(prefix=f"sidecar-pool-{self.run_id}-")
         self._arena = Arena(self.run_id)
+        self._launcher = Launcher(s, self._arena, self._template_died)
+        self._scheduler = CallScheduler(s, self._sup, self._policy, self._cond, self.events_bus,
+                                        self._unlink_dead)
         try:
-            self._start_template()
+            self._launcher.start_template()
             self._start_initial()
         except BaseException:
             self.close()
             raise
-        if self._health[0] > 0:
+        self._spawn_thread(self._timer_loop, "sidecar-pool-timer")
+        if s.health_interval_s > 0:
             self._spawn_thread(self._health_loop, "sidecar-pool-health")
 
     # ---------------------------------------------------------------------------------------------
-    # set-up
+    # the shell: inputs in, effects out
 
-    @staticmethod
-    def _find_gpus(device: str, gpus: int | Sequence[str | int] | None, env: Mapping[str, str]) -> list[str]:
-        if isinstance(gpus, int):
-            return [str(i) for i in range(gpus)]
-        if gpus is not None:
-            return [str(g) for g in gpus]
-        if device not in ("auto", "cuda"):
-            return []
-        visible = env.get("CUDA_VISIBLE_DEVICES")
-        if visible is not None:
-            return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
-        try:  # NVML counts GPUs without initialising CUDA in this process
-            import pynvml
+    def _feed(self, input_: Callable[..., list[Effect]], *args: Any) -> None:
+        """Hands one input to the state machine under the lock, then carries out its effects."""
+        with self._cond:
+            effects = input_(*args)
+            self._cond.notify_all()  # callers waiting for a worker, and the timer, look again
+        self._apply(effects)
 
-            pynvml.nvmlInit()
-            try:
-                return [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
-            finally:
-                pynvml.nvmlShutdown()
-        except Exception:  # no driver, no library: no GPUs to place
-            return []
-
-    def _start_template(self) -> None:
-        env = dict(self._env)
-        try:
-            self._template = Template(run_id=self.run_id, python=self._python, env=env,
-                                      preload=self.use_template, start_timeout=self._start_timeout,
-                                      check_cuda_fork=self.device not in ("cpu", "mps"),
-                                      sock_dir=self._sockdir, on_death=self._template_died)
-        except (TemplateError, OSError) as exc:
-            if not self.use_template:
-                raise
-            log.warning("template process failed (%s); starting workers cold", exc)
-            self._template = Template(run_id=self.run_id, python=self._python, env=env, preload=False,
-                                      start_timeout=self._start_timeout, sock_dir=self._sockdir,
-                                      on_death=self._template_died)
-        self.template_startup_s = self._template.startup_s
-        if self._template.preload and self._template.failed:
-            log.debug("template could not preload: %s", self._template.failed)
-        if self._template.preload and self._template.cuda_touched and self.device not in ("cpu", "mps"):
-            log.warning("pool %s: CUDA does not work in processes forked from the template; GPU workers "
-                        "start cold (slow replacement: consider spares)", self.run_id)
-
-    def _template_died(self) -> None:
-        """The template died on its own: its workers live on (they watch the host, not it). A new
-        template forks the next replacements and becomes the guardian of every live worker."""
-        if self._closing:
-            return
-        dead = self._template
-        log.warning("pool %s: template process died; starting a new one", self.run_id)
-
-        def restart() -> None:
-            try:
-                self._start_template()
-            except Exception:
-                log.exception("pool %s: cannot restart the template; workers start cold", self.run_id)
-                return
-            if dead is not None:
-                dead.close()  # reap the dead process, close its socket
-            template = self._template
-            with self._lock:
-                workers = [s.worker for s in self._slots if s.worker is not None]
-                workers += [*self._spares, *self._retiring]
-            if template is not None:
-                for w in workers:  # killed and reaped by the new template if the host dies
-                    if w.proc.alive:
-                        template.watch(w.proc.pid)
-            self.events_bus.publish("template_restart", pid=self.template_pid,
-                                    dead_pid=dead.pid if dead is not None else None, workers=len(workers))
-        self._spawn_thread(restart, "sidecar-pool-template")
+    def _apply(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, Publish):
+                self.events_bus.emit(effect.event)
+            elif isinstance(effect, Launch):
+                self._spawn_thread(self._launch, f"sidecar-pool-launch-{effect.slot.label}", effect.slot,
+                                   effect.probe)
+            elif isinstance(effect, Watch):
+                w = effect.worker
+                w.proc.add_exit_callback(lambda info, w=w: self._worker_exited(w, info))
+            elif isinstance(effect, Attach):
+                self._telemetry_attach(effect.worker)
+            elif isinstance(effect, Signal):
+                proc = effect.worker.proc
+                if effect.classification is not None:
+                    proc.classify_as(effect.classification)
+                if effect.kill:
+                    proc.kill()
+                else:
+                    proc.terminate()
+            elif isinstance(effect, Dispose):
+                self._dispose(effect.worker, effect.kill)
 
     def _start_initial(self) -> None:
-        for slot in self._slots:
-            slot.launching = True
+        """The first workers: every serving slot's, at once; the constructor raises the first failure."""
+        with self._cond:
+            effects = self._sup.start()
+        first = [e for e in effects if isinstance(e, Launch) and e.slot.role is Role.SERVING]
         errors: list[BaseException] = []
 
-        def first(slot: _Slot) -> None:
+        def bring_up(launch: Launch) -> None:
             try:
-                self._bring_up(slot, initial=True)
+                self._launch(launch.slot, launch.probe, initial=True)
             except BaseException as exc:  # noqa: BLE001 - reported below
                 errors.append(exc)
 
-        starters = [threading.Thread(target=first, args=(s,), daemon=True) for s in self._slots]
-        for _ in range(self._spares_target):
-            self._launch_spare()
+        starters = [threading.Thread(target=bring_up, args=(e,), daemon=True) for e in first]
+        self._apply([e for e in effects if e not in first])  # the spares, in the background
         for t in starters:
             t.start()
         for t in starters:
@@ -391,47 +225,62 @@ class Pool:
         if errors:
             raise errors[0]
 
-    def _worker_command(self) -> list[str]:
-        sock = os.path.join(self._sockdir, f"w{next(self._listen_ids)}.sock")
-        args = ["--run-id", self.run_id, "--device", self.device, "--watch-stdin", "--listen", f"unix:{sock}",
-                "--inline-threshold", str(self._inline_threshold), "--grace-period", f"{self._grace_s:g}"]
-        for module in self._ops:
-            args += ["--ops", module]
-        if self._debug_ops:
-            args.append("--debug-ops")
-        return args + self._lease_flags + self._worker_args
+    def _launch(self, slot: Slot, probe: bool, initial: bool = False) -> None:
+        """On a launch thread: a ready worker for `slot`, fed to the state machine either way."""
+        t0 = time.monotonic()
+        try:
+            proc, client = self._launcher.launch(slot.gpu, probe=probe)
+        except Exception as exc:
+            if not isinstance(exc, LAUNCH_ERRORS):  # a bug: still a failed start, or the slot would never restart
+                log.exception("pool %s: starting a worker for slot %d failed", self.run_id, slot.index)
+            if initial:
+                raise
+            self._feed(self._sup.launch_failed, slot, start_failure(exc), probe)
+            return
+        # The cgroup's OOM-kill count now, to confirm an OOM kill when it dies of SIGKILL.
+        worker = Worker(pid=proc.pid, via=proc.via, address=proc.address, gpu=slot.gpu, proc=proc, client=client,
+                        oom_kills=oom_kill_count())
+        self._feed(self._sup.launched, slot, worker, time.monotonic() - t0, probe)
+        self._scheduler.learn_ops(client)
 
-    def _spawn_process(self, gpu: str | None) -> WorkerProcess:
-        env = dict(self._env)
-        if gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = gpu
-        template = self._template
-        if template is not None and (not template.preload or not template.alive
-                                     or (template.cuda_touched and self.device != "cpu")):
-            template = None  # no fork: not preloaded, gone, or CUDA already touched in it
-        proc = start_worker(self._worker_command(), python=self._python, env=env,
-                            start_timeout=self._start_timeout, template=template,
-                            tail_lines=self._tail_lines, on_spawn=self._track_starting)
-        with self._lock:
-            self._starting.discard(proc)
-        if proc.via == "cold" and self._template is not None:
-            self._template.watch(proc.pid)  # so that it dies with the host even if started cold
-        return proc
+    def _worker_exited(self, worker: Worker, info: ExitInfo) -> None:
+        """On the worker's watcher thread, as soon as its exit status is known."""
+        if info.signal == signal.SIGKILL and worker.oom_kills is not None:
+            now = oom_kill_count()
+            info = info.with_oom(now is not None and now > worker.oom_kills)
+        self._feed(self._sup.exited, worker, info, tuple(worker.proc.stderr_tail()))
 
-    def _track_starting(self, proc: WorkerProcess) -> None:
-        with self._lock:
-            if self._closing:
-                proc.kill()
-            self._starting.add(proc)
+    def _timer_loop(self) -> None:
+        """Backoffs, probes and grace periods: `tick` whenever the next one is due."""
+        with self._cond:
+            while not self._stop.is_set():
+                due = self._sup.next_due()
+                now = time.monotonic()
+                if due is None or due > now:
+                    self._cond.wait(None if due is None else due - now)
+                    continue
+                effects = self._sup.tick()
+                self._cond.notify_all()
+                self._cond.release()
+                try:
+                    self._apply(effects)
+                finally:
+                    self._cond.acquire()
 
-    def _connect(self, proc: WorkerProcess, gpu: str | None) -> _Worker:
-        assert proc.address is not None
-        client = Client(proc.address, arena=self._arena, run_id=self.run_id,
-                        inline_threshold=self._inline_threshold)
-        return _Worker(proc, client, gpu)
-
-    # ---------------------------------------------------------------------------------------------
-    # bringing workers up
+    def _health_loop(self) -> None:
+        s = self.settings
+        while not self._stop.wait(s.health_interval_s):
+            with self._cond:
+                workers = self._sup.serving_workers()
+            for worker in workers:
+                if self._stop.is_set():
+                    return
+                try:
+                    status: str | None = worker.client.health(timeout=s.health_timeout_s)
+                except Exception:  # noqa: BLE001 - unreachable, timed out, or its client closed as it died
+                    status = None
+                if worker.proc.alive:  # a dead one's exit is the news, not its silence
+                    self._feed(self._sup.health, worker, status)
 
     def _spawn_thread(self, target: Callable[..., Any], name: str, *args: Any) -> threading.Thread:
         t = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -441,263 +290,7 @@ class Pool:
         t.start()
         return t
 
-    def _launch(self, slot: _Slot, delay: float = 0.0, probe: bool = False) -> None:
-        """Starts a worker for `slot` in the background (after `delay`); the caller holds no lock."""
-        with self._lock:
-            if slot.launching or self._closing:
-                return
-            slot.launching = True
-        self._spawn_thread(self._bring_up_later, f"sidecar-pool-launch-{slot.index}", slot, delay, probe)
-
-    def _bring_up_later(self, slot: _Slot, delay: float, probe: bool) -> None:
-        if delay > 0 and self._stop.wait(delay):
-            with self._lock:
-                slot.launching = False
-            return
-        if not probe and self.breaker.state is not BreakerState.CLOSED:
-            with self._lock:  # the breaker opened meanwhile: its probe restarts this slot
-                slot.launching = False
-            return
-        try:
-            self._bring_up(slot, probe=probe)
-        except Exception:
-            log.exception("pool %s: starting a worker for slot %d failed", self.run_id, slot.index)
-
-    def _bring_up(self, slot: _Slot, initial: bool = False, probe: bool = False) -> None:
-        """Spawns, connects and installs a worker in `slot` (slot.launching is set by the caller)."""
-        t0 = time.monotonic()
-        died_at = slot.died_at
-        proc: WorkerProcess | None = None
-        worker: _Worker | None = None
-        try:
-            proc = self._spawn_process(slot.gpu)
-            worker = self._connect(proc, slot.gpu)
-            if probe:
-                status = worker.client.health(timeout=self._health[1])
-                if status != "SERVING":
-                    raise WorkerStartError(f"probe worker pid {proc.pid} answered health {status}",
-                                           pid=proc.pid, classification="unresponsive")
-        except (WorkerStartError, TemplateError, OSError, SidecarError) as exc:
-            if worker is not None:  # started but failed its probe: it must not linger
-                self._dispose(worker, kill=True)
-            elif proc is not None:
-                proc.kill()
-                proc.wait_exit(5.0)
-                reaper.reap_owner(self.run_id, proc.pid)
-            with self._lock:
-                slot.launching = False
-            if initial:
-                raise
-            if self._closing:  # killed by close() while starting: not a crash
-                return
-            self._start_failed(slot, exc)
-            return
-        with self._lock:
-            slot.launching = False
-            if self._closing:
-                closing = True
-            else:
-                closing = False
-                restarted = slot.started_once
-                slot.started_once = True
-                if restarted:
-                    slot.restarts += 1
-                slot.worker = worker
-                slot.state = WorkerState.READY
-                slot.health_failures = 0
-                self._cond.notify_all()
-        if closing:
-            self._dispose(worker, kill=True)
-            return
-        proc.add_exit_callback(lambda info, s=slot, w=worker: self._on_exit(s, w, info))
-        if self._op_idempotent is None:
-            self._load_op_flags(worker.client)
-        now = time.monotonic()
-        meta: dict[str, Any] = {"slot": slot.index, "pid": proc.pid, "via": proc.via,
-                                "start_ms": round((now - t0) * 1000, 2)}
-        if died_at and restarted:
-            meta["since_crash_ms"] = round((now - died_at) * 1000, 2)
-        self.events_bus.publish("restart" if restarted else "worker_started", **meta)
-        self._telemetry_attach(worker)
-        if probe and self.breaker.record_success() is BreakerState.CLOSED:
-            self._breaker_closed()
-
-    def _start_failed(self, slot: _Slot, exc: BaseException) -> None:
-        info = _exit_of_error(exc)
-        tail = list(getattr(exc, "stderr_tail", None) or [])
-        pid = getattr(exc, "pid", None)
-        with self._lock:
-            slot.crashes += 1
-            slot.consecutive += 1
-            slot.last_exit = info
-            slot.state = WorkerState.RESTARTING
-            slot.died_at = time.monotonic()
-            self._last_crash = (info, pid, tail)
-            self._cond.notify_all()
-        log.warning("pool %s: slot %d failed to start: %s", self.run_id, slot.index, exc)
-        self.events_bus.publish("crash", slot=slot.index, pid=pid, phase="start",
-                                classification=info.classification.value, exit_code=info.exit_code,
-                                signal=info.signal, stderr_tail=tail, message=str(exc).split("\n")[0])
-        # A worker killed from outside while it started is no evidence of a crash loop.
-        external = info.classification in (Classification.KILLED, Classification.TERMINATED)
-        self._after_crash(slot, start_failure=not external)
-
-    def _load_op_flags(self, client: Client) -> None:
-        try:
-            flags = {o["name"]: bool(o.get("idempotent")) for o in client.list_ops()}
-        except (SidecarError, KeyError, TypeError) as exc:
-            log.debug("ListOps failed (%s); ops count as not idempotent", exc)
-            return
-        with self._lock:
-            if self._op_idempotent is None:
-                self._op_idempotent = flags
-
-    # ---------------------------------------------------------------------------------------------
-    # spares
-
-    def _launch_spare(self, delay: float = 0.0) -> None:
-        with self._lock:
-            if self._closing or len(self._spares) + self._spares_launching >= self._spares_target:
-                return
-            self._spares_launching += 1
-            gpu = self._gpus[(len(self._spares) + self._spares_launching) % len(self._gpus)] \
-                if len(self._gpus) > 1 else None
-        self._spawn_thread(self._bring_up_spare, "sidecar-pool-spare", gpu, delay)
-
-    def _bring_up_spare(self, gpu: str | None, delay: float) -> None:
-        worker: _Worker | None = None
-        failure: BaseException | None = None
-        try:
-            if delay > 0 and self._stop.wait(delay):
-                return
-            if self.breaker.state is not BreakerState.CLOSED:
-                return
-            proc = self._spawn_process(gpu)
-            worker = self._connect(proc, gpu)
-        except (WorkerStartError, TemplateError, OSError, SidecarError) as exc:
-            failure = exc
-        finally:
-            with self._lock:
-                self._spares_launching -= 1
-                closing = self._closing
-                if worker is not None and not closing:
-                    self._spares.append(worker)
-                    self._cond.notify_all()
-        if failure is not None and not closing:
-            log.warning("pool %s: spare failed to start: %s", self.run_id, failure)
-            with self._lock:
-                self._spare_consecutive += 1
-            self._spare_crashed(_exit_of_error(failure), getattr(failure, "pid", None),
-                                list(getattr(failure, "stderr_tail", None) or []))
-            return
-        if worker is None:  # failed while closing, or the start was skipped
-            return
-        if closing:
-            self._dispose(worker, kill=True)
-            return
-        worker.proc.add_exit_callback(lambda info, w=worker: self._on_exit(None, w, info))
-        with self._lock:
-            self._spare_consecutive = 0
-        if self._op_idempotent is None:
-            self._load_op_flags(worker.client)
-
-    def _spare_crashed(self, info: ExitInfo, pid: int | None, tail: list[str]) -> None:
-        """A spare failed to start: a start-up failure."""
-        with self._lock:
-            self._last_crash = (info, pid, tail)
-        self.events_bus.publish("crash", slot=-1, pid=pid, phase="spare", classification=info.classification.value,
-                                exit_code=info.exit_code, signal=info.signal, stderr_tail=tail)
-        if self._count_start_failure():
-            return
-        k = self._spare_consecutive
-        self._launch_spare(0.0 if k <= 1 else self._restart_delay(k))
-
-    def _take_spare(self, gpu: str | None) -> _Worker | None:
-        """A ready spare (one placed on `gpu` when workers are placed); the caller holds the lock."""
-        for i, w in enumerate(self._spares):
-            if w.proc.alive and (gpu is None or w.gpu == gpu):
-                return self._spares.pop(i)
-        return None
-
-    # ---------------------------------------------------------------------------------------------
-    # crashes
-
-    def _on_exit(self, slot: _Slot | None, worker: _Worker, info: ExitInfo) -> None:
-        """Runs on the worker's watcher thread as soon as its exit status is known."""
-        proc = worker.proc
-        if info.signal == signal.SIGKILL and worker.oom_kills is not None:
-            now = oom_kill_count()
-            info = info.with_oom(now is not None and now > worker.oom_kills)
-        with self._lock:
-            retiring = worker in self._retiring
-            self._retiring.discard(worker)
-            ops = sorted(set(worker.running.values()))
-            if retiring:  # recycled: its slot has a replacement already; only its exit is news
-                expected = True
-                if slot is not None:
-                    slot.last_exit = info
-            elif slot is None:  # a spare
-                was_spare = worker in self._spares
-                if was_spare:
-                    self._spares.remove(worker)
-                expected = self._closing or not was_spare
-            elif slot.worker is not worker:
-                expected = True  # replaced already: nothing to restart
-            else:
-                expected = self._closing or slot.state is WorkerState.STOPPING
-            if not expected and info.classification is Classification.CLEAN:
-                # Nobody in the pool asked it to stop: a SIGTERM/SIGINT from outside, drained to exit 0.
-                info = ExitInfo(Classification.TERMINATED, exit_code=info.exit_code)
-            if slot is not None and slot.worker is worker:
-                slot.worker = None
-                slot.last_exit = info
-                slot.died_at = time.monotonic()
-                if expected:
-                    slot.state = WorkerState.STOPPED
-                else:
-                    slot.state = WorkerState.RESTARTING
-                    slot.crashes += 1
-                    proven = worker.served or (slot.died_at - worker.ready_at) >= self._stable_after_s
-                    # Back off only for a worker that keeps crashing by itself before it proved itself.
-                    slot.consecutive = slot.consecutive + 1 if info.blames_work and not proven else 1
-                self._cond.notify_all()
-            if not expected:
-                self._last_crash = (info, proc.pid, proc.stderr_tail())
-        if retiring and not self._closing:
-            self.events_bus.publish(
-                "crash", slot=-1 if slot is None else slot.index, pid=proc.pid, phase="recycled",
-                classification=info.classification.value, exit_code=info.exit_code, signal=info.signal,
-                description=info.describe(), inflight=worker.inflight, ops=ops, stderr_tail=proc.stderr_tail())
-        if expected:
-            self._dispose(worker, kill=False)
-            return
-        tail = proc.stderr_tail()
-        log.warning("pool %s: worker pid %d %s", self.run_id, proc.pid, info.describe())
-        self.events_bus.publish(
-            "crash", slot=-1 if slot is None else slot.index, pid=proc.pid, phase="running",
-            classification=info.classification.value, exit_code=info.exit_code, signal=info.signal,
-            description=info.describe(), uptime_s=round(time.monotonic() - worker.ready_at, 3),
-            inflight=worker.inflight, ops=ops, stderr_tail=tail)
-        # What the crash is evidence of: calls that crash workers (their ops' breakers), a worker
-        # that cannot get going (the start-up breaker), or nothing (a kill from outside).
-        start_failure = False
-        if info.blames_work and ops:
-            self._count_op_crashes(ops, info, proc.pid, tail)
-        elif info.blames_work and not worker.served:
-            start_failure = True
-        # Replacement first (it has the most latency to hide), then the clean-up of the dead one.
-        if slot is None:
-            self._spare_crashed_after_ready(start_failure)
-        else:
-            self._after_crash(slot, start_failure)
-        self._dispose(worker, kill=False)
-
-    def _spare_crashed_after_ready(self, start_failure: bool) -> None:
-        if start_failure and self._count_start_failure():
-            return
-        self._launch_spare()
-
-    def _dispose(self, worker: _Worker, kill: bool) -> None:
+    def _dispose(self, worker: Worker, kill: bool) -> None:
         """Forgets a worker: kill it if asked, drop its connection and leases, unlink its segments.
 
         The client refuses new calls at once and closes its channel when the calls in flight end; the
@@ -715,179 +308,32 @@ class Pool:
         if proc.alive:
             return
         with self._lock:
-            worker.unlink_when_idle = worker.inflight > 0
-            now = not worker.unlink_when_idle
+            now = self._sup.unlink_later(worker)
         if now:
             self._unlink_dead(worker)
 
-    def _unlink_dead(self, worker: _Worker) -> None:
-        proc = worker.proc
-        reaped = reaper.reap_owner(self.run_id, proc.pid)
-        if reaped:
-            log.debug("pool %s: unlinked %d segment(s) of dead worker %d", self.run_id, len(reaped), proc.pid)
-        address = proc.address or ""
-        if address.startswith("unix:"):
+    def _unlink_dead(self, worker: Worker) -> None:
+        self._launcher.unlink_dead(worker.proc)
+
+    def _template_died(self) -> None:
+        """The template died on its own: its workers live on (they watch the host, not it). A new
+        template forks the next replacements and becomes the guardian of every live worker."""
+        if self._sup.closing:
+            return
+        log.warning("pool %s: template process died; starting a new one", self.run_id)
+
+        def live_pids() -> list[int]:
+            with self._lock:
+                return [w.pid for w in self._sup.live_workers() if w.proc.alive]
+
+        def restart() -> None:
             try:
-                os.unlink(address[len("unix:"):])
-            except OSError:
-                pass
-
-    def _restart_delay(self, consecutive: int) -> float:
-        first, cap = self._restart_backoff
-        return min(cap, first * 2 ** max(0, consecutive - 2))
-
-    def _count_start_failure(self) -> bool:
-        """Feeds the start-up breaker; True when this opened it."""
-        if self.breaker.record_failure() is BreakerState.OPEN:
-            self._breaker_opened()
-            return True
-        return False
-
-    def _count_op_crashes(self, ops: list[str], info: ExitInfo, pid: int, tail: list[str]) -> None:
-        """A worker crashed by itself while running calls of `ops`: one failure for each op's breaker."""
-        b = self.op_breakers
-        for op in ops:
-            with self._lock:
-                self._op_last_crash[op] = (info, pid, tail)
-            if b.record_crash(op) is BreakerState.OPEN:
-                breaker = b.get(op)
-                assert breaker is not None
-                log.warning("pool %s: circuit breaker of op %r open (%d crashes within %g s)", self.run_id, op,
-                            breaker.recent_failures(), breaker.window_s)
-                self.events_bus.publish("breaker_open", scope="op", op=op, crashes=breaker.recent_failures(),
-                                        window_s=breaker.window_s, cooldown_s=breaker.cooldown_s,
-                                        classification=info.classification.value)
-
-    def _after_crash(self, slot: _Slot, start_failure: bool) -> None:
-        if start_failure and self._count_start_failure():
-            return
-        if self.breaker.state is not BreakerState.CLOSED or self._closing:
-            return
-        with self._lock:
-            spare = self._take_spare(slot.gpu) if slot.consecutive <= 1 and not slot.launching else None
-            if spare is not None:
-                slot.worker = spare
-                slot.state = WorkerState.READY
-                slot.restarts += 1
-                slot.started_once = True
-                died_at = slot.died_at
-                self._cond.notify_all()
-        if spare is not None:
-            spare.proc.add_exit_callback(lambda info, s=slot, w=spare: self._on_exit(s, w, info))
-            self.events_bus.publish("restart", slot=slot.index, pid=spare.proc.pid, via="spare",
-                                    since_crash_ms=round((time.monotonic() - died_at) * 1000, 2))
-            self._telemetry_attach(spare)  # watchers follow the slot, as they do a started replacement
-            self._launch_spare()
-            return
-        delay = 0.0 if slot.consecutive <= 1 else self._restart_delay(slot.consecutive)
-        self._launch(slot, delay)
-
-    # ---------------------------------------------------------------------------------------------
-    # circuit breaker
-
-    def _breaker_opened(self) -> None:
-        with self._lock:
-            self._cond.notify_all()  # waiting callers fail fast now
-            last = self._last_crash
-        b = self.breaker
-        log.warning("pool %s: start-up circuit breaker open (%d start-up failures within %g s); probing in %g s",
-                    self.run_id, b.recent_failures(), b.window_s, b.cooldown_s)
-        self.events_bus.publish("breaker_open", scope="start", crashes=b.recent_failures(), window_s=b.window_s,
-                                cooldown_s=b.cooldown_s,
-                                classification=last[0].classification.value if last else None)
-        self._schedule_probe(b.cooldown_s)
-
-    def _schedule_probe(self, delay: float) -> None:
-        def later() -> None:
-            if not self._stop.wait(delay):
-                self._probe()
-        self._spawn_thread(later, "sidecar-pool-probe")
-
-    def _probe(self) -> None:
-        if self._closing:
-            return
-        if not self.breaker.try_probe():
-            if self.breaker.state is BreakerState.OPEN:
-                self._schedule_probe(max(0.01, self.breaker.retry_after()))
-            return
-        self.events_bus.publish("breaker_half_open", scope="start")
-        with self._lock:
-            slot = next((s for s in self._slots if s.state is WorkerState.RESTARTING and not s.launching), None)
-        if slot is None:  # every slot has a live worker: nothing to probe, the pool works
-            if self.breaker.record_success() is BreakerState.CLOSED:
-                self._breaker_closed()
-            return
-        self._launch(slot, probe=True)
-
-    def _breaker_closed(self) -> None:
-        log.info("pool %s: start-up circuit breaker closed", self.run_id)
-        self.events_bus.publish("breaker_close", scope="start")
-        with self._lock:
-            self._cond.notify_all()
-            dead = [s for s in self._slots if s.state is WorkerState.RESTARTING and not s.launching]
-            for s in dead:
-                s.consecutive = 0
-        for s in dead:
-            self._launch(s)
-        self._launch_spare()
-
-    # ---------------------------------------------------------------------------------------------
-    # health
-
-    def _health_loop(self) -> None:
-        interval, timeout, limit = self._health
-        while not self._stop.wait(interval):
-            with self._lock:
-                ready = [(s, s.worker) for s in self._slots if s.state is WorkerState.READY and s.worker]
-            for slot, worker in ready:
-                if self._stop.is_set():
-                    return
-                try:
-                    status = worker.client.health(timeout=timeout)
-                except SidecarError:  # unreachable, timed out, or its client closed as it died
-                    status = None
-                if status == "NOT_SERVING" and worker.proc.alive:
-                    self._recycle(slot, worker)
-                    continue
-                with self._lock:
-                    if slot.worker is not worker:
-                        continue
-                    slot.health_failures = 0 if status == "SERVING" else slot.health_failures + 1
-                    kill = slot.health_failures >= limit
-                if kill and worker.proc.alive:
-                    log.warning("pool %s: worker pid %d failed %d health checks; killing it",
-                                self.run_id, worker.proc.pid, limit)
-                    worker.proc.classify_as(Classification.UNRESPONSIVE)
-                    worker.proc.kill()
-
-    def _recycle(self, slot: _Slot, worker: _Worker) -> None:
-        """A worker that says NOT_SERVING (a cancelled call of it is stuck, or it is draining after a
-        SIGTERM from outside) gets no more calls; a replacement starts at once; the worker gets SIGTERM
-        (its other calls drain) and SIGKILL after grace_s."""
-        with self._lock:
-            if slot.worker is not worker or self._closing:
+                pid, dead_pid, watched = self._launcher.restart_template(live_pids)
+            except Exception:
+                log.exception("pool %s: cannot restart the template; workers start cold", self.run_id)
                 return
-            slot.worker = None
-            slot.state = WorkerState.RESTARTING
-            slot.died_at = time.monotonic()
-            self._retiring.add(worker)
-            stuck = worker.abandoned > 0
-            self._cond.notify_all()
-        proc = worker.proc
-        if stuck:  # calls we gave up on at their deadline are still running in it
-            proc.classify_as(Classification.STUCK)
-        log.warning("pool %s: worker pid %d reports NOT_SERVING%s; recycling it", self.run_id, proc.pid,
-                    f" with {worker.abandoned} cancelled call(s) still running" if stuck else "")
-        self.events_bus.publish("recycle", slot=slot.index, pid=proc.pid, inflight=worker.inflight,
-                                abandoned=worker.abandoned,
-                                classification=Classification.STUCK.value if stuck else None)
-        self._launch(slot)
-        proc.terminate()
-
-        def kill_after_grace() -> None:
-            if proc.wait_exit(self._grace_s) is None:
-                proc.kill()
-        self._spawn_thread(kill_after_grace, f"sidecar-pool-recycle-{proc.pid}")
+            self.events_bus.emit(events.template_restart(pid, dead_pid, watched))
+        self._spawn_thread(restart, "sidecar-pool-template")
 
     # ---------------------------------------------------------------------------------------------
     # calls
@@ -905,15 +351,17 @@ class Pool:
     def execute(self, op: str, *inputs: Any, idempotent: bool | None = None, timeout: float | None = None,
                 **kwargs: Any) -> Result:
         """Like `call`, but returns the `Result` (outputs, timing, device, leases, bytes)."""
-        return self._invoke("execute", op, inputs, idempotent, timeout, kwargs)
+        return self._invoke("execute", op, inputs, idempotent, timeout, kwargs)  # type: ignore[no-any-return]
 
     def hardware(self) -> dict[str, Any]:
         """What a ready worker sees (GetHardware): CPU, CUDA devices, MPS and the device it runs ops on."""
-        return self._on_any_worker("GetHardware", lambda client: client.hardware())
+        self._check_process()
+        return self._scheduler.on_any_worker("GetHardware", lambda client: client.hardware())  # type: ignore[no-any-return]
 
     def list_ops(self) -> list[Any]:
         """Every op the workers serve (ListOps of a ready worker)."""
-        return self._on_any_worker("ListOps", lambda client: client.list_ops())
+        self._check_process()
+        return self._scheduler.on_any_worker("ListOps", lambda client: client.list_ops())  # type: ignore[no-any-return]
 
     def empty(self, shape: int | Sequence[int], dtype: Any = "float32", *, torch: bool = False) -> Any:
         """An array (or CPU torch tensor) in the pool's shared arena: passed to `call`, it crosses to
@@ -921,17 +369,9 @@ class Pool:
         self._check_process()
         return empty_in(self._arena, shape, dtype, torch=torch)
 
-    def _on_any_worker(self, what: str, fn: Callable[[Client], Any]) -> Any:
-        self._check_process()
-        slot, worker, token = self._acquire(what, None, set())
-        try:
-            return fn(worker.client)
-        finally:
-            self._release(slot, worker, token, ok=False)
-
     def is_idempotent(self, op: str) -> bool:
         """What ListOps says about `op` (False for ops it does not know)."""
-        return bool((self._op_idempotent or {}).get(op, False))
+        return self._scheduler.is_idempotent(op)
 
     def _invoke(self, method: str, op: str, inputs: tuple[Any, ...], idempotent: bool | None,
                 timeout: float | None, kwargs: dict[str, Any]) -> Any:
@@ -939,197 +379,11 @@ class Pool:
         hook = self._call_observer
         if hook is not None:  # metrics are on: the observer times and records the call around the run
             return hook(self._invoke_unobserved, method, op, inputs, idempotent, timeout, kwargs)
-        return self._invoke_unobserved(method, op, inputs, idempotent, timeout, kwargs)
+        return self._scheduler.invoke(method, op, inputs, idempotent, timeout, kwargs)
 
     def _invoke_unobserved(self, method: str, op: str, inputs: tuple[Any, ...], idempotent: bool | None,
                            timeout: float | None, kwargs: dict[str, Any]) -> Any:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        retryable = self.is_idempotent(op) if idempotent is None else bool(idempotent)
-        admission = self.op_breakers.admit(op)
-        if admission is Admission.REFUSE:
-            raise self._op_circuit_open_error(op)
-        if admission is Admission.PROBE:
-            self.events_bus.publish("breaker_half_open", scope="op", op=op)
-        excluded: set[int] = set()
-        work_crashes: list[tuple[WorkerCrashed, ExitInfo]] = []  # attempts that crashed their worker
-        first_crash: int | None = None  # the attempt that first crashed its worker
-        crashed_nothing = False  # for a probe: the call ended without crashing any worker
-        attempt = 0
-        try:
-            while True:
-                attempt += 1
-                slot, worker, token = self._acquire(op, deadline, excluded)
-                left = None if deadline is None else max(0.001, deadline - time.monotonic())
-                try:
-                    out = getattr(worker.client, method)(op, *inputs, timeout=left, idempotent=retryable, **kwargs)
-                except Exception as exc:
-                    # Still registered as running on the worker while we look: a crash is counted
-                    # against this op (the exit callback reads `worker.running`).
-                    try:
-                        found = self._as_crash(exc, worker, op)
-                    finally:
-                        gave_up = isinstance(exc, Cancelled) and worker.proc.alive
-                        self._release(slot, worker, token, ok=False, abandoned=gave_up)
-                    if found is None:  # the worker answered (an op error), or the call's own timeout
-                        crashed_nothing = True
-                        raise
-                    crash, info = found
-                    if info is not None and info.blames_work:
-                        work_crashes.append((crash, info))
-                        if len(work_crashes) >= 2:
-                            raise self._poison(op, work_crashes) from None
-                        first_crash = first_crash or attempt
-                    # A call whose attempt crashed a worker by itself gets one more try at most.
-                    tries_left = first_crash is None or attempt == first_crash
-                    never_sent = getattr(crash, "call_started", None) is False  # safe to send again
-                    if not (retryable or never_sent) or not tries_left or attempt >= self._max_attempts \
-                            or self._closing:
-                        raise crash from (None if crash is exc else exc)
-                    delay = self._retry_delay(attempt)
-                    if deadline is not None and time.monotonic() + delay >= deadline:
-                        raise crash from (None if crash is exc else exc)
-                    self.events_bus.publish("retry", op=op, attempt=attempt + 1, pid=worker.proc.pid,
-                                            classification=crash.fields.get("classification"),
-                                            delay_ms=round(delay * 1000, 2))
-                    excluded.add(worker.proc.pid)
-                    if delay > 0:
-                        time.sleep(delay)
-                    continue
-                self._release(slot, worker, token, ok=True)
-                crashed_nothing = not work_crashes
-                return out
-        finally:
-            if admission is Admission.PROBE and \
-                    self.op_breakers.probe_done(op, crashed_nothing) is BreakerState.CLOSED:
-                log.info("pool %s: circuit breaker of op %r closed", self.run_id, op)
-                self.events_bus.publish("breaker_close", scope="op", op=op)
-
-    def _retry_delay(self, attempt: int) -> float:
-        first, cap = self._retry_backoff
-        return min(cap, first * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-
-    def _acquire(self, op: str, deadline: float | None, excluded: set[int]) -> tuple[_Slot, _Worker, int]:
-        """The least busy ready worker (not in `excluded`) and a token for `_release`; waits for one
-        (until the deadline) unless the start-up breaker says none will come."""
-        wait_until = deadline if deadline is not None else time.monotonic() + self._acquire_timeout_s
-        with self._cond:
-            while True:
-                if self._closing:
-                    raise PoolClosed("the pool is closed", op=op)
-                ready = [s for s in self._slots if s.state is WorkerState.READY and s.worker is not None
-                         and s.worker.proc.pid not in excluded]
-                if ready:
-                    n = len(ready)
-                    start = self._rr % n
-                    self._rr += 1
-                    slot = min((ready[(start + i) % n] for i in range(n)), key=lambda s: s.worker.inflight)
-                    worker = slot.worker
-                    assert worker is not None
-                    worker.inflight += 1
-                    token = next(self._tokens)
-                    worker.running[token] = op
-                    return slot, worker, token
-                if self.breaker.state is not BreakerState.CLOSED:
-                    raise self._circuit_open_error(op)  # no worker is ready and none is being started
-                left = wait_until - time.monotonic()
-                if left <= 0:
-                    what = "the call's timeout" if deadline is not None else f"{self._acquire_timeout_s:g} s"
-                    raise Cancelled(f"no worker became ready within {what}", op=op)
-                self._cond.wait(left)
-
-    def _release(self, slot: _Slot, worker: _Worker, token: int, ok: bool, abandoned: bool = False) -> None:
-        with self._lock:
-            worker.inflight -= 1
-            worker.running.pop(token, None)
-            if abandoned:
-                worker.abandoned += 1
-            if ok:
-                worker.served = True
-                slot.calls += 1
-                if slot.worker is worker:
-                    slot.consecutive = 0
-            unlink = worker.unlink_when_idle and worker.inflight == 0
-            if unlink:
-                worker.unlink_when_idle = False
-        if unlink:  # the last call reading a dead worker's outputs is done with them
-            self._unlink_dead(worker)
-
-    def _as_crash(self, exc: Exception, worker: _Worker, op: str) -> tuple[WorkerCrashed, ExitInfo | None] | None:
-        """The WorkerCrashed error (and the exit) for a failed call if its worker died; None when the
-        failure is an answer of a live worker (an op error) or the call's own timeout.
-
-        Whatever the transport said (UNAVAILABLE, a reset stream, a client closed under the call, a
-        deadline passed while the worker died) becomes WORKER_CRASHED once the worker is known dead.
-        """
-        proc = worker.proc
-        transport = isinstance(exc, (WorkerCrashed, ClientClosed)) or (
-            isinstance(exc, OpFailed) and str(exc.fields.get("exception_type", "")).startswith("grpc."))
-        if isinstance(exc, SidecarError) and not transport and not isinstance(exc, Cancelled):
-            return None  # the worker's own answer (an op error), even if it died right after
-        wait = self._crash_detect_s if transport or proc.exit_info is not None else 0.0
-        info = proc.wait_exit(wait)
-        started = getattr(exc, "call_started", None)
-        if info is None:
-            if not transport:
-                return None
-            # Alive but unreachable: still a failed attempt that may be retried.
-            crash = exc if isinstance(exc, WorkerCrashed) else WorkerUnreachable(
-                f"worker pid {proc.pid} could not be reached while running {op!r}: {exc}", op=op, pid=proc.pid,
-                classification="unreachable")
-            crash.call_started = started  # type: ignore[attr-defined]
-            return crash, None
-        tail = proc.stderr_tail()
-        message = f"worker pid {proc.pid} {info.describe()} while running {op!r}"
-        summary = summarize_tail(tail)
-        if summary:
-            message += f"; last output: {summary}"
-        message += ("; the call had not reached the worker" if started is False else
-                    "; the call had been sent to the worker, which may have started it")
-        fields = info.as_fields()
-        if isinstance(exc, SidecarError) and exc.fields.get("request_id"):
-            fields["request_id"] = exc.fields["request_id"]
-        crash = WorkerCrashed(message, op=op, pid=proc.pid, stderr_tail=tail, **fields)
-        crash.call_started = started  # type: ignore[attr-defined]
-        return crash, info
-
-    def _poison(self, op: str, crashes: list[tuple[WorkerCrashed, ExitInfo]]) -> PoisonCall:
-        named = ", ".join(f"pid {c.pid} ({i.classification.value}"
-                          f"{', ' + i.signal_name if i.signal_name else ''})" for c, i in crashes)
-        last, info = crashes[-1]
-        summary = summarize_tail(last.stderr_tail or [])
-        err = PoisonCall(f"the call of {op!r} crashed {len(crashes)} workers: {named}; it is not sent to "
-                         f"another worker{'; last output: ' + summary if summary else ''}",
-                         op=op, pid=last.pid, stderr_tail=last.stderr_tail, request_id=last.request_id,
-                         **info.as_fields())
-        err.crashes = [{"pid": c.pid, **i.as_fields()} for c, i in crashes]
-        err.call_started = None  # type: ignore[attr-defined]
-        return err
-
-    def _circuit_open_error(self, op: str) -> CircuitOpen:
-        b = self.breaker
-        fields: dict[str, Any] = {"op": op}
-        text = ""
-        if self._last_crash is not None:
-            info, pid, tail = self._last_crash
-            fields.update(info.as_fields(), pid=pid, stderr_tail=tail)
-            text = f"; last crash: worker pid {pid} {info.describe()}"
-        return CircuitOpen(f"start-up circuit breaker {b.state.value} after {b.recent_failures()} start-up "
-                           f"failures within {b.window_s:g} s, and no worker is ready; next probe in "
-                           f"{b.retry_after():.1f} s{text}", **fields)
-
-    def _op_circuit_open_error(self, op: str) -> CircuitOpen:
-        b = self.op_breakers.get(op)
-        assert b is not None
-        fields: dict[str, Any] = {"op": op}
-        text = ""
-        last = self._op_last_crash.get(op)
-        if last is not None:
-            info, pid, tail = last
-            fields.update(info.as_fields(), pid=pid, stderr_tail=tail)
-            text = f"; last crash: worker pid {pid} {info.describe()}"
-        return CircuitOpen(f"circuit breaker of op {op!r} {b.state.value} after {b.recent_failures()} workers "
-                           f"crashed running it within {b.window_s:g} s; next try in {b.retry_after():.1f} s"
-                           f"{text}", **fields)
+        return self._scheduler.invoke(method, op, inputs, idempotent, timeout, kwargs)
 
     # ---------------------------------------------------------------------------------------------
     # observing
@@ -1137,36 +391,27 @@ class Pool:
     def status(self) -> list[WorkerStatus]:
         self._check_process()
         with self._lock:
-            rows = [WorkerStatus(s.index, s.worker.proc.pid if s.worker else None, s.state, s.calls, s.crashes,
-                                 s.restarts, s.last_exit, s.worker.inflight if s.worker else 0,
-                                 s.worker.proc.address if s.worker else None, s.gpu) for s in self._slots]
-            rows += [WorkerStatus(-1, w.proc.pid, WorkerState.SPARE, 0, 0, 0, None, 0, w.proc.address, w.gpu)
-                     for w in self._spares]
-        return rows
+            return self._sup.rows()
 
     @property
     def size(self) -> int:
-        return len(self._slots)
+        return self.settings.workers
 
     def ready_count(self) -> int:
         with self._lock:
-            return sum(1 for s in self._slots if s.state is WorkerState.READY)
+            return self._sup.ready_count()
 
     def wait_ready(self, timeout: float = 30.0, spares: bool = False) -> bool:
         """Blocks until every slot has a ready worker (and, if asked, every spare is up)."""
         self._check_process()
         deadline = time.monotonic() + timeout
         with self._cond:
-            while True:
-                done = all(s.state is WorkerState.READY for s in self._slots)
-                if done and spares:
-                    done = len(self._spares) >= self._spares_target
-                if done:
-                    return True
+            while not self._sup.all_ready(spares):
                 left = deadline - time.monotonic()
-                if left <= 0 or self._closing:
+                if left <= 0 or self._sup.closing:
                     return False
-                self._cond.wait(min(left, 0.05) if spares else left)
+                self._cond.wait(left)
+            return True
 
     def subscribe(self, callback: Callable[[PoolEvent], None]) -> Callable[[], None]:
         """`callback(event)` for every pool event, on the pool's thread; returns an unsubscribe function."""
@@ -1179,15 +424,20 @@ class Pool:
     def watch_telemetry(self, memory_interval_s: float = 0.0) -> PoolTelemetry:
         """Every worker's telemetry (spans, memory samples) and the pool's events, as one stream of dicts."""
         self._check_process()
-        t = PoolTelemetry(self, memory_interval_s)
+        t = PoolTelemetry(self.subscribe, memory_interval_s, self._forget_telemetry)
         with self._lock:
             self._telemetry.append(t)
-            workers = [s.worker for s in self._slots if s.worker is not None]
+            workers = self._sup.serving_workers()
         for w in workers:
             t.attach(w)
         return t
 
-    def _telemetry_attach(self, worker: _Worker) -> None:
+    def _forget_telemetry(self, t: PoolTelemetry) -> None:
+        with self._lock:
+            if t in self._telemetry:
+                self._telemetry.remove(t)
+
+    def _telemetry_attach(self, worker: Worker) -> None:
         with self._lock:
             watchers = list(self._telemetry)
         for t in watchers:
@@ -1202,7 +452,7 @@ class Pool:
         recorded): `profile_memory(...)`, `registry`, `recent_calls`, `timeline`."""
         with self._lock:
             if self._observer is None:
-                if self._closing:
+                if self._sup.closing:
                     raise PoolClosed("the pool is closed")
                 from sidecar.observe.pool_observer import PoolObserver
 
@@ -1213,22 +463,26 @@ class Pool:
     def serve_metrics(self, address: str = "127.0.0.1:9464", *, allow_remote: bool = False) -> str:
         """Serves Prometheus metrics (/metrics) and the live dashboard (/) on `address` (port 0: any
         free port) until `close()`; returns the bound HOST:PORT. Loopback only unless `allow_remote`."""
-        return self.observer.serve(address, allow_remote=allow_remote)
+        return self.observer.serve(address, allow_remote=allow_remote)  # type: ignore[no-any-return]
 
     def memory_history(self, pid: int | None = None, device: str | None = None) -> list[Any]:
         """The memory history rings (`sidecar.observe.MemorySeries` per worker pid and device, "cpu" or
         "cuda:N"); the first call starts sampling (`observer.profile_memory(...)` sets interval etc.)."""
-        return self.observer.memory_history(pid, device)
+        return self.observer.memory_history(pid, device)  # type: ignore[no-any-return]
 
     @property
     def template(self) -> Template | None:
         """The template process (or, with use_template=False, the guardian without preloads)."""
-        return self._template
+        return self._launcher.template
 
     @property
     def template_pid(self) -> int | None:
-        t = self._template
+        t = self._launcher.template
         return t.pid if t is not None and t.alive else None
+
+    @property
+    def template_startup_s(self) -> float | None:
+        return self._launcher.template_startup_s
 
     # ---------------------------------------------------------------------------------------------
     # processes: a pool belongs to the one that created it
@@ -1262,22 +516,19 @@ class Pool:
         In a forked child this does nothing: the workers and the run's memory are the parent's."""
         if not self._in_owner():
             return
-        with self._lock:
+        with self._cond:
             if self._closed:
                 return
-            self._closed = self._closing = True
+            self._closed = True
+            workers = self._sup.close()
+            self._stop.set()
             self._cond.notify_all()
-            workers = [s.worker for s in self._slots if s.worker is not None] + list(self._spares)
-            workers += list(self._retiring)
-            for s in self._slots:
-                s.state = WorkerState.STOPPING if s.worker is not None else WorkerState.STOPPED
-            starting = list(self._starting)
         if self._observer is not None:  # no new one is made once closing: its endpoint stops first
             self._observer.close()
-        self._stop.set()
-        for proc in starting:
-            proc.kill()
-        grace = self._grace_s if grace_s is None else grace_s
+        launcher = getattr(self, "_launcher", None)
+        if launcher is not None:
+            launcher.stop_starting()
+        grace = self.settings.grace_s if grace_s is None else grace_s
         for w in workers:
             w.proc.terminate()
         deadline = time.monotonic() + grace
@@ -1288,24 +539,22 @@ class Pool:
                 w.proc.kill()
         for t in list(self._threads):
             if t is not threading.current_thread():
-                t.join(self._start_timeout if t.name.startswith("sidecar-pool-launch") else 5.0)
+                t.join(self.settings.start_timeout if t.name.startswith("sidecar-pool-launch") else 5.0)
         for w in workers:
             w.proc.wait_exit(5.0)
             self._dispose(w, kill=False)
         with self._lock:
-            for s in self._slots:
-                s.state = WorkerState.STOPPED
-                s.worker = None
-            self._spares.clear()
+            self._sup.closed()
             telemetry, self._telemetry = self._telemetry, []
-        for t in telemetry:
-            t.close()
-        if self._template is not None:
-            self._template.close()
+        for stream in telemetry:
+            stream.close()
+        if launcher is not None:
+            launcher.close()
         self.events_bus.close()
-        self._arena.close()
+        arena = getattr(self, "_arena", None)
+        if arena is not None:
+            arena.close()
         reaper.reap_run(self.run_id)
-        shutil.rmtree(self._sockdir, ignore_errors=True)
 
     def __enter__(self) -> Pool:
         return self
@@ -1324,97 +573,5 @@ class Pool:
     def __repr__(self) -> str:
         if not self._in_owner():
             return f"<Pool run={self.run_id} of process {self._owner_pid}>"
-        return (f"<Pool run={self.run_id} workers={self.ready_count()}/{len(self._slots)} "
+        return (f"<Pool run={self.run_id} workers={self.ready_count()}/{self.settings.workers} "
                 f"breaker={self.breaker.state.value}>")
-
-
-def _exit_of_error(exc: BaseException) -> ExitInfo:
-    """The ExitInfo carried by a WorkerStartError (or a plain failure to start)."""
-    fields = getattr(exc, "fields", {}) or {}
-    try:
-        cls = Classification(fields.get("classification", "other"))
-    except ValueError:
-        cls = Classification.OTHER
-    return ExitInfo(cls, fields.get("exit_code"), fields.get("signal"))
-
-
-class PoolTelemetry:
-    """Merged telemetry of a pool: worker events (dicts as `Client.watch_telemetry` yields them, with
-    `slot`-independent `pid`) and pool events ({"type": "pool", "event", "metadata", ...})."""
-
-    _END = object()
-
-    def __init__(self, pool: Pool, memory_interval_s: float) -> None:
-        self._pool = pool
-        self._interval = memory_interval_s
-        self._queue: queue.Queue[Any] = queue.Queue(10_000)
-        self._watches: list[Any] = []
-        self._lock = threading.Lock()
-        self._closed = False
-        self._unsubscribe = pool.subscribe(lambda ev: self._put(_pool_event_dict(ev)))
-
-    def _put(self, item: Any) -> None:
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
-            pass
-
-    def attach(self, worker: _Worker) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            try:
-                watch = worker.client.watch_telemetry(self._interval)
-            except SidecarError:
-                return
-            self._watches.append(watch)
-
-        def pump() -> None:
-            try:
-                for ev in watch:
-                    self._put(ev)
-            except SidecarError:
-                pass  # the worker went away; its replacement gets its own pump
-        threading.Thread(target=pump, name=f"sidecar-pool-telemetry-{worker.proc.pid}", daemon=True).start()
-
-    def get(self, timeout: float | None = None) -> dict[str, Any] | None:
-        try:
-            item = self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        return None if item is self._END else item
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        while True:
-            item = self._queue.get()
-            if item is self._END:
-                return
-            yield item
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            watches, self._watches = self._watches, []
-        with self._pool._lock:  # forgotten by the pool, or every watch ever opened would stay listed
-            if self in self._pool._telemetry:
-                self._pool._telemetry.remove(self)
-        self._unsubscribe()
-        for w in watches:
-            try:
-                w.close()
-            except Exception:  # noqa: BLE001
-                pass
-        self._put(self._END)
-
-    def __enter__(self) -> PoolTelemetry:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-def _pool_event_dict(ev: PoolEvent) -> dict[str, Any]:
-    return {"type": "pool", "time_unix_ns": ev.time_unix_ns, "pid": os.getpid(), "event": ev.event,
-            "metadata": ev.string_metadata()}

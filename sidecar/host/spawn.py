@@ -6,7 +6,7 @@ so a worker that dies or hangs during start-up is reported with the last lines o
 
 Two ways to start one, same handle (`WorkerProcess`) either way:
 - cold: `subprocess.Popen`; a thread blocked in `wait()` learns the exit status at once;
-- forked by a template process (`sidecar.host.template`) that already imported torch: the worker is
+- forked by a template process (`sidecar.host.template_process`) that imported torch: the worker is
   the template's child, so its exit status comes over the template's control socket, and a pidfd
   tells us of the death even if the template itself is gone (the status is then lost: the
   classification is read from the worker's last output, see `crash.classify_from_tail`).

@@ -2,8 +2,8 @@ defmodule Sidecar.Template do
   @moduledoc """
   The pool's pre-forked template: one Python process that imported torch (and the rest of what a
   worker needs) once, and forks workers on request, so a worker starts in tens of milliseconds
-  instead of seconds. It is `python -m sidecar.host.template --listen-dir-prefix ...` (launch mode,
-  see `sidecar/host/template.py`), listening on a unix socket in a private (0700) directory.
+  instead of seconds. It is `python -m sidecar.host.template_process --listen-dir-prefix ...` (launch mode,
+  see `sidecar/host/template_process.py`), listening on a unix socket in a private (0700) directory.
 
   A worker's Port runs `priv/sidecar_launch SOCKET serve --stdio ...`: the launcher hands its own
   stdin, stdout and stderr to the template (SCM_RIGHTS), the template forks a worker on exactly
@@ -98,7 +98,7 @@ defmodule Sidecar.Template do
     command = [
       cfg.python,
       "-m",
-      "sidecar.host.template",
+      "sidecar.host.template_process",
       "--listen-dir-prefix",
       WorkerLog.template_dir_prefix(),
       "--run-id",

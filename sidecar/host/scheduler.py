@@ -1,0 +1,256 @@
+"""`CallScheduler`: a pool's calls: which worker runs one, what a failure of it means, and whether it
+is sent again.
+
+- Routing: the least busy ready serving worker (`Supervisor.acquire`); a call waits for one (until
+  its deadline, else `acquire_timeout_s`) unless the start-up breaker says none will come.
+- Op breakers: a call of an op whose breaker is open fails fast with `CircuitOpen`; after the
+  cool-down one call of it is the probe.
+- A failed attempt is a crash once its worker is known dead (`WorkerCrashed` with the exit, whatever
+  the transport said); an answer of a live worker (an op error) or the call's own timeout is not.
+- Retry: an idempotent call (what ListOps says, unless the caller says otherwise), or one that never
+  reached its worker, is sent to another worker, at most `max_attempts` tries, after a jittered
+  backoff; a call whose attempt crashed a worker by itself gets one more try at most, and one that
+  crashed two is failed with `PoisonCall`.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from typing import Any, Callable
+
+from sidecar.errors import Cancelled, CircuitOpen, OpFailed, SidecarError, WorkerCrashed
+from sidecar.host import events
+from sidecar.host.breaker import Admission, BreakerState
+from sidecar.host.client import Client, ClientClosed
+from sidecar.host.crash import ExitInfo, summarize_tail
+from sidecar.host.events import EventBus
+from sidecar.host.policy import Evidence, SupervisionPolicy
+from sidecar.host.settings import PoolSettings
+from sidecar.host.supervisor import Supervisor, Worker
+from sidecar.wire import WorkerUnreachable
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CallScheduler", "PoolClosed", "PoisonCall"]
+
+
+class PoolClosed(Cancelled):
+    """The pool was closed (kind CANCELLED)."""
+
+
+class PoisonCall(WorkerCrashed):
+    """A call that crashed two workers by itself (kind WORKER_CRASHED); it is not sent to a third.
+
+    The fields describe the second crash; `crashes` lists both ({"pid", "classification",
+    "exit_code", "signal"}), and the message names both.
+    """
+
+    crashes: list[dict[str, Any]]
+
+
+class CallScheduler:
+    def __init__(self, settings: PoolSettings, supervisor: Supervisor, policy: SupervisionPolicy,
+                 cond: threading.Condition, bus: EventBus, unlink: Callable[[Worker], None]) -> None:
+        self.settings = settings
+        self._sup = supervisor
+        self._policy = policy
+        self._cond = cond  # the pool's lock: the supervisor's state is read and changed under it
+        self._bus = bus
+        self._unlink = unlink  # the shell's: unlink a dead worker's segments
+        self._op_idempotent: dict[str, bool] | None = None
+
+    # -- what ops are ------------------------------------------------------------------------------
+
+    def is_idempotent(self, op: str) -> bool:
+        """What ListOps says about `op` (False for ops it does not know)."""
+        return bool((self._op_idempotent or {}).get(op, False))
+
+    def learn_ops(self, client: Client) -> None:
+        """ListOps of the first worker that comes up: which ops may be retried."""
+        if self._op_idempotent is not None:
+            return
+        try:
+            flags = {o["name"]: bool(o.get("idempotent")) for o in client.list_ops()}
+        except (SidecarError, KeyError, TypeError) as exc:
+            log.debug("ListOps failed (%s); ops count as not idempotent", exc)
+            return
+        with self._cond:
+            if self._op_idempotent is None:
+                self._op_idempotent = flags
+
+    # -- calls -------------------------------------------------------------------------------------
+
+    def invoke(self, method: str, op: str, inputs: tuple[Any, ...], idempotent: bool | None,
+               timeout: float | None, kwargs: dict[str, Any]) -> Any:
+        """`Client.<method>(op, *inputs, **kwargs)` on a pool worker, with retries (see module doc)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        retryable = self.is_idempotent(op) if idempotent is None else bool(idempotent)
+        admission = self._policy.op_breakers.admit(op)
+        if admission is Admission.REFUSE:
+            raise self._op_circuit_open_error(op)
+        if admission is Admission.PROBE:
+            self._bus.emit(events.breaker_half_open("op", op))
+        excluded: set[int] = set()
+        work_crashes: list[tuple[WorkerCrashed, ExitInfo]] = []  # attempts that crashed their worker
+        first_crash: int | None = None  # the attempt that first crashed its worker
+        crashed_nothing = False  # for a probe: the call ended without crashing any worker
+        attempt = 0
+        try:
+            while True:
+                attempt += 1
+                worker, token = self.acquire(op, deadline, excluded)
+                left = None if deadline is None else max(0.001, deadline - time.monotonic())
+                try:
+                    out = getattr(worker.client, method)(op, *inputs, timeout=left, idempotent=retryable, **kwargs)
+                except Exception as exc:
+                    # Still registered as running on the worker while we look: a crash is counted
+                    # against this op (the exit input reads `worker.running`).
+                    try:
+                        found = self._as_crash(exc, worker, op)
+                    finally:
+                        gave_up = isinstance(exc, Cancelled) and worker.proc.alive
+                        self.release(worker, token, ok=False, abandoned=gave_up)
+                    if found is None:  # the worker answered (an op error), or the call's own timeout
+                        crashed_nothing = True
+                        raise
+                    crash, info = found
+                    if info is not None and info.blames_work:
+                        work_crashes.append((crash, info))
+                        if len(work_crashes) >= 2:
+                            raise self._poison(op, work_crashes) from None
+                        first_crash = first_crash or attempt
+                    # A call whose attempt crashed a worker by itself gets one more try at most.
+                    tries_left = first_crash is None or attempt == first_crash
+                    never_sent = getattr(crash, "call_started", None) is False  # safe to send again
+                    if not (retryable or never_sent) or not tries_left or attempt >= self.settings.max_attempts \
+                            or self._sup.closing:
+                        raise crash from (None if crash is exc else exc)
+                    delay = self._retry_delay(attempt)
+                    if deadline is not None and time.monotonic() + delay >= deadline:
+                        raise crash from (None if crash is exc else exc)
+                    self._bus.emit(events.retry(op, attempt + 1, worker.pid, crash.fields.get("classification"),
+                                                delay))
+                    excluded.add(worker.pid)
+                    if delay > 0:
+                        time.sleep(delay)
+                    continue
+                self.release(worker, token, ok=True)
+                crashed_nothing = not work_crashes
+                return out
+        finally:
+            if admission is Admission.PROBE and \
+                    self._policy.op_breakers.probe_done(op, crashed_nothing) is BreakerState.CLOSED:
+                log.info("pool %s: circuit breaker of op %r closed", self.settings.run_id, op)
+                self._bus.emit(events.breaker_close("op", op))
+
+    def on_any_worker(self, what: str, fn: Callable[[Client], Any]) -> Any:
+        worker, token = self.acquire(what, None, set())
+        try:
+            return fn(worker.client)
+        finally:
+            self.release(worker, token, ok=False)
+
+    def _retry_delay(self, attempt: int) -> float:
+        first, cap = self.settings.retry_backoff
+        return min(cap, first * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+
+    def acquire(self, op: str, deadline: float | None, excluded: set[int]) -> tuple[Worker, int]:
+        """A ready worker and a token for `release`; waits for one (until the deadline) unless the
+        start-up breaker says none will come."""
+        wait_until = deadline if deadline is not None else time.monotonic() + self.settings.acquire_timeout_s
+        with self._cond:
+            while True:
+                if self._sup.closing:
+                    raise PoolClosed("the pool is closed", op=op)
+                got = self._sup.acquire(op, excluded)
+                if got is not None:
+                    return got
+                if not self._policy.may_start():
+                    raise self._circuit_open_error(op)  # no worker is ready and none is being started
+                left = wait_until - time.monotonic()
+                if left <= 0:
+                    what = "the call's timeout" if deadline is not None else f"{self.settings.acquire_timeout_s:g} s"
+                    raise Cancelled(f"no worker became ready within {what}", op=op)
+                self._cond.wait(left)
+
+    def release(self, worker: Worker, token: int, ok: bool, abandoned: bool = False) -> None:
+        with self._cond:
+            unlink = self._sup.finished(worker, token, ok, abandoned)
+        if unlink:  # the last call reading a dead worker's outputs is done with them
+            self._unlink(worker)
+
+    # -- failures ----------------------------------------------------------------------------------
+
+    def _as_crash(self, exc: Exception, worker: Worker, op: str) -> tuple[WorkerCrashed, ExitInfo | None] | None:
+        """The WorkerCrashed error (and the exit) for a failed call if its worker died; None when the
+        failure is an answer of a live worker (an op error) or the call's own timeout.
+
+        Whatever the transport said (UNAVAILABLE, a reset stream, a client closed under the call, a
+        deadline passed while the worker died) becomes WORKER_CRASHED once the worker is known dead.
+        """
+        proc = worker.proc
+        transport = isinstance(exc, (WorkerCrashed, ClientClosed)) or (
+            isinstance(exc, OpFailed) and str(exc.fields.get("exception_type", "")).startswith("grpc."))
+        if isinstance(exc, SidecarError) and not transport and not isinstance(exc, Cancelled):
+            return None  # the worker's own answer (an op error), even if it died right after
+        wait = self.settings.crash_detect_s if transport or proc.exit_info is not None else 0.0
+        info = proc.wait_exit(wait)
+        started = getattr(exc, "call_started", None)
+        if info is None:
+            if not transport:
+                return None
+            # Alive but unreachable: still a failed attempt that may be retried.
+            crash = exc if isinstance(exc, WorkerCrashed) else WorkerUnreachable(
+                f"worker pid {proc.pid} could not be reached while running {op!r}: {exc}", op=op, pid=proc.pid,
+                classification="unreachable")
+            crash.call_started = started  # type: ignore[attr-defined]
+            return crash, None
+        tail = proc.stderr_tail()
+        message = f"worker pid {proc.pid} {info.describe()} while running {op!r}"
+        summary = summarize_tail(tail)
+        if summary:
+            message += f"; last output: {summary}"
+        message += ("; the call had not reached the worker" if started is False else
+                    "; the call had been sent to the worker, which may have started it")
+        fields = info.as_fields()
+        if isinstance(exc, SidecarError) and exc.fields.get("request_id"):
+            fields["request_id"] = exc.fields["request_id"]
+        crash = WorkerCrashed(message, op=op, pid=proc.pid, stderr_tail=tail, **fields)
+        crash.call_started = started  # type: ignore[attr-defined]
+        return crash, info
+
+    def _poison(self, op: str, crashes: list[tuple[WorkerCrashed, ExitInfo]]) -> PoisonCall:
+        named = ", ".join(f"pid {c.pid} ({i.classification.value}"
+                          f"{', ' + i.signal_name if i.signal_name else ''})" for c, i in crashes)
+        last, info = crashes[-1]
+        summary = summarize_tail(last.stderr_tail or [])
+        err = PoisonCall(f"the call of {op!r} crashed {len(crashes)} workers: {named}; it is not sent to "
+                         f"another worker{'; last output: ' + summary if summary else ''}",
+                         op=op, pid=last.pid, stderr_tail=last.stderr_tail, request_id=last.request_id,
+                         **info.as_fields())
+        err.crashes = [{"pid": c.pid, **i.as_fields()} for c, i in crashes]
+        err.call_started = None  # type: ignore[attr-defined]
+        return err
+
+    def _circuit_open_error(self, op: str) -> CircuitOpen:
+        b = self._policy.start_breaker
+        return _circuit_open(f"start-up circuit breaker {b.state.value} after {b.recent_failures()} start-up "
+                             f"failures within {b.window_s:g} s, and no worker is ready; next probe in "
+                             f"{b.retry_after():.1f} s", op, self._policy.start_evidence)
+
+    def _op_circuit_open_error(self, op: str) -> CircuitOpen:
+        b = self._policy.op_breakers.get(op)
+        assert b is not None
+        return _circuit_open(f"circuit breaker of op {op!r} {b.state.value} after {b.recent_failures()} workers "
+                             f"crashed running it within {b.window_s:g} s; next try in {b.retry_after():.1f} s",
+                             op, self._policy.op_evidence.get(op))
+
+
+def _circuit_open(message: str, op: str, last: Evidence | None) -> CircuitOpen:
+    """CircuitOpen for `op`, naming the last crash the breaker counted (its exit fields and output)."""
+    if last is None:
+        return CircuitOpen(message, op=op)
+    return CircuitOpen(f"{message}; last crash: worker pid {last.pid} {last.exit.describe()}", op=op, pid=last.pid,
+                       stderr_tail=list(last.stderr_tail), **last.exit.as_fields())

@@ -1,0 +1,107 @@
+"""`Transport`: what a `Client` needs from one connection to a worker, and nothing more.
+
+The cut (as httpx separates its client from its transports): a transport carries *descriptors* to a
+worker and back, in neutral Python types, and turns every failure into a structured error. It never
+touches memory. Encoding inputs into refs (shared memory in the host arena, inline bytes, CUDA IPC
+handles), decoding output refs into arrays, keeping leases until outputs are collected, the call's
+request id and lease owner: all of that is the `Client`'s, whichever transport it uses. A `Pool`
+knows only Clients.
+
+    execute(call, timeout)          a `Call` (op, input refs and values, attrs, output spec, lease
+                                    ids to release, request id, owner) -> its `CallResult`
+    list_ops(timeout)               [{"name", "doc", "min_inputs", "max_inputs" (-1 variadic),
+                                      "idempotent", "attrs", "module"}]
+    hardware(timeout)               the worker's `Hardware` as a dict (every field present)
+    release(lease_ids, timeout)     (released, unknown ids)
+    health(service, timeout)        "SERVING", "NOT_SERVING", ... (the gRPC health names)
+    watch_telemetry(interval, ms)   a `TelemetryWatch`: event dicts until closed
+    reopen()                        a new connection to the same worker, for a forked child (the
+                                    parent's is left untouched; see `Client`)
+    close()                         end the connection (calls in flight are the Client's concern)
+
+Errors: every method raises a `SidecarError` (the worker's own structured error, `Cancelled` when the
+timeout passed, `WorkerUnreachable` when the worker cannot be reached). One that provably never
+reached the worker carries `call_started = False`, so that a pool may send it again whatever it does.
+
+Two transports ship: `sidecar.host.grpc_transport.GrpcTransport` (a worker process over gRPC, what
+`Client(address)` uses) and `sidecar.host.local_transport.InProcessTransport` (a worker `Runtime` in
+this very process, no sockets: what the dispatcher's and the ops' tests run through).
+
+Example: a transport that counts the calls of another one.
+
+    from sidecar.host import Client
+    from sidecar.host.grpc_transport import GrpcTransport
+    from sidecar.host.transport import Transport
+
+    class Counting(Transport):
+        def __init__(self, inner: Transport) -> None:
+            self.inner, self.address, self.calls = inner, inner.address, 0
+
+        def execute(self, call, timeout=None):
+            self.calls += 1
+            return self.inner.execute(call, timeout)
+
+        def list_ops(self, timeout=None):
+            return self.inner.list_ops(timeout)
+        ...  # hardware, release, health, watch_telemetry, reopen, close: the same
+
+    client = Client(transport=Counting(GrpcTransport("unix:/tmp/worker.sock")))
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any, Iterator
+
+from sidecar.worker.calls import Call, CallResult
+
+__all__ = ["Transport", "TelemetryWatch"]
+
+
+class TelemetryWatch(abc.ABC):
+    """An iterator of telemetry event dicts (call spans, memory samples; the shape of
+    `sidecar.v1.TelemetryEvent`); `close()` (or leaving a `with` block, or closing the client) ends it."""
+
+    @abc.abstractmethod
+    def __iter__(self) -> Iterator[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> TelemetryWatch:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class Transport(abc.ABC):
+    """One connection to one worker (see the module doc for the contract). Thread-safe."""
+
+    address: str  # what the worker is called in messages (its listen address, or a description)
+
+    @abc.abstractmethod
+    def execute(self, call: Call, timeout: float | None = None) -> CallResult: ...
+
+    @abc.abstractmethod
+    def list_ops(self, timeout: float | None = None) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    def hardware(self, timeout: float | None = None) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    def release(self, lease_ids: list[str], timeout: float | None = None) -> tuple[int, list[str]]: ...
+
+    @abc.abstractmethod
+    def health(self, service: str = "", timeout: float | None = None) -> str: ...
+
+    @abc.abstractmethod
+    def watch_telemetry(self, memory_interval_s: float = 0.0, batch_window_ms: int = 20) -> TelemetryWatch: ...
+
+    @abc.abstractmethod
+    def reopen(self) -> Transport: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.address}>"
