@@ -10,7 +10,7 @@ import torch
 from sidecar.dataplane import tensors
 from sidecar.dataplane.arena import Arena, Block
 from sidecar.dataplane.mapcache import MappingCache
-from sidecar.dataplane.refs import TensorRef
+from sidecar.protocol.refs import TensorRef
 
 
 class SegmentHost:

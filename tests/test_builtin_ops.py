@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from sidecar.dataplane.refs import InlineStorage, ShmStorage, TensorRef
 from sidecar.errors import DtypeMismatch, InvalidArgument, ShapeMismatch, UnknownOp
-from sidecar.worker.calls import Call
+from sidecar.protocol.calls import Call
+from sidecar.protocol.refs import InlineStorage, ShmStorage, TensorRef
 from sidecar.worker.runtime import WorkerOptions, build_runtime
 from tests.segment_host import SegmentHost
 from tests.workers import session_run

@@ -25,19 +25,18 @@ from typing import Any, Iterator, Sequence
 import grpc
 import numpy as np
 
-from sidecar import wire
 from sidecar.dataplane import arrow as arrow_io
 from sidecar.dataplane import tensors
 from sidecar.dataplane.arena import Arena, Block
 from sidecar.dataplane.mapcache import MappingCache
 from sidecar.dataplane.names import default_run_id
-from sidecar.dataplane.refs import ArrowRef, InlineStorage, ShmStorage, TensorRef
 from sidecar.dataplane.validate import check_segment_bounds, validate_arrow_ref
-from sidecar.errors import InvalidArgument, SidecarError
+from sidecar.errors import InvalidArgument, SidecarError, WorkerUnreachable
+from sidecar.protocol import grpc_codec as wire
+from sidecar.protocol.calls import Placement, Timing
+from sidecar.protocol.refs import ArrowRef, InlineStorage, ShmStorage, TensorRef
 from sidecar.v1 import sidecar_pb2 as pb
 from sidecar.v1 import sidecar_pb2_grpc as pb_grpc
-from sidecar.wire import WorkerUnreachable
-from sidecar.worker.calls import Placement, Timing
 
 log = logging.getLogger(__name__)
 

@@ -42,6 +42,7 @@ from sidecar.host.crash import Classification, ExitInfo, oom_kill_count, summari
 from sidecar.host.events import EventBus, EventStream, PoolEvent
 from sidecar.host.spawn import WorkerProcess, WorkerStartError, start_worker
 from sidecar.host.template import Template, TemplateError
+from sidecar.protocol.limits import DEFAULT_INLINE_THRESHOLD
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ class Pool:
                  env: Mapping[str, str] | None = None, gpus: int | Sequence[str | int] | None = None,
                  threads: int | None = None, health_interval_s: float = 5.0, health_timeout_s: float = 2.0,
                  health_failures: int = 3, crash_detect_s: float = 1.0, acquire_timeout_s: float | None = None,
-                 grace_s: float = 5.0, inline_threshold: int = 65536, python: str = sys.executable,
+                 grace_s: float = 5.0, inline_threshold: int = DEFAULT_INLINE_THRESHOLD, python: str = sys.executable,
                  tail_lines: int = 40, lease_ttl_s: float | None = None, max_leases: int | None = None) -> None:
         if workers < 1:
             raise InvalidArgument(f"a pool needs at least one worker, got {workers}", field="workers")

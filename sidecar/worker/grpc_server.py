@@ -27,11 +27,12 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from sidecar import wire
 from sidecar.errors import InvalidArgument, OpFailed, Overloaded, SidecarError
+from sidecar.protocol import grpc_codec
+from sidecar.protocol.calls import Placement
+from sidecar.protocol.limits import DEFAULT_MAX_MESSAGE_BYTES, MAX_BATCH_WINDOW_MS, MAX_WATCHERS, TELEMETRY_BATCH_MAX
 from sidecar.v1 import sidecar_pb2 as pb
 from sidecar.v1 import sidecar_pb2_grpc as pb_grpc
-from sidecar.worker.calls import Placement
 from sidecar.worker.dispatcher import new_request_id
 from sidecar.worker.registry import estimate_output_nbytes
 
@@ -39,10 +40,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Sidecar"].full_name  # "sidecar.v1.Sidecar"
 CONTROL_THREADS = 8       # health, ListOps, GetHardware, Release, and rejections while calls run
-MAX_WATCHERS = 8          # WatchTelemetry streams each hold a server thread for their lifetime
-MAX_BATCH_WINDOW_MS = 1000  # a watcher asking for batching waits at most this long per message
-TELEMETRY_BATCH_MAX = 1024  # events per message (~100 KB), far below the message limit
-DEFAULT_MAX_MESSAGE = 4 << 20
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -139,7 +136,7 @@ def parse_listen(listen: str | None) -> ListenAddress:
 
 class SidecarServicer(pb_grpc.SidecarServicer):
     def __init__(self, runtime: Any, max_watchers: int = MAX_WATCHERS,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self._rt = runtime
         self._max_watchers = max_watchers
         self._max_message = max_message_bytes
@@ -153,7 +150,7 @@ class SidecarServicer(pb_grpc.SidecarServicer):
         # Admission (max_concurrency running, max_queue waiting, OVERLOADED beyond) is the
         # dispatcher's: the Erlang port transport gets the same behaviour.
         try:
-            call = wire.call_from_request(request, is_cancelled=lambda: not context.is_active())
+            call = grpc_codec.call_from_request(request, is_cancelled=lambda: not context.is_active())
             if call.output.placement == Placement.INLINE:
                 self._refuse_oversized_inline(call)
         except SidecarError as err:
@@ -173,7 +170,7 @@ class SidecarServicer(pb_grpc.SidecarServicer):
             # The caller is gone (deadline, cancellation): nobody will release these leases.
             self._release_quietly(result.leases)
         try:
-            response = wire.result_to_response(result)
+            response = grpc_codec.result_to_response(result)
             size = response.ByteSize()
             if size > self._max_message:  # gRPC would fail it with a bare RESOURCE_EXHAUSTED
                 raise self._too_big_for_a_message(request.op, f"its response is {size} bytes", size)
@@ -219,15 +216,15 @@ class SidecarServicer(pb_grpc.SidecarServicer):
 
     @staticmethod
     def _abort(context: grpc.ServicerContext, err: SidecarError) -> None:
-        context.abort_with_status(wire.error_to_status(err))
+        context.abort_with_status(grpc_codec.error_to_status(err))
 
     # -- control ----------------------------------------------------------------------------------
 
     def ListOps(self, request: pb.ListOpsRequest, context: grpc.ServicerContext) -> pb.OpList:
-        return pb.OpList(ops=[wire.op_to_pb(s) for s in self._rt.list_ops()])
+        return pb.OpList(ops=[grpc_codec.op_to_pb(s) for s in self._rt.list_ops()])
 
     def GetHardware(self, request: pb.HardwareRequest, context: grpc.ServicerContext) -> pb.Hardware:
-        return wire.hardware_to_pb(self._rt.hardware())
+        return grpc_codec.hardware_to_pb(self._rt.hardware())
 
     def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.ReleaseResponse:
         released, unknown = self._rt.release(list(request.leases))
@@ -255,14 +252,14 @@ class SidecarServicer(pb_grpc.SidecarServicer):
                 if event is None:
                     return
                 if not window_s:
-                    yield wire.telemetry_to_pb(event)
+                    yield grpc_codec.telemetry_to_pb(event)
                     continue
                 # Batch: instead of one stream message (and one wake-up that takes the interpreter
                 # from a running call) per span, wait a moment and send what piled up as one message.
                 time.sleep(window_s)
-                events = [wire.telemetry_to_pb(event)]
+                events = [grpc_codec.telemetry_to_pb(event)]
                 while len(events) < TELEMETRY_BATCH_MAX and (event := sub.get(timeout=0)) is not None:
-                    events.append(wire.telemetry_to_pb(event))
+                    events.append(grpc_codec.telemetry_to_pb(event))
                 yield pb.TelemetryEvent(batch=events)
         finally:
             sub.close()
@@ -314,7 +311,7 @@ def _parsing(behaviour: Any, request_cls: Any) -> Any:
             request = request_cls.FromString(raw)
         except DecodeError as exc:
             name = request_cls.DESCRIPTOR.full_name
-            context.abort_with_status(wire.error_to_status(InvalidArgument(
+            context.abort_with_status(grpc_codec.error_to_status(InvalidArgument(
                 f"the request body ({len(raw)} bytes) is not a valid {name}: {exc}",
                 field=request_cls.DESCRIPTOR.name, expected=name, request_id=new_request_id())))
         return behaviour(request, context)
@@ -350,7 +347,7 @@ class SidecarServer:
     """A started gRPC server for one runtime; `stop()` drains in-flight calls."""
 
     def __init__(self, runtime: Any, listen: str | None = None, *,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self.runtime = runtime
         self.listen = parse_listen(listen)
         opts = runtime.options

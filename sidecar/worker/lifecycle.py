@@ -18,6 +18,11 @@ from dataclasses import dataclass, field
 # The limit applies to shared-memory segments too: `segments.check_reservable` refuses a segment that
 # would not fit under it before reserving any /dev/shm space for it.
 from sidecar.dataplane.segments import address_space_bytes
+from sidecar.threads import cap_thread_env, cpu_count, default_threads
+
+__all__ = ["EXIT_TAINTED", "PDEATH_SIGNAL", "Shutdown", "ParentWatch", "install_signal_handlers", "watch_stdin",
+           "warm_threads", "apply_memory_limit", "cap_torch_threads", "cap_thread_env", "cpu_count",
+           "default_threads"]
 
 log = logging.getLogger(__name__)
 
@@ -28,37 +33,9 @@ EXIT_TAINTED = 70
 # really changed before acting, and ignores the signal otherwise.
 PDEATH_SIGNAL = signal.SIGHUP
 
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "BLIS_NUM_THREADS",
-              "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
-
 
 # ---------------------------------------------------------------------------------------------------
-# Thread caps
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def default_threads() -> int:
-    """Compute threads per worker: $SIDECAR_THREADS, else half the usable CPUs capped at 8.
-
-    Several workers usually share a machine; each running a full-width OpenMP pool makes them
-    oversubscribe the cores and all slow down. A pool that knows its size passes --threads.
-    """
-    env = os.environ.get("SIDECAR_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    return max(1, min(8, cpu_count() // 2))
-
-
-def cap_thread_env(threads: int) -> None:
-    """Set the BLAS/OpenMP thread variables (only those the user has not set) before torch is imported."""
-    for name in THREAD_ENV:
-        os.environ.setdefault(name, str(threads))
+# Thread caps (the environment part, which the pool's template applies too, is `sidecar.threads`)
 
 
 def cap_torch_threads(threads: int) -> None:

@@ -22,22 +22,22 @@ The worker exits when stdin closes (the port was closed or the VM died).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import struct
 import sys
 import threading
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import sidecar
 from sidecar import etf
-from sidecar.dataplane.refs import ArrowRef, CudaIpcStorage, InlineStorage, ShmStorage, TensorRef
-from sidecar.errors import (Cancelled, InvalidArgument, InvalidTensorRef, OpFailed, Overloaded, SidecarError,
-                            shorten)
+from sidecar.errors import Cancelled, InvalidArgument, OpFailed, Overloaded, SidecarError, shorten
 from sidecar.etf import Atom
-from sidecar.worker.calls import Call, CallResult, Placement
+from sidecar.protocol import limits
+from sidecar.protocol.calls import Call
+from sidecar.protocol.port_codec import (call_from_term, error_to_term, keyed, op_to_term, record_to_term,
+                                         result_to_term, telemetry_to_term, text)
 from sidecar.worker.dispatcher import new_request_id
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ __all__ = ["serve_stdio", "StdioServer", "MAX_FRAME"]
 # Default largest frame (`--max-frame-bytes`), as received and, for a compressed term, as inflated.
 # Tensors belong in shared memory; this only bounds inline payloads (a benchmark sends 100 MB inline
 # on purpose). Bigger frames are skipped and answered with an error.
-MAX_FRAME = int(os.environ.get("SIDECAR_STDIO_MAX_FRAME", str(1 << 30)))
+MAX_FRAME = int(os.environ.get("SIDECAR_STDIO_MAX_FRAME", str(limits.DEFAULT_MAX_FRAME_BYTES)))
 _FIRST_READ = 1 << 20  # a body buffer starts at this size and at most doubles while bytes arrive
 _ID_PEEK = 4096        # bytes of an oversized frame read to find its request id
 CONTROL_THREADS = 4
@@ -56,325 +56,7 @@ EOF_GRACE_S = 5.0    # in-flight calls may finish (and free what they hold) afte
 TERM_GRACE_S = 10.0  # SIGTERM: calls in flight finish and are answered before the worker exits
 FAST_GRACE_S = 0.5   # the parent died: nobody reads the answers
 UNDEFINED = Atom("undefined")
-INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 _HEADER = struct.Struct(">I")
-_PLACEMENTS = {p.name.lower(): p for p in Placement}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Terms -> Python
-
-
-def _text(v: Any, what: str, **where: Any) -> str:
-    """A binary or an atom as str; anything else is a malformed request."""
-    if isinstance(v, str):  # Atom included
-        return str(v)
-    if isinstance(v, bytes):
-        try:
-            return v.decode("utf-8")
-        except UnicodeDecodeError:
-            pass
-    raise InvalidArgument(f"{what} must be a UTF-8 binary or an atom, got {shorten(v)}", field=what, **where)
-
-
-def _int(v: Any, what: str, err: Callable[..., SidecarError], **where: Any) -> int:
-    if isinstance(v, int) and not isinstance(v, bool):
-        return v
-    raise err(f"{what} must be an integer, got {shorten(v)}", field=what, **where)
-
-
-def _keyed(m: Any, what: str, err: Callable[..., SidecarError] = InvalidArgument, **where: Any) -> dict[str, Any]:
-    """A map whose keys are atoms or binaries, with str keys."""
-    if not isinstance(m, dict):
-        raise err(f"{what} must be a map, got {shorten(m)}", field=what, **where)
-    out: dict[str, Any] = {}
-    for k, v in m.items():
-        if isinstance(k, str):
-            out[str(k)] = v
-        elif isinstance(k, bytes):
-            out[_text(k, what, **where)] = v
-        else:
-            raise err(f"keys of {what} must be atoms or binaries, got {shorten(k)}", field=what, **where)
-    return out
-
-
-def _storage_map(m: Any, what: str, index: int) -> dict[str, Any]:
-    return _keyed(m, what, InvalidTensorRef, input_index=index)
-
-
-def _shm_from_term(m: Any, index: int) -> ShmStorage:
-    s = _storage_map(m, "shm", index)
-    bad = InvalidTensorRef
-    return ShmStorage(name=_text(s.get("name"), "name", input_index=index),
-                      offset=_int(s.get("offset", 0), "offset", bad, input_index=index),
-                      nbytes=_int(s.get("nbytes"), "nbytes", bad, input_index=index),
-                      inode=_int(s.get("inode", 0) or 0, "inode", bad, input_index=index))
-
-
-def _ints(v: Any, what: str, index: int) -> tuple[int, ...]:
-    if not isinstance(v, list):
-        raise InvalidTensorRef(f"{what} must be a list of integers, got {shorten(v)}", field=what,
-                               input_index=index)
-    return tuple(_int(x, what, InvalidTensorRef, input_index=index) for x in v)
-
-
-def tensor_from_term(m: Any, index: int = -1) -> TensorRef:
-    """`%{dtype:, shape:, strides:, shm: %{name:, offset:, nbytes:, inode:} | data: | cuda_ipc:}`."""
-    t = _storage_map(m, "tensor", index)
-    dtype = _text(t.get("dtype"), "dtype", input_index=index)
-    shape = _ints(t.get("shape"), "shape", index)
-    strides = t.get("strides")
-    if "shm" in t:
-        storage: Any = _shm_from_term(t["shm"], index)
-    elif "data" in t:
-        if not isinstance(t["data"], bytes):
-            raise InvalidTensorRef(f"data must be a binary, got {shorten(t['data'])}", field="data",
-                                   input_index=index)
-        storage = InlineStorage(t["data"])
-    elif "cuda_ipc" in t:
-        c = _storage_map(t["cuda_ipc"], "cuda_ipc", index)
-        handle = c.get("handle")
-        if not isinstance(handle, bytes):
-            raise InvalidTensorRef("cuda_ipc.handle must be a binary", field="handle", input_index=index)
-        storage = CudaIpcStorage(
-            handle=handle, offset=_int(c.get("offset", 0), "offset", InvalidTensorRef, input_index=index),
-            nbytes=_int(c.get("nbytes"), "nbytes", InvalidTensorRef, input_index=index),
-            device_index=_int(c.get("device_index", 0), "device_index", InvalidTensorRef, input_index=index),
-            device_uuid=_text(c.get("device_uuid", b""), "device_uuid", input_index=index),
-            alloc_nbytes=_int(c.get("alloc_nbytes", 0), "alloc_nbytes", InvalidTensorRef, input_index=index))
-    else:
-        raise InvalidTensorRef("tensor has no storage (give one of shm, data, cuda_ipc)", field="storage",
-                               input_index=index)
-    return TensorRef(dtype=dtype, shape=shape, storage=storage,
-                     strides=None if strides is None or strides == [] else _ints(strides, "strides", index))
-
-
-def arrow_from_term(m: Any, index: int = -1) -> ArrowRef:
-    t = _storage_map(m, "arrow", index)
-    if "shm" in t:
-        storage: Any = _shm_from_term(t["shm"], index)
-    elif isinstance(t.get("data"), bytes):
-        storage = InlineStorage(t["data"])
-    else:
-        raise InvalidTensorRef("arrow table has no storage (give shm or data)", field="storage",
-                               input_index=index)
-    return ArrowRef(storage=storage, num_rows=_int(t.get("num_rows", -1), "num_rows", InvalidTensorRef,
-                                                   input_index=index))
-
-
-def value_from_term(v: Any, index: int = -1, field: str = "value") -> Any:
-    """A value from the VM: tensors/tables by descriptor, binaries as str when UTF-8 (Elixir strings),
-    `{:bytes, bin}` for raw bytes, atoms as their name, lists and maps recursively."""
-    if isinstance(v, tuple):
-        if len(v) == 2 and isinstance(v[0], Atom):
-            tag = str(v[0])
-            if tag == "tensor":
-                return tensor_from_term(v[1], index)
-            if tag == "arrow":
-                return arrow_from_term(v[1], index)
-            if tag == "bytes" and isinstance(v[1], bytes):
-                return v[1]
-        raise InvalidArgument(f"unsupported value {shorten(v)} (a tuple must be {{:tensor, map}}, "
-                              "{:arrow, map} or {:bytes, binary})", field="value", input_index=index)
-    if isinstance(v, bytes):
-        try:
-            return v.decode("utf-8")
-        except UnicodeDecodeError:
-            return v
-    if isinstance(v, Atom):
-        return str(v)
-    if isinstance(v, list):
-        return [value_from_term(x, index, field) for x in v]
-    if isinstance(v, dict):
-        return {k: value_from_term(x, index, field) for k, x in _keyed(v, "value", input_index=index).items()}
-    if isinstance(v, int) and not isinstance(v, bool) and not INT64_MIN <= v <= INT64_MAX:
-        # a bignum: gRPC's Value holds int64, and torch cannot take more
-        raise InvalidArgument(f"integer {shorten(v)} does not fit in int64", field=field, input_index=index,
-                              expected="an integer in int64 range", got=shorten(v))
-    return v  # int, float, bool, None
-
-
-def _attrs_from_term(a: Any) -> dict[str, Any]:
-    if isinstance(a, list):  # an Elixir keyword list: [dim: 1] == [{:dim, 1}]
-        if not all(isinstance(p, tuple) and len(p) == 2 for p in a):
-            raise InvalidArgument("attrs must be a map or a keyword list", field="attrs", input_index=-1)
-        a = dict(a)
-    return {k: value_from_term(v, -1, f"attrs.{k}") for k, v in _keyed(a, "attrs", input_index=-1).items()}
-
-
-def call_from_term(req: tuple[Any, ...], is_cancelled: Callable[[], bool] | None = None) -> Call:
-    """`{:call, id, op, inputs, attrs}` or `{:call, id, op, inputs, attrs, opts}` -> Call."""
-    op = _text(req[2], "op")
-    inputs = req[3]
-    if not isinstance(inputs, list):
-        raise InvalidArgument(f"inputs must be a list, got {shorten(inputs)}", field="inputs", input_index=-1, op=op)
-    values = [value_from_term(v, i) for i, v in enumerate(inputs)]
-    call = Call(op=op, inputs=values, attrs=_attrs_from_term(req[4]), is_cancelled=is_cancelled)
-    if len(req) > 5 and req[5] is not None:
-        o = _keyed(req[5], "opts", input_index=-1)
-        placement = o.get("placement", "auto")
-        if isinstance(placement, int) and not isinstance(placement, bool) and placement in Placement._value2member_map_:
-            call.output.placement = Placement(placement)
-        else:
-            name = _text(placement, "placement", input_index=-1)
-            if name not in _PLACEMENTS:
-                raise InvalidArgument(f"placement must be one of {', '.join(_PLACEMENTS)}, got {name!r}",
-                                      field="placement", input_index=-1)
-            call.output.placement = _PLACEMENTS[name]
-        out = o.get("out") or []
-        if not isinstance(out, list):
-            raise InvalidArgument("out must be a list of tensors", field="out", input_index=-1)
-        call.output.out = tuple(_out_ref(x, k) for k, x in enumerate(out))
-        if out and "placement" not in o:
-            call.output.placement = Placement.OUT
-        call.output.inline_threshold = _int(o.get("inline_threshold", 0), "inline_threshold", InvalidArgument)
-        release = o.get("release") or []
-        if not isinstance(release, list):
-            raise InvalidArgument("release must be a list of lease ids", field="release", input_index=-1)
-        call.release = [_text(x, "release") for x in release]
-        call.idempotent = bool(o.get("idempotent", False))
-        rid = o.get("request_id")
-        call.request_id = "" if rid is None else _text(rid, "request_id")
-    return call
-
-
-def _out_ref(x: Any, k: int) -> TensorRef:
-    if isinstance(x, tuple) and len(x) == 2 and x[0] == "tensor":
-        return tensor_from_term(x[1], -1)
-    raise InvalidTensorRef(f"out ref {k} must be {{:tensor, map}}, got {shorten(x)}", field="out", input_index=-1)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Python -> terms
-
-
-def _shm_term(s: ShmStorage) -> dict[Atom, Any]:
-    return {Atom("name"): s.name, Atom("offset"): s.offset, Atom("nbytes"): s.nbytes, Atom("inode"): s.inode}
-
-
-def tensor_to_term(ref: TensorRef) -> tuple[Atom, dict[Atom, Any]]:
-    m: dict[Atom, Any] = {Atom("dtype"): ref.dtype, Atom("shape"): list(ref.shape),
-                          Atom("strides"): None if ref.strides is None else list(ref.strides)}
-    s = ref.storage
-    if isinstance(s, ShmStorage):
-        m[Atom("shm")] = _shm_term(s)
-    elif isinstance(s, InlineStorage):
-        m[Atom("data")] = s.data
-    elif isinstance(s, CudaIpcStorage):
-        m[Atom("cuda_ipc")] = {Atom("handle"): s.handle, Atom("offset"): s.offset, Atom("nbytes"): s.nbytes,
-                               Atom("device_index"): s.device_index, Atom("device_uuid"): s.device_uuid,
-                               Atom("alloc_nbytes"): s.alloc_nbytes}
-    return Atom("tensor"), m
-
-
-def value_to_term(v: Any) -> Any:
-    """A dispatcher output as a term. Strings and bytes both become binaries; map keys of user data
-    stay binaries (turning arbitrary strings into atoms would fill the VM's atom table)."""
-    if isinstance(v, TensorRef):
-        return tensor_to_term(v)
-    if isinstance(v, ArrowRef):
-        m: dict[Atom, Any] = {Atom("num_rows"): v.num_rows}
-        if isinstance(v.storage, ShmStorage):
-            m[Atom("shm")] = _shm_term(v.storage)
-        else:
-            m[Atom("data")] = v.storage.data
-        return Atom("arrow"), m
-    if v is None or isinstance(v, (bool, int, str, bytes)):
-        return v
-    if isinstance(v, float):
-        if math.isfinite(v):
-            return v
-        return Atom("nan") if math.isnan(v) else Atom("infinity" if v > 0 else "neg_infinity")
-    if isinstance(v, (bytearray, memoryview)):
-        return bytes(v)
-    if isinstance(v, (list, tuple)):
-        return [value_to_term(x) for x in v]
-    if isinstance(v, Mapping):
-        return {str(k) if not isinstance(k, (int, bytes)) else k: value_to_term(x) for k, x in v.items()}
-    if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:  # NumPy scalar
-        return value_to_term(v.item())
-    raise OpFailed(f"the op returned a {type(v).__name__}, which has no Erlang term form",
-                   exception_type="TypeError")
-
-
-def _protocol_map(d: Mapping[str, Any]) -> dict[Atom, Any]:
-    """A dict of known field names (hardware, timing) as a map with atom keys, recursively."""
-    def conv(x: Any) -> Any:
-        if isinstance(x, Mapping):
-            return {Atom(str(k)): conv(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [conv(v) for v in x]
-        return value_to_term(x)
-    return conv(d)
-
-
-def result_to_term(r: CallResult) -> dict[Atom, Any]:
-    t = r.timing
-    return {
-        Atom("outputs"): [value_to_term(v) for v in r.outputs],
-        Atom("leases"): list(r.leases),
-        Atom("timing"): {Atom("queue_ns"): t.queue_ns, Atom("decode_ns"): t.decode_ns,
-                         Atom("compute_ns"): t.compute_ns, Atom("encode_ns"): t.encode_ns,
-                         Atom("total_ns"): t.total_ns},
-        Atom("device"): r.device,
-        Atom("bytes_in"): r.bytes_in,
-        Atom("bytes_out"): r.bytes_out,
-        Atom("request_id"): r.request_id,
-    }
-
-
-def error_to_term(err: SidecarError) -> dict[Atom, Any]:
-    """`%{kind: :shape_mismatch, message: "...", op: "add", input_shapes: [[2, 3], [4]], ...}`."""
-    m: dict[Atom, Any] = {Atom("kind"): Atom(err.kind.value.lower()), Atom("message"): err.message}
-    for k, v in err.fields.items():
-        m[Atom(k)] = value_to_term(v)
-    return m
-
-
-def op_to_term(spec: Any) -> dict[Atom, Any]:
-    return {Atom("name"): spec.name, Atom("doc"): spec.doc or "", Atom("min_inputs"): int(spec.min_inputs),
-            Atom("max_inputs"): -1 if spec.max_inputs is None else int(spec.max_inputs),
-            Atom("idempotent"): bool(spec.idempotent), Atom("attrs"): list(spec.attrs or ()),
-            Atom("module"): spec.module or ""}
-
-
-_SPAN_TIMING = ("queue_ns", "decode_ns", "compute_ns", "encode_ns", "total_ns")
-
-
-def telemetry_to_term(ev: Mapping[str, Any]) -> tuple[Any, ...]:
-    """A hub event as `{:telemetry, event_name, measurements, metadata}` in `:telemetry`'s shape.
-
-    Durations are nanoseconds here (`duration`, `*_ns`); the Elixir side converts `duration` to
-    native time units like `:telemetry.span/3` does.
-    """
-    kind = ev.get("type")
-    pid = int(ev.get("pid") or 0)
-    if kind == "span":
-        phase = str(ev.get("phase", "stop"))
-        meas: dict[Atom, Any] = {Atom("bytes_in"): int(ev.get("bytes_in") or 0)}
-        meta: dict[Atom, Any] = {Atom("op"): str(ev.get("op", "")), Atom("request_id"): str(ev.get("request_id", "")),
-                                 Atom("os_pid"): pid}
-        if phase == "start":
-            meas[Atom("system_time")] = int(ev.get("time_unix_ns") or 0)
-        else:
-            meas[Atom("duration")] = int(ev.get("duration_ns") or 0)
-            meas[Atom("bytes_out")] = int(ev.get("bytes_out") or 0)
-            for k, v in (ev.get("timing") or {}).items():
-                if k in _SPAN_TIMING:
-                    meas[Atom(k)] = int(v)
-        if phase == "exception":
-            meta[Atom("kind")] = Atom(str(ev.get("outcome", "OP_FAILED")).lower())
-            meta[Atom("message")] = str(ev.get("message", ""))
-        return Atom("telemetry"), [Atom("sidecar"), Atom("call"), Atom(phase)], meas, meta
-    if kind == "memory":
-        meas = {Atom(k): int(ev.get(k) or 0) for k in
-                ("rss_bytes", "arena_reserved_bytes", "arena_in_use_bytes", "leases")}
-        meta = {Atom("os_pid"): pid, Atom("gpus"): _protocol_map({"g": list(ev.get("gpus") or [])})[Atom("g")]}
-        return Atom("telemetry"), [Atom("sidecar"), Atom("memory")], meas, meta
-    if kind == "pool":
-        meta = {Atom("os_pid"): pid, **{Atom(str(k)): str(v) for k, v in (ev.get("metadata") or {}).items()}}
-        return Atom("telemetry"), [Atom("sidecar"), Atom("pool"), Atom(str(ev.get("event", "event")))], {}, meta
-    return Atom("telemetry"), [Atom("sidecar"), Atom(str(kind or "event"))], {}, {Atom("os_pid"): pid}
 
 
 def _unexpected(exc: BaseException, op: str = "") -> OpFailed:
@@ -537,17 +219,17 @@ class StdioServer:
         elif tag == "list_ops" and arity == 2:
             self._control(req_id, lambda: [op_to_term(s) for s in self.rt.list_ops()])
         elif tag == "hardware" and arity == 2:
-            self._control(req_id, lambda: _protocol_map(self.rt.hardware()))
+            self._control(req_id, lambda: record_to_term("Hardware", self.rt.hardware()))
         elif tag == "release" and arity == 3:
             ids = req[2]
             if not isinstance(ids, list):
                 raise InvalidArgument("release takes a list of lease ids", field="leases")
-            names = [_text(x, "leases") for x in ids]
+            names = [text(x, "leases") for x in ids]
             self._control(req_id, lambda: self._release(names))
         elif tag == "subscribe" and arity in (2, 3):
             interval = 1.0
             if arity == 3 and req[2] is not None:
-                interval = _keyed(req[2], "opts").get("memory_interval_s", 1.0)
+                interval = keyed(req[2], "opts").get("memory_interval_s", 1.0)
                 if not isinstance(interval, (int, float)) or isinstance(interval, bool) or not interval > 0:
                     raise InvalidArgument(f"memory_interval_s must be a positive number, got {shorten(interval)}",
                                           field="memory_interval_s")
@@ -568,7 +250,7 @@ class StdioServer:
 
     def _release(self, ids: list[str]) -> dict[Atom, Any]:
         released, unknown = self.rt.release(ids)
-        return {Atom("released"): int(released), Atom("unknown"): list(unknown)}
+        return record_to_term("ReleaseResponse", {"released": int(released), "unknown": list(unknown)})
 
     def _control(self, req_id: Any, fn: Callable[[], Any]) -> None:
         def run() -> None:
@@ -584,15 +266,15 @@ class StdioServer:
     def _submit_call(self, req: tuple[Any, ...], req_id: Any) -> None:
         if self.closing:
             raise Cancelled(f"worker is shutting down ({self.closing}); call refused",
-                            op=_text(req[2], "op") if _is_text(req[2]) else None)
+                            op=text(req[2], "op") if _istext(req[2]) else None)
         key = _hashable(req_id)
         try:
             call = call_from_term(req, is_cancelled=lambda: key in self._cancelled)
         except SidecarError as err:
             if len(req) > 5 and isinstance(req[5], dict):  # piggybacked releases still count
                 self._release_quietly(req[5].get("release") or [])
-            if err.fields.get("op") is None and _is_text(req[2]):
-                err.fields["op"] = _text(req[2], "op")
+            if err.fields.get("op") is None and _istext(req[2]):
+                err.fields["op"] = text(req[2], "op")
             err.fields.setdefault("request_id", _request_id_of_opts(req) or new_request_id())
             raise
         with self._lock:
@@ -644,7 +326,7 @@ class StdioServer:
 
     def _release_quietly(self, ids: Any) -> None:
         try:
-            names = [_text(x, "leases") for x in ids]
+            names = [text(x, "leases") for x in ids]
             if names:
                 self.rt.release(names)
         except Exception:
@@ -688,7 +370,7 @@ class StdioServer:
 
 def _request_id_of_opts(req: tuple[Any, ...]) -> str | None:
     rid = req[5].get(Atom("request_id")) if len(req) > 5 and isinstance(req[5], dict) else None
-    return _text(rid, "request_id") if _is_text(rid) else None
+    return text(rid, "request_id") if _istext(rid) else None
 
 
 def _unencodable_reply(req_id: Any, tag: str, reason: Exception) -> bytes:
@@ -715,9 +397,9 @@ def _id_of_undecodable(body: bytes | bytearray, max_inflated: int) -> Any:
         return UNDEFINED
 
 
-def _is_text(v: Any) -> bool:
+def _istext(v: Any) -> bool:
     try:
-        _text(v, "op")
+        text(v, "op")
         return True
     except SidecarError:
         return False
