@@ -260,17 +260,18 @@ def _serve_stdio(runtime: Any, args: argparse.Namespace, shutdown: Any) -> int:
     if args.memory_limit:
         lifecycle.warm_threads()
         lifecycle.apply_memory_limit(args.memory_limit)
-    # The port transport drains on SIGTERM / parent death (it watches `shutdown`) and exits 70
-    # itself when the device is tainted.
-    return int(serve_stdio(runtime, shutdown, max_frame=args.max_frame_bytes or MAX_FRAME) or 0)
+    return serve_stdio(runtime, shutdown, max_frame=args.max_frame_bytes or MAX_FRAME,
+                       grace_period_s=args.grace_period)
 
 
 def _serve_grpc(runtime: Any, args: argparse.Namespace, shutdown: Any) -> int:
     from sidecar.worker import lifecycle
     from sidecar.worker.grpc_server import SidecarServer
+    from sidecar.worker.server_core import ServerCore, serve
 
+    core = ServerCore(runtime, shutdown)  # a tainted device: answered, then exit 70 (as on the port)
     try:
-        server = SidecarServer(runtime, args.listen, max_message_bytes=args.max_message_bytes)
+        server = SidecarServer(core, args.listen, max_message_bytes=args.max_message_bytes)
         address = server.start()
     except (OSError, ValueError, PermissionError) as exc:
         log.error("cannot listen: %s", exc)
@@ -279,32 +280,20 @@ def _serve_grpc(runtime: Any, args: argparse.Namespace, shutdown: Any) -> int:
         lifecycle.warm_threads(server.executor, server.threads)
         lifecycle.apply_memory_limit(args.memory_limit)
 
-    # A sticky device error: the failing call is still answered (it is in flight during the short
-    # drain), then the process exits 70 so the pool replaces it.
-    runtime.dispatcher.on_taint.append(
-        lambda reason: shutdown.request(f"tainted: {reason}", fast=True, exit_code=lifecycle.EXIT_TAINTED))
-
     line = f"{READY_PREFIX} {address} {os.getpid()}"
     if args.ready_file is not None:
         _write_atomically(args.ready_file, line + "\n")
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
     log.info("serving on %s (device %s, pid %d)", address, runtime.device, os.getpid())
-
-    while not shutdown.wait(0.5):
-        pass
-    grace = 0.5 if shutdown.fast else args.grace_period
-    log.info("%s: draining in-flight calls (up to %.1f s)", shutdown.reason, grace)
-    finished = server.stop(grace)
-    if not finished:
-        log.warning("grace period over with calls still running; they were cancelled")
-    if args.ready_file is not None:
-        try:
-            args.ready_file.unlink()
-        except FileNotFoundError:
-            pass
-    log.info("stopped (exit %d)", shutdown.exit_code)
-    return shutdown.exit_code
+    try:
+        return serve(core, server, args.grace_period)
+    finally:
+        if args.ready_file is not None:
+            try:
+                args.ready_file.unlink()
+            except FileNotFoundError:
+                pass
 
 
 def _write_atomically(path: Path, text: str) -> None:

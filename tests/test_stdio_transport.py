@@ -439,7 +439,7 @@ def test_a_frame_header_costs_nothing_until_its_body_arrives() -> None:
             finally:
                 tracemalloc.stop()
         finally:
-            server.close(0)
+            server.close()
             for fd in (in_r, out_r, out_w):
                 os.close(fd)
     assert peak < 8 << 20, f"reading a 3-byte body of a 200 MiB frame allocated {peak >> 20} MiB"

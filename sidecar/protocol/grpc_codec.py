@@ -225,8 +225,8 @@ class _Compiler:
         """An expression for field `f` of message `m`, as a bound class (`attr`) or a record wants it."""
         n = f.name
         if f.kind == "map":
-            if f.message == "Value":
-                return f"{{k: _read_value(x, -1) for k, x in m.{n}.items()}}"
+            if f.message == "Value":  # most calls have no attrs: an empty map costs one len()
+                return f"({{k: _read_value(x, -1) for k, x in t.items()}} if len(t := m.{n}) else {{}})"
             if f.message is not None:
                 sub = self.name("C", self.lookup(f.message))
                 return f"{{k: {sub}.read(x) for k, x in m.{n}.items()}}"
@@ -235,11 +235,14 @@ class _Compiler:
         if f.kind == "message":
             if f.message == "Value":
                 if f.repeated:  # a list of values: each says which input it is (`inputs[2]` is input 2)
-                    return f"{container}([_read_value(x, i) for i, x in enumerate(m.{n})])"
+                    listed = f"[_read_value(x, i) for i, x in enumerate(m.{n})]"
+                    return listed if container == "list" else f"{container}({listed})"
                 return f"_read_value(m.{n}, {index})"
             sub = self.name("C", self.lookup(f.message or ""))
             if f.repeated:
-                return f"{container}([{sub}.read(x, -1, path + {n + '.'!r}) for x in m.{n}])"
+                listed = f"[{sub}.read(x, -1, path + {n + '.'!r}) for x in t]"
+                empty = "[]" if container == "list" else "()"
+                return f"({(listed if container == 'list' else f'{container}({listed})')} if len(t := m.{n}) else {empty})"
             return f"{sub}.read(m.{n}, {index}, path + {n + '.'!r})"
         if f.kind == "enum":
             if record:
@@ -248,10 +251,9 @@ class _Compiler:
             if attr is not None and attr.enum is not None:
                 enum = self.name("E", functools.partial(_enum_member, attr.enum, f"{_what(self.c.spec.name)} {n}"))
                 return f"{enum}(m.{n}, path + {n!r})"
-        if f.repeated:
-            if attr is not None and attr.none_when_empty:
-                return f"({container}(m.{n}) if len(m.{n}) else None)"
-            return f"{container}(m.{n})"
+        if f.repeated:  # an empty one (no strides, no releases) costs one len()
+            empty = "None" if attr is not None and attr.none_when_empty else "[]" if container == "list" else "()"
+            return f"({container}(t) if len(t := m.{n}) else {empty})"
         return f"m.{n}"
 
     def read_held(self) -> list[str]:

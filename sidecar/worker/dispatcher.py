@@ -161,6 +161,39 @@ def _ref_nbytes(v: Any) -> int:
     return 0
 
 
+def _in_shared_memory(v: Any) -> bool:
+    """Whether a value has a descriptor of shared memory in it (then it is decoded from mappings)."""
+    if isinstance(v, (TensorRef, ArrowRef)):
+        return isinstance(v.storage, ShmStorage)
+    if isinstance(v, (list, tuple)):
+        return any(_in_shared_memory(x) for x in v)
+    if isinstance(v, dict):
+        return any(_in_shared_memory(x) for x in v.values())
+    return False
+
+
+class _NoBlocks:
+    """What stands for a call's blocks when its op cannot have any (it takes no ctx, so never
+    called ctx.empty): outputs are never found in place, new ones come from the arena."""
+
+    __slots__ = ("alloc", "share_min")
+
+    def __init__(self, arena: Any) -> None:
+        self.alloc = arena.alloc
+        self.share_min = 0
+
+    @staticmethod
+    def find(address: int, nbytes: int) -> None:
+        return None
+
+    @staticmethod
+    def take_found() -> list[Any]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
 def _meta(values: list[Any]) -> list[tuple[list[int], str]]:
     out = []
     for v in values:
@@ -225,6 +258,8 @@ class Dispatcher:
         self._own_prefix = f"/sc-{getattr(self.arena, 'run_id', '')}-{os.getpid()}-"
         # ctx.empty hands out arena blocks only where outputs travel through host shared memory.
         self._blocks_for_ops = self.device.type == "cpu" and self.arena is not None
+        self._no_blocks = _NoBlocks(self.arena) if self._blocks_for_ops else None
+        self._device_name = str(self.device)
         # CPU ops compute on the mapped inputs themselves: give them private (copy-on-write) mappings.
         # Other devices copy inputs to the device first (a CUDA worker also pins the shared mappings).
         self._private_inputs = self.device.type == "cpu"
@@ -277,8 +312,12 @@ class Dispatcher:
             spec = self.registry.get(op_name)
             self._check_call(spec, call)
             self._gate.acquire(call.is_cancelled)
-            blocks = CallBlocks(self.arena, self.inline_threshold) if self._blocks_for_ops else None
-            mappings = CallMappings(self.cache) if self._private_inputs else None
+            # Per-call state only where the call can use it: blocks for an op that may call
+            # ctx.empty, private mappings for inputs in shared memory.
+            blocks: Any = None
+            if self._blocks_for_ops:
+                blocks = CallBlocks(self.arena, self.inline_threshold) if spec.accepts_ctx else self._no_blocks
+            mappings = CallMappings(self.cache) if self._private_inputs and _in_shared_memory(call.inputs) else None
             try:
                 t1 = _now()
                 timing.queue_ns = t1 - t0
@@ -315,7 +354,7 @@ class Dispatcher:
             timing.total_ns = _now() - t0
             if tel.active:
                 tel.span_stop(op_name, request_id, timing.total_ns, bytes_in, bytes_out, _timing_dict(timing))
-            return CallResult(outputs=outputs, leases=lease_ids, timing=timing, device=str(self.device),
+            return CallResult(outputs=outputs, leases=lease_ids, timing=timing, device=self._device_name,
                               bytes_in=bytes_in, bytes_out=bytes_out, request_id=request_id)
         except KeyboardInterrupt:
             raise

@@ -159,6 +159,8 @@ class LeaseTable:
 
     def expire(self) -> int:
         """Reclaim leases older than the TTL (and any over the cap), oldest first; returns how many."""
+        if not self._leases:
+            return 0  # every call asks: most hold no lease (inline outputs), and then no lock is taken
         deadline = self._clock() - self.ttl_s
         freed: list[_Lease] = []
         with self._lock:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 # The limit applies to shared-memory segments too: `segments.check_reservable` refuses a segment that
 # would not fit under it before reserving any /dev/shm space for it.
 from sidecar.dataplane.segments import address_space_bytes
+from sidecar.protocol.limits import FAST_GRACE_S
 from sidecar.threads import cap_thread_env, cpu_count, default_threads
 
 __all__ = ["EXIT_TAINTED", "PDEATH_SIGNAL", "Shutdown", "ParentWatch", "install_signal_handlers", "watch_stdin",
@@ -101,20 +102,32 @@ def apply_memory_limit(extra_bytes: int) -> int:
 
 @dataclass
 class Shutdown:
-    """Why and how the worker should stop; set from signal handlers and the parent watcher."""
+    """Why and how the worker should stop; set from signal handlers, the parent watcher, the
+    transport (its host went away) and the server core (a tainted device). The first request wins."""
 
     event: threading.Event = field(default_factory=threading.Event)
     reason: str = ""
     fast: bool = False  # parent gone: nobody waits for answers, so do not drain for long
     exit_code: int = 0  # 70 = tainted (the device needs a fresh process)
+    max_grace_s: float | None = None  # a bound on the drain of this kind of stop (the host is gone)
 
-    def request(self, reason: str, fast: bool = False, exit_code: int = 0) -> None:
+    def request(self, reason: str, fast: bool = False, exit_code: int = 0, max_grace_s: float | None = None) -> None:
         if not self.event.is_set():
-            self.reason, self.fast, self.exit_code = reason, fast, exit_code
+            self.reason, self.fast, self.exit_code, self.max_grace_s = reason, fast, exit_code, max_grace_s
             self.event.set()
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.event.wait(timeout)
+
+    def grace_s(self, grace_period_s: float) -> float:
+        """How long the calls in flight may still take: `--grace-period`, at most FAST_GRACE_S for a
+        fast stop and at most `max_grace_s` when the request set one."""
+        grace = grace_period_s
+        if self.fast:
+            grace = min(grace, FAST_GRACE_S)
+        if self.max_grace_s is not None:
+            grace = min(grace, self.max_grace_s)
+        return max(grace, 0.0)
 
 
 def _set_pdeathsig(sig: int) -> bool:

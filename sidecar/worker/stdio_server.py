@@ -1,9 +1,9 @@
-"""The Erlang port transport: `sidecar serve --stdio`.
+"""The Erlang port transport: `sidecar serve --stdio`, a framing adapter over the server core.
 
 An Elixir VM opens the worker with `Port.open({:spawn_executable, python}, [{:packet, 4}, :binary,
 :exit_status, ...])`; every message is a 4-byte big-endian length followed by one term in the
-External Term Format (`sidecar.etf`). This module only translates terms <-> `Call`/`CallResult`, the
-same dispatcher the gRPC servicer uses does the work.
+External Term Format (`sidecar.etf`). This module reads and writes frames; the terms are
+`sidecar.protocol.port_codec`'s and the calls are the server core's (`server_core`), as on gRPC.
 
     worker -> host, first:  {:ready, os_pid, %{version:, device:, ops: [names], ...}}
     host -> worker:         {:call, id, op, inputs, attrs}          (opts map as 6th element optional)
@@ -17,7 +17,8 @@ Every frame is answered. A malformed one gets an error term with the request's i
 itself decoded (`:undefined` only when it did not), and the worker carries on; a reply that cannot
 be encoded is replaced by an error naming why, and the leases of its outputs are released. Bodies
 are read as they arrive, so a header that declares a large frame costs nothing until its bytes come.
-The worker exits when stdin closes (the port was closed or the VM died).
+The worker stops when stdin closes (the port was closed or the VM died): the calls in flight may
+still finish for a moment (`limits.HOST_GONE_GRACE_S`); on SIGTERM they get `--grace-period`.
 """
 from __future__ import annotations
 
@@ -26,19 +27,19 @@ import os
 import struct
 import sys
 import threading
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import sidecar
 from sidecar import etf
-from sidecar.errors import Cancelled, InvalidArgument, OpFailed, Overloaded, SidecarError, shorten
+from sidecar.errors import InvalidArgument, OpFailed, SidecarError, shorten
 from sidecar.etf import Atom
 from sidecar.protocol import limits
-from sidecar.protocol.calls import Call
 from sidecar.protocol.port_codec import (call_from_term, error_to_term, keyed, op_to_term, record_to_term,
                                          result_to_term, telemetry_to_term, text)
-from sidecar.worker.dispatcher import new_request_id
+from sidecar.worker.lifecycle import Shutdown
+from sidecar.worker.server_core import CallHandle, ServerCore, serve, unexpected
+from sidecar.worker.telemetry import Subscription
 
 log = logging.getLogger(__name__)
 
@@ -51,49 +52,53 @@ MAX_FRAME = int(os.environ.get("SIDECAR_STDIO_MAX_FRAME", str(limits.DEFAULT_MAX
 _FIRST_READ = 1 << 20  # a body buffer starts at this size and at most doubles while bytes arrive
 _ID_PEEK = 4096        # bytes of an oversized frame read to find its request id
 CONTROL_THREADS = 4
-TAINTED_EXIT = 70
-EOF_GRACE_S = 5.0    # in-flight calls may finish (and free what they hold) after the host went away
-TERM_GRACE_S = 10.0  # SIGTERM: calls in flight finish and are answered before the worker exits
-FAST_GRACE_S = 0.5   # the parent died: nobody reads the answers
+# Threads beyond max_concurrency + max_queue: a call that arrives while every admitted call holds a
+# thread still reaches the dispatcher's gate at once (and is refused OVERLOADED there).
+SPARE_CALL_THREADS = 2
 UNDEFINED = Atom("undefined")
 _HEADER = struct.Struct(">I")
-
-
-def _unexpected(exc: BaseException, op: str = "") -> OpFailed:
-    return OpFailed(f"{type(exc).__name__}: {exc}", exception_type=type(exc).__name__,
-                    traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-                    **({"op": op} if op else {}))
-
-
-# ---------------------------------------------------------------------------------------------------
-# The server
 
 
 class StdioServer:
     """Reads request frames on `in_fd`, answers on `out_fd`; calls run on a thread pool."""
 
-    def __init__(self, runtime: Any, in_fd: int, out_fd: int, *, max_frame: int = MAX_FRAME) -> None:
+    def __init__(self, runtime: Any, in_fd: int, out_fd: int, *, max_frame: int = MAX_FRAME,
+                 core: ServerCore | None = None) -> None:
         self.rt = runtime
+        self.core = core if core is not None else ServerCore(runtime)
         self.in_fd = in_fd
         self.out_fd = out_fd
         self.max_frame = max_frame
         opts = runtime.options
-        # Same admission as the gRPC transport: up to max_concurrency + max_queue calls are handed to
-        # the dispatcher (which queues the excess over max_concurrency); beyond that OVERLOADED at once.
-        self.limit = int(opts.max_concurrency) + int(opts.max_queue)
-        self.calls = ThreadPoolExecutor(max_workers=self.limit, thread_name_prefix="sidecar-stdio-call")
+        threads = int(opts.max_concurrency) + int(opts.max_queue) + SPARE_CALL_THREADS
+        self.calls = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sidecar-stdio-call")
         self.control = ThreadPoolExecutor(max_workers=CONTROL_THREADS, thread_name_prefix="sidecar-stdio-ctl")
         self._write_lock = threading.Lock()
-        self._lock = threading.Lock()
-        self._in_flight = 0
-        self._idle = threading.Condition(self._lock)
-        self._active: set[Any] = set()     # ids of calls admitted and not yet answered
-        self._cancelled: set[Any] = set()  # the subset the host cancelled
-        self._sub: Any = None
-        self.done = threading.Event()
-        self.exit_code = 0
+        self._sub_lock = threading.Lock()
+        self._sub: Subscription | None = None
         self.host_gone = False
-        self.closing = ""  # set when shutting down: new calls are refused with this reason
+        self.done = threading.Event()  # the reader stopped (stdin closed)
+
+    # -- lifetime (serve's Transport) ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """The ready frame, then requests are read on a thread of their own."""
+        self.send(ready_term(self.rt))
+        log.info("serving the port protocol on stdio (device %s, pid %d)", self.rt.device, os.getpid())
+        threading.Thread(target=self.read_loop, name="sidecar-stdio-reader", daemon=True).start()
+
+    def stop(self, grace_s: float) -> bool:
+        """Nothing to stop: frames are still read and answered (new calls are refused by the core)."""
+        return True
+
+    def close(self) -> None:
+        self._unsubscribe()
+        self.calls.shutdown(wait=False, cancel_futures=True)
+        self.control.shutdown(wait=False, cancel_futures=True)
+
+    def _host_gone(self, reason: str) -> None:
+        """Nobody reads our answers any more: stop, giving the calls in flight a moment."""
+        self.core.shutdown.request(reason, max_grace_s=limits.HOST_GONE_GRACE_S)
 
     # -- frames --------------------------------------------------------------------------------------
 
@@ -128,7 +133,7 @@ class StdioServer:
             except (BrokenPipeError, OSError) as exc:
                 log.info("host closed the port (%s); replies are dropped from now on", exc)
                 self.host_gone = True
-                self.done.set()
+                self._host_gone("host closed the port")
 
     def _read_exact(self, n: int) -> bytearray | None:
         """`n` bytes, or None at EOF. The buffer grows as bytes arrive (never beyond twice what
@@ -156,7 +161,7 @@ class StdioServer:
     def read_loop(self) -> None:
         """Runs until stdin closes; every frame is answered, none kills the loop."""
         try:
-            while not self.done.is_set():
+            while True:
                 header = self._read_exact(4)
                 if header is None:
                     break
@@ -177,12 +182,13 @@ class StdioServer:
                     self.handle_frame(body)
                 except Exception as exc:  # a bug here must not end the loop (the worker would exit 0)
                     log.exception("handling a frame failed")
-                    self._answer_error(UNDEFINED, _unexpected(exc))
+                    self._answer_error(UNDEFINED, unexpected(exc))
                 del body
         except OSError as exc:
             log.error("reading stdin failed: %s", exc)
         finally:
             self.done.set()
+            self._host_gone("stdin closed")
 
     def send_error(self, req_id: Any, err: SidecarError) -> None:
         self.reply(req_id, "error", error_to_term(err))
@@ -209,7 +215,7 @@ class StdioServer:
             self.send_error(req_id, err)
         except Exception as exc:  # a bug here must not end the loop
             log.exception("handling a request failed")
-            self.send_error(req_id, _unexpected(exc))
+            self.send_error(req_id, unexpected(exc))
 
     def dispatch(self, req: Any, req_id: Any) -> None:
         tag = req[0] if isinstance(req, tuple) and req and isinstance(req[0], Atom) else None
@@ -227,9 +233,9 @@ class StdioServer:
             names = [text(x, "leases") for x in ids]
             self._control(req_id, lambda: self._release(names))
         elif tag == "subscribe" and arity in (2, 3):
-            interval = 1.0
+            interval = limits.DEFAULT_MEMORY_INTERVAL_S
             if arity == 3 and req[2] is not None:
-                interval = keyed(req[2], "opts").get("memory_interval_s", 1.0)
+                interval = keyed(req[2], "opts").get("memory_interval_s", interval)
                 if not isinstance(interval, (int, float)) or isinstance(interval, bool) or not interval > 0:
                     raise InvalidArgument(f"memory_interval_s must be a positive number, got {shorten(interval)}",
                                           field="memory_interval_s")
@@ -238,10 +244,7 @@ class StdioServer:
             self._unsubscribe()
             self.reply(req_id, "ok", Atom("unsubscribed"))
         elif tag == "cancel" and arity == 2:
-            key = _hashable(req[1])
-            with self._lock:
-                if key in self._active:  # a late cancel (the call already answered) is a no-op
-                    self._cancelled.add(key)
+            self.core.cancel(_hashable(req[1]))  # a late cancel (the call already answered) is a no-op
         else:
             raise InvalidArgument(
                 f"unknown request {shorten(req)}: expected {{:call, id, op, inputs, attrs[, opts]}}, "
@@ -260,85 +263,46 @@ class StdioServer:
                 self.send_error(req_id, err)
             except Exception as exc:
                 log.exception("control request failed")
-                self.send_error(req_id, _unexpected(exc))
+                self.send_error(req_id, unexpected(exc))
         self.control.submit(run)
 
     def _submit_call(self, req: tuple[Any, ...], req_id: Any) -> None:
-        if self.closing:
-            raise Cancelled(f"worker is shutting down ({self.closing}); call refused",
-                            op=text(req[2], "op") if _istext(req[2]) else None)
-        key = _hashable(req_id)
+        op = text(req[2], "op") if _is_text(req[2]) else None
         try:
-            call = call_from_term(req, is_cancelled=lambda: key in self._cancelled)
+            call = call_from_term(req)
         except SidecarError as err:
             if len(req) > 5 and isinstance(req[5], dict):  # piggybacked releases still count
-                self._release_quietly(req[5].get("release") or [])
-            if err.fields.get("op") is None and _istext(req[2]):
-                err.fields["op"] = text(req[2], "op")
-            err.fields.setdefault("request_id", _request_id_of_opts(req) or new_request_id())
-            raise
-        with self._lock:
-            admitted = self._in_flight < self.limit
-            if admitted:
-                self._in_flight += 1
-                self._active.add(key)
-            depth = self._in_flight
-        if not admitted:
-            self._release_quietly(call.release)
-            opts = self.rt.options
-            raise Overloaded(f"worker is at capacity: {depth} calls in flight (concurrency "
-                             f"{opts.max_concurrency}, queue {opts.max_queue})", op=call.op,
-                             queue_depth=max(0, depth - int(opts.max_concurrency)), limit=int(opts.max_queue))
-        self.calls.submit(self._run_call, call, req_id, key)
+                self.core.release_quietly(_texts(req[5].get(Atom("release"))))
+            raise self.core.with_call_ids(err, op, _request_id_of_opts(req)) from None
+        handle = self.core.begin(call, key=_hashable(req_id), caller_gone=lambda: self.host_gone)
+        self.calls.submit(self._run_call, handle, req_id)
 
-    def _run_call(self, call: Call, req_id: Any, key: Any) -> None:
+    def _run_call(self, handle: CallHandle, req_id: Any) -> None:
+        core = self.core
         try:
             try:
-                result = self.rt.dispatcher.execute(call)
+                result = core.execute(handle)
             except SidecarError as err:
                 self.send_error(req_id, err)
-                return
-            except Exception as exc:  # a bug below the dispatcher: still a structured answer
-                log.exception("unexpected error in %s", call.op)
-                self.send_error(req_id, _unexpected(exc, call.op))
                 return
             try:
                 body = result_to_term(result)
             except SidecarError as err:
-                self._release_quietly(result.leases)
+                core.release_quietly(result.leases)  # the host never learns these lease ids
                 self.send_error(req_id, err)
                 return
-            if self.host_gone or key in self._cancelled:
-                self._release_quietly(result.leases)  # nobody will read or release them
             # Replaced by an error, the reply takes its lease ids with it: nobody could release them.
-            self.reply(req_id, "ok", body, on_replaced=lambda: self._release_quietly(result.leases))
+            self.reply(req_id, "ok", body, on_replaced=lambda: core.release_quietly(result.leases))
         finally:
-            with self._lock:
-                self._in_flight -= 1
-                self._active.discard(key)
-                self._cancelled.discard(key)
-                self._idle.notify_all()
-            if self.rt.dispatcher.tainted:
-                log.error("device tainted (%s): exiting %d for a fresh process", self.rt.dispatcher.tainted,
-                          TAINTED_EXIT)
-                self.exit_code = TAINTED_EXIT
-                self.done.set()
-
-    def _release_quietly(self, ids: Any) -> None:
-        try:
-            names = [text(x, "leases") for x in ids]
-            if names:
-                self.rt.release(names)
-        except Exception:
-            log.exception("releasing leases %s failed", ids)
+            core.end(handle)
 
     # -- telemetry -----------------------------------------------------------------------------------
 
     def _subscribe(self, interval: float) -> Atom:
-        with self._lock:
+        with self._sub_lock:
             if self._sub is not None:
                 return Atom("already_subscribed")
-            sub = self._sub = self.rt.telemetry.subscribe(interval)
+            sub = self._sub = self.core.watch(interval)
 
         def pump() -> None:
             for event in sub:
@@ -350,27 +314,15 @@ class StdioServer:
         return Atom("subscribed")
 
     def _unsubscribe(self) -> None:
-        with self._lock:
+        with self._sub_lock:
             sub, self._sub = self._sub, None
         if sub is not None:
-            sub.close()
-
-    # -- lifetime ------------------------------------------------------------------------------------
-
-    def wait_idle(self, timeout: float) -> bool:
-        with self._idle:
-            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
-
-    def close(self, grace_s: float) -> None:
-        self.wait_idle(grace_s)
-        self._unsubscribe()
-        self.calls.shutdown(wait=False, cancel_futures=True)
-        self.control.shutdown(wait=False, cancel_futures=True)
+            self.core.unwatch(sub)
 
 
 def _request_id_of_opts(req: tuple[Any, ...]) -> str | None:
     rid = req[5].get(Atom("request_id")) if len(req) > 5 and isinstance(req[5], dict) else None
-    return text(rid, "request_id") if _istext(rid) else None
+    return text(rid, "request_id") if _is_text(rid) else None
 
 
 def _unencodable_reply(req_id: Any, tag: str, reason: Exception) -> bytes:
@@ -397,7 +349,7 @@ def _id_of_undecodable(body: bytes | bytearray, max_inflated: int) -> Any:
         return UNDEFINED
 
 
-def _istext(v: Any) -> bool:
+def _is_text(v: Any) -> bool:
     try:
         text(v, "op")
         return True
@@ -437,6 +389,11 @@ def _take_stdio() -> tuple[int, int]:
     return in_fd, out_fd
 
 
+def _texts(ids: Any) -> list[str]:
+    """The lease ids of a malformed call's opts that are text (for a release that still counts)."""
+    return [text(x, "release") for x in ids if _is_text(x)] if isinstance(ids, list) else []
+
+
 def ready_term(runtime: Any) -> tuple[Any, ...]:
     specs = runtime.list_ops()
     opts = runtime.options
@@ -452,29 +409,12 @@ def ready_term(runtime: Any) -> tuple[Any, ...]:
     })
 
 
-def serve_stdio(runtime: Any, shutdown: Any = None, *, max_frame: int = MAX_FRAME) -> int:
-    """Serve the port protocol on stdin/stdout until stdin closes; returns the exit code.
-
-    `shutdown` (a `lifecycle.Shutdown`): once requested (SIGTERM, parent death) new calls are refused
-    and the calls in flight finish and are answered (briefly when the parent is gone) before the
-    return. A tainted device ends the loop with exit code 70.
-    """
+def serve_stdio(runtime: Any, shutdown: Shutdown | None = None, *, max_frame: int = MAX_FRAME,
+                grace_period_s: float = limits.DEFAULT_GRACE_PERIOD_S) -> int:
+    """Serve the port protocol on stdin/stdout until stdin closes or `shutdown` is requested
+    (SIGTERM, parent death, a tainted device: exit code 70); returns the exit code."""
     in_fd, out_fd = _take_stdio()
-    server = StdioServer(runtime, in_fd, out_fd, max_frame=max_frame)
-    server.send(ready_term(runtime))
-    log.info("serving the port protocol on stdio (device %s, pid %d)", runtime.device, os.getpid())
-    reader = threading.Thread(target=server.read_loop, name="sidecar-stdio-reader", daemon=True)
-    reader.start()
-    reason, grace, code = "stdin closed", EOF_GRACE_S, 0
-    while not server.done.wait(0.2):
-        if shutdown is not None and shutdown.event.is_set():
-            reason = shutdown.reason or "shutdown requested"
-            grace = FAST_GRACE_S if shutdown.fast else TERM_GRACE_S
-            code = int(getattr(shutdown, "exit_code", 0) or 0)
-            break
-    if server.exit_code == TAINTED_EXIT:
-        reason, code = "device tainted", TAINTED_EXIT
-    server.closing = reason
-    log.info("%s: stopping (%d calls in flight, up to %.1f s to finish)", reason, server._in_flight, grace)
-    server.close(grace)
-    return code
+    core = ServerCore(runtime, shutdown)
+    server = StdioServer(runtime, in_fd, out_fd, max_frame=max_frame, core=core)
+    server.start()
+    return serve(core, server, grace_period_s)
