@@ -217,7 +217,7 @@ def serve(core: ServerCore, transport: Transport, grace_period_s: float) -> int:
     finished = transport.stop(grace)
     finished = core.wait_idle(grace if finished else FAST_GRACE_S) and finished
     if not finished:
-        log.warning("grace period over with calls still running; they were cancelled")
+        log.warning("grace period over with %d calls in flight; they end unanswered", core.in_flight)
     transport.close()
     log.info("stopped (exit %d)", shutdown.exit_code)
     return shutdown.exit_code
