@@ -65,7 +65,7 @@ class MessageCodec:
         self.spec = schema.message(name)
         self.binding = None if records_only else records.BY_MESSAGE.get(name)
         b = self.binding
-        self.is_ref = b is not None and b.cls.__module__ == TensorRef.__module__
+        self.is_ref = b is not None and b.descriptor
         # the oneof a bound class holds in one attribute (TensorRef.storage), if any
         self.held_oneof = next(iter(self.spec.oneofs)) if b is not None and b.oneof_attr else None
         self.source = ""

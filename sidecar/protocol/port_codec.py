@@ -33,7 +33,6 @@ from sidecar.etf import Atom
 from sidecar.protocol import records, schema
 from sidecar.protocol.calls import Call, CallResult, OutputSpec, Placement
 from sidecar.protocol.limits import INT64_MAX, INT64_MIN
-from sidecar.protocol.refs import TensorRef
 
 __all__ = ["TermCodec", "term_codec", "value_from_term", "value_to_term", "call_from_term", "result_to_term",
            "error_to_term", "op_to_term", "record_to_term", "telemetry_to_term", "text", "keyed"]
@@ -170,7 +169,7 @@ class TermCodec:
     def __init__(self, name: str) -> None:
         spec = self.spec = schema.message(name)
         b = self.binding = records.BY_MESSAGE.get(name)
-        self.is_ref = b is not None and b.cls.__module__ == TensorRef.__module__
+        self.is_ref = b is not None and b.descriptor
         self.error: ErrorClass = InvalidTensorRef if self.is_ref else InvalidArgument
         self.what = TAGS.get(name, schema.message(name).name)
         held = next(iter(spec.oneofs)) if b is not None and b.oneof_attr else None

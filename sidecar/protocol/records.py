@@ -32,6 +32,9 @@ class Binding:
     # The attribute that holds the message's oneof, and which member each type of its value is.
     oneof_attr: str | None = None
     members: tuple[tuple[type, str], ...] = ()
+    # A descriptor of memory (a ref, its storage): what is wrong in it is an INVALID_TENSOR_REF,
+    # named by its own field (`storage`, `nbytes`), not by where it sits in the request.
+    descriptor: bool = False
 
     def member_of(self, value: Any) -> str:
         for cls, member in self.members:
@@ -45,11 +48,12 @@ class Binding:
 
 
 BINDINGS: dict[type, Binding] = {b.cls: b for b in (
-    Binding(ShmStorage, "ShmRef"),
-    Binding(CudaIpcStorage, "CudaIpcRef"),
+    Binding(ShmStorage, "ShmRef", descriptor=True),
+    Binding(CudaIpcStorage, "CudaIpcRef", descriptor=True),
     Binding(TensorRef, "Tensor", "storage",
-            ((ShmStorage, "shm"), (InlineStorage, "inline_data"), (CudaIpcStorage, "cuda_ipc"))),
-    Binding(ArrowRef, "ArrowTable", "storage", ((ShmStorage, "shm"), (InlineStorage, "inline_data"))),
+            ((ShmStorage, "shm"), (InlineStorage, "inline_data"), (CudaIpcStorage, "cuda_ipc")), descriptor=True),
+    Binding(ArrowRef, "ArrowTable", "storage", ((ShmStorage, "shm"), (InlineStorage, "inline_data")),
+            descriptor=True),
     Binding(Timing, "Timing"),
     Binding(OutputSpec, "OutputSpec"),
     Binding(Call, "ExecuteRequest"),
