@@ -61,7 +61,7 @@ class Peer:
     """A child process spoken to with {:packet, 4} frames on its stdin/stdout."""
 
     def __init__(self, argv: list[str], ready: bool) -> None:
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None if os.environ.get("PEER_STDERR") else subprocess.DEVNULL,
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      cwd=ROOT, bufsize=0)
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._in, self._out = self.proc.stdin.fileno(), self.proc.stdout.fileno()

@@ -17,7 +17,6 @@ attribute set (converted only when protobuf refuses the value as it is), reading
 from __future__ import annotations
 
 import functools
-import re
 from typing import Any, Callable, Iterable, Mapping
 
 import grpc
@@ -39,11 +38,6 @@ __all__ = ["MessageCodec", "codec", "record_codec", "fill_value", "read_value", 
            "result_to_response", "result_from_response", "message_to_dict", "dict_to_message", "op_to_pb",
            "op_from_pb", "hardware_to_pb", "hardware_from_pb", "telemetry_to_pb", "telemetry_from_pb",
            "error_to_pb", "error_from_pb", "error_to_status", "error_from_rpc", "cut", "WorkerUnreachable"]
-
-def _what(message: str) -> str:
-    """"ArrowTable" -> "arrow table": how an error names a message."""
-    return re.sub(r"(?<!^)(?=[A-Z])", " ", message).lower()
-
 
 def _utf8(text: str, field: str = "value") -> str:
     """`text` if protobuf can carry it (a str with lone surrogates has no UTF-8 form)."""
@@ -241,15 +235,18 @@ class _Compiler:
             sub = self.name("C", self.lookup(f.message or ""))
             if f.repeated:
                 listed = f"[{sub}.read(x, -1, path + {n + '.'!r}) for x in t]"
+                if container != "list":
+                    listed = f"{container}({listed})"
                 empty = "[]" if container == "list" else "()"
-                return f"({(listed if container == 'list' else f'{container}({listed})')} if len(t := m.{n}) else {empty})"
+                return f"({listed} if len(t := m.{n}) else {empty})"
             return f"{sub}.read(m.{n}, {index}, path + {n + '.'!r})"
         if f.kind == "enum":
             if record:
                 names = self.name("N", {number: name for name, number in f.enum_names})
                 return f"[{names}.get(x, x) for x in m.{n}]" if f.repeated else f"{names}.get(m.{n}, m.{n})"
             if attr is not None and attr.enum is not None:
-                enum = self.name("E", functools.partial(_enum_member, attr.enum, f"{_what(self.c.spec.name)} {n}"))
+                what = f"{records.message_words(self.c.spec.name)} {n}"
+                enum = self.name("E", functools.partial(_enum_member, attr.enum, what))
                 return f"{enum}(m.{n}, path + {n!r})"
         if f.repeated:  # an empty one (no strides, no releases) costs one len()
             empty = "None" if attr is not None and attr.none_when_empty else "[]" if container == "list" else "()"
@@ -272,7 +269,7 @@ class _Compiler:
             else:
                 lines.append(f"        held = {self.name('T', cls)}(m.{member})")
         error = "InvalidTensorRef" if c.is_ref else "InvalidArgument"
-        text = f"{_what(c.spec.name)} has no {oneof} (set one of {', '.join(c.spec.oneofs[oneof])})"
+        text = f"{records.message_words(c.spec.name)} has no {oneof} (set one of {', '.join(c.spec.oneofs[oneof])})"
         lines += ["    else:", f"        raise {error}({text!r}, input_index=index, field=path + {oneof!r})"]
         return lines
 

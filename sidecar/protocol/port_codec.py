@@ -230,8 +230,9 @@ class TermCodec:
                     break
             else:
                 names = ", ".join(key for _, key, _, _ in self.members)
-                raise self.error(f"{_spaced(self.spec.name)} has no {self.held_oneof} (give one of {names})",
-                                 field=self.held_oneof, input_index=index)
+                what = records.message_words(self.spec.name)
+                raise self.error(f"{what} has no {self.held_oneof} (give one of {names})", field=self.held_oneof,
+                                 input_index=index)
         return b.cls(**kwargs)
 
     def decode_tagged(self, term: Any, index: int, what: str) -> Any:
@@ -281,10 +282,6 @@ def _as_tuple(decode: Callable[[Any, int], Any], v: Any, index: int) -> tuple[An
 
 def _as_enum(enum: Any, decode: Callable[[Any, int], Any], v: Any, index: int) -> Any:
     return enum(decode(v, index))
-
-
-def _spaced(name: str) -> str:
-    return "".join(" " + c.lower() if c.isupper() and i else c.lower() for i, c in enumerate(name))
 
 
 @functools.cache

@@ -92,6 +92,11 @@ def attrs_of(cls: type) -> dict[str, Attr]:
     return out
 
 
+def message_words(message: str) -> str:
+    """"ArrowTable" -> "arrow table": how an error names a message."""
+    return "".join(" " + c.lower() if c.isupper() and i else c.lower() for i, c in enumerate(message))
+
+
 @functools.cache
 def wrapped_field(cls: type) -> str:
     """The one attribute of a class that wraps a scalar member of a oneof (InlineStorage.data)."""

@@ -10,8 +10,9 @@ Outputs go where the call's placement says: into the caller's `out` refs, inline
 worker's arena under one lease per call (device-resident CUDA tensors too, kept alive by the lease).
 On a CPU worker an op can write a large output straight into an arena block (`ctx.empty`, see
 `sidecar.worker.scratch`): such an output is leased as it is, with no copy.
-With `allow_alias` (per call) or `alias_inputs` (worker-wide) an output that is a view of a host input is described in the host's own segment
-instead (no copy, no lease): the only way an identity round trip of 100 MB costs no memcpy.
+With `allow_alias` (per call) or `alias_inputs` (worker-wide) an output that is a view of a host input
+is described in the host's own segment instead (no copy, no lease): the only way an identity round
+trip of 100 MB costs no memcpy.
 
 Inputs are the caller's and an op can never change them (DESIGN memory rule 8): on a CPU worker they
 are decoded from private copy-on-write mappings checked out for the call (`mapcache.CallMappings`), so
@@ -41,7 +42,7 @@ from sidecar.protocol.refs import (ArrowRef, CudaIpcStorage, InlineStorage, ShmS
                                    elements_overlap)
 from sidecar.worker.leases import LeaseOwner, free_objects
 from sidecar.worker.registry import CTX_PARAM, OpContext, OpSpec, Registry
-from sidecar.worker.scratch import CallBlocks
+from sidecar.worker.scratch import CallBlocks, NoCallBlocks
 from sidecar.worker.torch_errors import InputsMeta, is_sticky_cuda_error, to_sidecar_error
 
 _now = time.perf_counter_ns
@@ -172,28 +173,6 @@ def _in_shared_memory(v: Any) -> bool:
     return False
 
 
-class _NoBlocks:
-    """What stands for a call's blocks when its op cannot have any (it takes no ctx, so never
-    called ctx.empty): outputs are never found in place, new ones come from the arena."""
-
-    __slots__ = ("alloc", "share_min")
-
-    def __init__(self, arena: Any) -> None:
-        self.alloc = arena.alloc
-        self.share_min = 0
-
-    @staticmethod
-    def find(address: int, nbytes: int) -> None:
-        return None
-
-    @staticmethod
-    def take_found() -> list[Any]:
-        return []
-
-    def close(self) -> None:
-        pass
-
-
 def _meta(values: list[Any]) -> list[tuple[list[int], str]]:
     out = []
     for v in values:
@@ -258,7 +237,7 @@ class Dispatcher:
         self._own_prefix = f"/sc-{getattr(self.arena, 'run_id', '')}-{os.getpid()}-"
         # ctx.empty hands out arena blocks only where outputs travel through host shared memory.
         self._blocks_for_ops = self.device.type == "cpu" and self.arena is not None
-        self._no_blocks = _NoBlocks(self.arena) if self._blocks_for_ops else None
+        self._no_blocks = NoCallBlocks(self.arena) if self._blocks_for_ops else None
         self._device_name = str(self.device)
         # CPU ops compute on the mapped inputs themselves: give them private (copy-on-write) mappings.
         # Other devices copy inputs to the device first (a CUDA worker also pins the shared mappings).
