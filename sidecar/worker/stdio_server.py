@@ -13,6 +13,9 @@ External Term Format (`sidecar.etf`). This module reads and writes frames; the t
     worker -> host:         {:ok, id, result}  |  {:error, id, %{kind: :shape_mismatch, message:, ...}}
                             {:telemetry, [:sidecar | event], measurements, metadata}
 
+With a subscription, the telemetry events queued before a reply are sent before it: a call's stop or
+exception event always precedes its answer.
+
 Every frame is answered. A malformed one gets an error term with the request's id whenever the id
 itself decoded (`:undefined` only when it did not), and the worker carries on; a reply that cannot
 be encoded is replaced by an error naming why, and the leases of its outputs are released. Bodies
@@ -76,6 +79,9 @@ class StdioServer:
         self._write_lock = threading.Lock()
         self._sub_lock = threading.Lock()
         self._sub: Subscription | None = None
+        # Taken to send telemetry: by the pump, and by every reply, which first sends the events
+        # queued before it, so that a call's stop (or exception) event always precedes its answer.
+        self._telemetry_lock = threading.Lock()
         self.host_gone = False
         self.done = threading.Event()  # the reader stopped (stdin closed)
 
@@ -121,7 +127,21 @@ class StdioServer:
             data = _unencodable_reply(req_id, tag, exc)
             if on_replaced is not None:
                 on_replaced()
-        self._write(data)
+        sub = self._sub
+        if sub is None:
+            self._write(data)
+            return
+        with self._telemetry_lock:
+            self._send_telemetry(sub)
+            self._write(data)
+
+    def _send_telemetry(self, sub: Subscription) -> None:
+        """Sends every event of `sub` queued so far (the caller holds `_telemetry_lock`)."""
+        while (event := sub.get(timeout=0)) is not None:
+            try:
+                self.send(telemetry_to_term(event))
+            except Exception:
+                log.exception("sending a telemetry event failed")
 
     def _write(self, data: bytes) -> None:
         header = _HEADER.pack(len(data))
@@ -304,12 +324,10 @@ class StdioServer:
                 return Atom("already_subscribed")
             sub = self._sub = self.core.watch(interval)
 
-        def pump() -> None:
-            for event in sub:
-                try:
-                    self.send(telemetry_to_term(event))
-                except Exception:
-                    log.exception("sending a telemetry event failed")
+        def pump() -> None:  # events between replies (memory samples, the spans of a long call)
+            while sub.wait():
+                with self._telemetry_lock:
+                    self._send_telemetry(sub)
         threading.Thread(target=pump, name="sidecar-stdio-telemetry", daemon=True).start()
         return Atom("subscribed")
 
