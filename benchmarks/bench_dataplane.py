@@ -42,8 +42,8 @@ from timing import parse_sizes, sample_us  # benchmarks/timing.py
 
 from sidecar.dataplane.arena import Arena
 from sidecar.dataplane.mapcache import CallMappings, MappingCache
-from sidecar.dataplane.refs import ShmStorage, TensorRef
 from sidecar.dataplane.tensors import to_numpy, to_ref
+from sidecar.protocol.refs import ShmStorage, TensorRef
 
 SIZES = {"1MB": 10**6, "100MB": 10**8, "1GB": 10**9}
 DECODE_CALLS = 2000

@@ -2,8 +2,12 @@
 
 One worker (`python -m sidecar serve`, unix socket) serves every case, side by side in one run:
 
-  echo/ListOps        a plain small-message RPC (the floor of any round trip)
-  echo/tiny-identity  identity of a 16-byte tensor sent inline
+  echo/bare-grpc      a bare grpcio server in another process that answers each request with its
+                      own bytes (generic handler, no protobuf, no sidecar): what gRPC itself costs
+                      for a message the size of a small call; the floor of every case here
+  echo/ListOps        a plain small-message RPC through the sidecar's servicer
+  echo/tiny-identity  identity of a 16-byte tensor sent inline through `Client.call`: the small
+                      call; the table gives it as a multiple of the bare echo (target 1.2x)
   zero-copy/alias     identity of a tensor already in the host arena: the worker views the host's
                       segment and answers with a descriptor of the same memory (no byte copied)
   zero-copy/out       same input, output written by the worker into a caller `out` ref in the
@@ -58,6 +62,47 @@ def measure(fn: Callable[[], Any], reps: int, warmup: int = 3) -> list[float]:
     return [us / 1e6 for us in sample_us(fn, reps, warmup, quiet_gc=True)]
 
 
+def interleaved(cases: dict[str, Callable[[], Any]], reps: int, blocks: int = 10) -> dict[str, list[float]]:
+    """`reps` samples of each case, taken in `blocks` alternating blocks (so that the drift of a
+    shared machine hits every case alike)."""
+    out: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(blocks):
+        for name, fn in cases.items():
+            out[name] += measure(fn, max(1, reps // blocks))
+    return out
+
+
+BARE_ECHO = """
+import sys
+from concurrent import futures
+import grpc
+def echo(request, context):
+    return request
+handler = grpc.method_handlers_generic_handler("bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)})
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=int(sys.argv[2])))
+server.add_generic_rpc_handlers((handler,))
+server.add_insecure_port(sys.argv[1])
+server.start()
+print("READY", flush=True)
+sys.stdin.read()  # until the benchmark closes our stdin
+"""
+
+
+def start_bare_echo(threads: int) -> tuple[subprocess.Popen[str], Callable[[bytes], bytes]]:
+    """A bare grpcio echo server in its own process, and a unary callable to it (bytes in, bytes out)."""
+    import grpc
+
+    path = f"/tmp/sidecar-bench-echo-{os.getpid()}.sock"
+    proc = subprocess.Popen([sys.executable, "-c", BARE_ECHO, f"unix:{path}", str(threads)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "READY":
+        proc.kill()
+        raise SystemExit("the bare echo server did not start")
+    channel = grpc.insecure_channel(f"unix:{path}")
+    return proc, channel.unary_unary("/bench.Echo/Echo")
+
+
 def summary(name: str, size: int, samples: list[float]) -> dict[str, Any]:
     s = sorted(samples)
     return {"case": name, "bytes": size, "n": len(s), "median_s": statistics.median(s),
@@ -75,11 +120,24 @@ def run(sizes_mb: list[float], quick: bool, device: str, telemetry_only: bool = 
     try:
         c = Client(address, timeout=120)
         fat = Client(address, timeout=120, inline_threshold=1 << 62, max_message_bytes=1 << 30)
-        reps_small = 200 if quick else 1000
+        reps_small = 400 if quick else 2000
         tiny = np.arange(4, dtype=np.float32)
-        results.append(summary("echo/ListOps", 0, measure(c.list_ops, reps_small)))
-        results.append(summary("echo/tiny-identity", tiny.nbytes,
-                               measure(lambda: c.call("identity", tiny), reps_small)))
+        # The bare echo carries a message of the size of the identity's request and response
+        # (~90 bytes each way).
+        echo_proc, echo = start_bare_echo(threads=8)
+        try:
+            request = bytes(range(90))
+            assert echo(request) == request
+            small = interleaved({"echo/bare-grpc": lambda: echo(request),
+                                 "echo/tiny-identity": lambda: c.call("identity", tiny),
+                                 "echo/ListOps": c.list_ops}, reps_small)
+        finally:
+            assert echo_proc.stdin is not None
+            echo_proc.stdin.close()
+            echo_proc.wait(30)
+        results.append(summary("echo/bare-grpc", len(request), small["echo/bare-grpc"]))
+        results.append(summary("echo/ListOps", 0, small["echo/ListOps"]))
+        results.append(summary("echo/tiny-identity", tiny.nbytes, small["echo/tiny-identity"]))
         for mb in ([] if telemetry_only else sizes_mb):
             n = int(mb * (1 << 20)) // 4
             size = n * 4
@@ -198,6 +256,7 @@ def table(report: dict[str, Any]) -> str:
     rows = report["results"]
     by = {(r["case"], r["bytes"]): r for r in rows}
     echo = by[("echo/tiny-identity", 16)]["median_s"]
+    bare = next(r for r in rows if r["case"] == "echo/bare-grpc")["median_s"]
     lines = [f"worker device {report['device']}, {report['cpus']} CPUs ({report['cpu_model']}), "
              f"python {report['python']}", "",
              f"{'case':<24}{'size':>10}{'median':>13}{'p90':>13}{'min':>13}{'x echo':>9}{'vs bytes':>11}",
@@ -209,6 +268,8 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"{r['case']:<24}{size:>10}{fmt_t(r['median_s']):>13}{fmt_t(r['p90_s']):>13}"
                      f"{fmt_t(r['min_s']):>13}{r['median_s'] / echo:8.2f}x{speed:>11}")
     lines.append("")
+    lines.append(f"small call: Client identity of 16 bytes is {echo / bare:.2f}x a bare grpcio echo "
+                 f"({fmt_t(echo).strip()} vs {fmt_t(bare).strip()}; target 1.2x)")
     for label, key in (("round trip", "telemetry/"), ("inside the worker", "telemetry/worker-")):
         off = by[(key + "no-watcher", 16)]["median_s"]
         on = by[(key + "one-watcher", 16)]["median_s"]

@@ -43,7 +43,7 @@ import numpy as np
 import psutil
 
 from sidecar.host.client import Client
-from sidecar.host.local_transport import InProcessTransport
+from sidecar.worker.local_transport import InProcessTransport
 from sidecar.host.pool import Pool
 from sidecar.host.spawn import start_worker
 from sidecar.worker.calls import Call, CallResult

@@ -31,7 +31,8 @@ from typing import Any, Callable
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
-BENCHMARKS = ("bench_dataplane", "bench_grpc", "bench_pool", "bench_elixir", "bench_cuda_ipc", "bench_metrics")
+BENCHMARKS = ("bench_dataplane", "bench_grpc", "bench_port", "bench_pool", "bench_elixir", "bench_cuda_ipc",
+              "bench_metrics")
 TIMEOUT_S = 900
 
 Figures = dict[str, float]
@@ -56,12 +57,20 @@ def _dataplane(doc: dict[str, Any]) -> Figures:
 def _grpc(doc: dict[str, Any]) -> Figures:
     by = {(r["case"], r["bytes"]): r["median_s"] for r in doc["results"]}
     out: Figures = {"echo_tiny_us": by[("echo/tiny-identity", 16)] * 1e6}
+    bare = next((r["median_s"] for r in doc["results"] if r["case"] == "echo/bare-grpc"), None)
+    if bare:
+        out["x_identity_vs_bare_grpc_echo"] = by[("echo/tiny-identity", 16)] / bare
     mb = 1 << 20
     if ("zero-copy/lease", mb) in by and ("bytes-in-message", mb) in by:
         out["x_bytes_in_message_vs_lease_1MB"] = by[("bytes-in-message", mb)] / by[("zero-copy/lease", mb)]
     if ("telemetry/one-watcher", 16) in by:
         out["x_telemetry_watcher_round_trip"] = by[("telemetry/one-watcher", 16)] / by[("telemetry/no-watcher", 16)]
     return out
+
+
+def _port(doc: dict[str, Any]) -> Figures:
+    by = {r["case"]: r["median_us"] for r in doc["results"]}
+    return {"port_tiny_identity_us": by["port/tiny-identity"], "x_port_identity_vs_echo": doc["identity_vs_echo"]}
 
 
 def _pool(doc: dict[str, Any]) -> Figures:
@@ -101,7 +110,7 @@ def _metrics(doc: dict[str, Any]) -> Figures:
 
 
 FIGURES: dict[str, Callable[[dict[str, Any]], Figures]] = {
-    "bench_dataplane": _dataplane, "bench_grpc": _grpc, "bench_pool": _pool, "bench_elixir": _elixir,
+    "bench_dataplane": _dataplane, "bench_grpc": _grpc, "bench_port": _port, "bench_pool": _pool, "bench_elixir": _elixir,
     "bench_cuda_ipc": _cuda_ipc, "bench_metrics": _metrics}
 
 

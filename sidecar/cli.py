@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from sidecar.protocol import limits
+
 log = logging.getLogger("sidecar")
 
 READY_PREFIX = "SIDECAR_READY"
@@ -86,6 +88,14 @@ def _non_negative_seconds(text: str) -> float:
     return _seconds(text, zero_ok=True)
 
 
+def _size(nbytes: int) -> str:
+    """64K, 4M, 1G: a byte count as `_bytes` reads it."""
+    for unit, mult in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if nbytes >= mult and nbytes % mult == 0:
+            return f"{nbytes // mult}{unit}"
+    return str(nbytes)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sidecar import __version__
 
@@ -106,34 +116,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ops", action="append", default=[], metavar="MODULE|FILE.py",
                    help="import MODULE (searched on sys.path, then in the current directory) or the Python "
                         "file FILE.py, and serve the ops it declares with @sidecar.op (repeatable)")
-    s.add_argument("--max-concurrency", type=_positive_int, default=4,
-                   help="ops running at once (default 4)")
-    s.add_argument("--max-queue", type=_non_negative_int, default=64,
-                   help="calls waiting beyond --max-concurrency before OVERLOADED (default 64)")
+    s.add_argument("--max-concurrency", type=_positive_int, default=limits.DEFAULT_MAX_CONCURRENCY,
+                   help="ops running at once (default %(default)s)")
+    s.add_argument("--max-queue", type=_non_negative_int, default=limits.DEFAULT_MAX_QUEUE,
+                   help="calls waiting beyond --max-concurrency before OVERLOADED (default %(default)s)")
     s.add_argument("--memory-limit", type=_bytes, default=None, metavar="BYTES",
                    help="address space the worker may add after start-up (RLIMIT_AS = size at start-up "
                         "+ BYTES): an allocation beyond it is a clean OUT_OF_MEMORY error. Accepts K/M/G")
     s.add_argument("--run-id", default=None,
                    help="run id in the names of this worker's segments (default: $SIDECAR_RUN_ID or random)")
-    s.add_argument("--inline-threshold", type=_bytes_or_zero, default=65536, metavar="BYTES",
-                   help="outputs smaller than this travel inside the response (default 64K). Accepts K/M/G")
-    s.add_argument("--lease-ttl", type=_positive_seconds, default=300.0, metavar="SECONDS",
+    s.add_argument("--inline-threshold", type=_bytes_or_zero, default=limits.DEFAULT_INLINE_THRESHOLD,
+                   metavar="BYTES", help="outputs smaller than this travel inside the response (default "
+                                         f"{_size(limits.DEFAULT_INLINE_THRESHOLD)}). Accepts K/M/G")
+    s.add_argument("--lease-ttl", type=_positive_seconds, default=limits.DEFAULT_LEASE_TTL_S, metavar="SECONDS",
                    help="seconds after which an unreleased output lease is reclaimed: its segment is "
                         "unlinked, never reused, so a host still holding the output keeps valid bytes "
-                        "(default 300; must be > 0)")
-    s.add_argument("--max-leases", type=_positive_int, default=10000,
+                        f"(default {limits.DEFAULT_LEASE_TTL_S:g}; must be > 0)")
+    s.add_argument("--max-leases", type=_positive_int, default=limits.DEFAULT_MAX_LEASES,
                    help="output leases held at most; beyond it the oldest is reclaimed the same way "
-                        "(default 10000)")
+                        "(default %(default)s)")
     s.add_argument("--map-cache-share", type=_share, default=0.25, metavar="FRACTION",
                    help="share of /dev/shm's size the worker may keep mapped in its input mapping cache "
                         "(default 0.25; e.g. 0.1 or 10%%)")
     s.add_argument("--threads", type=_positive_int, default=None,
                    help="torch/BLAS/OpenMP threads (default: $SIDECAR_THREADS or half the CPUs, max 8)")
-    s.add_argument("--grace-period", type=_non_negative_seconds, default=10.0,
-                   help="seconds SIGTERM waits for in-flight calls before stopping (default 10)")
-    s.add_argument("--max-message-bytes", type=_bytes, default=4 << 20,
-                   help="largest gRPC message accepted or sent (default 4M; raise it only for "
-                        "PLACEMENT_INLINE of big tensors)")
+    s.add_argument("--grace-period", type=_non_negative_seconds, default=limits.DEFAULT_GRACE_PERIOD_S,
+                   help="seconds SIGTERM waits for in-flight calls to finish and be answered before the "
+                        f"worker stops, on either transport (default {limits.DEFAULT_GRACE_PERIOD_S:g})")
+    s.add_argument("--max-message-bytes", type=_bytes, default=limits.DEFAULT_MAX_MESSAGE_BYTES,
+                   help=f"largest gRPC message accepted or sent (default {_size(limits.DEFAULT_MAX_MESSAGE_BYTES)}; "
+                        "raise it only for PLACEMENT_INLINE of big tensors)")
     s.add_argument("--watch-stdin", action="store_true",
                    help="exit when stdin reaches EOF (for hosts that hold the worker's stdin)")
     s.add_argument("--debug-ops", action="store_true",
@@ -145,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "logged); loopback only unless $SIDECAR_METRICS_ALLOW_REMOTE=1")
     s.add_argument("--max-frame-bytes", type=_bytes, default=None, metavar="BYTES",
                    help="with --stdio: largest frame accepted, as received and as inflated from a "
-                        "compressed term (default 1G, or $SIDECAR_STDIO_MAX_FRAME). Accepts K/M/G")
+                        "compressed term (default "
+                        f"{_size(limits.DEFAULT_MAX_FRAME_BYTES)}, or $SIDECAR_STDIO_MAX_FRAME). Accepts K/M/G")
     s.add_argument("--log-level", default=os.environ.get("SIDECAR_LOG_LEVEL", "INFO"),
                    choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"])
 
@@ -247,17 +260,18 @@ def _serve_stdio(runtime: Any, args: argparse.Namespace, shutdown: Any) -> int:
     if args.memory_limit:
         lifecycle.warm_threads()
         lifecycle.apply_memory_limit(args.memory_limit)
-    # The port transport drains on SIGTERM / parent death (it watches `shutdown`) and exits 70
-    # itself when the device is tainted.
-    return int(serve_stdio(runtime, shutdown, max_frame=args.max_frame_bytes or MAX_FRAME) or 0)
+    return serve_stdio(runtime, shutdown, max_frame=args.max_frame_bytes or MAX_FRAME,
+                       grace_period_s=args.grace_period)
 
 
 def _serve_grpc(runtime: Any, args: argparse.Namespace, shutdown: Any) -> int:
     from sidecar.worker import lifecycle
     from sidecar.worker.grpc_server import SidecarServer
+    from sidecar.worker.server_core import ServerCore, serve
 
+    core = ServerCore(runtime, shutdown)  # a tainted device: answered, then exit 70 (as on the port)
     try:
-        server = SidecarServer(runtime, args.listen, max_message_bytes=args.max_message_bytes)
+        server = SidecarServer(core, args.listen, max_message_bytes=args.max_message_bytes)
         address = server.start()
     except (OSError, ValueError, PermissionError) as exc:
         log.error("cannot listen: %s", exc)
@@ -266,32 +280,20 @@ def _serve_grpc(runtime: Any, args: argparse.Namespace, shutdown: Any) -> int:
         lifecycle.warm_threads(server.executor, server.threads)
         lifecycle.apply_memory_limit(args.memory_limit)
 
-    # A sticky device error: the failing call is still answered (it is in flight during the short
-    # drain), then the process exits 70 so the pool replaces it.
-    runtime.dispatcher.on_taint.append(
-        lambda reason: shutdown.request(f"tainted: {reason}", fast=True, exit_code=lifecycle.EXIT_TAINTED))
-
     line = f"{READY_PREFIX} {address} {os.getpid()}"
     if args.ready_file is not None:
         _write_atomically(args.ready_file, line + "\n")
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
     log.info("serving on %s (device %s, pid %d)", address, runtime.device, os.getpid())
-
-    while not shutdown.wait(0.5):
-        pass
-    grace = 0.5 if shutdown.fast else args.grace_period
-    log.info("%s: draining in-flight calls (up to %.1f s)", shutdown.reason, grace)
-    finished = server.stop(grace)
-    if not finished:
-        log.warning("grace period over with calls still running; they were cancelled")
-    if args.ready_file is not None:
-        try:
-            args.ready_file.unlink()
-        except FileNotFoundError:
-            pass
-    log.info("stopped (exit %d)", shutdown.exit_code)
-    return shutdown.exit_code
+    try:
+        return serve(core, server, args.grace_period)
+    finally:
+        if args.ready_file is not None:
+            try:
+                args.ready_file.unlink()
+            except FileNotFoundError:
+                pass
 
 
 def _write_atomically(path: Path, text: str) -> None:

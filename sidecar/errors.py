@@ -2,46 +2,25 @@
 
 One exception class per `sidecar.v1.ErrorKind`. Each carries the structured fields of
 `sidecar.v1.Error` as attributes (and in `.fields`), so hosts can match on the class and read the
-figures. The wire mapping (to/from `google.rpc.Status` details and Erlang terms) lives in the
-transports; this module knows nothing of gRPC beyond the status-code *names*.
+figures. The kinds and the field names come from `sidecar.protocol.error_kinds` (i.e. from the
+.proto); the wire mapping (to/from `google.rpc.Status` details and Erlang terms) lives in the codecs
+of `sidecar.protocol`; this module knows nothing of gRPC beyond the status-code *names*.
 """
 from __future__ import annotations
 
 import difflib
 import json
 import re
-from enum import Enum
 from typing import Any, ClassVar, Iterable
 
+from sidecar.protocol.error_kinds import ERROR_FIELDS, ErrorKind
+from sidecar.protocol.limits import ECHO_CHARS
 
-class ErrorKind(str, Enum):
-    SHAPE_MISMATCH = "SHAPE_MISMATCH"
-    DTYPE_MISMATCH = "DTYPE_MISMATCH"
-    DEVICE_MISMATCH = "DEVICE_MISMATCH"
-    OUT_OF_MEMORY = "OUT_OF_MEMORY"
-    INVALID_TENSOR_REF = "INVALID_TENSOR_REF"
-    UNKNOWN_OP = "UNKNOWN_OP"
-    OP_FAILED = "OP_FAILED"
-    OVERLOADED = "OVERLOADED"
-    DEVICE_UNAVAILABLE = "DEVICE_UNAVAILABLE"
-    WORKER_CRASHED = "WORKER_CRASHED"
-    CIRCUIT_OPEN = "CIRCUIT_OPEN"
-    INVALID_ARGUMENT = "INVALID_ARGUMENT"
-    CANCELLED = "CANCELLED"
-
-
-# Fields of sidecar.v1.Error that an error may carry (besides kind and message).
-ERROR_FIELDS: tuple[str, ...] = (
-    "op", "request_id",
-    "input_shapes", "input_dtypes", "dim", "expected", "got", "suggestion",
-    "device", "requested_bytes", "free_bytes", "total_bytes", "allocated_bytes", "reserved_bytes",
-    "available",
-    "input_index", "field",
-    "close_names",
-    "exception_type", "traceback",
-    "queue_depth", "limit",
-    "exit_code", "signal", "classification", "stderr_tail", "pid",
-)
+__all__ = ["ErrorKind", "ERROR_FIELDS", "ERROR_CLASSES", "SidecarError", "ShapeMismatch", "DtypeMismatch",
+           "DeviceMismatch", "OutOfMemory", "InvalidTensorRef", "UnknownOp", "OpFailed", "Overloaded",
+           "DeviceUnavailable", "WorkerCrashed", "WorkerUnreachable", "CircuitOpen", "InvalidArgument",
+           "Cancelled", "shorten", "close_names", "error_from_dict", "START_ERROR_PREFIX", "start_error_line",
+           "parse_start_error"]
 
 
 class SidecarError(Exception):
@@ -167,6 +146,14 @@ class WorkerCrashed(SidecarError):
     grpc_code = "UNAVAILABLE"
 
 
+class WorkerUnreachable(WorkerCrashed):
+    """The worker could not be reached or went away during the call (gRPC UNAVAILABLE, no details).
+
+    A WORKER_CRASHED kind (so a pool treats it like a crash whose exit it has not seen yet), with
+    classification "unreachable" and no exit code; the pool fills in the exit details when it reaps.
+    """
+
+
 class CircuitOpen(SidecarError):
     kind = ErrorKind.CIRCUIT_OPEN
     grpc_code = "UNAVAILABLE"
@@ -215,9 +202,6 @@ def parse_start_error(line: str) -> SidecarError | None:
         return error_from_dict(data) if isinstance(data, dict) else None
     except (ValueError, TypeError):  # not JSON, an unknown kind or field
         return None
-
-
-ECHO_CHARS = 80  # how much of a caller's value an error message repeats
 
 
 def shorten(value: Any, limit: int = ECHO_CHARS) -> str:

@@ -119,17 +119,57 @@ def encode(term: Any) -> bytes:
 def _encode(term: Any, out: list[bytes], depth: int) -> None:
     if depth > MAX_DEPTH:
         raise EncodeError(f"term nested deeper than {MAX_DEPTH}")
-    # Order matters: bool before int (bool is an int), Atom before str (Atom is a str).
-    if term is None:
+    # The exact types of the protocol's terms first (one type() per term on the hot path), then
+    # subclasses and other buffers. Order matters below: bool before int (bool is an int), Atom
+    # before str (Atom is a str).
+    kind = type(term)
+    if kind is Atom:
+        cached = _ATOM_BYTES.get(term)
+        if cached is None:
+            cached = _atom_bytes(term)
+            if len(_ATOM_BYTES) < _ATOM_CACHE_MAX:
+                _ATOM_BYTES[term] = cached
+        out.append(cached)
+    elif kind is str:
+        try:
+            data = term.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise EncodeError(f"string is not valid UTF-8: {e}") from None
+        out.append(_BINARY_HEAD + _U32.pack(len(data)))
+        out.append(data)
+    elif kind is int:
+        out.append(_SMALL_INTS[term] if 0 <= term < 256 else _int_bytes(term))
+    elif kind is dict:
+        out.append(_MAP_HEAD + _U32.pack(len(term)))
+        for key, value in term.items():
+            _encode(key, out, depth + 1)
+            _encode(value, out, depth + 1)
+    elif kind is list:
+        if term:
+            out.append(_LIST_HEAD + _U32.pack(len(term)))
+            for item in term:
+                _encode(item, out, depth + 1)
+        out.append(_NIL)
+    elif kind is tuple:
+        n = len(term)
+        out.append(bytes((SMALL_TUPLE_EXT, n)) if n < 256 else bytes((LARGE_TUPLE_EXT,)) + _U32.pack(n))
+        for item in term:
+            _encode(item, out, depth + 1)
+    elif kind is bytes:
+        if len(term) > 0xFFFFFFFF:
+            raise EncodeError(f"binary of {len(term)} bytes exceeds the 4 GiB limit of BINARY_EXT")
+        out.append(_BINARY_HEAD + _U32.pack(len(term)))
+        out.append(term)
+    elif term is None:
         out.append(b"\x77\x03nil")
     elif term is True:
         out.append(b"\x77\x04true")
     elif term is False:
         out.append(b"\x77\x05false")
     elif isinstance(term, Atom):
-        _encode_atom(term, out)
+        out.append(_atom_bytes(term))
     elif isinstance(term, int):
-        _encode_int(int(term), out)
+        out.append(_int_bytes(int(term)))
     elif isinstance(term, float):
         if not math.isfinite(term):
             raise EncodeError(f"{term!r} has no Erlang float form")
@@ -138,36 +178,32 @@ def _encode(term: Any, out: list[bytes], depth: int) -> None:
         n = term.nbytes if isinstance(term, memoryview) else len(term)
         if n > 0xFFFFFFFF:
             raise EncodeError(f"binary of {n} bytes exceeds the 4 GiB limit of BINARY_EXT")
-        out.append(bytes((BINARY_EXT,)) + _U32.pack(n))
+        out.append(_BINARY_HEAD + _U32.pack(n))
         out.append(term if isinstance(term, bytes) else bytes(term))
     elif isinstance(term, str):
-        try:
-            data = term.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise EncodeError(f"string is not valid UTF-8: {e}") from None
-        out.append(bytes((BINARY_EXT,)) + _U32.pack(len(data)))
-        out.append(data)
+        _encode(str(term), out, depth)
     elif isinstance(term, tuple):
-        n = len(term)
-        out.append(bytes((SMALL_TUPLE_EXT, n)) if n < 256 else bytes((LARGE_TUPLE_EXT,)) + _U32.pack(n))
-        for item in term:
-            _encode(item, out, depth + 1)
+        _encode(tuple(term), out, depth)
     elif isinstance(term, list):
-        if term:
-            out.append(bytes((LIST_EXT,)) + _U32.pack(len(term)))
-            for item in term:
-                _encode(item, out, depth + 1)
-        out.append(bytes((NIL_EXT,)))
+        _encode(list(term), out, depth)
     elif isinstance(term, dict):
-        out.append(bytes((MAP_EXT,)) + _U32.pack(len(term)))
-        for key, value in term.items():
-            _encode(key, out, depth + 1)
-            _encode(value, out, depth + 1)
+        _encode(dict(term), out, depth)
     else:
         raise EncodeError(f"cannot encode {type(term).__name__} as an Erlang term")
 
 
-def _encode_atom(name: str, out: list[bytes]) -> None:
+_BINARY_HEAD = bytes((BINARY_EXT,))
+_MAP_HEAD = bytes((MAP_EXT,))
+_LIST_HEAD = bytes((LIST_EXT,))
+_NIL = bytes((NIL_EXT,))
+_SMALL_INTS = [bytes((SMALL_INTEGER_EXT, i)) for i in range(256)]
+# Encoded atoms by name, and decoded atoms by their bytes: the protocol uses a few dozen, over and
+# over. Bounded, so that a peer sending endless fresh atoms cannot grow them.
+_ATOM_CACHE_MAX = 4096
+_ATOM_BYTES: dict[str, bytes] = {}
+
+
+def _atom_bytes(name: str) -> bytes:
     if len(name) > MAX_ATOM_CHARS:
         raise EncodeError(f"atom of {len(name)} characters exceeds Erlang's {MAX_ATOM_CHARS}")
     try:
@@ -175,24 +211,21 @@ def _encode_atom(name: str, out: list[bytes]) -> None:
     except UnicodeEncodeError as e:
         raise EncodeError(f"atom name is not valid UTF-8: {e}") from None
     if len(data) < 256:
-        out.append(bytes((SMALL_ATOM_UTF8_EXT, len(data))) + data)
-    else:
-        out.append(bytes((ATOM_UTF8_EXT,)) + _U16.pack(len(data)) + data)
+        return bytes((SMALL_ATOM_UTF8_EXT, len(data))) + data
+    return bytes((ATOM_UTF8_EXT,)) + _U16.pack(len(data)) + data
 
 
-def _encode_int(value: int, out: list[bytes]) -> None:
+def _int_bytes(value: int) -> bytes:
     if 0 <= value < 256:
-        out.append(bytes((SMALL_INTEGER_EXT, value)))
-    elif -(1 << 31) <= value < (1 << 31):
-        out.append(bytes((INTEGER_EXT,)) + _I32.pack(value))
-    else:
-        magnitude = abs(value)
-        digits = magnitude.to_bytes((magnitude.bit_length() + 7) // 8, "little")
-        sign = 1 if value < 0 else 0
-        if len(digits) < 256:
-            out.append(bytes((SMALL_BIG_EXT, len(digits), sign)) + digits)
-        else:
-            out.append(bytes((LARGE_BIG_EXT,)) + _U32.pack(len(digits)) + bytes((sign,)) + digits)
+        return bytes((SMALL_INTEGER_EXT, value))
+    if -(1 << 31) <= value < (1 << 31):
+        return bytes((INTEGER_EXT,)) + _I32.pack(value)
+    magnitude = abs(value)
+    digits = magnitude.to_bytes((magnitude.bit_length() + 7) // 8, "little")
+    sign = 1 if value < 0 else 0
+    if len(digits) < 256:
+        return bytes((SMALL_BIG_EXT, len(digits), sign)) + digits
+    return bytes((LARGE_BIG_EXT,)) + _U32.pack(len(digits)) + bytes((sign,)) + digits
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -303,7 +336,28 @@ class _Decoder:
     def term(self, depth: int) -> Any:
         if depth > self.max_depth:
             raise DecodeError(f"term nested deeper than {self.max_depth}", self.pos)
-        at = self.pos
+        data, at = self.data, self.pos
+        # Fast paths for what the protocol sends most: small atoms, small integers, binaries, small
+        # tuples and maps, read with their bounds checked here; everything else (and every error,
+        # with its message) below.
+        if at + 2 <= self.end:
+            tag = data[at]
+            if tag == SMALL_ATOM_UTF8_EXT:
+                n = data[at + 1]
+                if at + 2 + n <= self.end:
+                    raw = bytes(data[at + 2:at + 2 + n])
+                    atom = _ATOMS.get(raw, _MISS)
+                    if atom is not _MISS:
+                        self.pos = at + 2 + n
+                        return atom
+            elif tag == SMALL_INTEGER_EXT:
+                self.pos = at + 2
+                return data[at + 1]
+            elif tag == SMALL_TUPLE_EXT:
+                n = data[at + 1]
+                if n <= self.end - at - 2:
+                    self.pos = at + 2
+                    return tuple([self.term(depth + 1) for _ in range(n)])
         tag = self._u8("tag")
         if tag == SMALL_INTEGER_EXT:
             return self._u8("small integer")
@@ -368,13 +422,10 @@ class _Decoder:
             raise DecodeError(f"atom {raw[:40]!r} is not valid UTF-8", start) from None
         if len(name) > MAX_ATOM_CHARS:
             raise DecodeError(f"atom of {len(name)} characters exceeds Erlang's {MAX_ATOM_CHARS}", start)
-        if name == "true":
-            return True
-        if name == "false":
-            return False
-        if name == "nil":
-            return None
-        return Atom(name)
+        atom: Any = True if name == "true" else False if name == "false" else None if name == "nil" else Atom(name)
+        if tag == SMALL_ATOM_UTF8_EXT and len(_ATOMS) < _ATOM_CACHE_MAX:
+            _ATOMS[raw] = atom
+        return atom
 
     def _map(self, depth: int) -> dict[Any, Any]:
         n = self._count("map", True, 2)
@@ -392,6 +443,10 @@ class _Decoder:
                     f"map key of type {type(key).__name__} is not supported (keys must be atoms, "
                     "numbers, binaries or tuples of them)", key_at) from None
         return out
+
+
+_ATOMS: dict[bytes, Any] = {}
+_MISS = object()
 
 
 def _finite(value: float, at: int) -> float:

@@ -6,10 +6,10 @@ lie, what a lease covers) as well as what the caller received.
 """
 from __future__ import annotations
 
-from sidecar.dataplane.refs import ShmStorage, TensorRef
+from sidecar.protocol.refs import ShmStorage, TensorRef
 from sidecar.host.client import Client
-from sidecar.host.local_transport import InProcessTransport
-from sidecar.worker.calls import Call, CallResult
+from sidecar.worker.local_transport import InProcessTransport
+from sidecar.protocol.calls import Call, CallResult
 from sidecar.worker.runtime import Runtime
 from tests.workers import session_run
 

@@ -13,9 +13,9 @@ from sidecar import _native
 from sidecar.dataplane import reaper
 from sidecar.dataplane.arena import MIN_CLASS, Arena, size_class
 from sidecar.dataplane.names import make_name, parse_name
-from sidecar.dataplane.refs import ShmStorage
 from sidecar.dataplane.segments import segment_path
 from sidecar.errors import OutOfMemory
+from sidecar.protocol.refs import ShmStorage
 from tests.workers import session_run
 
 MiB = 1 << 20

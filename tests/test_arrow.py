@@ -10,8 +10,8 @@ import pytest
 
 from sidecar.dataplane.arrow import ref_to_table, stream_size, table_to_ref
 from sidecar.dataplane.mapcache import MappingCache
-from sidecar.dataplane.refs import ArrowRef, InlineStorage, ShmStorage
 from sidecar.errors import InvalidArgument, InvalidTensorRef
+from sidecar.protocol.refs import ArrowRef, InlineStorage, ShmStorage
 
 
 def mixed_table(n: int) -> pa.Table:

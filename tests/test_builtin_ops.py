@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from sidecar.dataplane import tensors
-from sidecar.dataplane.refs import InlineStorage, TensorRef
 from sidecar.errors import DtypeMismatch, InvalidArgument, ShapeMismatch, UnknownOp
+from sidecar.dataplane import tensors
+from sidecar.protocol.refs import InlineStorage, TensorRef
 from sidecar.worker.runtime import WorkerOptions, build_runtime
 from tests.in_process import in_process_client
 from tests.workers import session_run

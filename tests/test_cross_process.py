@@ -19,15 +19,15 @@ import torch
 
 from sidecar._native import Segment
 from sidecar.dataplane.arrow import table_to_ref
-from sidecar.dataplane.refs import ArrowRef, ShmStorage, TensorRef
 from sidecar.dataplane.segments import unlink_segment
 from sidecar.dataplane.tensors import to_ref
+from sidecar.protocol.refs import ArrowRef, ShmStorage, TensorRef
 
 CHILD = r"""
 import json, sys
 import numpy as np
 from sidecar.dataplane.mapcache import MappingCache
-from sidecar.dataplane.refs import ArrowRef, ShmStorage, TensorRef
+from sidecar.protocol.refs import ArrowRef, ShmStorage, TensorRef
 from sidecar.dataplane.tensors import to_numpy, to_torch
 from sidecar.dataplane.arrow import ref_to_table
 from sidecar.errors import SidecarError

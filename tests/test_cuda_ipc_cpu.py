@@ -22,8 +22,8 @@ import torch
 
 from sidecar import _cudaipc
 from sidecar.dataplane import cuda_ipc
-from sidecar.dataplane.refs import CudaIpcStorage, TensorRef
 from sidecar.errors import InvalidTensorRef
+from sidecar.protocol.refs import CudaIpcStorage, TensorRef
 
 MISSING = {"SIDECAR_LIBCUDA": "/nonexistent/libcuda.so.1"}
 
@@ -159,7 +159,7 @@ def test_python_layer_maps_missing_driver_to_device_unavailable() -> None:
         import json, torch
         from sidecar._native import Segment
         from sidecar.dataplane import cuda_ipc
-        from sidecar.dataplane.refs import CudaIpcStorage, TensorRef
+        from sidecar.protocol.refs import CudaIpcStorage, TensorRef
         from sidecar.errors import DeviceUnavailable, InvalidArgument
         res = {'available': cuda_ipc.available(), 'reason': cuda_ipc.unavailable_reason()}
         ref = TensorRef('float32', (4,), CudaIpcStorage(b'h' * 64, 0, 16, 0, 'GPU-x', 1 << 20))
@@ -417,7 +417,7 @@ def test_python_layer_against_the_stand_in(stand_in: str) -> None:
     out = run_py("""
         import json
         from sidecar.dataplane import cuda_ipc, segments
-        from sidecar.dataplane.refs import CudaIpcStorage, TensorRef
+        from sidecar.protocol.refs import CudaIpcStorage, TensorRef
         from sidecar.errors import DeviceUnavailable
         res = {'reason': cuda_ipc.unavailable_reason(),
                'uuid1': cuda_ipc.device_uuid(1),

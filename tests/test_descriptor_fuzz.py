@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 from sidecar.dataplane import dtypes
 from sidecar.dataplane.arrow import ref_to_table
 from sidecar.dataplane.mapcache import MappingCache
-from sidecar.dataplane.refs import ArrowRef, CudaIpcStorage, InlineStorage, ShmStorage, TensorRef
 from sidecar.dataplane.segments import create_segment, unlink_segment
 from sidecar.dataplane.tensors import to_numpy, to_torch
 from sidecar.dataplane.validate import validate_tensor_ref
 from sidecar.errors import InvalidTensorRef
+from sidecar.protocol.refs import ArrowRef, CudaIpcStorage, InlineStorage, ShmStorage, TensorRef
 
 SEG_SIZE = 1 << 16
 GOOD_NAME = "/sc-fuzz-1-0123456789abcdef"

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from sidecar.dataplane import tensors
-from sidecar.dataplane.refs import ArrowRef, CudaIpcStorage, InlineStorage, ShmStorage, TensorRef
 from sidecar.errors import (Cancelled, DeviceUnavailable, InvalidArgument, InvalidTensorRef, OpFailed,
                             Overloaded, ShapeMismatch)
-from sidecar.host.local_transport import InProcessTransport
-from sidecar.worker.calls import Call, OutputSpec, Placement
+from sidecar.protocol.calls import Call, OutputSpec, Placement
+from sidecar.worker.local_transport import InProcessTransport
+from sidecar.protocol.refs import ArrowRef, CudaIpcStorage, InlineStorage, ShmStorage, TensorRef
 from sidecar.worker.registry import OpsModuleError, Registry, make_spec
 from sidecar.worker.runtime import WorkerOptions, build_runtime
 from tests.in_process import in_process_client

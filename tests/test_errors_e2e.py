@@ -13,12 +13,12 @@ import grpc
 import numpy as np
 import pytest
 
-from sidecar import wire
 from sidecar._native import Segment, unlink
 from sidecar.dataplane.names import make_name
 from sidecar.errors import (DeviceUnavailable, DtypeMismatch, ErrorKind, InvalidArgument, InvalidTensorRef,
                             OpFailed, OutOfMemory, Overloaded, ShapeMismatch, SidecarError, UnknownOp)
 from sidecar.host import Client
+from sidecar.protocol import grpc_codec, limits
 from sidecar.v1 import sidecar_pb2 as pb
 from sidecar.v1 import sidecar_pb2_grpc as pb_grpc
 from tests.workers import FIXTURE_OPS, long_lived_run, long_lived_worker, start_worker, wait_until  # noqa: F401
@@ -65,7 +65,7 @@ def raw_error(stub: Any, req: pb.ExecuteRequest) -> SidecarError:
     """Send `req` as is; return the structured error the worker answered with."""
     with pytest.raises(grpc.RpcError) as info:
         stub.Execute(req, timeout=30)
-    err = wire.error_from_rpc(info.value)
+    err = grpc_codec.error_from_rpc(info.value)
     assert info.value.code().name == err.grpc_code  # the status code matches DESIGN.md's table
     return err
 
@@ -257,7 +257,7 @@ def test_recreated_segment_is_not_served_stale(stub: Any, client: Client, run: s
     seg = Segment.create(name, 4096)
     np.frombuffer(seg, np.float32, 4)[:] = 1.0
     ok = stub.Execute(pb.ExecuteRequest(op="sum", inputs=[tensor_msg(name, [4], inode=seg.inode)]), timeout=30)
-    assert wire.value_from_pb(ok.outputs[0]).storage.data == np.float32(4).tobytes()
+    assert grpc_codec.read_value(ok.outputs[0]).storage.data == np.float32(4).tobytes()
     old_inode = seg.inode
     seg.close()
     unlink(name)
@@ -268,7 +268,7 @@ def test_recreated_segment_is_not_served_stale(stub: Any, client: Client, run: s
         for inode in (seg.inode, 0):  # told the new inode, or not told at all
             resp = stub.Execute(pb.ExecuteRequest(op="sum", inputs=[tensor_msg(name, [4], inode=inode)]),
                                 timeout=30)
-            assert wire.value_from_pb(resp.outputs[0]).storage.data == np.float32(8).tobytes()
+            assert grpc_codec.read_value(resp.outputs[0]).storage.data == np.float32(8).tobytes()
     finally:
         seg.close()
         unlink(name)
@@ -417,11 +417,11 @@ def test_errors_echoing_long_input_keep_their_details(client: Client, case: Any)
     _, send, cls, field = case
     with pytest.raises((SidecarError, grpc.RpcError)) as info:
         send(client)
-    err = info.value if isinstance(info.value, SidecarError) else wire.error_from_rpc(info.value)
+    err = info.value if isinstance(info.value, SidecarError) else grpc_codec.error_from_rpc(info.value)
     assert type(err) is cls, repr(err)[:300]  # not a bare RESOURCE_EXHAUSTED without details
     assert err.field == field and err.request_id
-    assert len(err.message.encode()) <= wire.ERROR_MESSAGE_BYTES
-    assert all(len(str(v).encode()) <= wire.ERROR_TRACEBACK_BYTES for v in err.fields.values())
+    assert len(err.message.encode()) <= limits.ERROR_MESSAGE_BYTES
+    assert all(len(str(v).encode()) <= limits.ERROR_TRACEBACK_BYTES for v in err.fields.values())
 
 
 def test_an_absent_device_is_device_unavailable_for_the_host_that_spawned_the_worker() -> None:

@@ -23,10 +23,11 @@ from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar import etf, wire
+from sidecar import etf
 from sidecar.errors import ErrorKind, SidecarError
 from sidecar.etf import Atom as A
 from sidecar.host import Client
+from sidecar.protocol import grpc_codec
 from sidecar.v1 import sidecar_pb2 as pb
 from sidecar.worker.registry import Registry
 from sidecar.worker.runtime import BUILTIN_OPS
@@ -135,6 +136,12 @@ def pb_values(draw: Any, depth: int = 0) -> pb.Value:
     return v
 
 
+def _value_pb(v: Any) -> pb.Value:
+    m = pb.Value()
+    grpc_codec.fill_value(m, v)
+    return m
+
+
 @st.composite
 def execute_requests(draw: Any) -> pb.ExecuteRequest:
     op = draw(ops)
@@ -144,7 +151,7 @@ def execute_requests(draw: Any) -> pb.ExecuteRequest:
     n = draw(st.integers(lo, hi)) if draw(st.integers(0, 4)) else draw(st.integers(0, 5))
     for v in draw(st.lists(pb_values(), min_size=n, max_size=n)):
         req.inputs.add().CopyFrom(v)
-    plausible = st.dictionaries(st.sampled_from(OP_ATTRS.get(op) or ATTRS), attr_values.map(wire.value_to_pb),
+    plausible = st.dictionaries(st.sampled_from(OP_ATTRS.get(op) or ATTRS), attr_values.map(_value_pb),
                                 max_size=2)
     for key, v in draw(plausible | st.dictionaries(texts, pb_scalars, max_size=3)).items():
         req.attrs[key].CopyFrom(v)
@@ -189,7 +196,7 @@ def answered(w: Any, body: bytes) -> None:
     except grpc.RpcError as err:
         status = rpc_status.from_call(err)
         assert status is not None and status.details, f"unstructured {err.code()}: {err.details()}"
-        structured = wire.error_from_rpc(err)
+        structured = grpc_codec.error_from_rpc(err)
         assert isinstance(structured, SidecarError) and structured.request_id, repr(structured)
         if structured.kind is ErrorKind.OP_FAILED:
             assert structured.exception_type, repr(structured)

@@ -23,13 +23,13 @@ import torch
 from sidecar.dataplane import tensors
 from sidecar.dataplane.arena import Arena, size_class
 from sidecar.dataplane.mapcache import MappingCache
-from sidecar.dataplane.refs import InlineStorage, ShmStorage, TensorRef
 from sidecar.errors import Cancelled, OpFailed
+from sidecar.protocol.calls import Call, OutputSpec, Placement
+from sidecar.protocol.refs import InlineStorage, ShmStorage, TensorRef
 from sidecar.worker import builtin_ops
-from sidecar.worker.calls import Call, OutputSpec, Placement
 from sidecar.worker.registry import OpContext, make_spec
 from sidecar.worker.runtime import WorkerOptions, build_runtime
-from tests.workers import session_run, assert_run_clean, run_id, start_worker
+from tests.workers import assert_run_clean, run_id, session_run, start_worker
 
 MIB4 = 1 << 20  # float32 elements in 4 MiB
 KEPT: list[torch.Tensor] = []  # what `stash` keeps across calls (a misuse the worker must survive)
@@ -374,8 +374,8 @@ def test_mul_through_a_real_worker():
 FULL_SHM = """
     import json
     import numpy as np
-    from sidecar.dataplane.refs import InlineStorage, TensorRef
-    from sidecar.worker.calls import Call, OutputSpec, Placement
+    from sidecar.protocol.refs import InlineStorage, TensorRef
+    from sidecar.protocol.calls import Call, OutputSpec, Placement
     from sidecar.worker.runtime import WorkerOptions, build_runtime
     x = np.arange(1 << 19, dtype=np.float32)  # 2 MiB: more than the whole 1 MiB /dev/shm
     ref = TensorRef("float32", x.shape, InlineStorage(x.tobytes()))

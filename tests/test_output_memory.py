@@ -16,13 +16,13 @@ import grpc
 import numpy as np
 import pytest
 
-from sidecar import wire
 from sidecar.dataplane import segments
 from sidecar.dataplane.arena import size_class
 from sidecar.errors import OutOfMemory, SidecarError
+from sidecar.protocol import grpc_codec
+from sidecar.protocol.calls import Placement
 from sidecar.v1 import sidecar_pb2 as pb
 from sidecar.v1 import sidecar_pb2_grpc as pb_grpc
-from sidecar.worker.calls import Placement
 from tests.workers import long_lived_run, long_lived_worker, run_id, session_run, start_worker
 
 OPS = ("--ops", "tests.dataplane_ops_module")
@@ -58,10 +58,10 @@ class ShmCreations:
 def execute(address: str, op: str, **kw):
     with grpc.insecure_channel(address) as channel:
         try:
-            return pb_grpc.SidecarStub(channel).Execute(wire.execute_request(op, [], kw.pop("attrs", {}), **kw),
+            return pb_grpc.SidecarStub(channel).Execute(grpc_codec.execute_request(op, [], kw.pop("attrs", {}), **kw),
                                                          timeout=60)
         except grpc.RpcError as err:
-            return wire.error_from_rpc(err, op)
+            return grpc_codec.error_from_rpc(err, op)
 
 
 def test_memory_limit_refuses_a_shared_memory_output_before_reserving_it():
@@ -125,13 +125,13 @@ def test_an_output_never_exposes_an_earlier_outputs_bytes(worker):
     segment: every byte of the segment past the small output's nbytes is zero."""
     cap = size_class(1 << 20 | 1)
     first = execute(worker.address, "dp.fill", attrs={"n": cap, "value": 0xAB}, placement=Placement.SHM)
-    (ref,) = wire.result_from_response(first).outputs
+    (ref,) = grpc_codec.result_from_response(first).outputs
     with grpc.insecure_channel(worker.address) as channel:
         stub = pb_grpc.SidecarStub(channel)
         stub.Release(pb.ReleaseRequest(leases=list(first.leases)), timeout=30)
         second = execute(worker.address, "dp.fill", attrs={"n": (1 << 20) + 8, "value": 0xCD},
                          placement=Placement.SHM)
-        (ref2,) = wire.result_from_response(second).outputs
+        (ref2,) = grpc_codec.result_from_response(second).outputs
         assert ref2.storage.name == ref.storage.name  # the released block was reused
         with segments.open_segment(ref2.storage.name) as seg:  # what a host maps: the whole segment
             whole = np.frombuffer(seg, np.uint8)

@@ -12,7 +12,7 @@ from sidecar.host import Client
 from sidecar.host.crash import Classification
 from sidecar.host.events import PoolEvent
 from sidecar.host.pool import Pool
-from sidecar.worker.lifecycle import CANCEL_GRACE_ENV
+from sidecar.protocol.limits import CANCEL_GRACE_ENV
 from tests.workers import pid_gone, start_worker, wait_until
 
 OPS = "tests.pool_ops_module"

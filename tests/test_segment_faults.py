@@ -21,14 +21,15 @@ import grpc
 import numpy as np
 import pytest
 
-from sidecar import _native, wire
+from sidecar import _native
 from sidecar.dataplane import segments, tensors
 from sidecar.dataplane.mapcache import CallMappings, MappingCache
 from sidecar.dataplane.names import make_name
-from sidecar.dataplane.refs import ShmStorage, TensorRef
 from sidecar.errors import InvalidTensorRef, SidecarError, WorkerCrashed
 from sidecar.etf import Atom as A
 from sidecar.host import Client, Pool
+from sidecar.protocol import grpc_codec
+from sidecar.protocol.refs import ShmStorage, TensorRef
 from sidecar.v1 import sidecar_pb2_grpc as pb_grpc
 from tests.test_stdio_transport import PortClient, inline
 from tests.workers import ROOT, long_lived_run, long_lived_worker, run_id, session_run, wait_until
@@ -189,16 +190,16 @@ def stub(worker):
 def execute(stub, op: str, *inputs, timeout: float = 30):
     """Run op over gRPC with raw descriptors; the structured error on failure."""
     try:
-        return stub.Execute(wire.execute_request(op, list(inputs)), timeout=timeout)
+        return stub.Execute(grpc_codec.execute_request(op, list(inputs)), timeout=timeout)
     except grpc.RpcError as err:
-        return wire.error_from_rpc(err, op)
+        return grpc_codec.error_from_rpc(err, op)
 
 
 def test_truncated_segment_over_grpc_is_an_invalid_ref_and_the_worker_lives(worker, stub, made):
     seg = made()
     ok = execute(stub, "sum", ref_of(seg))
     assert not isinstance(ok, SidecarError), ok
-    (total,) = wire.result_from_response(ok).outputs  # a 0-d tensor, inline
+    (total,) = grpc_codec.result_from_response(ok).outputs  # a 0-d tensor, inline
     assert np.frombuffer(total.storage.data, np.float32)[0] == MIB // 4
     truncate(seg, 4096)
     for inode in (True, False):

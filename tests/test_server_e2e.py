@@ -152,8 +152,7 @@ def test_health_serving(client: Client) -> None:
 
 
 def test_reflection_lists_the_service(worker: Any) -> None:
-    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
-        ProtoReflectionDescriptorDatabase)
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
     with grpc.insecure_channel(worker.address) as channel:
         db = ProtoReflectionDescriptorDatabase(channel)
@@ -257,7 +256,8 @@ def test_telemetry_spans_and_memory(client: Client) -> None:
 
 def test_raw_stream_sends_one_event_per_message_unless_batching_is_asked(worker: Any, client: Client) -> None:
     """A plain gRPC client that knows nothing of batching gets one TelemetryEvent per message."""
-    from sidecar.v1 import sidecar_pb2 as pb, sidecar_pb2_grpc as pb_grpc
+    from sidecar.v1 import sidecar_pb2 as pb
+    from sidecar.v1 import sidecar_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(worker.address) as channel:
         stub = pb_grpc.SidecarStub(channel)
@@ -358,8 +358,8 @@ def test_undecodable_requests_get_a_structured_error_and_leave_rss_flat(worker: 
     grew a worker by ~57 MiB. The worker parses bodies itself, so its RSS stays flat."""
     import psutil
 
-    from sidecar import wire
     from sidecar.errors import InvalidArgument
+    from sidecar.protocol import grpc_codec
 
     proc = psutil.Process(worker.pid)
     with grpc.insecure_channel(worker.address) as channel:
@@ -369,14 +369,14 @@ def test_undecodable_requests_get_a_structured_error_and_leave_rss_flat(worker: 
         grown = proc.memory_info().rss - before
     assert grown < 16 << 20, f"RSS grew by {grown >> 20} MiB over 3,000 undecodable requests"
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    structured = wire.error_from_rpc(err)
+    structured = grpc_codec.error_from_rpc(err)
     assert isinstance(structured, InvalidArgument) and structured.field == "ExecuteRequest" and structured.request_id
     assert "sidecar.v1.ExecuteRequest" in structured.message
     assert client.health() == "SERVING"
 
 
 def test_every_method_refuses_an_undecodable_body(worker: Any) -> None:
-    from sidecar import wire
+    from sidecar.protocol import grpc_codec
 
     with grpc.insecure_channel(worker.address) as channel:
         for method, message in (("Release", "ReleaseRequest"), ("ListOps", "ListOpsRequest"),
@@ -387,7 +387,7 @@ def test_every_method_refuses_an_undecodable_body(worker: Any) -> None:
                 reply = rpc(b"\xff\xff\xff", timeout=30)
                 if method == "WatchTelemetry":
                     next(iter(reply))
-            err = wire.error_from_rpc(info.value)
+            err = grpc_codec.error_from_rpc(info.value)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, info.value)
             assert err.field == message, (method, err)
 

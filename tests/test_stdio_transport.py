@@ -310,6 +310,30 @@ def test_telemetry_subscription_streams_spans(port: PortClient) -> None:
     assert port.request((A("unsubscribe"), 4)) == ("ok", 4, A("unsubscribed"))
 
 
+def test_a_calls_telemetry_comes_before_its_answer() -> None:
+    """With a subscription, a call's stop or exception event is sent before its reply: a host that
+    has the answer has its telemetry too, even if the worker dies right after (a crash loses
+    nothing that was already answered)."""
+    port = PortClient()
+    try:
+        assert port.request((A("subscribe"), 0, {A("memory_interval_s"): 600})) == ("ok", 0, A("subscribed"))
+        a, b = np.zeros(2, np.float32), np.zeros(3, np.float32)
+        for i in range(20):
+            inputs = [inline(a), inline(a if i % 2 else b)]
+            port.send((A("call"), i, "add", inputs, {}, {A("request_id"): f"req-{i}"}))
+            seen: list[Any] = []
+            while (frame := port.next())[0] == "telemetry":
+                seen.append(frame)
+            assert frame[:2] == (("ok" if i % 2 else "error"), i)
+            phase = "stop" if i % 2 else "exception"
+            assert any(f[1] == ["sidecar", "call", phase] and f[3][A("request_id")] == f"req-{i}".encode()
+                       for f in seen), (i, seen)
+        port.send((A("call"), 99, "debug.segfault", [], {}))
+        assert port.proc.wait(20) == -11
+    finally:
+        port.close()
+
+
 def hold_call(rid: Any, tmp_path: Path, name: str) -> tuple[Any, ...]:
     """A call of `hold` (tests/hold_ops_module.py): it runs until tmp_path/release exists."""
     return (A("call"), rid, "hold", [rid if isinstance(rid, int) else 0],
@@ -439,7 +463,7 @@ def test_a_frame_header_costs_nothing_until_its_body_arrives() -> None:
             finally:
                 tracemalloc.stop()
         finally:
-            server.close(0)
+            server.close()
             for fd in (in_r, out_r, out_w):
                 os.close(fd)
     assert peak < 8 << 20, f"reading a 3-byte body of a 200 MiB frame allocated {peak >> 20} MiB"

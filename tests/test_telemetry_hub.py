@@ -11,7 +11,7 @@ import pytest
 from sidecar.dataplane import tensors
 from sidecar.dataplane.arena import Arena
 from sidecar.errors import ShapeMismatch
-from sidecar.worker.calls import Call, OutputSpec, Placement
+from sidecar.protocol.calls import Call, OutputSpec, Placement
 from sidecar.worker.runtime import WorkerOptions, build_runtime
 from sidecar.worker.telemetry import Telemetry
 from tests.workers import session_run, wait_until

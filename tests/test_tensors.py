@@ -12,11 +12,10 @@ import torch
 from sidecar._native import Segment
 from sidecar.dataplane import dtypes
 from sidecar.dataplane.mapcache import MappingCache
-from sidecar.dataplane.refs import CudaIpcStorage, InlineStorage, ShmStorage, TensorRef
 from sidecar.dataplane.segments import create_segment, unlink_segment
 from sidecar.dataplane.tensors import to_numpy, to_ref, to_torch, write_into
-from sidecar.errors import (DeviceUnavailable, DtypeMismatch, InvalidArgument, InvalidTensorRef,
-                            ShapeMismatch)
+from sidecar.errors import DeviceUnavailable, DtypeMismatch, InvalidArgument, InvalidTensorRef, ShapeMismatch
+from sidecar.protocol.refs import CudaIpcStorage, InlineStorage, ShmStorage, TensorRef
 
 NUMPY_DTYPES = [d for d in dtypes.SUPPORTED if d != "bfloat16"]
 

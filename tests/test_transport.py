@@ -13,7 +13,7 @@ from sidecar.errors import Cancelled, InvalidArgument, SidecarError, UnknownOp
 from sidecar.host import Client
 from sidecar.host.client import WrongProcess
 from sidecar.host.grpc_transport import GrpcTransport
-from sidecar.host.local_transport import InProcessTransport
+from sidecar.worker.local_transport import InProcessTransport
 from sidecar.host.transport import TelemetryWatch, Transport
 from sidecar.worker.calls import Call, CallResult
 from sidecar.worker.registry import make_spec

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar import wire
 from sidecar.errors import ERROR_CLASSES, ErrorKind, OutOfMemory, Overloaded, ShapeMismatch
+from sidecar.protocol import grpc_codec, limits
 
 
 def round_trip(err):
-    return wire.error_from_pb(wire.error_to_pb(err))
+    return grpc_codec.error_from_pb(grpc_codec.error_to_pb(err))
 
 
 def test_every_kind_keeps_its_class_and_message() -> None:
@@ -48,26 +48,26 @@ def test_an_error_of_any_size_fits_the_metadata_budget() -> None:
 
     huge = ShapeMismatch("m" * 50_000 + " END", op="o" * 5000, input_shapes=[[1] * 100] * 100,
                          expected="e" * 9999, got="g" * 9999, suggestion="s" * 9999, close_names=["c" * 300] * 100)
-    m = wire.error_to_pb(huge)
-    assert m.ByteSize() <= wire.ERROR_BYTES
+    m = grpc_codec.error_to_pb(huge)
+    assert m.ByteSize() <= limits.ERROR_BYTES
     assert m.message.startswith("mmm") and m.message.endswith(" END") and "bytes cut" in m.message
-    status = wire.error_to_status(huge)
+    status = grpc_codec.error_to_status(huge)
     assert sum(len(v) for _, v in status.trailing_metadata) + len(status.details) < 6 << 10
-    back = wire.error_from_pb(m)
+    back = grpc_codec.error_from_pb(m)
     assert back.input_shapes and back.close_names and back.suggestion  # shortened, not dropped
     tb = "Traceback (most recent call last):\n" + "  frame\n" * 10_000 + "ValueError: the last line\n"
-    m = wire.error_to_pb(OpFailed("x", traceback=tb, exception_type="ValueError"))
+    m = grpc_codec.error_to_pb(OpFailed("x", traceback=tb, exception_type="ValueError"))
     assert m.traceback.endswith("ValueError: the last line\n")  # a traceback keeps its end
 
 
 def test_values_protobuf_cannot_hold_are_mapped_not_raised() -> None:
     from sidecar.errors import OpFailed
 
-    m = wire.error_to_pb(OpFailed("lone surrogate \udc80 here", got="\ud800"))
+    m = grpc_codec.error_to_pb(OpFailed("lone surrogate \udc80 here", got="\ud800"))
     assert m.message == "lone surrogate ? here" and m.got == "?"
-    m = wire.error_to_pb(ShapeMismatch("dim", dim=1e300, input_shapes=[[2**70]], requested_bytes=-5))
+    m = grpc_codec.error_to_pb(ShapeMismatch("dim", dim=1e300, input_shapes=[[2**70]], requested_bytes=-5))
     assert m.dim == 2**63 - 1 and m.has_dim and m.input_shapes[0].dims == [2**63 - 1]
-    m = wire.error_to_pb(OutOfMemory("oom", requested_bytes=float("inf"), free_bytes=-1, total_bytes=2**65))
+    m = grpc_codec.error_to_pb(OutOfMemory("oom", requested_bytes=float("inf"), free_bytes=-1, total_bytes=2**65))
     assert (m.requested_bytes, m.free_bytes, m.total_bytes) == (2**64 - 1, 0, 2**64 - 1)
 
 

@@ -16,8 +16,8 @@ from sidecar._native import Segment
 from sidecar.dataplane import tensors
 from sidecar.dataplane.mapcache import CallMappings, MappingCache
 from sidecar.dataplane.names import make_name
-from sidecar.dataplane.refs import ShmStorage, TensorRef
 from sidecar.host import Client
+from sidecar.protocol.refs import ShmStorage, TensorRef
 from tests.workers import long_lived_run, long_lived_worker, session_run
 
 MIB = 1 << 20

@@ -426,7 +426,7 @@ defmodule Sidecar do
       {:release, ids}, acc -> Map.put(acc, :release, ids)
       {:request_id, id}, acc -> Map.put(acc, :request_id, to_string(id))
       {:inline_threshold, n}, acc -> Map.put(acc, :inline_threshold, n)
-      {:alias_inputs, a}, acc -> Map.put(acc, :alias_inputs, a == true)
+      {:alias_inputs, a}, acc -> Map.put(acc, :allow_alias, a == true)
       _, acc -> acc
     end)
   end

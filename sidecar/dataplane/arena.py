@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from sidecar._native import Segment, unlink
 from sidecar.dataplane.names import default_run_id, validate_run_id
-from sidecar.dataplane.refs import ShmStorage
 from sidecar.dataplane.segments import create_segment
 from sidecar.errors import OutOfMemory
+from sidecar.protocol.refs import ShmStorage
 
 if TYPE_CHECKING:
     import numpy as np

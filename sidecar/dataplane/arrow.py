@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING, Union
 
 import pyarrow as pa
 
-from sidecar.dataplane.refs import ArrowRef, InlineStorage, ShmStorage
 from sidecar.dataplane.validate import check_segment_bounds, validate_arrow_ref
 from sidecar.errors import InvalidArgument, InvalidTensorRef
+from sidecar.protocol.limits import DEFAULT_INLINE_THRESHOLD
+from sidecar.protocol.refs import ArrowRef, InlineStorage, ShmStorage
 
 if TYPE_CHECKING:
     from sidecar.dataplane.arena import Arena, Block
     from sidecar.dataplane.mapcache import MappingCache
 
-DEFAULT_INLINE_THRESHOLD = 65536
 
 TableLike = Union[pa.Table, pa.RecordBatch]
 

@@ -34,9 +34,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from sidecar.dataplane import dtypes
-from sidecar.dataplane.refs import CudaIpcStorage, TensorRef
-from sidecar.dataplane.validate import CUDA_IPC_HANDLE_BYTES, layout_of
+from sidecar.dataplane.validate import layout_of
 from sidecar.errors import DeviceUnavailable, InvalidArgument, InvalidTensorRef
+from sidecar.protocol.limits import CUDA_IPC_HANDLE_BYTES
+from sidecar.protocol.refs import CudaIpcStorage, TensorRef, byte_span, elements_overlap
 
 try:
     from sidecar import _cudaipc
@@ -308,8 +309,8 @@ def tensor_to_ref(t: torch.Tensor, *, sync: bool = True) -> TensorRef:
     numel = t.numel()
     if any(s < 0 for s in strides_el):
         raise InvalidArgument("tensors with negative strides cannot travel; call .contiguous() first")
-    span = (sum((d - 1) * s for d, s in zip(shape, strides_el) if d) + 1) * item if numel else 0
-    if numel * item > span:
+    span = byte_span(shape, [s * item for s in strides_el], item)
+    if elements_overlap(shape, [s * item for s in strides_el], item):
         raise InvalidArgument(f"tensor of shape {list(shape)} has overlapping strides {list(strides_el)} "
                               f"(an expand/broadcast); call .contiguous() before sending it")
     strides = None if t.is_contiguous() else tuple(0 if d <= 1 else s * item for d, s in zip(shape, strides_el))

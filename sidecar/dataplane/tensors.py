@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sidecar.dataplane import dtypes
-from sidecar.dataplane.refs import CudaIpcStorage, InlineStorage, ShmStorage, TensorRef
 from sidecar.dataplane.validate import Layout, check_segment_bounds, layout_of
-from sidecar.errors import (DeviceMismatch, DtypeMismatch, InvalidArgument, InvalidTensorRef,
-                            ShapeMismatch)
+from sidecar.errors import DeviceMismatch, DtypeMismatch, InvalidArgument, InvalidTensorRef, ShapeMismatch
+from sidecar.protocol.limits import DEFAULT_INLINE_THRESHOLD
+from sidecar.protocol.refs import CudaIpcStorage, InlineStorage, ShmStorage, TensorRef, byte_span, elements_overlap
 
 if TYPE_CHECKING:
     import torch
@@ -29,8 +29,6 @@ if TYPE_CHECKING:
     from sidecar.dataplane.arena import Arena, Block
     from sidecar.dataplane.mapcache import MappingCache
     from sidecar.dataplane.segments import Segment
-
-DEFAULT_INLINE_THRESHOLD = 65536
 
 # DLPack device types (dlpack.h): host memory that NumPy can read, and CUDA memory.
 _DL_CPU = 1
@@ -127,10 +125,9 @@ def _byte_layout(arr: np.ndarray) -> tuple[tuple[int, ...] | None, int] | None:
     strides = tuple(0 if dim <= 1 else s for dim, s in zip(arr.shape, arr.strides))
     if any(s < 0 or s % item for s in strides):
         return None  # negative or misaligned strides: not describable, copy instead
-    span = sum((dim - 1) * s for dim, s in zip(arr.shape, strides)) + item
-    if arr.size * item > span:
+    if elements_overlap(arr.shape, strides, item):
         return None  # broadcast / overlapping elements: validation would refuse the descriptor
-    return strides, span
+    return strides, byte_span(arr.shape, strides, item)
 
 
 def to_ref(obj: Any, arena: Arena | None = None, *,

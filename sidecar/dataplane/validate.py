@@ -19,14 +19,9 @@ from __future__ import annotations
 from typing import Any, NamedTuple, NoReturn
 
 from sidecar.dataplane import dtypes, names
-from sidecar.dataplane.refs import ArrowRef, CudaIpcStorage, InlineStorage, ShmStorage, TensorRef
 from sidecar.errors import InvalidTensorRef
-
-INT64_MAX = 2**63 - 1
-UINT64_MAX = 2**64 - 1
-MAX_NDIM = 32  # NumPy 1.x's limit; NumPy 2 allows 64, torch is fine with either
-MAX_NAME_LEN = 255  # NAME_MAX for /dev/shm entries
-CUDA_IPC_HANDLE_BYTES = 64
+from sidecar.protocol.limits import CUDA_IPC_HANDLE_BYTES, INT64_MAX, MAX_NDIM, MAX_SEGMENT_NAME, UINT64_MAX
+from sidecar.protocol.refs import ArrowRef, CudaIpcStorage, InlineStorage, ShmStorage, TensorRef, byte_span
 
 
 class Layout(NamedTuple):  # a NamedTuple: built on every decode, and cheaper than a dataclass
@@ -57,7 +52,7 @@ def _int(value: Any, lo: int, hi: int, what: str, field: str, input_index: int |
 
 
 def check_name(name: Any, input_index: int | None = None) -> str:
-    if not isinstance(name, str) or not name or len(name) > MAX_NAME_LEN:
+    if not isinstance(name, str) or not name or len(name) > MAX_SEGMENT_NAME:
         _fail(f"segment name {name!r} is not a valid /sc-<run>-<pid>-<random> name", "name", input_index)
     if not names.is_valid_name(name):  # the cheap test first: parse_name builds the parts
         try:
@@ -150,8 +145,7 @@ def layout_of(ref: Any, *, input_index: int | None = None) -> Layout:
     if not isinstance(strides, (tuple, list)) or len(strides) != len(shape):
         got = len(strides) if isinstance(strides, (tuple, list)) else type(strides).__name__
         _fail(f"{len(shape)}-d tensor needs {len(shape)} strides, got {got}", "strides", input_index)
-    last = 0  # byte offset of the last element, relative to the first
-    for i, (dim, stride) in enumerate(zip(shape, strides)):
+    for i, stride in enumerate(strides):
         stride = _int(stride, -INT64_MAX - 1, INT64_MAX, "strides", "strides", input_index, i)
         if stride < 0:
             _fail(f"strides[{i}] = {stride} is negative; negative strides are not accepted "
@@ -159,9 +153,7 @@ def layout_of(ref: Any, *, input_index: int | None = None) -> Layout:
         if stride % item:
             _fail(f"strides[{i}] = {stride} is not a multiple of the itemsize {item}",
                   "strides", input_index)
-        if dim:
-            last += (dim - 1) * stride
-    span = last + item if numel else 0
+    span = byte_span(shape, strides, item)
     if span > nbytes:
         _fail(f"strides {tuple(strides)} with shape {tuple(shape)} reach {span} bytes past the "
               f"offset, descriptor spans {nbytes}", "strides", input_index)

@@ -38,13 +38,12 @@ from sidecar.dataplane import tensors
 from sidecar.dataplane.arena import Arena, Block
 from sidecar.dataplane.mapcache import MappingCache
 from sidecar.dataplane.names import default_run_id
-from sidecar.dataplane.refs import ArrowRef, InlineStorage, ShmStorage, TensorRef
 from sidecar.dataplane.validate import check_segment_bounds, validate_arrow_ref
-from sidecar.errors import InvalidArgument, InvalidTensorRef, SidecarError
+from sidecar.errors import InvalidArgument, InvalidTensorRef, SidecarError, WorkerUnreachable
 from sidecar.host.leases import LeaseGroup, LocalFirst, PendingReleases, empty_in
 from sidecar.host.transport import TelemetryWatch, Transport
-from sidecar.wire import WorkerUnreachable
-from sidecar.worker.calls import Call, OutputSpec, Placement, Timing
+from sidecar.protocol.calls import Call, OutputSpec, Placement, Timing
+from sidecar.protocol.refs import ArrowRef, InlineStorage, ShmStorage, TensorRef
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +225,7 @@ class Client:
                     out_refs.append(ref)
             call = Call(op=op, inputs=refs, attrs=attrs,
                         output=OutputSpec(placement=place, out=tuple(out_refs),
-                                          alias_inputs=self.allow_alias and place == Placement.AUTO),
+                                          allow_alias=self.allow_alias and place == Placement.AUTO),
                         release=self._pending.take(), request_id=request_id or os.urandom(8).hex(),
                         idempotent=bool(idempotent), client_pid=self._pid, client_id=self._client_id)
             res = transport.execute(call, timeout if timeout is not None else self.timeout)

@@ -1,5 +1,5 @@
 """`GrpcTransport`: a worker process over gRPC (the `Sidecar` service and the standard health
-service), for a `Client`. The protobuf shapes stay in `sidecar.wire`; this module only makes the
+service), for a `Client`. The protobuf shapes stay in `sidecar.protocol.grpc_codec`; this module only makes the
 RPCs and maps their failures (see `sidecar.host.transport` for the contract)."""
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from typing import Any, Iterator
 
 import grpc
 
-from sidecar import wire
 from sidecar.errors import SidecarError
 from sidecar.host.transport import TelemetryWatch, Transport
 from sidecar.v1 import sidecar_pb2 as pb
 from sidecar.v1 import sidecar_pb2_grpc as pb_grpc
-from sidecar.worker.calls import Call, CallResult
+from sidecar.protocol import grpc_codec as wire
+from sidecar.protocol.calls import Call, CallResult
 
 __all__ = ["GrpcTransport"]
 
@@ -75,7 +75,7 @@ class GrpcTransport(Transport):
         req = wire.execute_request(
             call.op, call.inputs, call.attrs, placement=out.placement, out=out.out,
             inline_threshold=out.inline_threshold, release=call.release, request_id=call.request_id,
-            idempotent=call.idempotent, allow_alias=out.alias_inputs, client_pid=call.client_pid,
+            idempotent=call.idempotent, allow_alias=out.allow_alias, client_pid=call.client_pid,
             client_id=call.client_id)
         try:
             resp = self._stub.Execute(req, timeout=timeout)

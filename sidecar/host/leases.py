@@ -23,7 +23,7 @@ import numpy as np
 from sidecar.dataplane import tensors
 from sidecar.dataplane.arena import Arena, Block
 from sidecar.dataplane.mapcache import MappingCache
-from sidecar.dataplane.refs import TensorRef
+from sidecar.protocol.refs import TensorRef
 
 __all__ = ["PendingReleases", "LeaseGroup", "LocalFirst", "keep_alive", "empty_in"]
 

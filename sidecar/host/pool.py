@@ -59,6 +59,7 @@ from sidecar.host.settings import PoolSettings
 from sidecar.host.supervisor import (Attach, Dispose, Effect, Launch, Publish, Role, Signal, Slot, Supervisor,
                                      Watch, Worker, WorkerState, WorkerStatus)
 from sidecar.host.template import Template
+from sidecar.protocol.limits import DEFAULT_INLINE_THRESHOLD
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class Pool:
                  env: Mapping[str, str] | None = None, gpus: int | Sequence[str | int] | None = None,
                  threads: int | None = None, health_interval_s: float = 5.0, health_timeout_s: float = 2.0,
                  health_failures: int = 3, crash_detect_s: float = 1.0, acquire_timeout_s: float | None = None,
-                 grace_s: float = 5.0, inline_threshold: int = 65536, python: str = sys.executable,
+                 grace_s: float = 5.0, inline_threshold: int = DEFAULT_INLINE_THRESHOLD, python: str = sys.executable,
                  tail_lines: int = 40, lease_ttl_s: float | None = None, max_leases: int | None = None,
                  cancel_grace_s: float = 10.0) -> None:
         s = self.settings = PoolSettings.build(

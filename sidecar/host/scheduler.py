@@ -29,7 +29,7 @@ from sidecar.host.events import EventBus
 from sidecar.host.policy import Evidence, SupervisionPolicy
 from sidecar.host.settings import PoolSettings
 from sidecar.host.supervisor import Supervisor, Worker
-from sidecar.wire import WorkerUnreachable
+from sidecar.errors import WorkerUnreachable
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 
 from sidecar.dataplane.names import new_run_id, validate_run_id
 from sidecar.errors import InvalidArgument
-from sidecar.worker.lifecycle import CANCEL_GRACE_ENV, HOST_PID_ENV
+from sidecar.protocol.limits import CANCEL_GRACE_ENV, DEFAULT_INLINE_THRESHOLD, HOST_PID_ENV
 
 __all__ = ["PoolSettings", "find_gpus", "backoff_pair"]
 
@@ -92,7 +92,7 @@ class PoolSettings:
               gpus: int | Sequence[str | int] | None = None, threads: int | None = None,
               health_interval_s: float = 5.0, health_timeout_s: float = 2.0, health_failures: int = 3,
               crash_detect_s: float = 1.0, acquire_timeout_s: float | None = None, grace_s: float = 5.0,
-              inline_threshold: int = 65536, python: str = sys.executable, tail_lines: int = 40,
+              inline_threshold: int = DEFAULT_INLINE_THRESHOLD, python: str = sys.executable, tail_lines: int = 40,
               lease_ttl_s: float | None = None, max_leases: int | None = None,
               cancel_grace_s: float = 10.0) -> PoolSettings:
         """`Pool`'s keyword arguments, checked (InvalidArgument / ValueError name the bad one)."""

@@ -63,10 +63,9 @@ _CUDA_PROBE_S = 60.0      # a first CUDA context can take seconds; past this, fo
 PRELOAD_MODULES: tuple[str, ...] = (
     "numpy", "torch", "pyarrow", "psutil", "grpc", "grpc._server", "google.protobuf", "grpc_status.rpc_status",
     "grpc_health.v1.health", "grpc_reflection.v1alpha.reflection",
-    "sidecar.v1.sidecar_pb2", "sidecar.v1.sidecar_pb2_grpc", "sidecar.errors", "sidecar.wire",
-    "sidecar.etf", "sidecar.cli",
+    "sidecar.v1.sidecar_pb2", "sidecar.v1.sidecar_pb2_grpc", "sidecar.errors", "sidecar.etf", "sidecar.cli",
 )
-_PRELOAD_PACKAGES = ("sidecar.dataplane", "sidecar.worker")
+_PRELOAD_PACKAGES = ("sidecar.protocol", "sidecar.dataplane", "sidecar.worker")
 _NEVER_PRELOAD = {"sidecar.worker.debug_ops"}  # registers crash ops on import: opt-in only
 
 
@@ -440,9 +439,9 @@ def _start_up(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     # BLAS/OpenMP read their thread counts when loaded, i.e. here, not in the forked worker: cap
     # them as a cold worker would (from $SIDECAR_THREADS, which the pool sets).
-    from sidecar.worker import lifecycle
+    from sidecar import threads
 
-    lifecycle.cap_thread_env(lifecycle.default_threads())
+    threads.cap_thread_env(threads.default_threads())
     started = time.perf_counter()
     modules, failed = _preload() if args.preload else ([], {})
     preload_s = time.perf_counter() - started

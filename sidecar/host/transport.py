@@ -24,7 +24,7 @@ timeout passed, `WorkerUnreachable` when the worker cannot be reached). One that
 reached the worker carries `call_started = False`, so that a pool may send it again whatever it does.
 
 Two transports ship: `sidecar.host.grpc_transport.GrpcTransport` (a worker process over gRPC, what
-`Client(address)` uses) and `sidecar.host.local_transport.InProcessTransport` (a worker `Runtime` in
+`Client(address)` uses) and `sidecar.worker.local_transport.InProcessTransport` (a worker `Runtime` in
 this very process, no sockets: what the dispatcher's and the ops' tests run through).
 
 Example: a transport that counts the calls of another one.
@@ -52,7 +52,7 @@ from __future__ import annotations
 import abc
 from typing import Any, Iterator
 
-from sidecar.worker.calls import Call, CallResult
+from sidecar.protocol.calls import Call, CallResult
 
 __all__ = ["Transport", "TelemetryWatch"]
 

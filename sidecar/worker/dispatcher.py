@@ -12,8 +12,9 @@ Outputs go where the call's placement says: into the caller's `out` refs, inline
 worker's arena under one lease per call (device-resident CUDA tensors too, kept alive by the lease).
 On a CPU worker an op can write a large output straight into an arena block (`ctx.empty`, see
 `sidecar.worker.scratch`): such an output is leased as it is, with no copy.
-With `alias_inputs` an output that is a view of a host input is described in the host's own segment
-instead (no copy, no lease): the only way an identity round trip of 100 MB costs no memcpy.
+With `allow_alias` (per call) or `alias_inputs` (worker-wide) an output that is a view of a host input
+is described in the host's own segment instead (no copy, no lease): the only way an identity round
+trip of 100 MB costs no memcpy.
 
 Inputs are the caller's and an op can never change them (DESIGN memory rule 8): on a CPU worker they
 are decoded from private copy-on-write mappings checked out for the call (`mapcache.CallMappings`), so
@@ -36,18 +37,18 @@ import torch
 
 from sidecar.dataplane import arrow, dtypes, tensors
 from sidecar.dataplane.mapcache import CallMappings
-from sidecar.dataplane.refs import ArrowRef, CudaIpcStorage, InlineStorage, ShmStorage, TensorRef
 from sidecar.errors import (Cancelled, DeviceUnavailable, InvalidArgument, InvalidTensorRef, OpFailed,
                             Overloaded, SidecarError, close_names, shorten)
-from sidecar.worker.calls import Call, CallResult, Placement, Timing
+from sidecar.protocol.calls import Call, CallResult, Placement, Timing
+from sidecar.protocol.limits import INT64_MAX, INT64_MIN, MAX_ATTR_NAME, MAX_ATTRS
+from sidecar.protocol.refs import (ArrowRef, CudaIpcStorage, InlineStorage, ShmStorage, TensorRef, byte_span,
+                                   elements_overlap)
 from sidecar.worker.leases import LeaseOwner, free_objects
 from sidecar.worker.registry import CTX_PARAM, OpContext, OpSpec, Registry
-from sidecar.worker.scratch import CallBlocks
+from sidecar.worker.scratch import CallBlocks, NoCallBlocks
 from sidecar.worker.torch_errors import InputsMeta, is_sticky_cuda_error, to_sidecar_error
 
 _now = time.perf_counter_ns
-MAX_ATTRS = 256      # attrs per call (an op's parameters, not data)
-MAX_ATTR_NAME = 128  # characters of an attr name
 
 
 def new_request_id() -> str:
@@ -134,8 +135,8 @@ class _Region:
         strides = [0 if d <= 1 else st * item for d, st in zip(t.shape, t.stride())]
         if any(st < 0 for st in strides):
             return None
-        span = sum((d - 1) * st for d, st in zip(t.shape, strides)) + item
-        if t.numel() * item > span or t.data_ptr() + span > self.end:
+        span = byte_span(t.shape, strides, item)
+        if elements_overlap(t.shape, strides, item) or t.data_ptr() + span > self.end:
             return None  # broadcast/overlapping views, or reaching past what the host described
         name = dtypes.name_of(t.dtype)
         storage = ShmStorage(self.name, t.data_ptr() - self.base, span, self.inode)
@@ -162,6 +163,17 @@ def _ref_nbytes(v: Any) -> int:
     if isinstance(v, dict):
         return sum(_ref_nbytes(x) for x in v.values())
     return 0
+
+
+def _in_shared_memory(v: Any) -> bool:
+    """Whether a value has a descriptor of shared memory in it (then it is decoded from mappings)."""
+    if isinstance(v, (TensorRef, ArrowRef)):
+        return isinstance(v.storage, ShmStorage)
+    if isinstance(v, (list, tuple)):
+        return any(_in_shared_memory(x) for x in v)
+    if isinstance(v, dict):
+        return any(_in_shared_memory(x) for x in v.values())
+    return False
 
 
 def _meta(values: list[Any]) -> list[tuple[list[int], str]]:
@@ -194,15 +206,12 @@ def _plain(x: Any) -> Any:
     return x
 
 
-_INT64 = (-(1 << 63), (1 << 63) - 1)
-
-
 def _check_plain(x: Any) -> Any:
     """A plain output must be something every transport can carry."""
     if x is None or isinstance(x, (bool, float, str, bytes)):
         return x
     if isinstance(x, int):
-        if not _INT64[0] <= x <= _INT64[1]:
+        if not INT64_MIN <= x <= INT64_MAX:
             raise OpFailed(f"the op returned the integer {x}, which does not fit in int64",
                            exception_type="OverflowError")
         return x
@@ -224,13 +233,15 @@ class Dispatcher:
         self.leases = runtime.leases
         self.telemetry = runtime.telemetry
         self.inline_threshold = opts.inline_threshold
-        # Opt-in (worker-wide, or per call with `call.output.alias_inputs`): outputs that are views
+        # Opt-in (worker-wide, or per call with `call.output.allow_alias`): outputs that are views
         # of a host input are described in the host's segment, with no copy and no lease. Only for
         # hosts that keep input memory alive while such outputs live.
         self.alias_inputs = opts.alias_inputs
         self._own_prefix = f"/sc-{getattr(self.arena, 'run_id', '')}-{os.getpid()}-"
         # ctx.empty hands out arena blocks only where outputs travel through host shared memory.
         self._blocks_for_ops = self.device.type == "cpu" and self.arena is not None
+        self._no_blocks = NoCallBlocks(self.arena) if self._blocks_for_ops else None
+        self._device_name = str(self.device)
         # CPU ops compute on the mapped inputs themselves: give them private (copy-on-write) mappings.
         # Other devices copy inputs to the device first (a CUDA worker also pins the shared mappings).
         self._private_inputs = self.device.type == "cpu"
@@ -306,14 +317,18 @@ class Dispatcher:
             with self._counts_lock:
                 token = next(self._running_ids)
                 self._running[token] = [op_name, request_id, call.is_cancelled, None]
-            blocks = CallBlocks(self.arena, self.inline_threshold) if self._blocks_for_ops else None
-            mappings = CallMappings(self.cache) if self._private_inputs else None
+            # Per-call state only where the call can use it: blocks for an op that may call
+            # ctx.empty, private mappings for inputs in shared memory.
+            blocks: Any = None
+            if self._blocks_for_ops:
+                blocks = CallBlocks(self.arena, self.inline_threshold) if spec.accepts_ctx else self._no_blocks
+            mappings = CallMappings(self.cache) if self._private_inputs and _in_shared_memory(call.inputs) else None
             try:
                 t1 = _now()
                 timing.queue_ns = t1 - t0
                 self._check_cancelled(call, "before it ran")
                 # host shared memory the inputs are views of (None: outputs are never aliased)
-                regions: list[_Region] | None = [] if self.alias_inputs or call.output.alias_inputs else None
+                regions: list[_Region] | None = [] if self.alias_inputs or call.output.allow_alias else None
                 source = self.cache if mappings is None else mappings
                 args = [self._decode(v, i, regions, source) for i, v in enumerate(call.inputs)]
                 decoded = True
@@ -346,7 +361,7 @@ class Dispatcher:
             timing.total_ns = _now() - t0
             if tel.active:
                 tel.span_stop(op_name, request_id, timing.total_ns, bytes_in, bytes_out, _timing_dict(timing))
-            return CallResult(outputs=outputs, leases=lease_ids, timing=timing, device=str(self.device),
+            return CallResult(outputs=outputs, leases=lease_ids, timing=timing, device=self._device_name,
                               bytes_in=bytes_in, bytes_out=bytes_out, request_id=request_id)
         except KeyboardInterrupt:
             raise

@@ -1,9 +1,11 @@
 """The gRPC transport: the `sidecar.v1.Sidecar` service, `grpc.health.v1.Health` and reflection.
 
-The servicer only translates: protobuf -> `Call` -> `runtime.dispatcher.execute` -> `CallResult` ->
-protobuf, and `SidecarError` -> a status carrying `sidecar.v1.Error`. Compute runs on the server's
-thread pool, which is sized so that health checks, ListOps, telemetry and new calls up to the
-concurrency limit still find a free thread while long ops run.
+A framing adapter over the server core (`server_core`): the servicer only translates protobuf ->
+`Call` -> the core -> `CallResult` -> protobuf (`sidecar.protocol.grpc_codec`), and `SidecarError`
+-> a status carrying `sidecar.v1.Error`; what is gRPC's own here is the message size limit and the
+batching of telemetry streams. Compute runs on the server's thread pool, which is sized so that
+health checks, ListOps, telemetry and new calls up to the concurrency limit still find a free thread
+while long ops run.
 
 A call whose caller has gone (deadline, cancellation) but that still runs after the cancel grace
 period ($SIDECAR_CANCEL_GRACE_S, default 10 s; 0 = never) holds a slot for nothing: the server then
@@ -20,7 +22,6 @@ import stat
 import tempfile
 import threading
 import time
-import traceback
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,23 +32,21 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from sidecar import wire
-from sidecar.errors import InvalidArgument, OpFailed, Overloaded, SidecarError
+from sidecar.errors import InvalidArgument, OpFailed, SidecarError
+from sidecar.protocol import grpc_codec
+from sidecar.protocol.calls import Placement
+from sidecar.protocol.limits import (CANCEL_GRACE_ENV, DEFAULT_CANCEL_GRACE_S, DEFAULT_MAX_MESSAGE_BYTES,
+                                    MAX_BATCH_WINDOW_MS, TELEMETRY_BATCH_MAX)
 from sidecar.v1 import sidecar_pb2 as pb
 from sidecar.v1 import sidecar_pb2_grpc as pb_grpc
-from sidecar.worker.calls import Placement
 from sidecar.worker.dispatcher import new_request_id
+from sidecar.worker.server_core import ServerCore
 from sidecar.worker.registry import estimate_output_nbytes
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Sidecar"].full_name  # "sidecar.v1.Sidecar"
 CONTROL_THREADS = 8       # health, ListOps, GetHardware, Release, and rejections while calls run
-MAX_WATCHERS = 8          # WatchTelemetry streams each hold a server thread for their lifetime
-MAX_BATCH_WINDOW_MS = 1000  # a watcher asking for batching waits at most this long per message
-TELEMETRY_BATCH_MAX = 1024  # events per message (~100 KB), far below the message limit
-DEFAULT_MAX_MESSAGE = 4 << 20
-DEFAULT_CANCEL_GRACE_S = 10.0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -143,55 +142,47 @@ def parse_listen(listen: str | None) -> ListenAddress:
 
 
 class SidecarServicer(pb_grpc.SidecarServicer):
-    def __init__(self, runtime: Any, max_watchers: int = MAX_WATCHERS,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE) -> None:
-        self._rt = runtime
-        self._max_watchers = max_watchers
+    """The Sidecar service: protobuf in and out; calls, cancellation and watchers are the core's."""
+
+    def __init__(self, core: ServerCore, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self._core = core
+        self._rt = core.runtime
         self._max_message = max_message_bytes
-        self._lock = threading.Lock()
-        self._subs: set[Any] = set()
-        self._closing = False
 
     # -- Execute ----------------------------------------------------------------------------------
 
     def Execute(self, request: pb.ExecuteRequest, context: grpc.ServicerContext) -> pb.ExecuteResponse:
-        # Admission (max_concurrency running, max_queue waiting, OVERLOADED beyond) is the
-        # dispatcher's: the Erlang port transport gets the same behaviour.
+        core = self._core
         try:
-            call = wire.call_from_request(request, is_cancelled=lambda: not context.is_active())
+            call = grpc_codec.call_from_request(request)
             if call.output.placement == Placement.INLINE:
                 self._refuse_oversized_inline(call)
+            handle = core.begin(call, caller_gone=lambda: not context.is_active())
         except SidecarError as err:
-            self._release_quietly(request.release)  # the piggybacked releases still count
-            self._abort(context, _with_call_ids(err, request))
+            core.release_quietly(request.release)  # the piggybacked releases still count
+            self._abort(context, core.with_call_ids(err, request.op, request.request_id))
         try:
-            result = self._rt.dispatcher.execute(call)
-        except SidecarError as err:  # already carries op and request_id
-            self._abort(context, err)
-        except Exception as exc:  # a bug below the dispatcher: still a structured answer
-            log.exception("unexpected error in %s", request.op)
-            self._abort(context, OpFailed(f"{type(exc).__name__}: {exc}", op=request.op,
-                                          request_id=request.request_id,
-                                          exception_type=type(exc).__name__,
-                                          traceback=traceback.format_exc()))
-        if not context.is_active():
-            # The caller is gone (deadline, cancellation): nobody will release these leases.
-            self._release_quietly(result.leases)
-        try:
-            response = wire.result_to_response(result)
-            size = response.ByteSize()
-            if size > self._max_message:  # gRPC would fail it with a bare RESOURCE_EXHAUSTED
-                raise self._too_big_for_a_message(request.op, f"its response is {size} bytes", size)
-            return response
-        except SidecarError as err:
-            self._release_quietly(result.leases)  # the caller never learns these lease ids
-            self._abort(context, _with_call_ids(err, request))
-        except Exception as exc:  # a bug in the encoding: still a structured answer, and nothing held
-            log.exception("encoding the response of %s failed", request.op)
-            self._release_quietly(result.leases)
-            self._abort(context, _with_call_ids(OpFailed(
-                f"the outputs of {request.op!r} cannot be sent: {type(exc).__name__}: {exc}",
-                exception_type=type(exc).__name__), request))
+            try:
+                result = core.execute(handle)
+            except SidecarError as err:
+                self._abort(context, err)
+            try:
+                response = grpc_codec.result_to_response(result)
+                size = response.ByteSize()
+                if size > self._max_message:  # gRPC would fail it with a bare RESOURCE_EXHAUSTED
+                    raise self._too_big_for_a_message(request.op, f"its response is {size} bytes", size)
+                return response
+            except SidecarError as err:
+                core.release_quietly(result.leases)  # the caller never learns these lease ids
+                self._abort(context, core.with_call_ids(err, request.op, request.request_id))
+            except Exception as exc:  # a bug in the encoding: still a structured answer, and nothing held
+                log.exception("encoding the response of %s failed", request.op)
+                core.release_quietly(result.leases)
+                self._abort(context, core.with_call_ids(OpFailed(
+                    f"the outputs of {request.op!r} cannot be sent: {type(exc).__name__}: {exc}",
+                    exception_type=type(exc).__name__), request.op, request.request_id))
+        finally:
+            core.end(handle)
         raise AssertionError("unreachable")
 
     def _refuse_oversized_inline(self, call: Any) -> None:
@@ -213,26 +204,17 @@ class SidecarServicer(pb_grpc.SidecarServicer):
             got=f"{nbytes} bytes", suggestion="let big outputs travel by shared memory (placement auto or shm), "
             "or raise --max-message-bytes on the worker and max_message_bytes on the client")
 
-    def _release_quietly(self, ids: Any) -> None:
-        ids = list(ids)
-        if not ids:
-            return
-        try:
-            self._rt.release(ids)
-        except Exception:
-            log.exception("releasing leases %s failed", ids)
-
     @staticmethod
     def _abort(context: grpc.ServicerContext, err: SidecarError) -> None:
-        context.abort_with_status(wire.error_to_status(err))
+        context.abort_with_status(grpc_codec.error_to_status(err))
 
     # -- control ----------------------------------------------------------------------------------
 
     def ListOps(self, request: pb.ListOpsRequest, context: grpc.ServicerContext) -> pb.OpList:
-        return pb.OpList(ops=[wire.op_to_pb(s) for s in self._rt.list_ops()])
+        return pb.OpList(ops=[grpc_codec.op_to_pb(s) for s in self._rt.list_ops()])
 
     def GetHardware(self, request: pb.HardwareRequest, context: grpc.ServicerContext) -> pb.Hardware:
-        return wire.hardware_to_pb(self._rt.hardware())
+        return grpc_codec.hardware_to_pb(self._rt.hardware())
 
     def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.ReleaseResponse:
         released, unknown = self._rt.release(list(request.leases))
@@ -244,14 +226,12 @@ class SidecarServicer(pb_grpc.SidecarServicer):
         if interval != interval or interval < 0:  # NaN or negative
             self._abort(context, InvalidArgument(f"memory_interval_s must be >= 0, got {interval}",
                                                  field="memory_interval_s"))
-        with self._lock:
-            if self._closing:
-                context.abort(grpc.StatusCode.UNAVAILABLE, "worker is shutting down")
-            if len(self._subs) >= self._max_watchers:
-                self._abort(context, Overloaded(f"at most {self._max_watchers} telemetry watchers",
-                                                queue_depth=len(self._subs), limit=self._max_watchers))
-            sub = self._rt.telemetry.subscribe(interval or 1.0)
-            self._subs.add(sub)
+        if self._core.closing:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "worker is shutting down")
+        try:
+            sub = self._core.watch(interval)
+        except SidecarError as err:
+            self._abort(context, err)
         context.add_callback(sub.close)  # the client cancelled or went away
         window_s = min(request.batch_window_ms, MAX_BATCH_WINDOW_MS) / 1000.0
         try:
@@ -260,36 +240,17 @@ class SidecarServicer(pb_grpc.SidecarServicer):
                 if event is None:
                     return
                 if not window_s:
-                    yield wire.telemetry_to_pb(event)
+                    yield grpc_codec.telemetry_to_pb(event)
                     continue
                 # Batch: instead of one stream message (and one wake-up that takes the interpreter
                 # from a running call) per span, wait a moment and send what piled up as one message.
                 time.sleep(window_s)
-                events = [wire.telemetry_to_pb(event)]
+                events = [grpc_codec.telemetry_to_pb(event)]
                 while len(events) < TELEMETRY_BATCH_MAX and (event := sub.get(timeout=0)) is not None:
-                    events.append(wire.telemetry_to_pb(event))
+                    events.append(grpc_codec.telemetry_to_pb(event))
                 yield pb.TelemetryEvent(batch=events)
         finally:
-            sub.close()
-            with self._lock:
-                self._subs.discard(sub)
-
-    def close_watchers(self) -> None:
-        """End every telemetry stream (at shutdown they would otherwise hold the drain open)."""
-        with self._lock:
-            self._closing = True
-            subs = list(self._subs)
-        for sub in subs:
-            sub.close()
-
-
-def _with_call_ids(err: SidecarError, request: pb.ExecuteRequest) -> SidecarError:
-    """Fill in op and request id when the raiser did not know them (a request refused before the
-    dispatcher saw it gets a fresh id, as the dispatcher gives one to a call that has none)."""
-    if request.op and err.fields.get("op") is None:
-        err.fields["op"] = request.op
-    err.fields.setdefault("request_id", request.request_id or new_request_id())
-    return err
+            self._core.unwatch(sub)
 
 
 def sidecar_handlers(servicer: SidecarServicer) -> dict[str, grpc.RpcMethodHandler]:
@@ -319,7 +280,7 @@ def _parsing(behaviour: Any, request_cls: Any) -> Any:
             request = request_cls.FromString(raw)
         except DecodeError as exc:
             name = request_cls.DESCRIPTOR.full_name
-            context.abort_with_status(wire.error_to_status(InvalidArgument(
+            context.abort_with_status(grpc_codec.error_to_status(InvalidArgument(
                 f"the request body ({len(raw)} bytes) is not a valid {name}: {exc}",
                 field=request_cls.DESCRIPTOR.name, expected=name, request_id=new_request_id())))
         return behaviour(request, context)
@@ -335,12 +296,14 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:  # a host name: not provably loopback
         return False
+
+
 def _cancel_grace_s() -> float:
-    text = os.environ.get("SIDECAR_CANCEL_GRACE_S", "")
+    text = os.environ.get(CANCEL_GRACE_ENV, "")
     try:
         return max(0.0, float(text)) if text else DEFAULT_CANCEL_GRACE_S
     except ValueError:
-        log.warning("ignoring SIDECAR_CANCEL_GRACE_S=%r (not a number of seconds)", text)
+        log.warning("ignoring %s=%r (not a number of seconds)", CANCEL_GRACE_ENV, text)
         return DEFAULT_CANCEL_GRACE_S
 
 
@@ -359,17 +322,19 @@ def _socket_in_use(path: str) -> bool:
 
 
 class SidecarServer:
-    """A started gRPC server for one runtime; `stop()` drains in-flight calls."""
+    """The gRPC transport of one server core (`server_core.serve` runs it): `start()` binds and
+    serves, `stop()` lets in-flight calls finish."""
 
-    def __init__(self, runtime: Any, listen: str | None = None, *,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE) -> None:
-        self.runtime = runtime
+    def __init__(self, core: ServerCore, listen: str | None = None, *,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self.core = core
+        self.runtime = core.runtime
         self.listen = parse_listen(listen)
-        opts = runtime.options
-        self.threads = int(opts.max_concurrency) + int(opts.max_queue) + CONTROL_THREADS + MAX_WATCHERS
+        opts = self.runtime.options
+        self.threads = int(opts.max_concurrency) + int(opts.max_queue) + CONTROL_THREADS + core.max_watchers
         self.executor = futures.ThreadPoolExecutor(max_workers=self.threads,
                                                    thread_name_prefix="sidecar-rpc")
-        self.servicer = SidecarServicer(runtime, max_message_bytes=max_message_bytes)
+        self.servicer = SidecarServicer(core, max_message_bytes=max_message_bytes)
         self.health = health.HealthServicer()
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes),
@@ -441,13 +406,13 @@ class SidecarServer:
         """Refuse new calls, let in-flight ones finish for up to `grace_s`; True if all finished."""
         self._stopped.set()
         self.health.enter_graceful_shutdown()
-        self.servicer.close_watchers()
         done = self.server.stop(grace_s)
-        finished = done.wait(grace_s + 5)
+        return done.wait(grace_s + 5)
+
+    def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self.listen.unix_path:
             try:
                 os.unlink(self.listen.unix_path)
             except FileNotFoundError:
                 pass
-        return finished

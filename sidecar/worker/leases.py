@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterable
 
 import psutil
 
+from sidecar.protocol.limits import DEFAULT_LEASE_TTL_S, DEFAULT_MAX_LEASES
+
 
 @dataclass(frozen=True)
 class LeaseOwner:
@@ -99,7 +101,7 @@ def _create_time(pid: int) -> float | None:
 class LeaseTable:
     """Thread-safe table of leases, oldest first."""
 
-    def __init__(self, ttl_s: float = 300.0, max_leases: int = 10000,
+    def __init__(self, ttl_s: float = DEFAULT_LEASE_TTL_S, max_leases: int = DEFAULT_MAX_LEASES,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not ttl_s > 0:  # also refuses NaN
             raise ValueError(f"lease TTL must be > 0 seconds, got {ttl_s!r}")
@@ -157,6 +159,8 @@ class LeaseTable:
 
     def expire(self) -> int:
         """Reclaim leases older than the TTL (and any over the cap), oldest first; returns how many."""
+        if not self._leases:
+            return 0  # every call asks: most hold no lease (inline outputs), and then no lock is taken
         deadline = self._clock() - self.ttl_s
         freed: list[_Lease] = []
         with self._lock:

@@ -18,6 +18,12 @@ from dataclasses import dataclass, field
 # The limit applies to shared-memory segments too: `segments.check_reservable` refuses a segment that
 # would not fit under it before reserving any /dev/shm space for it.
 from sidecar.dataplane.segments import address_space_bytes
+from sidecar.protocol.limits import FAST_GRACE_S, HOST_PID_ENV
+from sidecar.threads import cap_thread_env, cpu_count, default_threads
+
+__all__ = ["EXIT_TAINTED", "PDEATH_SIGNAL", "Shutdown", "ParentWatch", "install_signal_handlers", "watch_stdin",
+           "warm_threads", "apply_memory_limit", "cap_torch_threads", "cap_thread_env", "cpu_count",
+           "default_threads"]
 
 log = logging.getLogger(__name__)
 
@@ -28,37 +34,9 @@ EXIT_TAINTED = 70
 # really changed before acting, and ignores the signal otherwise.
 PDEATH_SIGNAL = signal.SIGHUP
 
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "BLIS_NUM_THREADS",
-              "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
-
 
 # ---------------------------------------------------------------------------------------------------
-# Thread caps
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def default_threads() -> int:
-    """Compute threads per worker: $SIDECAR_THREADS, else half the usable CPUs capped at 8.
-
-    Several workers usually share a machine; each running a full-width OpenMP pool makes them
-    oversubscribe the cores and all slow down. A pool that knows its size passes --threads.
-    """
-    env = os.environ.get("SIDECAR_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    return max(1, min(8, cpu_count() // 2))
-
-
-def cap_thread_env(threads: int) -> None:
-    """Set the BLAS/OpenMP thread variables (only those the user has not set) before torch is imported."""
-    for name in THREAD_ENV:
-        os.environ.setdefault(name, str(threads))
+# Thread caps (the environment part, which the pool's template applies too, is `sidecar.threads`)
 
 
 def cap_torch_threads(threads: int) -> None:
@@ -124,20 +102,32 @@ def apply_memory_limit(extra_bytes: int) -> int:
 
 @dataclass
 class Shutdown:
-    """Why and how the worker should stop; set from signal handlers and the parent watcher."""
+    """Why and how the worker should stop; set from signal handlers, the parent watcher, the
+    transport (its host went away) and the server core (a tainted device). The first request wins."""
 
     event: threading.Event = field(default_factory=threading.Event)
     reason: str = ""
     fast: bool = False  # parent gone: nobody waits for answers, so do not drain for long
     exit_code: int = 0  # 70 = tainted (the device needs a fresh process)
+    max_grace_s: float | None = None  # a bound on the drain of this kind of stop (the host is gone)
 
-    def request(self, reason: str, fast: bool = False, exit_code: int = 0) -> None:
+    def request(self, reason: str, fast: bool = False, exit_code: int = 0, max_grace_s: float | None = None) -> None:
         if not self.event.is_set():
-            self.reason, self.fast, self.exit_code = reason, fast, exit_code
+            self.reason, self.fast, self.exit_code, self.max_grace_s = reason, fast, exit_code, max_grace_s
             self.event.set()
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.event.wait(timeout)
+
+    def grace_s(self, grace_period_s: float) -> float:
+        """How long the calls in flight may still take: `--grace-period`, at most FAST_GRACE_S for a
+        fast stop and at most `max_grace_s` when the request set one."""
+        grace = grace_period_s
+        if self.fast:
+            grace = min(grace, FAST_GRACE_S)
+        if self.max_grace_s is not None:
+            grace = min(grace, self.max_grace_s)
+        return max(grace, 0.0)
 
 
 def _set_pdeathsig(sig: int) -> bool:
@@ -155,8 +145,6 @@ def _set_pdeathsig(sig: int) -> bool:
 
 
 # Set by the Python pool in every worker's environment.
-HOST_PID_ENV = "SIDECAR_HOST_PID"  # the host to watch instead of our parent (which may be the template)
-CANCEL_GRACE_ENV = "SIDECAR_CANCEL_GRACE_S"  # how long a cancelled call may run on (grpc_server)
 
 
 class ParentWatch:

@@ -283,7 +283,7 @@ def estimate_output_nbytes(spec: OpSpec, inputs: Sequence[Any], attrs: dict[str,
     import torch
 
     from sidecar.dataplane import dtypes
-    from sidecar.dataplane.refs import ArrowRef, TensorRef
+    from sidecar.protocol.refs import ArrowRef, TensorRef
 
     def stand_in(v: Any) -> Any:
         if isinstance(v, TensorRef):

@@ -16,6 +16,7 @@ import torch
 from sidecar import _native
 from sidecar.dataplane.arena import Arena
 from sidecar.dataplane.mapcache import MappingCache
+from sidecar.protocol import limits
 from sidecar.worker import hardware as hardware_mod
 from sidecar.worker.devices import select_device
 from sidecar.worker.dispatcher import Dispatcher
@@ -36,12 +37,13 @@ class WorkerOptions:
     device: str = "auto"
     ops_modules: list[str] = field(default_factory=list)
     debug_ops: bool = False
-    max_concurrency: int = 4
-    max_queue: int = 64
+    max_concurrency: int = limits.DEFAULT_MAX_CONCURRENCY
+    max_queue: int = limits.DEFAULT_MAX_QUEUE
     run_id: str | None = None
-    inline_threshold: int = 65536
-    lease_ttl_s: float = 300.0   # an unreleased lease is reclaimed (unlinked, never reused) after this
-    max_leases: int = 10000      # beyond this many the oldest lease is reclaimed the same way
+    inline_threshold: int = limits.DEFAULT_INLINE_THRESHOLD
+    # an unreleased lease is reclaimed (unlinked, never reused) after this, or beyond this many
+    lease_ttl_s: float = limits.DEFAULT_LEASE_TTL_S
+    max_leases: int = limits.DEFAULT_MAX_LEASES
     map_cache_share: float = 0.25  # the input mapping cache keeps at most this share of /dev/shm mapped
     # Outputs that are views of a host's input (identity, reshape/transpose views) are returned as
     # descriptors of the host's own segment: zero copies, no lease. Off by default: the host must

@@ -86,3 +86,25 @@ class CallBlocks:
         for block in blocks:
             block.release()
 
+
+class NoCallBlocks:
+    """What stands for a call's blocks when its op cannot have any (it takes no ctx, so it never
+    called ctx.empty): outputs are never found in place, new ones come from the arena. Stateless:
+    one per dispatcher serves every such call."""
+
+    __slots__ = ("alloc", "share_min")
+
+    def __init__(self, arena: Arena) -> None:
+        self.alloc = arena.alloc
+        self.share_min = 0
+
+    @staticmethod
+    def find(address: int, nbytes: int) -> None:
+        return None
+
+    @staticmethod
+    def take_found() -> list[Block]:
+        return []
+
+    def close(self) -> None:
+        pass

@@ -1,9 +1,9 @@
-"""The Erlang port transport: `sidecar serve --stdio`.
+"""The Erlang port transport: `sidecar serve --stdio`, a framing adapter over the server core.
 
 An Elixir VM opens the worker with `Port.open({:spawn_executable, python}, [{:packet, 4}, :binary,
 :exit_status, ...])`; every message is a 4-byte big-endian length followed by one term in the
-External Term Format (`sidecar.etf`). This module only translates terms <-> `Call`/`CallResult`, the
-same dispatcher the gRPC servicer uses does the work.
+External Term Format (`sidecar.etf`). This module reads and writes frames; the terms are
+`sidecar.protocol.port_codec`'s and the calls are the server core's (`server_core`), as on gRPC.
 
     worker -> host, first:  {:ready, os_pid, %{version:, device:, ops: [names], ...}}
     host -> worker:         {:call, id, op, inputs, attrs}          (opts map as 6th element optional)
@@ -13,32 +13,36 @@ same dispatcher the gRPC servicer uses does the work.
     worker -> host:         {:ok, id, result}  |  {:error, id, %{kind: :shape_mismatch, message:, ...}}
                             {:telemetry, [:sidecar | event], measurements, metadata}
 
+With a subscription, the telemetry events queued before a reply are sent before it: a call's stop or
+exception event always precedes its answer.
+
 Every frame is answered. A malformed one gets an error term with the request's id whenever the id
 itself decoded (`:undefined` only when it did not), and the worker carries on; a reply that cannot
 be encoded is replaced by an error naming why, and the leases of its outputs are released. Bodies
 are read as they arrive, so a header that declares a large frame costs nothing until its bytes come.
-The worker exits when stdin closes (the port was closed or the VM died).
+The worker stops when stdin closes (the port was closed or the VM died): the calls in flight may
+still finish for a moment (`limits.HOST_GONE_GRACE_S`); on SIGTERM they get `--grace-period`.
 """
 from __future__ import annotations
 
 import logging
-import math
 import os
 import struct
 import sys
 import threading
-import traceback
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import sidecar
 from sidecar import etf
-from sidecar.dataplane.refs import ArrowRef, CudaIpcStorage, InlineStorage, ShmStorage, TensorRef
-from sidecar.errors import (Cancelled, InvalidArgument, InvalidTensorRef, OpFailed, Overloaded, SidecarError,
-                            shorten)
+from sidecar.errors import InvalidArgument, OpFailed, SidecarError, shorten
 from sidecar.etf import Atom
-from sidecar.worker.calls import Call, CallResult, Placement
-from sidecar.worker.dispatcher import new_request_id
+from sidecar.protocol import limits
+from sidecar.protocol.port_codec import (call_from_term, error_to_term, keyed, op_to_term, record_to_term,
+                                         result_to_term, telemetry_to_term, text)
+from sidecar.worker.lifecycle import Shutdown
+from sidecar.worker.server_core import CallHandle, ServerCore, serve, unexpected
+from sidecar.worker.telemetry import Subscription
 
 log = logging.getLogger(__name__)
 
@@ -47,374 +51,60 @@ __all__ = ["serve_stdio", "StdioServer", "MAX_FRAME"]
 # Default largest frame (`--max-frame-bytes`), as received and, for a compressed term, as inflated.
 # Tensors belong in shared memory; this only bounds inline payloads (a benchmark sends 100 MB inline
 # on purpose). Bigger frames are skipped and answered with an error.
-MAX_FRAME = int(os.environ.get("SIDECAR_STDIO_MAX_FRAME", str(1 << 30)))
+MAX_FRAME = int(os.environ.get("SIDECAR_STDIO_MAX_FRAME", str(limits.DEFAULT_MAX_FRAME_BYTES)))
 _FIRST_READ = 1 << 20  # a body buffer starts at this size and at most doubles while bytes arrive
 _ID_PEEK = 4096        # bytes of an oversized frame read to find its request id
 CONTROL_THREADS = 4
-TAINTED_EXIT = 70
-EOF_GRACE_S = 5.0    # in-flight calls may finish (and free what they hold) after the host went away
-TERM_GRACE_S = 10.0  # SIGTERM: calls in flight finish and are answered before the worker exits
-FAST_GRACE_S = 0.5   # the parent died: nobody reads the answers
+# Threads beyond max_concurrency + max_queue: a call that arrives while every admitted call holds a
+# thread still reaches the dispatcher's gate at once (and is refused OVERLOADED there).
+SPARE_CALL_THREADS = 2
 UNDEFINED = Atom("undefined")
-INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 _HEADER = struct.Struct(">I")
-_PLACEMENTS = {p.name.lower(): p for p in Placement}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Terms -> Python
-
-
-def _text(v: Any, what: str, **where: Any) -> str:
-    """A binary or an atom as str; anything else is a malformed request."""
-    if isinstance(v, str):  # Atom included
-        return str(v)
-    if isinstance(v, bytes):
-        try:
-            return v.decode("utf-8")
-        except UnicodeDecodeError:
-            pass
-    raise InvalidArgument(f"{what} must be a UTF-8 binary or an atom, got {shorten(v)}", field=what, **where)
-
-
-def _int(v: Any, what: str, err: Callable[..., SidecarError], **where: Any) -> int:
-    if isinstance(v, int) and not isinstance(v, bool):
-        return v
-    raise err(f"{what} must be an integer, got {shorten(v)}", field=what, **where)
-
-
-def _keyed(m: Any, what: str, err: Callable[..., SidecarError] = InvalidArgument, **where: Any) -> dict[str, Any]:
-    """A map whose keys are atoms or binaries, with str keys."""
-    if not isinstance(m, dict):
-        raise err(f"{what} must be a map, got {shorten(m)}", field=what, **where)
-    out: dict[str, Any] = {}
-    for k, v in m.items():
-        if isinstance(k, str):
-            out[str(k)] = v
-        elif isinstance(k, bytes):
-            out[_text(k, what, **where)] = v
-        else:
-            raise err(f"keys of {what} must be atoms or binaries, got {shorten(k)}", field=what, **where)
-    return out
-
-
-def _storage_map(m: Any, what: str, index: int) -> dict[str, Any]:
-    return _keyed(m, what, InvalidTensorRef, input_index=index)
-
-
-def _shm_from_term(m: Any, index: int) -> ShmStorage:
-    s = _storage_map(m, "shm", index)
-    bad = InvalidTensorRef
-    return ShmStorage(name=_text(s.get("name"), "name", input_index=index),
-                      offset=_int(s.get("offset", 0), "offset", bad, input_index=index),
-                      nbytes=_int(s.get("nbytes"), "nbytes", bad, input_index=index),
-                      inode=_int(s.get("inode", 0) or 0, "inode", bad, input_index=index))
-
-
-def _ints(v: Any, what: str, index: int) -> tuple[int, ...]:
-    if not isinstance(v, list):
-        raise InvalidTensorRef(f"{what} must be a list of integers, got {shorten(v)}", field=what,
-                               input_index=index)
-    return tuple(_int(x, what, InvalidTensorRef, input_index=index) for x in v)
-
-
-def tensor_from_term(m: Any, index: int = -1) -> TensorRef:
-    """`%{dtype:, shape:, strides:, shm: %{name:, offset:, nbytes:, inode:} | data: | cuda_ipc:}`."""
-    t = _storage_map(m, "tensor", index)
-    dtype = _text(t.get("dtype"), "dtype", input_index=index)
-    shape = _ints(t.get("shape"), "shape", index)
-    strides = t.get("strides")
-    if "shm" in t:
-        storage: Any = _shm_from_term(t["shm"], index)
-    elif "data" in t:
-        if not isinstance(t["data"], bytes):
-            raise InvalidTensorRef(f"data must be a binary, got {shorten(t['data'])}", field="data",
-                                   input_index=index)
-        storage = InlineStorage(t["data"])
-    elif "cuda_ipc" in t:
-        c = _storage_map(t["cuda_ipc"], "cuda_ipc", index)
-        handle = c.get("handle")
-        if not isinstance(handle, bytes):
-            raise InvalidTensorRef("cuda_ipc.handle must be a binary", field="handle", input_index=index)
-        storage = CudaIpcStorage(
-            handle=handle, offset=_int(c.get("offset", 0), "offset", InvalidTensorRef, input_index=index),
-            nbytes=_int(c.get("nbytes"), "nbytes", InvalidTensorRef, input_index=index),
-            device_index=_int(c.get("device_index", 0), "device_index", InvalidTensorRef, input_index=index),
-            device_uuid=_text(c.get("device_uuid", b""), "device_uuid", input_index=index),
-            alloc_nbytes=_int(c.get("alloc_nbytes", 0), "alloc_nbytes", InvalidTensorRef, input_index=index))
-    else:
-        raise InvalidTensorRef("tensor has no storage (give one of shm, data, cuda_ipc)", field="storage",
-                               input_index=index)
-    return TensorRef(dtype=dtype, shape=shape, storage=storage,
-                     strides=None if strides is None or strides == [] else _ints(strides, "strides", index))
-
-
-def arrow_from_term(m: Any, index: int = -1) -> ArrowRef:
-    t = _storage_map(m, "arrow", index)
-    if "shm" in t:
-        storage: Any = _shm_from_term(t["shm"], index)
-    elif isinstance(t.get("data"), bytes):
-        storage = InlineStorage(t["data"])
-    else:
-        raise InvalidTensorRef("arrow table has no storage (give shm or data)", field="storage",
-                               input_index=index)
-    return ArrowRef(storage=storage, num_rows=_int(t.get("num_rows", -1), "num_rows", InvalidTensorRef,
-                                                   input_index=index))
-
-
-def value_from_term(v: Any, index: int = -1, field: str = "value") -> Any:
-    """A value from the VM: tensors/tables by descriptor, binaries as str when UTF-8 (Elixir strings),
-    `{:bytes, bin}` for raw bytes, atoms as their name, lists and maps recursively."""
-    if isinstance(v, tuple):
-        if len(v) == 2 and isinstance(v[0], Atom):
-            tag = str(v[0])
-            if tag == "tensor":
-                return tensor_from_term(v[1], index)
-            if tag == "arrow":
-                return arrow_from_term(v[1], index)
-            if tag == "bytes" and isinstance(v[1], bytes):
-                return v[1]
-        raise InvalidArgument(f"unsupported value {shorten(v)} (a tuple must be {{:tensor, map}}, "
-                              "{:arrow, map} or {:bytes, binary})", field="value", input_index=index)
-    if isinstance(v, bytes):
-        try:
-            return v.decode("utf-8")
-        except UnicodeDecodeError:
-            return v
-    if isinstance(v, Atom):
-        return str(v)
-    if isinstance(v, list):
-        return [value_from_term(x, index, field) for x in v]
-    if isinstance(v, dict):
-        return {k: value_from_term(x, index, field) for k, x in _keyed(v, "value", input_index=index).items()}
-    if isinstance(v, int) and not isinstance(v, bool) and not INT64_MIN <= v <= INT64_MAX:
-        # a bignum: gRPC's Value holds int64, and torch cannot take more
-        raise InvalidArgument(f"integer {shorten(v)} does not fit in int64", field=field, input_index=index,
-                              expected="an integer in int64 range", got=shorten(v))
-    return v  # int, float, bool, None
-
-
-def _attrs_from_term(a: Any) -> dict[str, Any]:
-    if isinstance(a, list):  # an Elixir keyword list: [dim: 1] == [{:dim, 1}]
-        if not all(isinstance(p, tuple) and len(p) == 2 for p in a):
-            raise InvalidArgument("attrs must be a map or a keyword list", field="attrs", input_index=-1)
-        a = dict(a)
-    return {k: value_from_term(v, -1, f"attrs.{k}") for k, v in _keyed(a, "attrs", input_index=-1).items()}
-
-
-def call_from_term(req: tuple[Any, ...], is_cancelled: Callable[[], bool] | None = None) -> Call:
-    """`{:call, id, op, inputs, attrs}` or `{:call, id, op, inputs, attrs, opts}` -> Call."""
-    op = _text(req[2], "op")
-    inputs = req[3]
-    if not isinstance(inputs, list):
-        raise InvalidArgument(f"inputs must be a list, got {shorten(inputs)}", field="inputs", input_index=-1, op=op)
-    values = [value_from_term(v, i) for i, v in enumerate(inputs)]
-    call = Call(op=op, inputs=values, attrs=_attrs_from_term(req[4]), is_cancelled=is_cancelled)
-    if len(req) > 5 and req[5] is not None:
-        o = _keyed(req[5], "opts", input_index=-1)
-        placement = o.get("placement", "auto")
-        if isinstance(placement, int) and not isinstance(placement, bool) and placement in Placement._value2member_map_:
-            call.output.placement = Placement(placement)
-        else:
-            name = _text(placement, "placement", input_index=-1)
-            if name not in _PLACEMENTS:
-                raise InvalidArgument(f"placement must be one of {', '.join(_PLACEMENTS)}, got {name!r}",
-                                      field="placement", input_index=-1)
-            call.output.placement = _PLACEMENTS[name]
-        out = o.get("out") or []
-        if not isinstance(out, list):
-            raise InvalidArgument("out must be a list of tensors", field="out", input_index=-1)
-        call.output.out = tuple(_out_ref(x, k) for k, x in enumerate(out))
-        if out and "placement" not in o:
-            call.output.placement = Placement.OUT
-        call.output.inline_threshold = _int(o.get("inline_threshold", 0), "inline_threshold", InvalidArgument)
-        # gRPC's OutputSpec.allow_alias: an output that is a view of a host input comes back as
-        # that range of the host's segment (no copy, no lease).
-        call.output.alias_inputs = o.get("alias_inputs", False) is True
-        release = o.get("release") or []
-        if not isinstance(release, list):
-            raise InvalidArgument("release must be a list of lease ids", field="release", input_index=-1)
-        call.release = [_text(x, "release") for x in release]
-        call.idempotent = bool(o.get("idempotent", False))
-        rid = o.get("request_id")
-        call.request_id = "" if rid is None else _text(rid, "request_id")
-    return call
-
-
-def _out_ref(x: Any, k: int) -> TensorRef:
-    if isinstance(x, tuple) and len(x) == 2 and x[0] == "tensor":
-        return tensor_from_term(x[1], -1)
-    raise InvalidTensorRef(f"out ref {k} must be {{:tensor, map}}, got {shorten(x)}", field="out", input_index=-1)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Python -> terms
-
-
-def _shm_term(s: ShmStorage) -> dict[Atom, Any]:
-    return {Atom("name"): s.name, Atom("offset"): s.offset, Atom("nbytes"): s.nbytes, Atom("inode"): s.inode}
-
-
-def tensor_to_term(ref: TensorRef) -> tuple[Atom, dict[Atom, Any]]:
-    m: dict[Atom, Any] = {Atom("dtype"): ref.dtype, Atom("shape"): list(ref.shape),
-                          Atom("strides"): None if ref.strides is None else list(ref.strides)}
-    s = ref.storage
-    if isinstance(s, ShmStorage):
-        m[Atom("shm")] = _shm_term(s)
-    elif isinstance(s, InlineStorage):
-        m[Atom("data")] = s.data
-    elif isinstance(s, CudaIpcStorage):
-        m[Atom("cuda_ipc")] = {Atom("handle"): s.handle, Atom("offset"): s.offset, Atom("nbytes"): s.nbytes,
-                               Atom("device_index"): s.device_index, Atom("device_uuid"): s.device_uuid,
-                               Atom("alloc_nbytes"): s.alloc_nbytes}
-    return Atom("tensor"), m
-
-
-def value_to_term(v: Any) -> Any:
-    """A dispatcher output as a term. Strings and bytes both become binaries; map keys of user data
-    stay binaries (turning arbitrary strings into atoms would fill the VM's atom table)."""
-    if isinstance(v, TensorRef):
-        return tensor_to_term(v)
-    if isinstance(v, ArrowRef):
-        m: dict[Atom, Any] = {Atom("num_rows"): v.num_rows}
-        if isinstance(v.storage, ShmStorage):
-            m[Atom("shm")] = _shm_term(v.storage)
-        else:
-            m[Atom("data")] = v.storage.data
-        return Atom("arrow"), m
-    if v is None or isinstance(v, (bool, int, str, bytes)):
-        return v
-    if isinstance(v, float):
-        if math.isfinite(v):
-            return v
-        return Atom("nan") if math.isnan(v) else Atom("infinity" if v > 0 else "neg_infinity")
-    if isinstance(v, (bytearray, memoryview)):
-        return bytes(v)
-    if isinstance(v, (list, tuple)):
-        return [value_to_term(x) for x in v]
-    if isinstance(v, Mapping):
-        return {str(k) if not isinstance(k, (int, bytes)) else k: value_to_term(x) for k, x in v.items()}
-    if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:  # NumPy scalar
-        return value_to_term(v.item())
-    raise OpFailed(f"the op returned a {type(v).__name__}, which has no Erlang term form",
-                   exception_type="TypeError")
-
-
-def _protocol_map(d: Mapping[str, Any]) -> dict[Atom, Any]:
-    """A dict of known field names (hardware, timing) as a map with atom keys, recursively."""
-    def conv(x: Any) -> Any:
-        if isinstance(x, Mapping):
-            return {Atom(str(k)): conv(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [conv(v) for v in x]
-        return value_to_term(x)
-    return conv(d)
-
-
-def result_to_term(r: CallResult) -> dict[Atom, Any]:
-    t = r.timing
-    return {
-        Atom("outputs"): [value_to_term(v) for v in r.outputs],
-        Atom("leases"): list(r.leases),
-        Atom("timing"): {Atom("queue_ns"): t.queue_ns, Atom("decode_ns"): t.decode_ns,
-                         Atom("compute_ns"): t.compute_ns, Atom("encode_ns"): t.encode_ns,
-                         Atom("total_ns"): t.total_ns},
-        Atom("device"): r.device,
-        Atom("bytes_in"): r.bytes_in,
-        Atom("bytes_out"): r.bytes_out,
-        Atom("request_id"): r.request_id,
-    }
-
-
-def error_to_term(err: SidecarError) -> dict[Atom, Any]:
-    """`%{kind: :shape_mismatch, message: "...", op: "add", input_shapes: [[2, 3], [4]], ...}`."""
-    m: dict[Atom, Any] = {Atom("kind"): Atom(err.kind.value.lower()), Atom("message"): err.message}
-    for k, v in err.fields.items():
-        m[Atom(k)] = value_to_term(v)
-    return m
-
-
-def op_to_term(spec: Any) -> dict[Atom, Any]:
-    return {Atom("name"): spec.name, Atom("doc"): spec.doc or "", Atom("min_inputs"): int(spec.min_inputs),
-            Atom("max_inputs"): -1 if spec.max_inputs is None else int(spec.max_inputs),
-            Atom("idempotent"): bool(spec.idempotent), Atom("attrs"): list(spec.attrs or ()),
-            Atom("module"): spec.module or ""}
-
-
-_SPAN_TIMING = ("queue_ns", "decode_ns", "compute_ns", "encode_ns", "total_ns")
-
-
-def telemetry_to_term(ev: Mapping[str, Any]) -> tuple[Any, ...]:
-    """A hub event as `{:telemetry, event_name, measurements, metadata}` in `:telemetry`'s shape.
-
-    Durations are nanoseconds here (`duration`, `*_ns`); the Elixir side converts `duration` to
-    native time units like `:telemetry.span/3` does.
-    """
-    kind = ev.get("type")
-    pid = int(ev.get("pid") or 0)
-    if kind == "span":
-        phase = str(ev.get("phase", "stop"))
-        meas: dict[Atom, Any] = {Atom("bytes_in"): int(ev.get("bytes_in") or 0)}
-        meta: dict[Atom, Any] = {Atom("op"): str(ev.get("op", "")), Atom("request_id"): str(ev.get("request_id", "")),
-                                 Atom("os_pid"): pid}
-        if phase == "start":
-            meas[Atom("system_time")] = int(ev.get("time_unix_ns") or 0)
-        else:
-            meas[Atom("duration")] = int(ev.get("duration_ns") or 0)
-            meas[Atom("bytes_out")] = int(ev.get("bytes_out") or 0)
-            for k, v in (ev.get("timing") or {}).items():
-                if k in _SPAN_TIMING:
-                    meas[Atom(k)] = int(v)
-        if phase == "exception":
-            meta[Atom("kind")] = Atom(str(ev.get("outcome", "OP_FAILED")).lower())
-            meta[Atom("message")] = str(ev.get("message", ""))
-        return Atom("telemetry"), [Atom("sidecar"), Atom("call"), Atom(phase)], meas, meta
-    if kind == "memory":
-        meas = {Atom(k): int(ev.get(k) or 0) for k in
-                ("rss_bytes", "arena_reserved_bytes", "arena_in_use_bytes", "leases")}
-        meta = {Atom("os_pid"): pid, Atom("gpus"): _protocol_map({"g": list(ev.get("gpus") or [])})[Atom("g")]}
-        return Atom("telemetry"), [Atom("sidecar"), Atom("memory")], meas, meta
-    if kind == "pool":
-        meta = {Atom("os_pid"): pid, **{Atom(str(k)): str(v) for k, v in (ev.get("metadata") or {}).items()}}
-        return Atom("telemetry"), [Atom("sidecar"), Atom("pool"), Atom(str(ev.get("event", "event")))], {}, meta
-    return Atom("telemetry"), [Atom("sidecar"), Atom(str(kind or "event"))], {}, {Atom("os_pid"): pid}
-
-
-def _unexpected(exc: BaseException, op: str = "") -> OpFailed:
-    return OpFailed(f"{type(exc).__name__}: {exc}", exception_type=type(exc).__name__,
-                    traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-                    **({"op": op} if op else {}))
-
-
-# ---------------------------------------------------------------------------------------------------
-# The server
 
 
 class StdioServer:
     """Reads request frames on `in_fd`, answers on `out_fd`; calls run on a thread pool."""
 
-    def __init__(self, runtime: Any, in_fd: int, out_fd: int, *, max_frame: int = MAX_FRAME) -> None:
+    def __init__(self, runtime: Any, in_fd: int, out_fd: int, *, max_frame: int = MAX_FRAME,
+                 core: ServerCore | None = None) -> None:
         self.rt = runtime
+        self.core = core if core is not None else ServerCore(runtime)
         self.in_fd = in_fd
         self.out_fd = out_fd
         self.max_frame = max_frame
         opts = runtime.options
-        # Same admission as the gRPC transport: up to max_concurrency + max_queue calls are handed to
-        # the dispatcher (which queues the excess over max_concurrency); beyond that OVERLOADED at once.
-        self.limit = int(opts.max_concurrency) + int(opts.max_queue)
-        self.calls = ThreadPoolExecutor(max_workers=self.limit, thread_name_prefix="sidecar-stdio-call")
+        threads = int(opts.max_concurrency) + int(opts.max_queue) + SPARE_CALL_THREADS
+        self.calls = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sidecar-stdio-call")
         self.control = ThreadPoolExecutor(max_workers=CONTROL_THREADS, thread_name_prefix="sidecar-stdio-ctl")
         self._write_lock = threading.Lock()
-        self._lock = threading.Lock()
-        self._in_flight = 0
-        self._idle = threading.Condition(self._lock)
-        self._active: set[Any] = set()     # ids of calls admitted and not yet answered
-        self._cancelled: set[Any] = set()  # the subset the host cancelled
-        self._sub: Any = None
-        self.done = threading.Event()
-        self.exit_code = 0
+        self._sub_lock = threading.Lock()
+        self._sub: Subscription | None = None
+        # Taken to send telemetry: by the pump, and by every reply, which first sends the events
+        # queued before it, so that a call's stop (or exception) event always precedes its answer.
+        self._telemetry_lock = threading.Lock()
         self.host_gone = False
-        self.closing = ""  # set when shutting down: new calls are refused with this reason
+        self.done = threading.Event()  # the reader stopped (stdin closed)
+
+    # -- lifetime (serve's Transport) ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """The ready frame, then requests are read on a thread of their own."""
+        self.send(ready_term(self.rt))
+        log.info("serving the port protocol on stdio (device %s, pid %d)", self.rt.device, os.getpid())
+        threading.Thread(target=self.read_loop, name="sidecar-stdio-reader", daemon=True).start()
+
+    def stop(self, grace_s: float) -> bool:
+        """Nothing to stop: frames are still read and answered (new calls are refused by the core)."""
+        return True
+
+    def close(self) -> None:
+        self._unsubscribe()
+        self.calls.shutdown(wait=False, cancel_futures=True)
+        self.control.shutdown(wait=False, cancel_futures=True)
+
+    def _host_gone(self, reason: str) -> None:
+        """Nobody reads our answers any more: stop, giving the calls in flight a moment."""
+        self.core.shutdown.request(reason, max_grace_s=limits.HOST_GONE_GRACE_S)
 
     # -- frames --------------------------------------------------------------------------------------
 
@@ -437,7 +127,21 @@ class StdioServer:
             data = _unencodable_reply(req_id, tag, exc)
             if on_replaced is not None:
                 on_replaced()
-        self._write(data)
+        sub = self._sub
+        if sub is None:
+            self._write(data)
+            return
+        with self._telemetry_lock:
+            self._send_telemetry(sub)
+            self._write(data)
+
+    def _send_telemetry(self, sub: Subscription) -> None:
+        """Sends every event of `sub` queued so far (the caller holds `_telemetry_lock`)."""
+        while (event := sub.get(timeout=0)) is not None:
+            try:
+                self.send(telemetry_to_term(event))
+            except Exception:
+                log.exception("sending a telemetry event failed")
 
     def _write(self, data: bytes) -> None:
         header = _HEADER.pack(len(data))
@@ -449,7 +153,7 @@ class StdioServer:
             except (BrokenPipeError, OSError) as exc:
                 log.info("host closed the port (%s); replies are dropped from now on", exc)
                 self.host_gone = True
-                self.done.set()
+                self._host_gone("host closed the port")
 
     def _read_exact(self, n: int) -> bytearray | None:
         """`n` bytes, or None at EOF. The buffer grows as bytes arrive (never beyond twice what
@@ -477,7 +181,7 @@ class StdioServer:
     def read_loop(self) -> None:
         """Runs until stdin closes; every frame is answered, none kills the loop."""
         try:
-            while not self.done.is_set():
+            while True:
                 header = self._read_exact(4)
                 if header is None:
                     break
@@ -498,12 +202,13 @@ class StdioServer:
                     self.handle_frame(body)
                 except Exception as exc:  # a bug here must not end the loop (the worker would exit 0)
                     log.exception("handling a frame failed")
-                    self._answer_error(UNDEFINED, _unexpected(exc))
+                    self._answer_error(UNDEFINED, unexpected(exc))
                 del body
         except OSError as exc:
             log.error("reading stdin failed: %s", exc)
         finally:
             self.done.set()
+            self._host_gone("stdin closed")
 
     def send_error(self, req_id: Any, err: SidecarError) -> None:
         self.reply(req_id, "error", error_to_term(err))
@@ -530,7 +235,7 @@ class StdioServer:
             self.send_error(req_id, err)
         except Exception as exc:  # a bug here must not end the loop
             log.exception("handling a request failed")
-            self.send_error(req_id, _unexpected(exc))
+            self.send_error(req_id, unexpected(exc))
 
     def dispatch(self, req: Any, req_id: Any) -> None:
         tag = req[0] if isinstance(req, tuple) and req and isinstance(req[0], Atom) else None
@@ -540,17 +245,17 @@ class StdioServer:
         elif tag == "list_ops" and arity == 2:
             self._control(req_id, lambda: [op_to_term(s) for s in self.rt.list_ops()])
         elif tag == "hardware" and arity == 2:
-            self._control(req_id, lambda: _protocol_map(self.rt.hardware()))
+            self._control(req_id, lambda: record_to_term("Hardware", self.rt.hardware()))
         elif tag == "release" and arity == 3:
             ids = req[2]
             if not isinstance(ids, list):
                 raise InvalidArgument("release takes a list of lease ids", field="leases")
-            names = [_text(x, "leases") for x in ids]
+            names = [text(x, "leases") for x in ids]
             self._control(req_id, lambda: self._release(names))
         elif tag == "subscribe" and arity in (2, 3):
-            interval = 1.0
+            interval = limits.DEFAULT_MEMORY_INTERVAL_S
             if arity == 3 and req[2] is not None:
-                interval = _keyed(req[2], "opts").get("memory_interval_s", 1.0)
+                interval = keyed(req[2], "opts").get("memory_interval_s", interval)
                 if not isinstance(interval, (int, float)) or isinstance(interval, bool) or not interval > 0:
                     raise InvalidArgument(f"memory_interval_s must be a positive number, got {shorten(interval)}",
                                           field="memory_interval_s")
@@ -559,10 +264,7 @@ class StdioServer:
             self._unsubscribe()
             self.reply(req_id, "ok", Atom("unsubscribed"))
         elif tag == "cancel" and arity == 2:
-            key = _hashable(req[1])
-            with self._lock:
-                if key in self._active:  # a late cancel (the call already answered) is a no-op
-                    self._cancelled.add(key)
+            self.core.cancel(_hashable(req[1]))  # a late cancel (the call already answered) is a no-op
         else:
             raise InvalidArgument(
                 f"unknown request {shorten(req)}: expected {{:call, id, op, inputs, attrs[, opts]}}, "
@@ -571,7 +273,7 @@ class StdioServer:
 
     def _release(self, ids: list[str]) -> dict[Atom, Any]:
         released, unknown = self.rt.release(ids)
-        return {Atom("released"): int(released), Atom("unknown"): list(unknown)}
+        return record_to_term("ReleaseResponse", {"released": int(released), "unknown": list(unknown)})
 
     def _control(self, req_id: Any, fn: Callable[[], Any]) -> None:
         def run() -> None:
@@ -581,117 +283,64 @@ class StdioServer:
                 self.send_error(req_id, err)
             except Exception as exc:
                 log.exception("control request failed")
-                self.send_error(req_id, _unexpected(exc))
+                self.send_error(req_id, unexpected(exc))
         self.control.submit(run)
 
     def _submit_call(self, req: tuple[Any, ...], req_id: Any) -> None:
-        if self.closing:
-            raise Cancelled(f"worker is shutting down ({self.closing}); call refused",
-                            op=_text(req[2], "op") if _is_text(req[2]) else None)
-        key = _hashable(req_id)
+        op = text(req[2], "op") if _is_text(req[2]) else None
         try:
-            call = call_from_term(req, is_cancelled=lambda: key in self._cancelled)
+            call = call_from_term(req)
         except SidecarError as err:
             if len(req) > 5 and isinstance(req[5], dict):  # piggybacked releases still count
-                self._release_quietly(req[5].get("release") or [])
-            if err.fields.get("op") is None and _is_text(req[2]):
-                err.fields["op"] = _text(req[2], "op")
-            err.fields.setdefault("request_id", _request_id_of_opts(req) or new_request_id())
-            raise
-        with self._lock:
-            admitted = self._in_flight < self.limit
-            if admitted:
-                self._in_flight += 1
-                self._active.add(key)
-            depth = self._in_flight
-        if not admitted:
-            self._release_quietly(call.release)
-            opts = self.rt.options
-            raise Overloaded(f"worker is at capacity: {depth} calls in flight (concurrency "
-                             f"{opts.max_concurrency}, queue {opts.max_queue})", op=call.op,
-                             queue_depth=max(0, depth - int(opts.max_concurrency)), limit=int(opts.max_queue))
-        self.calls.submit(self._run_call, call, req_id, key)
+                self.core.release_quietly(_texts(req[5].get(Atom("release"))))
+            raise self.core.with_call_ids(err, op, _request_id_of_opts(req)) from None
+        handle = self.core.begin(call, key=_hashable(req_id), caller_gone=lambda: self.host_gone)
+        self.calls.submit(self._run_call, handle, req_id)
 
-    def _run_call(self, call: Call, req_id: Any, key: Any) -> None:
+    def _run_call(self, handle: CallHandle, req_id: Any) -> None:
+        core = self.core
         try:
             try:
-                result = self.rt.dispatcher.execute(call)
+                result = core.execute(handle)
             except SidecarError as err:
                 self.send_error(req_id, err)
-                return
-            except Exception as exc:  # a bug below the dispatcher: still a structured answer
-                log.exception("unexpected error in %s", call.op)
-                self.send_error(req_id, _unexpected(exc, call.op))
                 return
             try:
                 body = result_to_term(result)
             except SidecarError as err:
-                self._release_quietly(result.leases)
+                core.release_quietly(result.leases)  # the host never learns these lease ids
                 self.send_error(req_id, err)
                 return
-            if self.host_gone or key in self._cancelled:
-                self._release_quietly(result.leases)  # nobody will read or release them
             # Replaced by an error, the reply takes its lease ids with it: nobody could release them.
-            self.reply(req_id, "ok", body, on_replaced=lambda: self._release_quietly(result.leases))
+            self.reply(req_id, "ok", body, on_replaced=lambda: core.release_quietly(result.leases))
         finally:
-            with self._lock:
-                self._in_flight -= 1
-                self._active.discard(key)
-                self._cancelled.discard(key)
-                self._idle.notify_all()
-            if self.rt.dispatcher.tainted:
-                log.error("device tainted (%s): exiting %d for a fresh process", self.rt.dispatcher.tainted,
-                          TAINTED_EXIT)
-                self.exit_code = TAINTED_EXIT
-                self.done.set()
-
-    def _release_quietly(self, ids: Any) -> None:
-        try:
-            names = [_text(x, "leases") for x in ids]
-            if names:
-                self.rt.release(names)
-        except Exception:
-            log.exception("releasing leases %s failed", ids)
+            core.end(handle)
 
     # -- telemetry -----------------------------------------------------------------------------------
 
     def _subscribe(self, interval: float) -> Atom:
-        with self._lock:
+        with self._sub_lock:
             if self._sub is not None:
                 return Atom("already_subscribed")
-            sub = self._sub = self.rt.telemetry.subscribe(interval)
+            sub = self._sub = self.core.watch(interval)
 
-        def pump() -> None:
-            for event in sub:
-                try:
-                    self.send(telemetry_to_term(event))
-                except Exception:
-                    log.exception("sending a telemetry event failed")
+        def pump() -> None:  # events between replies (memory samples, the spans of a long call)
+            while sub.wait():
+                with self._telemetry_lock:
+                    self._send_telemetry(sub)
         threading.Thread(target=pump, name="sidecar-stdio-telemetry", daemon=True).start()
         return Atom("subscribed")
 
     def _unsubscribe(self) -> None:
-        with self._lock:
+        with self._sub_lock:
             sub, self._sub = self._sub, None
         if sub is not None:
-            sub.close()
-
-    # -- lifetime ------------------------------------------------------------------------------------
-
-    def wait_idle(self, timeout: float) -> bool:
-        with self._idle:
-            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
-
-    def close(self, grace_s: float) -> None:
-        self.wait_idle(grace_s)
-        self._unsubscribe()
-        self.calls.shutdown(wait=False, cancel_futures=True)
-        self.control.shutdown(wait=False, cancel_futures=True)
+            self.core.unwatch(sub)
 
 
 def _request_id_of_opts(req: tuple[Any, ...]) -> str | None:
     rid = req[5].get(Atom("request_id")) if len(req) > 5 and isinstance(req[5], dict) else None
-    return _text(rid, "request_id") if _is_text(rid) else None
+    return text(rid, "request_id") if _is_text(rid) else None
 
 
 def _unencodable_reply(req_id: Any, tag: str, reason: Exception) -> bytes:
@@ -720,7 +369,7 @@ def _id_of_undecodable(body: bytes | bytearray, max_inflated: int) -> Any:
 
 def _is_text(v: Any) -> bool:
     try:
-        _text(v, "op")
+        text(v, "op")
         return True
     except SidecarError:
         return False
@@ -758,6 +407,11 @@ def _take_stdio() -> tuple[int, int]:
     return in_fd, out_fd
 
 
+def _texts(ids: Any) -> list[str]:
+    """The lease ids of a malformed call's opts that are text (for a release that still counts)."""
+    return [text(x, "release") for x in ids if _is_text(x)] if isinstance(ids, list) else []
+
+
 def ready_term(runtime: Any) -> tuple[Any, ...]:
     specs = runtime.list_ops()
     opts = runtime.options
@@ -773,29 +427,12 @@ def ready_term(runtime: Any) -> tuple[Any, ...]:
     })
 
 
-def serve_stdio(runtime: Any, shutdown: Any = None, *, max_frame: int = MAX_FRAME) -> int:
-    """Serve the port protocol on stdin/stdout until stdin closes; returns the exit code.
-
-    `shutdown` (a `lifecycle.Shutdown`): once requested (SIGTERM, parent death) new calls are refused
-    and the calls in flight finish and are answered (briefly when the parent is gone) before the
-    return. A tainted device ends the loop with exit code 70.
-    """
+def serve_stdio(runtime: Any, shutdown: Shutdown | None = None, *, max_frame: int = MAX_FRAME,
+                grace_period_s: float = limits.DEFAULT_GRACE_PERIOD_S) -> int:
+    """Serve the port protocol on stdin/stdout until stdin closes or `shutdown` is requested
+    (SIGTERM, parent death, a tainted device: exit code 70); returns the exit code."""
     in_fd, out_fd = _take_stdio()
-    server = StdioServer(runtime, in_fd, out_fd, max_frame=max_frame)
-    server.send(ready_term(runtime))
-    log.info("serving the port protocol on stdio (device %s, pid %d)", runtime.device, os.getpid())
-    reader = threading.Thread(target=server.read_loop, name="sidecar-stdio-reader", daemon=True)
-    reader.start()
-    reason, grace, code = "stdin closed", EOF_GRACE_S, 0
-    while not server.done.wait(0.2):
-        if shutdown is not None and shutdown.event.is_set():
-            reason = shutdown.reason or "shutdown requested"
-            grace = FAST_GRACE_S if shutdown.fast else TERM_GRACE_S
-            code = int(getattr(shutdown, "exit_code", 0) or 0)
-            break
-    if server.exit_code == TAINTED_EXIT:
-        reason, code = "device tainted", TAINTED_EXIT
-    server.closing = reason
-    log.info("%s: stopping (%d calls in flight, up to %.1f s to finish)", reason, server._in_flight, grace)
-    server.close(grace)
-    return code
+    core = ServerCore(runtime, shutdown)
+    server = StdioServer(runtime, in_fd, out_fd, max_frame=max_frame, core=core)
+    server.start()
+    return serve(core, server, grace_period_s)

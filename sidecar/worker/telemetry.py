@@ -73,6 +73,13 @@ class Subscription:
                 self._cond.wait_for(lambda: self._events or self.closed, timeout)
             return self._events.popleft() if self._events else None
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Blocks until an event is queued (without taking it) or the watch is closed; True when an
+        event is there. For a consumer that takes events under a lock of its own."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._events or self.closed, timeout)
+            return bool(self._events)
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while True:
             event = self.get()

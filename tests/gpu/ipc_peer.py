@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from sidecar.dataplane import cuda_ipc
-from sidecar.dataplane.refs import CudaIpcStorage, TensorRef
 from sidecar.errors import SidecarError
+from sidecar.protocol.refs import CudaIpcStorage, TensorRef
 
 
 def ref_to_json(ref: TensorRef) -> dict[str, Any]:

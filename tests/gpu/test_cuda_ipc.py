@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from sidecar.dataplane import cuda_ipc
-from sidecar.dataplane.refs import CudaIpcStorage
 from sidecar.errors import InvalidTensorRef, OutOfMemory, SidecarError
 from sidecar.host import Client
+from sidecar.protocol.refs import CudaIpcStorage
 from tests.workers import LONG_LIVED_RUNS, assert_run_clean, run_id, shm_of_run, start_worker  # noqa: F401
 
 OPS = ("--device", "cuda", "--ops", "tests.gpu.gpu_ops_module")

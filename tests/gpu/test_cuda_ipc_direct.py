@@ -19,8 +19,8 @@ import torch
 
 from sidecar import _cudaipc
 from sidecar.dataplane import cuda_ipc, segments
-from sidecar.dataplane.refs import CudaIpcStorage, TensorRef
 from sidecar.errors import InvalidTensorRef
+from sidecar.protocol.refs import CudaIpcStorage, TensorRef
 from tests.gpu.ipc_peer import ref_from_json, ref_to_json
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,6 +17,8 @@ defmodule Sidecar.Error do
   It is an exception too, so `Sidecar.call!/4` can raise it.
   """
 
+  # sidecar.v1.Error's fields in proto order (protos/sidecar/v1/sidecar.proto is the source:
+  # tests/test_protocol.py fails when this list and the proto differ), then the host-only ones.
   @fields [
     :op,
     :request_id,

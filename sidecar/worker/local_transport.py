@@ -1,4 +1,5 @@
-"""`InProcessTransport`: a worker `Runtime` in this process, called directly (no socket, no copy of the
+"""`InProcessTransport`: a worker `Runtime` in this process (worker code: it imports the worker; the host
+package never does), called directly (no socket, no copy of the
 descriptors), for a `Client`.
 
 It runs a call the way a worker's server does: the dispatcher admits, decodes, runs and encodes it;
@@ -12,7 +13,7 @@ Used by the tests of the dispatcher and the built-in ops, and by anyone who want
 without a process:
 
     from sidecar.host import Client
-    from sidecar.host.local_transport import InProcessTransport
+    from sidecar.worker.local_transport import InProcessTransport
     from sidecar.worker.runtime import WorkerOptions, build_runtime
 
     with build_runtime(WorkerOptions(device="cpu")) as runtime:
@@ -28,10 +29,10 @@ import time
 import traceback
 from typing import Any, Iterator
 
-from sidecar import wire
 from sidecar.errors import Cancelled, OpFailed, SidecarError
 from sidecar.host.transport import TelemetryWatch, Transport
-from sidecar.worker.calls import Call, CallResult
+from sidecar.protocol import grpc_codec as wire
+from sidecar.protocol.calls import Call, CallResult
 from sidecar.worker.runtime import Runtime
 
 log = logging.getLogger(__name__)

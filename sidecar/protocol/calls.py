@@ -1,8 +1,10 @@
 """What a transport hands the dispatcher, and what it gets back.
 
 Transports (gRPC, the Erlang port) translate their wire form into a `Call` and a `CallResult` back;
-the dispatcher never sees protobuf or Erlang terms. Values are plain Python: `TensorRef`, `ArrowRef`,
-float, int, bool, str, bytes, list, dict or None.
+the dispatcher never sees protobuf or Erlang terms. The host side builds the same `Call` for the
+codec that encodes it. Field names are those of `sidecar.v1.ExecuteRequest` / `OutputSpec` /
+`ExecuteResponse` / `Timing`, so the codecs convert them by name. Values are plain Python:
+`TensorRef`, `ArrowRef`, float, int, bool, str, bytes, list, dict or None.
 """
 from __future__ import annotations
 
@@ -10,13 +12,13 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from sidecar.dataplane.refs import TensorRef
+from sidecar.protocol.refs import TensorRef
 
 Value = Any  # TensorRef | ArrowRef | float | int | bool | str | bytes | list | dict | None
 
 
 class Placement(enum.IntEnum):
-    """Where outputs go; values equal sidecar.v1.Placement."""
+    """Where outputs go; values equal sidecar.v1.Placement (PLACEMENT_<name>)."""
 
     AUTO = 0    # inline below the inline threshold, otherwise the worker's arena under a lease
     SHM = 1     # the worker's arena under a lease
@@ -32,7 +34,7 @@ class OutputSpec:
     inline_threshold: int = 0  # 0 = the worker's default
     # Outputs that are views of inputs may come back as refs into the input's segment (no copy, no
     # lease); the caller keeps that input alive while it uses the output. See sidecar.v1.OutputSpec.
-    alias_inputs: bool = False
+    allow_alias: bool = False
 
 
 @dataclass
