@@ -46,7 +46,7 @@ from sidecar.host.client import Client
 from sidecar.worker.local_transport import InProcessTransport
 from sidecar.host.pool import Pool
 from sidecar.host.spawn import start_worker
-from sidecar.worker.calls import Call, CallResult
+from sidecar.protocol.calls import Call, CallResult
 
 TARGET_MS = 100.0
 BUSY_S = 0.05

@@ -15,7 +15,7 @@ from sidecar.host.client import WrongProcess
 from sidecar.host.grpc_transport import GrpcTransport
 from sidecar.worker.local_transport import InProcessTransport
 from sidecar.host.transport import TelemetryWatch, Transport
-from sidecar.worker.calls import Call, CallResult
+from sidecar.protocol.calls import Call, CallResult
 from sidecar.worker.registry import make_spec
 from sidecar.worker.runtime import WorkerOptions, build_runtime
 from tests.workers import FIXTURE_OPS, long_lived_run, long_lived_worker, session_run  # noqa: F401
