@@ -1,0 +1,92 @@
+"""Ops and loaders for the resources/sessions tests (`--ops tests.resident_ops_module`): a small MLP
+registered as an architecture, loaders (a good one, one that raises, one that allocates a known
+amount of host memory), ops that use a resource, ops that keep session state, and `whoami`."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+import sidecar
+from sidecar.models import load_module, register_architecture
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, inputs: int = 4, hidden: int = 16, outputs: int = 3) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(inputs, hidden)
+        self.fc2 = torch.nn.Linear(hidden, outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def make_mlp(hidden: int = 16) -> MLP:
+    return MLP(hidden=hidden)
+
+
+register_architecture("test_mlp", make_mlp, example_shape=(1, 4))
+
+
+@sidecar.resource("test_mlp")
+def load_mlp(checkpoint: str, dtype: str = "float32", hidden: int = 16, device: Any = None) -> Any:
+    return load_module("test_mlp", checkpoint, dtype, device, config={"hidden": hidden})
+
+
+@sidecar.resource("ballast")
+def load_ballast(mib: int = 64) -> Any:
+    """`mib` MiB of host memory, touched (so it is resident)."""
+    return np.ones(int(mib) << 20, dtype=np.uint8)
+
+
+@sidecar.resource("failing")
+def load_failing(message: str = "no weights here") -> Any:
+    raise FileNotFoundError(message)
+
+
+@sidecar.resource("slow_ballast")
+def load_slow(seconds: float = 0.5, mib: int = 1) -> Any:
+    time.sleep(float(seconds))
+    return np.ones(int(mib) << 20, dtype=np.uint8)
+
+
+def not_a_loader() -> Any:
+    """Importable but not declared: must never be run as a loader."""
+    raise AssertionError("ran an undeclared loader")
+
+
+@sidecar.op("mlp_forward")
+def mlp_forward(x: torch.Tensor, ctx: Any, *, model: str = "mlp") -> torch.Tensor:
+    """The resident model `model` on `x` (cast to the model's dtype; the output is float32)."""
+    m = ctx.resource(model)
+    p = next(m.parameters())
+    with torch.inference_mode():
+        return m(x.to(device=p.device, dtype=p.dtype)).float()
+
+
+@sidecar.op("kv_append", idempotent=False)
+def kv_append(x: torch.Tensor, ctx: Any) -> torch.Tensor:
+    """Appends `x` to the session's cache and returns the whole cache (a KV cache in miniature)."""
+    cache = ctx.session.setdefault("cache", [])
+    cache.append(x.clone())
+    return torch.cat(cache)
+
+
+@sidecar.op("session_calls")
+def session_calls(ctx: Any) -> int:
+    return len(ctx.session.get("cache", []))
+
+
+@sidecar.op("whoami")
+def whoami() -> int:
+    return os.getpid()
+
+
+@sidecar.op("set_config", idempotent=False)
+def set_config(ctx: Any, *, key: str, value: Any) -> int:
+    """A 'config change' broadcast to every worker: returns the worker's pid."""
+    ctx.runtime.config = {**getattr(ctx.runtime, "config", {}), key: value}
+    return os.getpid()
