@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from sidecar.errors import OutOfMemory, ResourceFailed, close_names
 
-__all__ = ["register_architecture", "architectures", "load_module", "Architecture"]
+__all__ = ["Architecture", "architectures", "load_module", "register_architecture"]
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ def load_module(architecture: str, checkpoint: str | os.PathLike[str], dtype: An
     target = torch.device(device) if device is not None else torch.device("cpu")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # not a torch file, truncated, or it holds pickled code weights_only refuses
+    except Exception as exc:  # noqa: BLE001 - not a torch file, truncated, or pickled code weights_only refuses
         raise ResourceFailed(f"checkpoint {path!r} cannot be read as a state_dict: {type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''}", architecture=architecture,
                              cause="unreadable_checkpoint", exception_type=type(exc).__name__, got=path) from None
@@ -113,11 +114,16 @@ def load_module(architecture: str, checkpoint: str | os.PathLike[str], dtype: An
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ResourceFailed(f"checkpoint {path!r} holds a {type(state).__name__}, not a state_dict of tensors",
                              architecture=architecture, cause="unreadable_checkpoint", got=path)
-    model = arch.factory(**dict(config or {}))
+    nbytes = sum(int(v.numel() * v.element_size()) for v in state.values())
+    try:
+        model = arch.factory(**dict(config or {}))
+    except (MemoryError, RuntimeError) as exc:
+        if not _is_oom(exc):
+            raise
+        raise _oom(architecture, torch.device("cpu"), nbytes, exc) from None
     _check_compatible(architecture, path, model, state)
     model.load_state_dict(state)
     del state
-    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     try:
         if torch_dtype.is_floating_point:
             model = model.to(dtype=torch_dtype)  # casts floating parameters and buffers only
@@ -129,13 +135,17 @@ def load_module(architecture: str, checkpoint: str | os.PathLike[str], dtype: An
                 model(torch.zeros(shape, dtype=torch_dtype, device=target))
             if target.type == "cuda":
                 torch.cuda.synchronize(target)
-    except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as exc:
-        if isinstance(exc, RuntimeError) and "out of memory" not in str(exc) \
-                and "can't allocate memory" not in str(exc):
+    except (MemoryError, RuntimeError) as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        if not _is_oom(exc):
             raise
         del model
         raise _oom(architecture, target, nbytes, exc) from None
     return model
+
+
+def _is_oom(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
 def _torch_dtype(dtype: Any) -> Any:

@@ -90,3 +90,38 @@ def set_config(ctx: Any, *, key: str, value: Any) -> int:
     """A 'config change' broadcast to every worker: returns the worker's pid."""
     ctx.runtime.config = {**getattr(ctx.runtime, "config", {}), key: value}
     return os.getpid()
+
+
+def make_big(features: int = 16384) -> torch.nn.Module:
+    """A model too big for a worker started with a small --memory-limit (1 GiB of float32 weights)."""
+    return torch.nn.Linear(features, features)
+
+
+register_architecture("test_big", make_big)
+
+
+@sidecar.resource("test_big")
+def load_big(checkpoint: str, device: Any = None) -> Any:
+    return load_module("test_big", checkpoint, "float32", device)
+
+
+@sidecar.resource("by_architecture")
+def load_by_architecture(architecture: str, checkpoint: str, dtype: str = "float32", device: Any = None) -> Any:
+    """Any registered architecture (the structured errors of sidecar.models, end to end)."""
+    return load_module(architecture, checkpoint, dtype, device)
+
+
+@sidecar.op("crash_if_pid", idempotent=False)
+def crash_if_pid(*, pid: int) -> int:
+    """Segfaults the worker whose pid is `pid`; the others answer their pid."""
+    if os.getpid() == int(pid):
+        import ctypes
+
+        ctypes.memset(0, 1, 1)
+    return os.getpid()
+
+
+@sidecar.op("sleep_then_pid", idempotent=False)
+def sleep_then_pid(*, seconds: float = 0.5) -> int:
+    time.sleep(float(seconds))
+    return os.getpid()

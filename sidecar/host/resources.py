@@ -25,9 +25,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from sidecar.errors import InvalidArgument, ResourceFailed, SidecarError, WorkerCrashed
 from sidecar.host import events
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Recipe", "WorkerResult", "PoolWorker", "PoolResources", "RestoreFailed"]
+__all__ = ["PoolResources", "PoolWorker", "Recipe", "RestoreFailed", "WorkerResult"]
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ class PoolResources:
             workers = [w for w in self._live() if recipe.applies_to(w)]
         results = _each(workers, lambda w: w.client.unload(name))
         done = [r for r in results if not isinstance(r, BaseException)]
-        report = {"name": name, "workers": len(done),
+        report: dict[str, Any] = {"name": name, "workers": len(done),
                   "host_bytes_freed": sum(int(r["host_bytes_freed"]) for r in done),
                   "device_bytes_freed": sum(int(r["device_bytes_freed"]) for r in done),
                   "device_reserved_freed": sum(int(r["device_reserved_freed"]) for r in done),

@@ -22,7 +22,8 @@ import logging
 import secrets
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Self
 
 from sidecar.errors import InvalidArgument, SessionLost, SidecarError, WorkerCrashed
 from sidecar.host import events
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Session", "SESSION_MODES"]
+__all__ = ["SESSION_MODES", "Session"]
 
 SESSION_MODES = ("strict", "prefer")
 
@@ -180,10 +181,10 @@ class Session:
             except SidecarError as err:  # the worker died meanwhile: its state went with it
                 log.debug("closing session %s on pid %d: %s", self.id, worker.pid, err)
 
-    def __enter__(self) -> Session:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:

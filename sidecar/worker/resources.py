@@ -27,10 +27,17 @@ import os
 import threading
 import time
 import traceback
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
-from sidecar.errors import InvalidArgument, ResourceFailed, SidecarError, close_names, shorten
+from sidecar.errors import (
+    InvalidArgument,
+    ResourceFailed,
+    SidecarError,
+    close_names,
+    shorten,
+)
 from sidecar.worker.telemetry import rss_bytes
 
 log = logging.getLogger(__name__)
@@ -86,7 +93,7 @@ def find_loader(loader: str) -> Callable[..., Any]:
             mod = importlib.import_module(module)
         except ImportError as exc:
             raise _unknown_loader(loader, f"its module {module!r} cannot be imported: {exc}") from None
-        except Exception as exc:  # the module itself failed while running
+        except Exception as exc:  # noqa: BLE001 - the module itself failed while running
             raise ResourceFailed(f"loader {loader!r}: importing {module!r} failed: {type(exc).__name__}: {exc}",
                                  loader=loader, cause="loader_failed", exception_type=type(exc).__name__,
                                  traceback=traceback.format_exc()) from None
@@ -279,7 +286,7 @@ def _malloc_trim() -> None:
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: the allocator keeps its pages
-        pass
+        log.debug("malloc_trim is not available; freed heap pages stay with the process")
 
 
 def _device_of(obj: Any, default: Any) -> str:
@@ -299,5 +306,5 @@ def _device_of(obj: Any, default: Any) -> str:
                 if isinstance(v, torch.Tensor):
                     return str(v.device)
     except Exception:  # noqa: BLE001 - an exotic object: say the worker's device
-        pass
+        log.debug("cannot tell where a %s lives", type(obj).__name__)
     return str(default)

@@ -9,6 +9,7 @@ reports that as SESSION_LOST (`sidecar.host.sessions`).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ class SessionTable:
         if not isinstance(session_id, str) or len(session_id) > MAX_SESSION_ID:
             raise InvalidArgument(f"session_id must be a string of at most {MAX_SESSION_ID} characters, got "
                                   f"{shorten(session_id)}", field="session_id")
-        if not ttl_s == ttl_s or ttl_s < 0:  # NaN or negative
+        if math.isnan(ttl_s) or ttl_s < 0:
             raise InvalidArgument(f"session_ttl_s must be >= 0, got {ttl_s}", field="session_ttl_s")
         now = time.monotonic()
         with self._lock:

@@ -10,7 +10,8 @@ seconds), the others are quick. Once the worker is shutting down a load is refus
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -79,7 +80,7 @@ class StateRpcs:
         def run() -> pb.LoadResponse:
             kwargs = {k: grpc_codec.read_value(v) for k, v in request.kwargs.items()}
             info = StateService(self._core).load(request.name, request.loader, kwargs)
-            return grpc_codec.dict_to_message({"resource": info}, pb.LoadResponse())  # type: ignore[return-value]
+            return grpc_codec.dict_to_message({"resource": info}, pb.LoadResponse())  # type: ignore[no-any-return]
         return self._state(context, run)  # type: ignore[no-any-return]
 
     def Unload(self, request: pb.UnloadRequest, context: grpc.ServicerContext) -> pb.UnloadResponse:
