@@ -31,6 +31,15 @@ def make_mlp(hidden: int = 16) -> MLP:
 register_architecture("test_mlp", make_mlp, example_shape=(1, 4))
 
 
+def saved_mlp(directory: Any, seed: int) -> tuple[MLP, str]:
+    """A seeded MLP and the path of its state_dict saved in `directory` (the tests' checkpoint)."""
+    torch.manual_seed(seed)
+    m = MLP()
+    path = os.path.join(str(directory), "mlp.pt")
+    torch.save(m.state_dict(), path)
+    return m, path
+
+
 @sidecar.resource("test_mlp")
 def load_mlp(checkpoint: str, dtype: str = "float32", hidden: int = 16, device: Any = None) -> Any:
     return load_module("test_mlp", checkpoint, dtype, device, config={"hidden": hidden})

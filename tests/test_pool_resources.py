@@ -16,7 +16,7 @@ import torch
 from sidecar.errors import ResourceFailed, SessionLost, WorkerCrashed
 from sidecar.host.events import PoolEvent
 from sidecar.host.pool import Pool, PoolClosed
-from tests.resident_ops_module import MLP
+from tests.resident_ops_module import MLP, saved_mlp
 from tests.workers import long_lived_pool, run_id, wait_until
 
 OPS = "tests.resident_ops_module"
@@ -25,11 +25,7 @@ MIB = 1 << 20
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[MLP, str]:
-    torch.manual_seed(2)
-    m = MLP()
-    path = tmp_path_factory.mktemp("ckpt") / "mlp.pt"
-    torch.save(m.state_dict(), path)
-    return m, str(path)
+    return saved_mlp(tmp_path_factory.mktemp("ckpt"), seed=2)
 
 
 @pytest.fixture(scope="module")

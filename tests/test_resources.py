@@ -13,7 +13,7 @@ import torch
 from sidecar.errors import InvalidArgument, OutOfMemory, ResourceFailed
 from sidecar.etf import Atom as A
 from sidecar.host import Client
-from tests.resident_ops_module import MLP
+from tests.resident_ops_module import MLP, saved_mlp
 from tests.test_stdio_transport import PortClient, as_array, inline
 from tests.workers import WorkerProcess, long_lived_run, long_lived_worker, wait_until
 
@@ -41,11 +41,7 @@ def client(worker: WorkerProcess) -> Iterator[Client]:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[MLP, str]:
-    torch.manual_seed(1)
-    m = MLP()
-    path = tmp_path_factory.mktemp("ckpt") / "mlp.pt"
-    torch.save(m.state_dict(), path)
-    return m, str(path)
+    return saved_mlp(tmp_path_factory.mktemp("ckpt"), seed=1)
 
 
 def still_serves(client: Client) -> None:
