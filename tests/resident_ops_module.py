@@ -134,3 +134,9 @@ def crash_if_pid(*, pid: int) -> int:
 def sleep_then_pid(*, seconds: float = 0.5) -> int:
     time.sleep(float(seconds))
     return os.getpid()
+
+
+@sidecar.resource("device_ballast")
+def load_device_ballast(mib: int = 256, device: Any = None) -> Any:
+    """`mib` MiB on the worker's device (CUDA: straight from the caching allocator)."""
+    return torch.ones(int(mib) << 20, dtype=torch.uint8, device=device)
