@@ -134,3 +134,15 @@ defmodule Sidecar.ResourcesTest do
     assert :ok = Sidecar.close_session(fresh)
   end
 end
+
+defmodule Sidecar.ErrorFieldKeysTest do
+  # A field of a worker's error whose atom the VM did not have yet when the frame was decoded
+  # (Sidecar.Frame creates no atoms) arrives as a binary key: it is still that field.
+  use ExUnit.Case
+  alias Sidecar.Error
+
+  test "known fields given as binary keys land in their struct fields; unknown ones stay details" do
+    err = Error.from_term(%{:kind => :resource_failed, "close_names" => ["test_mlp"], "not_a_field" => 1})
+    assert %Error{kind: :resource_failed, close_names: ["test_mlp"], details: %{"not_a_field" => 1}} = err
+  end
+end

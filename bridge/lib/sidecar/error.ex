@@ -67,6 +67,8 @@ defmodule Sidecar.Error do
             op_failed overloaded device_unavailable worker_crashed circuit_open invalid_argument
             cancelled resource_failed session_lost)a
 
+  @field_names Map.new(@fields, &{Atom.to_string(&1), &1})
+
   defexception [:kind, :message, details: %{}] ++ Enum.map(@fields, &{&1, nil})
 
   @type kind ::
@@ -98,6 +100,9 @@ defmodule Sidecar.Error do
   @doc "Builds an error from the worker's `%{kind: ..., message: ..., ...}` term."
   @spec from_term(term) :: t
   def from_term(%{} = term) do
+    # A field whose atom did not exist yet when the frame was decoded (Sidecar.Frame creates none:
+    # this module may not have been loaded then) arrives as a binary key.
+    term = Map.new(term, fn {k, v} when is_binary(k) -> {Map.get(@field_names, k, k), v}; kv -> kv end)
     {kind, term} = Map.pop(term, :kind, :op_failed)
     {message, term} = Map.pop(term, :message, "")
 

@@ -43,9 +43,9 @@ defmodule Sidecar.Resources do
         t0 = System.monotonic_time()
         results = each_worker(pool, req, opts[:timeout])
 
-        case Enum.find(results, &refused?/1) do
+        case Enum.find(results, fn {_os_pid, r} -> refused?(r) end) do
           nil ->
-            infos = for {:ok, info, os_pid} <- results, do: Map.put(info, :os_pid, os_pid)
+            infos = for {_, {:ok, info, os_pid}} <- results, do: Map.put(info, :os_pid, os_pid)
 
             Telemetry.execute([:sidecar, :resource, :loaded], %{duration: System.monotonic_time() - t0, workers: length(infos)},
               %{pool: pool, name: recipe.name, loader: recipe.loader})
@@ -74,7 +74,7 @@ defmodule Sidecar.Resources do
            cause: "not_loaded")}
 
       {:ok, _} ->
-        done = for {:ok, r, _os_pid} <- each_worker(pool, {:unload, nil, to_string(name)}, opts[:timeout]), do: r
+        done = for {_, {:ok, r, _}} <- each_worker(pool, {:unload, nil, to_string(name)}, opts[:timeout]), do: r
         sum = fn key -> done |> Enum.map(&(&1[key] || 0)) |> Enum.sum() end
 
         freed = %{workers: length(done), host_bytes_freed: sum.(:host_bytes_freed),
@@ -98,13 +98,13 @@ defmodule Sidecar.Resources do
     end
   end
 
-  # Serving workers and spares, at once; each one's answer.
+  # Serving workers and spares, at once; each one's os pid and answer.
   defp each_worker(pool, req, timeout) do
     reg = Sidecar.Pool.registry(pool)
-    pids = Enum.map(Registry.lookup(reg, :ready) ++ Registry.lookup(reg, :spare), &elem(&1, 0))
 
-    pids
-    |> Task.async_stream(&Worker.request(&1, req, timeout), timeout: :infinity, ordered: true)
+    (Registry.lookup(reg, :ready) ++ Registry.lookup(reg, :spare))
+    |> Task.async_stream(fn {pid, meta} -> {meta.os_pid, Worker.request(pid, req, timeout)} end,
+      timeout: :infinity, ordered: true)
     |> Enum.map(fn {:ok, r} -> r end)
   end
 
@@ -115,10 +115,11 @@ defmodule Sidecar.Resources do
   defp refused?({:error, :timeout}), do: true
   defp refused?(_), do: false
 
-  defp named({:error, %Error{} = err}, recipe),
-    do: %{err | message: "worker #{err.pid || "?"}: #{err.message}", resource: err.resource || recipe.name,
-                loader: err.loader || recipe.loader}
+  defp named({os_pid, {:error, %Error{} = err}}, recipe),
+    do: %{err | message: "worker #{os_pid}: #{err.message}", pid: err.pid || os_pid,
+                resource: err.resource || recipe.name, loader: err.loader || recipe.loader}
 
-  defp named({:error, :timeout}, recipe),
-    do: Error.new(:cancelled, "loading #{recipe.name} timed out", resource: recipe.name, loader: recipe.loader)
+  defp named({os_pid, {:error, :timeout}}, recipe),
+    do: Error.new(:cancelled, "worker #{os_pid}: loading #{recipe.name} timed out", resource: recipe.name,
+          loader: recipe.loader, pid: os_pid)
 end
