@@ -281,3 +281,19 @@ def test_pinned_workers(pool: Pool) -> None:
         victim.call("whoami")
     assert e.value.classification == "killed" and getattr(e.value, "call_started", None) is False
     assert not victim.serving
+
+
+def test_load_on_the_workers_of_one_gpu_only_and_replayed_there() -> None:
+    """`gpu=` narrows a load to the workers placed on that GPU (CUDA_VISIBLE_DEVICES entries; the
+    placement works on CPU workers too, which is what this checks)."""
+    with Pool(2, device="cpu", ops=[OPS], gpus=["7", "9"], run_id=run_id()) as p:
+        [info] = p.load("ballast", "ballast", mib=1, gpu="9")
+        [on9] = [w for w in p.workers() if w.gpu == "9"]
+        [on7] = [w for w in p.workers() if w.gpu == "7"]
+        assert info["pid"] == on9.pid and info["slot"] == on9.slot
+        assert [r["name"] for r in on9.resources()["resources"]] == ["ballast"]
+        assert on7.resources()["resources"] == []
+        kill_and_wait_for_replacement(p, on9.pid)
+        [fresh] = [w for w in p.workers() if w.gpu == "9"]
+        assert [r["name"] for r in fresh.resources()["resources"]] == ["ballast"]
+        assert [w for w in p.workers() if w.gpu == "7"][0].resources()["resources"] == []
