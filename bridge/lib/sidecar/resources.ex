@@ -41,7 +41,10 @@ defmodule Sidecar.Resources do
       {:ok, _version} ->
         req = {:load, nil, recipe.name, recipe.loader, recipe.kwargs}
         t0 = System.monotonic_time()
-        results = each_worker(pool, req, opts[:timeout])
+        first = each_worker(pool, req, opts[:timeout])
+        # A worker that registered while these ran may have looked at the recipes just before this
+        # one was added: it gets the load too (one that restored it answers already_loaded).
+        results = first ++ each_worker(pool, req, opts[:timeout], Enum.map(first, &elem(&1, 0)))
 
         case Enum.find(results, fn {_os_pid, r} -> refused?(r) end) do
           nil ->
@@ -98,11 +101,12 @@ defmodule Sidecar.Resources do
     end
   end
 
-  # Serving workers and spares, at once; each one's os pid and answer.
-  defp each_worker(pool, req, timeout) do
+  # Serving workers and spares (but those of `done`, os pids), at once; each one's os pid and answer.
+  defp each_worker(pool, req, timeout, done \\ []) do
     reg = Sidecar.Pool.registry(pool)
 
     (Registry.lookup(reg, :ready) ++ Registry.lookup(reg, :spare))
+    |> Enum.reject(fn {_pid, meta} -> meta.os_pid in done end)
     |> Task.async_stream(fn {pid, meta} -> {meta.os_pid, Worker.request(pid, req, timeout)} end,
       timeout: :infinity, ordered: true)
     |> Enum.map(fn {:ok, r} -> r end)
