@@ -130,9 +130,11 @@ def crash_if_pid(*, pid: int) -> int:
     return os.getpid()
 
 
-@sidecar.op("sleep_then_pid", idempotent=False)
-def sleep_then_pid(*, seconds: float = 0.5) -> int:
-    time.sleep(float(seconds))
+@sidecar.op("busy_while", idempotent=False)
+def busy_while(*, path: str) -> int:
+    """Keeps its worker busy for as long as `path` exists (the test removes it); returns the pid."""
+    while os.path.exists(path):
+        time.sleep(0.01)
     return os.getpid()
 
 

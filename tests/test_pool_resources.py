@@ -235,14 +235,17 @@ def test_session_state_is_freed_on_close_and_after_its_ttl(pool: Pool) -> None:
     brief.close()
 
 
-def test_prefer_mode_moves_stateless_calls_off_a_busy_worker(pool: Pool) -> None:
+def test_prefer_mode_moves_stateless_calls_off_a_busy_worker(pool: Pool, tmp_path: Path) -> None:
+    flag = tmp_path / "busy"
+    flag.touch()
     with pool.session(mode="prefer") as s, pool.session() as strict:
         home = s.pid
-        busy = threading.Thread(target=s.call, args=("sleep_then_pid",), kwargs={"seconds": 1.5})
+        busy = threading.Thread(target=s.call, args=("busy_while",), kwargs={"path": str(flag)})
         busy.start()
         wait_until(lambda: any(w.pid == home and pool.status()[w.slot].inflight > 0 for w in pool.workers()))
         assert s.call("whoami") != home             # stateless (no ctx): may move
-        assert s.call("session_calls") == 0         # takes ctx: stays home, waits for it
+        flag.unlink()
+        assert s.call("session_calls") == 0         # takes ctx: stays home (waits for its turn)
         busy.join()
         assert {strict.call("whoami") for _ in range(3)} == {strict.pid}
 

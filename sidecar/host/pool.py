@@ -253,7 +253,9 @@ class Pool:
         while True:
             try:
                 version = self._resources.restore(worker, restored)
-            except (RestoreFailed, SidecarError) as exc:
+            except Exception as exc:  # noqa: BLE001 - refused, or a bug: either way this worker is not used
+                if not isinstance(exc, (RestoreFailed, SidecarError)):
+                    log.exception("pool %s: restoring worker pid %d failed", self.run_id, worker.pid)
                 self._restore_failed(slot, worker, exc)
                 return
             with self._cond:
