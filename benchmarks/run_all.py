@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 BENCHMARKS = ("bench_dataplane", "bench_grpc", "bench_port", "bench_pool", "bench_elixir", "bench_cuda_ipc",
-              "bench_metrics")
+              "bench_metrics", "bench_resident")
 TIMEOUT_S = 900
 
 Figures = dict[str, float]
@@ -109,9 +109,16 @@ def _metrics(doc: dict[str, Any]) -> Figures:
     return {"x_metrics_on_vs_off": 1 + doc["overhead_ratio"], "hook_us": doc["hook_us"]}
 
 
+def _resident(doc: dict[str, Any]) -> Figures:
+    out: Figures = {"x_load_per_call_vs_resident": doc["x_load_per_call_vs_resident"]}
+    for m in doc["recovery"]:
+        out[f"restored_serving_{m['mode']}_ms"] = m["serving"]["median_ms"]
+    return out
+
+
 FIGURES: dict[str, Callable[[dict[str, Any]], Figures]] = {
     "bench_dataplane": _dataplane, "bench_grpc": _grpc, "bench_port": _port, "bench_pool": _pool, "bench_elixir": _elixir,
-    "bench_cuda_ipc": _cuda_ipc, "bench_metrics": _metrics}
+    "bench_cuda_ipc": _cuda_ipc, "bench_metrics": _metrics, "bench_resident": _resident}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "op", "on_startup"]
+__all__ = ["__version__", "op", "on_startup", "resource"]
 
 
 def __getattr__(name: str) -> Any:
@@ -18,4 +18,8 @@ def __getattr__(name: str) -> Any:
         from sidecar.worker import registry
 
         return getattr(registry, name)
+    if name == "resource":
+        from sidecar.worker import resources
+
+        return resources.resource
     raise AttributeError(name)

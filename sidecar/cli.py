@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-leases", type=_positive_int, default=limits.DEFAULT_MAX_LEASES,
                    help="output leases held at most; beyond it the oldest is reclaimed the same way "
                         "(default %(default)s)")
+    s.add_argument("--session-ttl", type=_positive_seconds, default=limits.DEFAULT_SESSION_TTL_S, metavar="SECONDS",
+                   help="a session's state (ctx.session) is freed after this many seconds without a call, "
+                        f"unless its calls say otherwise (default {limits.DEFAULT_SESSION_TTL_S:g})")
     s.add_argument("--map-cache-share", type=_share, default=0.25, metavar="FRACTION",
                    help="share of /dev/shm's size the worker may keep mapped in its input mapping cache "
                         "(default 0.25; e.g. 0.1 or 10%%)")
@@ -221,7 +224,7 @@ def _serve(args: argparse.Namespace) -> int:
                          max_concurrency=args.max_concurrency, max_queue=args.max_queue,
                          run_id=args.run_id, inline_threshold=args.inline_threshold,
                          lease_ttl_s=args.lease_ttl, max_leases=args.max_leases,
-                         map_cache_share=args.map_cache_share)
+                         map_cache_share=args.map_cache_share, session_ttl_s=args.session_ttl)
     try:
         runtime = build_runtime(opts)  # loads --ops modules and runs their start-up hooks
     except Exception as exc:  # SidecarError and OpsModuleError included

@@ -19,7 +19,7 @@ from sidecar.protocol.limits import ECHO_CHARS
 __all__ = ["ErrorKind", "ERROR_FIELDS", "ERROR_CLASSES", "SidecarError", "ShapeMismatch", "DtypeMismatch",
            "DeviceMismatch", "OutOfMemory", "InvalidTensorRef", "UnknownOp", "OpFailed", "Overloaded",
            "DeviceUnavailable", "WorkerCrashed", "WorkerUnreachable", "CircuitOpen", "InvalidArgument",
-           "Cancelled", "shorten", "close_names", "error_from_dict", "START_ERROR_PREFIX", "start_error_line",
+           "Cancelled", "ResourceFailed", "SessionLost", "shorten", "close_names", "error_from_dict", "START_ERROR_PREFIX", "start_error_line",
            "parse_start_error"]
 
 
@@ -169,11 +169,27 @@ class Cancelled(SidecarError):
     grpc_code = "CANCELLED"
 
 
+class ResourceFailed(SidecarError):
+    """A resource could not be loaded, or an op asked for one that is not loaded: `resource`, `loader`
+    and `cause` say which and why (missing/unexpected keys, shape mismatches, close names)."""
+
+    kind = ErrorKind.RESOURCE_FAILED
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class SessionLost(SidecarError):
+    """The worker holding a session's state died: `session_id`, and the crash (`classification`,
+    `pid`, `exit_code`, `signal`). The session's state is gone; open a new session."""
+
+    kind = ErrorKind.SESSION_LOST
+    grpc_code = "ABORTED"
+
+
 ERROR_CLASSES: dict[ErrorKind, type[SidecarError]] = {
     cls.kind: cls
     for cls in (ShapeMismatch, DtypeMismatch, DeviceMismatch, OutOfMemory, InvalidTensorRef, UnknownOp,
                 OpFailed, Overloaded, DeviceUnavailable, WorkerCrashed, CircuitOpen, InvalidArgument,
-                Cancelled)
+                Cancelled, ResourceFailed, SessionLost)
 }
 
 

@@ -26,6 +26,7 @@ BRIDGE = Path(__file__).resolve().parent.parent / "bridge"
 TIMEOUT_S = 300
 
 
+@pytest.mark.timeout(TIMEOUT_S + 30)  # the suite's own limit is TIMEOUT_S, not pytest's default 120 s
 def test_exunit_suite_passes() -> None:
     mix = shutil.which("mix")
     assert mix is not None, (

@@ -211,6 +211,10 @@ def test_breaker_state_transitions_and_start_crashes_are_counted(tmp_path: Path)
         assert value(m, "sidecar_workers", state="restarting") == 1
         crash_file.unlink()  # fixed: the probe closes the breaker
         wait_until(lambda: value(scrape(address), "sidecar_breaker_state", state="closed") == 1, 30)
+        # The gauge reads the breaker itself; the counter counts its breaker_close event, which the
+        # pool publishes just after the state changed: wait for it too.
+        wait_until(lambda: value(scrape(address), "sidecar_breaker_transitions", "sidecar_breaker_transitions_total",
+                                 state="close") is not None, 30)
         m = scrape(address)
         assert value(m, "sidecar_breaker_transitions", "sidecar_breaker_transitions_total", state="close") == 1
         assert value(m, "sidecar_breaker_transitions", "sidecar_breaker_transitions_total", state="half_open") >= 1

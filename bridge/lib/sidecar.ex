@@ -47,7 +47,7 @@ defmodule Sidecar do
 
   require Logger
 
-  alias Sidecar.{Error, Result, Telemetry, Tensor, Worker}
+  alias Sidecar.{Error, Result, Session, Telemetry, Tensor, Worker}
 
   @type pool :: atom
 
@@ -109,8 +109,15 @@ defmodule Sidecar do
   fails at once with `kind: :circuit_open` (with the last crash's fields); ready workers serve
   calls as usual.
   """
-  @spec call(pool, String.t(), list, keyword) :: {:ok, Result.t()} | {:error, Error.t()}
-  def call(pool, op, inputs \\ [], opts \\ []) when is_list(inputs) do
+  @spec call(pool | Session.t(), String.t(), list, keyword) :: {:ok, Result.t()} | {:error, Error.t()}
+  def call(pool, op, inputs \\ [], opts \\ [])
+
+  # A session's call: on the session's worker only, with its session id (Sidecar.Session).
+  def call(%Session{} = s, op, inputs, opts) when is_list(inputs),
+    do: call(s.pool, op, inputs, [{:session, s} | Keyword.validate!(opts, @call_options)])
+
+  def call(pool, op, inputs, opts) when is_list(inputs) do
+    {session, opts} = Keyword.pop(opts, :session)
     opts = Keyword.validate!(opts, @call_options)
     t0 = System.monotonic_time()
 
@@ -123,8 +130,9 @@ defmodule Sidecar do
       {terms, keep} = encode_inputs(inputs ++ Keyword.get(opts, :out, []))
       terms = Enum.take(terms, length(inputs))
 
-      req =
-        {:call, nil, to_string(op), terms, Map.new(Keyword.get(opts, :attrs, %{})), wire_opts(opts, idempotent)}
+      wire = wire_opts(opts, idempotent)
+      wire = if session, do: Map.merge(wire, %{session_id: session.id, session_ttl_s: session.ttl_s}), else: wire
+      req = {:call, nil, to_string(op), terms, Map.new(Keyword.get(opts, :attrs, %{})), wire}
 
       ctx = %{
         pool: pool,
@@ -137,7 +145,9 @@ defmodule Sidecar do
         keep: keep
       }
 
-      with {:ok, term, worker, os_pid} <- attempt(ctx, req, []) do
+      sent = if session, do: pinned(ctx, req, session), else: attempt(ctx, req, [])
+
+      with {:ok, term, worker, os_pid} <- sent do
         result(term, worker, os_pid, read, t0, own_mappings(inputs ++ Keyword.get(opts, :out, [])))
       end
     end
@@ -214,6 +224,51 @@ defmodule Sidecar do
   def await_ready(pool, count \\ :all, timeout \\ 60_000) do
     with {:ok, cfg} <- config(pool) do
       Sidecar.Pool.Manager.await(pool, if(count == :all, do: cfg.workers, else: count), :ready, timeout)
+    end
+  end
+
+  # -- resources and sessions (Sidecar.Resources, Sidecar.Session) ---------------------------------
+
+  @doc """
+  Loads a resource on every worker (and spare) of `pool`: `loader` (declared with
+  `@sidecar.resource` in an ops module: its name or "module.function") runs with `args:` and its
+  object stays resident as `name`; replacement workers replay it before they serve. See
+  `Sidecar.Resources.load/4`.
+  """
+  @spec load(pool, String.t(), String.t(), keyword) :: {:ok, [map]} | {:error, Error.t()}
+  defdelegate load(pool, name, loader, opts \\ []), to: Sidecar.Resources
+
+  @doc "Frees a resource on every worker and forgets its recipe (`Sidecar.Resources.unload/3`)."
+  @spec unload(pool, String.t(), keyword) :: {:ok, map} | {:error, Error.t()}
+  defdelegate unload(pool, name, opts \\ []), to: Sidecar.Resources
+
+  @doc "The pool's resource recipes (`%{name:, loader:, kwargs:}`)."
+  @spec resources(pool) :: [map]
+  def resources(pool), do: Sidecar.Resources.list(pool)
+
+  @doc """
+  A session pinned to the idlest ready worker (`Sidecar.Session`): pass it to `call/4` instead of
+  the pool. Options: `:ttl_s` (idle seconds after which the worker frees its state), `:timeout`.
+  """
+  @spec session(pool, keyword) :: {:ok, Session.t()} | {:error, Error.t()}
+  def session(pool, opts \\ []), do: Session.open(pool, opts)
+
+  @doc "Ends a session: its worker frees its state."
+  @spec close_session(Session.t()) :: :ok
+  defdelegate close_session(session), to: Session, as: :close
+
+  # A session's call goes to its worker or nowhere: no retry elsewhere (its state is there).
+  defp pinned(ctx, req, %Session{worker: pid} = s) do
+    if Process.alive?(pid) do
+      case Worker.request(pid, req, max(remaining(ctx), 1), ctx.read, ctx.keep) do
+        {:ok, term, os_pid} -> {:ok, term, pid, os_pid}
+        {:error, :timeout} -> {:error, timeout_error(ctx)}
+        {:error, %Error{kind: :worker_crashed} = crash} -> {:error, Session.lost(s, crash)}
+        {:error, %Error{}} = err -> err
+        {:error, _gone} -> {:error, Session.lost(s, nil)}
+      end
+    else
+      {:error, Session.lost(s, nil)}
     end
   end
 

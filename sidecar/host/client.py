@@ -180,31 +180,36 @@ class Client:
 
     def call(self, op: str, *inputs: Any, out: Any = None, placement: str | Placement = "auto",
              timeout: float | None = None, idempotent: bool | None = None, request_id: str | None = None,
-             **attrs: Any) -> Any:
+             session_id: str = "", session_ttl_s: float = 0.0, **attrs: Any) -> Any:
         """Run `op` and return its output (a tuple when it has several).
 
         NumPy in -> NumPy out; any torch tensor in -> torch out; Arrow tables come back as
         `pyarrow.Table`. With `out=` (one array/tensor, or a sequence for several outputs) the
-        results are written there and `out` is returned.
+        results are written there and `out` is returned. `session_id` makes it a call of that
+        session (its ops share `ctx.session` on this worker; `session_ttl_s`: its idle TTL).
         """
         result = self.execute(op, *inputs, out=out, placement=placement, timeout=timeout,
-                              idempotent=idempotent, request_id=request_id, **attrs)
+                              idempotent=idempotent, request_id=request_id, session_id=session_id,
+                              session_ttl_s=session_ttl_s, **attrs)
         outs = result.outputs
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def execute(self, op: str, *inputs: Any, out: Any = None, placement: str | Placement = "auto",
                 timeout: float | None = None, idempotent: bool | None = None,
-                request_id: str | None = None, **attrs: Any) -> Result:
+                request_id: str | None = None, session_id: str = "", session_ttl_s: float = 0.0,
+                **attrs: Any) -> Result:
         """Like `call`, but returns a `Result` with outputs, timing, device, leases and bytes."""
         transport = self._enter()
         try:
-            return self._execute(transport, op, inputs, out, placement, timeout, idempotent, request_id, attrs)
+            return self._execute(transport, op, inputs, out, placement, timeout, idempotent, request_id, attrs,
+                                 session_id, session_ttl_s)
         finally:
             self._leave()
 
     def _execute(self, transport: Transport, op: str, inputs: tuple[Any, ...], out: Any,
                  placement: str | Placement, timeout: float | None, idempotent: bool | None,
-                 request_id: str | None, attrs: dict[str, Any]) -> Result:
+                 request_id: str | None, attrs: dict[str, Any], session_id: str = "",
+                 session_ttl_s: float = 0.0) -> Result:
         place = _placement(placement, out)
         want_torch = "torch" in sys.modules and any(_has_torch(x) for x in inputs)
         temp: dict[str, Block] = {}          # input copies made for this call, by segment name
@@ -227,7 +232,8 @@ class Client:
                         output=OutputSpec(placement=place, out=tuple(out_refs),
                                           allow_alias=self.allow_alias and place == Placement.AUTO),
                         release=self._pending.take(), request_id=request_id or os.urandom(8).hex(),
-                        idempotent=bool(idempotent), client_pid=self._pid, client_id=self._client_id)
+                        idempotent=bool(idempotent), client_pid=self._pid, client_id=self._client_id,
+                        session_id=session_id, session_ttl_s=session_ttl_s)
             res = transport.execute(call, timeout if timeout is not None else self.timeout)
             for obj, block in copy_back:
                 _copy_back(obj, block)
@@ -385,6 +391,42 @@ class Client:
         transport = self._enter()
         try:
             return transport.health(service, timeout)
+        finally:
+            self._leave()
+
+    # -- resources and sessions (guides/models-and-sessions.md) -----------------------------------
+
+    def load(self, name: str, loader: str, *, timeout: float | None = None, **kwargs: Any) -> dict[str, Any]:
+        """Runs `loader` (declared with `@sidecar.resource`) with `kwargs` in the worker and keeps what
+        it returns as `name` (ops: `ctx.resource(name)`). Returns its `ResourceInfo` as a dict (device,
+        host_bytes, device_bytes, load_ns, pid, already_loaded). RESOURCE_FAILED / OUT_OF_MEMORY."""
+        transport = self._enter()
+        try:
+            return transport.load(name, loader, kwargs, timeout if timeout is not None else self.timeout)
+        finally:
+            self._leave()
+
+    def unload(self, name: str) -> dict[str, Any]:
+        """Drops the resource `name`: {unloaded, host_bytes_freed, device_bytes_freed, device_reserved_freed}."""
+        transport = self._enter()
+        try:
+            return transport.unload(name, self.timeout)
+        finally:
+            self._leave()
+
+    def resources(self) -> dict[str, Any]:
+        """{"resources": [ResourceInfo dicts], "sessions": [SessionInfo dicts]} of the worker."""
+        transport = self._enter()
+        try:
+            return transport.list_resources(self.timeout)
+        finally:
+            self._leave()
+
+    def close_session(self, session_id: str) -> bool:
+        """Frees the worker-side state of a session; False when it had none (closed, idled out)."""
+        transport = self._enter()
+        try:
+            return transport.close_session(session_id, self.timeout)
         finally:
             self._leave()
 

@@ -43,6 +43,7 @@ class Classification(str, Enum):
     START_TIMEOUT = "start_timeout"    # the pool killed it: no ready line within the start timeout
     UNRESPONSIVE = "unresponsive"      # the pool killed it: it failed its health checks
     STUCK = "stuck"                    # the pool recycled it: a cancelled call kept running past the grace period
+    RESTORE_FAILED = "restore_failed"  # the pool killed it: it could not restore the pool's resources
     UNKNOWN = "unknown"                # the status could not be collected
 
 
@@ -74,6 +75,7 @@ _DESCRIBE: dict[Classification, str] = {
     Classification.START_TIMEOUT: "was killed by the pool: it did not report ready in time",
     Classification.UNRESPONSIVE: "was killed by the pool: it stopped answering health checks",
     Classification.STUCK: "was recycled by the pool: a cancelled call was still running past the grace period",
+    Classification.RESTORE_FAILED: "was killed by the pool: it could not restore the pool's resources",
     Classification.UNKNOWN: "is gone; its exit status could not be collected",
 }
 

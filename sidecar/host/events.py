@@ -10,6 +10,12 @@ with one key set (a key that does not apply is None), and published by the pool'
     breaker_open    scope (start/op), op, crashes, window_s, cooldown_s, classification
     breaker_half_open, breaker_close   scope, op
     template_restart  pid, dead_pid, workers
+    resource_loaded   name, loader, workers, pids, load_ms (the slowest worker's), host_bytes,
+                      device_bytes (summed over the workers)
+    resource_unloaded name, workers, host_bytes_freed, device_bytes_freed
+    resource_restored slot (-1 for a spare), pid, via, resources, restore_ms, since_start_ms
+    restore_failed    slot, pid, via, resource, kind, message
+    session_lost      session_id, pid, classification, restored (a restore hook rebuilt it), restore_ms
 
 Callbacks run synchronously on the pool's thread that raised the event, so they must be quick (hand
 work to a queue). `EventBus.stream()` gives a blocking iterator fed by its own queue instead. Events
@@ -31,7 +37,8 @@ from sidecar.host.crash import ExitInfo
 log = logging.getLogger(__name__)
 
 __all__ = ["PoolEvent", "EventBus", "EventStream", "worker_started", "restart", "crash", "recycle", "retry",
-           "breaker_open", "breaker_half_open", "breaker_close", "template_restart"]
+           "breaker_open", "breaker_half_open", "breaker_close", "template_restart",
+           "resource_loaded", "resource_unloaded", "resource_restored", "restore_failed", "session_lost"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,35 @@ def breaker_close(scope: str, op: str | None = None) -> PoolEvent:
 
 def template_restart(pid: int | None, dead_pid: int | None, workers: int) -> PoolEvent:
     return PoolEvent("template_restart", {"pid": pid, "dead_pid": dead_pid, "workers": workers})
+
+
+def resource_loaded(name: str, loader: str, pids: list[int], load_s: float, host_bytes: int,
+                    device_bytes: int) -> PoolEvent:
+    return PoolEvent("resource_loaded", {"name": name, "loader": loader, "workers": len(pids), "pids": pids,
+                                         "load_ms": _ms(load_s), "host_bytes": host_bytes,
+                                         "device_bytes": device_bytes})
+
+
+def resource_unloaded(name: str, workers: int, host_bytes_freed: int, device_bytes_freed: int) -> PoolEvent:
+    return PoolEvent("resource_unloaded", {"name": name, "workers": workers, "host_bytes_freed": host_bytes_freed,
+                                           "device_bytes_freed": device_bytes_freed})
+
+
+def resource_restored(slot: int, pid: int, via: str, resources: list[str], restore_s: float,
+                      since_start_s: float) -> PoolEvent:
+    return PoolEvent("resource_restored", {"slot": slot, "pid": pid, "via": via, "resources": resources,
+                                           "restore_ms": _ms(restore_s), "since_start_ms": _ms(since_start_s)})
+
+
+def restore_failed(slot: int, pid: int, via: str, resource: str, kind: str, message: str) -> PoolEvent:
+    return PoolEvent("restore_failed", {"slot": slot, "pid": pid, "via": via, "resource": resource, "kind": kind,
+                                        "message": message})
+
+
+def session_lost(session_id: str, pid: int, classification: str | None, restored: bool,
+                 restore_s: float | None) -> PoolEvent:
+    return PoolEvent("session_lost", {"session_id": session_id, "pid": pid, "classification": classification,
+                                      "restored": restored, "restore_ms": _ms(restore_s)})
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ class GrpcTransport(Transport):
             call.op, call.inputs, call.attrs, placement=out.placement, out=out.out,
             inline_threshold=out.inline_threshold, release=call.release, request_id=call.request_id,
             idempotent=call.idempotent, allow_alias=out.allow_alias, client_pid=call.client_pid,
-            client_id=call.client_id)
+            client_id=call.client_id, session_id=call.session_id, session_ttl_s=call.session_ttl_s)
         try:
             resp = self._stub.Execute(req, timeout=timeout)
         except grpc.RpcError as err:
@@ -105,6 +105,23 @@ class GrpcTransport(Transport):
     def watch_telemetry(self, memory_interval_s: float = 0.0, batch_window_ms: int = 20) -> TelemetryWatch:
         request = pb.TelemetryRequest(memory_interval_s=memory_interval_s, batch_window_ms=batch_window_ms)
         return _GrpcTelemetryWatch(self._stub.WatchTelemetry(request))
+
+    def load(self, name: str, loader: str, kwargs: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        request = wire.dict_to_message({"name": name, "loader": loader, "kwargs": kwargs}, pb.LoadRequest())
+        resp = self._unary(self._stub.Load, request, "Load", timeout)
+        return wire.message_to_dict(resp)["resource"]  # type: ignore[no-any-return]
+
+    def unload(self, name: str, timeout: float | None = None) -> dict[str, Any]:
+        return wire.message_to_dict(self._unary(self._stub.Unload, pb.UnloadRequest(name=name), "Unload", timeout))
+
+    def list_resources(self, timeout: float | None = None) -> dict[str, Any]:
+        return wire.message_to_dict(self._unary(self._stub.ListResources, pb.ListResourcesRequest(),
+                                                "ListResources", timeout))
+
+    def close_session(self, session_id: str, timeout: float | None = None) -> bool:
+        resp = self._unary(self._stub.CloseSession, pb.CloseSessionRequest(session_id=session_id), "CloseSession",
+                           timeout)
+        return bool(resp.closed)
 
     def reopen(self) -> GrpcTransport:
         return GrpcTransport(self.address, max_message_bytes=self._max_message_bytes)

@@ -45,25 +45,29 @@ from typing import Any, Callable, Mapping, Sequence
 
 from sidecar.dataplane import reaper
 from sidecar.dataplane.arena import Arena
+from sidecar.errors import SidecarError
 from sidecar.host import events
 from sidecar.host.breaker import CircuitBreaker, OpBreakers
 from sidecar.host.client import Result, WrongProcess
-from sidecar.host.crash import ExitInfo, oom_kill_count
+from sidecar.host.crash import Classification, ExitInfo, oom_kill_count
 from sidecar.host.events import EventBus, EventStream, PoolEvent
 from sidecar.host.launcher import LAUNCH_ERRORS, Launcher, start_failure
 from sidecar.host.leases import empty_in
 from sidecar.host.policy import SupervisionPolicy
 from sidecar.host.pool_telemetry import PoolTelemetry
+from sidecar.host.resources import PoolResources, PoolWorker, Recipe, RestoreFailed, WorkerResult
 from sidecar.host.scheduler import CallScheduler, PoisonCall, PoolClosed
+from sidecar.host.sessions import Session
 from sidecar.host.settings import PoolSettings
-from sidecar.host.supervisor import (Attach, Dispose, Effect, Launch, Publish, Role, Signal, Slot, Supervisor,
-                                     Watch, Worker, WorkerState, WorkerStatus)
+from sidecar.host.supervisor import (Attach, Dispose, Effect, Launch, Publish, Role, Signal, Slot, StartFailure,
+                                     Supervisor, Watch, Worker, WorkerState, WorkerStatus)
 from sidecar.host.template import Template
 from sidecar.protocol.limits import DEFAULT_INLINE_THRESHOLD
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Pool", "PoolClosed", "PoisonCall", "WorkerState", "WorkerStatus", "PoolTelemetry"]
+__all__ = ["Pool", "PoolClosed", "PoisonCall", "WorkerState", "WorkerStatus", "PoolTelemetry", "Session",
+           "PoolWorker", "WorkerResult", "Recipe"]
 
 
 class Pool:
@@ -161,6 +165,7 @@ class Pool:
         self._launcher = Launcher(s, self._arena, self._template_died)
         self._scheduler = CallScheduler(s, self._sup, self._policy, self._cond, self.events_bus,
                                         self._unlink_dead)
+        self._resources = PoolResources(self)  # recipes replayed on new workers; broadcast; pinning
         try:
             self._launcher.start_template()
             self._start_initial()
@@ -241,8 +246,43 @@ class Pool:
         # The cgroup's OOM-kill count now, to confirm an OOM kill when it dies of SIGKILL.
         worker = Worker(pid=proc.pid, via=proc.via, address=proc.address, gpu=slot.gpu, proc=proc, client=client,
                         oom_kills=oom_kill_count())
-        self._feed(self._sup.launched, slot, worker, time.monotonic() - t0, probe)
+        # What the pool loaded is replayed before the worker gets a call (sidecar.host.resources);
+        # a recipe that changed meanwhile makes it look again, under the lock `launched` runs in.
+        ready_at = time.monotonic()
+        restored: dict[str, Recipe] = {}
+        while True:
+            try:
+                version = self._resources.restore(worker, restored)
+            except Exception as exc:  # noqa: BLE001 - refused, or a bug: either way this worker is not used
+                if not isinstance(exc, (RestoreFailed, SidecarError)):
+                    log.exception("pool %s: restoring worker pid %d failed", self.run_id, worker.pid)
+                self._restore_failed(slot, worker, exc)
+                return
+            with self._cond:
+                if version != self._resources.version:
+                    continue
+                effects = self._sup.launched(slot, worker, time.monotonic() - t0, probe)
+                self._cond.notify_all()
+            break
+        if restored:
+            self.events_bus.emit(events.resource_restored(slot.label, worker.pid, worker.via, sorted(restored),
+                                                          time.monotonic() - ready_at, time.monotonic() - t0))
+        self._apply(effects)
         self._scheduler.learn_ops(client)
+
+    def _restore_failed(self, slot: Slot, worker: Worker, exc: Exception) -> None:
+        """A new worker could not replay the pool's resources: killed, reported, never used."""
+        err = exc.error if isinstance(exc, RestoreFailed) else exc
+        resource = exc.recipe.name if isinstance(exc, RestoreFailed) else ""
+        kind = err.kind.value if isinstance(err, SidecarError) else type(err).__name__
+        log.warning("pool %s: worker pid %d could not restore the pool's resources: %s", self.run_id, worker.pid, exc)
+        self.events_bus.emit(events.restore_failed(slot.label, worker.pid, worker.via, resource, kind, str(exc)))
+        tail = tuple(worker.proc.stderr_tail())
+        died = worker.proc.exit_info
+        self._launcher.discard(worker.proc, worker.client)  # killed while restoring: that death, not a refusal
+        failure = StartFailure(died if died is not None else ExitInfo(Classification.RESTORE_FAILED), worker.pid, tail,
+                               f"worker pid {worker.pid}: {str(exc).splitlines()[0]}")
+        self._feed(self._sup.launch_failed, slot, failure, False)
 
     def _worker_exited(self, worker: Worker, info: ExitInfo) -> None:
         """On the worker's watcher thread, as soon as its exit status is known."""
@@ -385,6 +425,50 @@ class Pool:
     def _invoke_unobserved(self, method: str, op: str, inputs: tuple[Any, ...], idempotent: bool | None,
                            timeout: float | None, kwargs: dict[str, Any]) -> Any:
         return self._scheduler.invoke(method, op, inputs, idempotent, timeout, kwargs)
+
+    # ---------------------------------------------------------------------------------------------
+    # resources, sessions, addressing (sidecar.host.resources / sessions; guides/models-and-sessions.md)
+
+    def load(self, name: str, loader: str, *, gpu: str | int | None = None, timeout: float | None = None,
+             **kwargs: Any) -> list[dict[str, Any]]:
+        """Runs `loader` (a `@sidecar.resource`: its declared name or "module.function") with `kwargs`
+        on every worker (or those placed on `gpu`) and keeps its object as `name` (ops:
+        `ctx.resource(name)`); replacement workers replay it before they serve. Returns one
+        ResourceInfo dict per worker (slot, pid, device, host_bytes, device_bytes, load_ns). All or
+        nothing: RESOURCE_FAILED / OUT_OF_MEMORY of the first worker that refused, naming it."""
+        self._check_process()
+        return self._resources.load(name, loader, kwargs, gpu=gpu, timeout=timeout)
+
+    def unload(self, name: str) -> dict[str, Any]:
+        """Forgets the recipe of `name` and frees it on every worker: {name, workers,
+        host_bytes_freed, device_bytes_freed, device_reserved_freed, per_worker}."""
+        self._check_process()
+        return self._resources.unload(name)
+
+    def resources(self) -> list[dict[str, Any]]:
+        """The pool's recipes, each with what every live worker holds of it (ResourceInfo dicts)."""
+        self._check_process()
+        return self._resources.listing()
+
+    def session(self, *, mode: str = "strict", ttl_s: float | None = None,
+                restore: Callable[[Session], None] | None = None, timeout: float | None = None) -> Session:
+        """A session pinned to the least busy worker: its calls share that worker's `ctx.session`
+        (see `sidecar.host.sessions`). `mode` "strict" (default) or "prefer"; `ttl_s`: idle time
+        after which the worker frees its state; `restore(session)`: rebuilds the state on another
+        worker after a crash (else the session's calls fail with SESSION_LOST)."""
+        self._check_process()
+        return Session(self, mode=mode, ttl_s=ttl_s, restore=restore, timeout=timeout)
+
+    def broadcast(self, op: str, *inputs: Any, timeout: float | None = None, **kwargs: Any) -> list[WorkerResult]:
+        """Runs the call on every serving worker at once: one `WorkerResult` (slot, pid, value or
+        error) per worker; a worker's failure (its crash included) is its entry, not an exception."""
+        self._check_process()
+        return self._resources.broadcast(op, inputs, timeout, kwargs)
+
+    def workers(self) -> list[PoolWorker]:
+        """Handles on the serving workers; `w.call(...)` pins a call to one of them."""
+        self._check_process()
+        return self._resources.workers()
 
     # ---------------------------------------------------------------------------------------------
     # observing

@@ -145,6 +145,44 @@ class CallScheduler:
                 log.info("pool %s: circuit breaker of op %r closed", self.settings.run_id, op)
                 self._bus.emit(events.breaker_close("op", op))
 
+    def invoke_on(self, worker: Worker, method: str, op: str, inputs: tuple[Any, ...], timeout: float | None,
+                  kwargs: dict[str, Any]) -> Any:
+        """`Client.<method>(op, *inputs, **kwargs)` on this very worker (a pinned call): no retry
+        elsewhere. A worker that no longer serves fails it with `WorkerCrashed` (call_started False);
+        a death during it with the classified `WorkerCrashed`, as any call."""
+        with self._cond:
+            if self._sup.closing:
+                raise PoolClosed("the pool is closed", op=op)
+            token = self._sup.acquire_worker(worker, op)
+        if token is None:
+            raise self.gone(worker, op)
+        try:
+            out = getattr(worker.client, method)(op, *inputs, timeout=timeout, **kwargs)
+        except Exception as exc:
+            try:
+                found = self._as_crash(exc, worker, op)
+            finally:
+                self.release(worker, token, ok=False, abandoned=isinstance(exc, Cancelled) and worker.proc.alive)
+            if found is None:
+                raise
+            raise found[0] from (None if found[0] is exc else exc)
+        self.release(worker, token, ok=True)
+        return out
+
+    def gone(self, worker: Worker, op: str) -> WorkerCrashed:
+        """The error of a call pinned to a worker that no longer serves (its exit, when known)."""
+        info = worker.proc.exit_info
+        if info is not None:
+            err = WorkerCrashed(f"worker pid {worker.pid} {info.describe()}; the call of {op!r} pinned to it was not "
+                                f"sent", op=op, pid=worker.pid, stderr_tail=list(worker.proc.stderr_tail()),
+                                **info.as_fields())
+        else:
+            err = WorkerCrashed(f"worker pid {worker.pid} no longer serves (recycled or the pool is closing); the "
+                                f"call of {op!r} pinned to it was not sent", op=op, pid=worker.pid,
+                                classification="recycled")
+        err.call_started = False  # type: ignore[attr-defined]
+        return err
+
     def on_any_worker(self, what: str, fn: Callable[[Client], Any]) -> Any:
         worker, token = self.acquire(what, None, set())
         try:

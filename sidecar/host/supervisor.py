@@ -475,6 +475,22 @@ class Supervisor:
         best.running[self._tokens] = op
         return best, self._tokens
 
+    def acquire_worker(self, worker: Worker, op: str) -> int | None:
+        """A token on this very worker (a pinned call: a session's, `pool.workers()`), or None when it
+        no longer serves (dead, replaced, recycled, or the pool is closing)."""
+        if not self.serves(worker):
+            return None
+        worker.inflight += 1
+        self._tokens += 1
+        worker.running[self._tokens] = op
+        return self._tokens
+
+    def serves(self, worker: Worker) -> bool:
+        """The worker is the ready worker of a serving slot (calls may be pinned to it)."""
+        slot = worker.slot
+        return not self.closing and not worker.retiring and slot is not None and slot.worker is worker \
+            and slot.role is Role.SERVING and slot.state is WorkerState.READY
+
     def finished(self, worker: Worker, token: int, ok: bool, abandoned: bool = False) -> bool:
         """A call ended; True when the worker is dead and this was the last call reading its memory
         (the shell then unlinks its segments)."""

@@ -100,6 +100,26 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def reopen(self) -> Transport: ...
 
+    # Resources and sessions (records of sidecar.v1.ResourceInfo, UnloadResponse, ResourceList,
+    # CloseSessionResponse). Not abstract: a transport without them refuses them.
+
+    def load(self, name: str, loader: str, kwargs: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        raise self._unsupported("Load")
+
+    def unload(self, name: str, timeout: float | None = None) -> dict[str, Any]:
+        raise self._unsupported("Unload")
+
+    def list_resources(self, timeout: float | None = None) -> dict[str, Any]:
+        raise self._unsupported("ListResources")
+
+    def close_session(self, session_id: str, timeout: float | None = None) -> bool:
+        raise self._unsupported("CloseSession")
+
+    def _unsupported(self, what: str) -> Exception:
+        from sidecar.errors import InvalidArgument
+
+        return InvalidArgument(f"{type(self).__name__} does not carry {what}", field="transport")
+
     @abc.abstractmethod
     def close(self) -> None: ...
 

@@ -49,6 +49,10 @@ class Call:
     # Who takes the output leases (sidecar.v1.ExecuteRequest.client_pid / client_id); 0 = nobody said.
     client_pid: int = 0
     client_id: str = ""
+    # The session the call belongs to ("" = none) and its idle TTL (0 = the worker's default):
+    # sidecar.v1.ExecuteRequest.session_id / session_ttl_s.
+    session_id: str = ""
+    session_ttl_s: float = 0.0
     # Set by the transport: returns True once the caller has gone (cancelled, deadline passed).
     is_cancelled: Callable[[], bool] | None = None
 

@@ -28,6 +28,8 @@ class ErrorKind(str, Enum):
     CIRCUIT_OPEN = "CIRCUIT_OPEN"
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
     CANCELLED = "CANCELLED"
+    RESOURCE_FAILED = "RESOURCE_FAILED"
+    SESSION_LOST = "SESSION_LOST"
 
 
 def _error_fields() -> tuple[str, ...]:

@@ -378,13 +378,13 @@ def execute_request(op: str, inputs: Iterable[Any] = (), attrs: Mapping[str, Any
                     placement: Placement = Placement.AUTO, out: Iterable[TensorRef] = (),
                     inline_threshold: int = 0, release: Iterable[str] = (), request_id: str = "",
                     idempotent: bool = False, allow_alias: bool = False, client_pid: int = 0,
-                    client_id: str = "") -> pb.ExecuteRequest:
+                    client_id: str = "", session_id: str = "", session_ttl_s: float = 0.0) -> pb.ExecuteRequest:
     """The request of a call (what a host sends)."""
     call = Call(op=op, inputs=list(inputs), attrs=dict(attrs or {}),
                 output=OutputSpec(placement=placement, out=tuple(out), inline_threshold=inline_threshold,
                                   allow_alias=allow_alias),
                 release=list(release), request_id=request_id, idempotent=idempotent, client_pid=client_pid,
-                client_id=client_id)
+                client_id=client_id, session_id=session_id, session_ttl_s=session_ttl_s)
     return _fill_request(pb.ExecuteRequest(), call)
 
 

@@ -60,3 +60,7 @@ ERROR_TRACEBACK_BYTES = 2048
 ERROR_LIST_ITEMS = 16
 ERROR_BYTES = 3072            # the whole serialized sidecar.v1.Error
 ECHO_CHARS = 80               # how much of a caller's value an error message repeats
+
+# Sessions (ExecuteRequest.session_id): a session's worker-side state is freed after this long
+# without a call, unless its calls give their own session_ttl_s (`sidecar serve --session-ttl`).
+DEFAULT_SESSION_TTL_S = 600.0

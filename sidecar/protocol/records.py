@@ -146,7 +146,8 @@ def op_record(spec: Any) -> dict[str, Any]:
     """An `OpSpec` (registry) as an `OpInfo` record."""
     return {"name": spec.name, "doc": spec.doc or "", "min_inputs": int(spec.min_inputs),
             "max_inputs": -1 if spec.max_inputs is None else int(spec.max_inputs),
-            "idempotent": bool(spec.idempotent), "attrs": list(spec.attrs or ()), "module": spec.module or ""}
+            "idempotent": bool(spec.idempotent), "attrs": list(spec.attrs or ()), "module": spec.module or "",
+            "takes_context": bool(getattr(spec, "accepts_ctx", False))}
 
 
 _EVENT_MEMBERS = schema.message("TelemetryEvent").oneofs["event"]  # span, memory, pool

@@ -32,6 +32,8 @@ class ErrorKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CIRCUIT_OPEN: _ClassVar[ErrorKind]
     INVALID_ARGUMENT: _ClassVar[ErrorKind]
     CANCELLED: _ClassVar[ErrorKind]
+    RESOURCE_FAILED: _ClassVar[ErrorKind]
+    SESSION_LOST: _ClassVar[ErrorKind]
 PLACEMENT_AUTO: Placement
 PLACEMENT_SHM: Placement
 PLACEMENT_INLINE: Placement
@@ -51,6 +53,8 @@ WORKER_CRASHED: ErrorKind
 CIRCUIT_OPEN: ErrorKind
 INVALID_ARGUMENT: ErrorKind
 CANCELLED: ErrorKind
+RESOURCE_FAILED: ErrorKind
+SESSION_LOST: ErrorKind
 
 class ShmRef(_message.Message):
     __slots__ = ("name", "offset", "nbytes", "inode")
@@ -162,7 +166,7 @@ class OutputSpec(_message.Message):
     def __init__(self, placement: _Optional[_Union[Placement, str]] = ..., out: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., inline_threshold: _Optional[int] = ..., allow_alias: _Optional[bool] = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
-    __slots__ = ("op", "inputs", "attrs", "output", "release", "request_id", "idempotent", "client_pid", "client_id")
+    __slots__ = ("op", "inputs", "attrs", "output", "release", "request_id", "idempotent", "client_pid", "client_id", "session_id", "session_ttl_s")
     class AttrsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +183,8 @@ class ExecuteRequest(_message.Message):
     IDEMPOTENT_FIELD_NUMBER: _ClassVar[int]
     CLIENT_PID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TTL_S_FIELD_NUMBER: _ClassVar[int]
     op: str
     inputs: _containers.RepeatedCompositeFieldContainer[Value]
     attrs: _containers.MessageMap[str, Value]
@@ -188,7 +194,9 @@ class ExecuteRequest(_message.Message):
     idempotent: bool
     client_pid: int
     client_id: str
-    def __init__(self, op: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., attrs: _Optional[_Mapping[str, Value]] = ..., output: _Optional[_Union[OutputSpec, _Mapping]] = ..., release: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., idempotent: _Optional[bool] = ..., client_pid: _Optional[int] = ..., client_id: _Optional[str] = ...) -> None: ...
+    session_id: str
+    session_ttl_s: float
+    def __init__(self, op: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., attrs: _Optional[_Mapping[str, Value]] = ..., output: _Optional[_Union[OutputSpec, _Mapping]] = ..., release: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., idempotent: _Optional[bool] = ..., client_pid: _Optional[int] = ..., client_id: _Optional[str] = ..., session_id: _Optional[str] = ..., session_ttl_s: _Optional[float] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("queue_ns", "decode_ns", "compute_ns", "encode_ns", "total_ns")
@@ -236,12 +244,115 @@ class ReleaseResponse(_message.Message):
     unknown: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, released: _Optional[int] = ..., unknown: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class LoadRequest(_message.Message):
+    __slots__ = ("name", "loader", "kwargs", "request_id")
+    class KwargsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LOADER_FIELD_NUMBER: _ClassVar[int]
+    KWARGS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    loader: str
+    kwargs: _containers.MessageMap[str, Value]
+    request_id: str
+    def __init__(self, name: _Optional[str] = ..., loader: _Optional[str] = ..., kwargs: _Optional[_Mapping[str, Value]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ResourceInfo(_message.Message):
+    __slots__ = ("name", "loader", "device", "type", "host_bytes", "device_bytes", "load_ns", "pid", "already_loaded")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LOADER_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    HOST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOAD_NS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_LOADED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    loader: str
+    device: str
+    type: str
+    host_bytes: int
+    device_bytes: int
+    load_ns: int
+    pid: int
+    already_loaded: bool
+    def __init__(self, name: _Optional[str] = ..., loader: _Optional[str] = ..., device: _Optional[str] = ..., type: _Optional[str] = ..., host_bytes: _Optional[int] = ..., device_bytes: _Optional[int] = ..., load_ns: _Optional[int] = ..., pid: _Optional[int] = ..., already_loaded: _Optional[bool] = ...) -> None: ...
+
+class LoadResponse(_message.Message):
+    __slots__ = ("resource",)
+    RESOURCE_FIELD_NUMBER: _ClassVar[int]
+    resource: ResourceInfo
+    def __init__(self, resource: _Optional[_Union[ResourceInfo, _Mapping]] = ...) -> None: ...
+
+class UnloadRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class UnloadResponse(_message.Message):
+    __slots__ = ("unloaded", "host_bytes_freed", "device_bytes_freed", "device_reserved_freed")
+    UNLOADED_FIELD_NUMBER: _ClassVar[int]
+    HOST_BYTES_FREED_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_BYTES_FREED_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_RESERVED_FREED_FIELD_NUMBER: _ClassVar[int]
+    unloaded: bool
+    host_bytes_freed: int
+    device_bytes_freed: int
+    device_reserved_freed: int
+    def __init__(self, unloaded: _Optional[bool] = ..., host_bytes_freed: _Optional[int] = ..., device_bytes_freed: _Optional[int] = ..., device_reserved_freed: _Optional[int] = ...) -> None: ...
+
+class ListResourcesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SessionInfo(_message.Message):
+    __slots__ = ("session_id", "calls", "idle_s", "ttl_s", "keys")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_S_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    calls: int
+    idle_s: float
+    ttl_s: float
+    keys: int
+    def __init__(self, session_id: _Optional[str] = ..., calls: _Optional[int] = ..., idle_s: _Optional[float] = ..., ttl_s: _Optional[float] = ..., keys: _Optional[int] = ...) -> None: ...
+
+class ResourceList(_message.Message):
+    __slots__ = ("resources", "sessions")
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    resources: _containers.RepeatedCompositeFieldContainer[ResourceInfo]
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionInfo]
+    def __init__(self, resources: _Optional[_Iterable[_Union[ResourceInfo, _Mapping]]] = ..., sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ...) -> None: ...
+
+class CloseSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class CloseSessionResponse(_message.Message):
+    __slots__ = ("closed",)
+    CLOSED_FIELD_NUMBER: _ClassVar[int]
+    closed: bool
+    def __init__(self, closed: _Optional[bool] = ...) -> None: ...
+
 class ListOpsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class OpInfo(_message.Message):
-    __slots__ = ("name", "doc", "min_inputs", "max_inputs", "idempotent", "attrs", "module")
+    __slots__ = ("name", "doc", "min_inputs", "max_inputs", "idempotent", "attrs", "module", "takes_context")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DOC_FIELD_NUMBER: _ClassVar[int]
     MIN_INPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -249,6 +360,7 @@ class OpInfo(_message.Message):
     IDEMPOTENT_FIELD_NUMBER: _ClassVar[int]
     ATTRS_FIELD_NUMBER: _ClassVar[int]
     MODULE_FIELD_NUMBER: _ClassVar[int]
+    TAKES_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     name: str
     doc: str
     min_inputs: int
@@ -256,7 +368,8 @@ class OpInfo(_message.Message):
     idempotent: bool
     attrs: _containers.RepeatedScalarFieldContainer[str]
     module: str
-    def __init__(self, name: _Optional[str] = ..., doc: _Optional[str] = ..., min_inputs: _Optional[int] = ..., max_inputs: _Optional[int] = ..., idempotent: _Optional[bool] = ..., attrs: _Optional[_Iterable[str]] = ..., module: _Optional[str] = ...) -> None: ...
+    takes_context: bool
+    def __init__(self, name: _Optional[str] = ..., doc: _Optional[str] = ..., min_inputs: _Optional[int] = ..., max_inputs: _Optional[int] = ..., idempotent: _Optional[bool] = ..., attrs: _Optional[_Iterable[str]] = ..., module: _Optional[str] = ..., takes_context: _Optional[bool] = ...) -> None: ...
 
 class OpList(_message.Message):
     __slots__ = ("ops",)
@@ -454,7 +567,7 @@ class Shape(_message.Message):
     def __init__(self, dims: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Error(_message.Message):
-    __slots__ = ("kind", "message", "op", "request_id", "input_shapes", "input_dtypes", "dim", "has_dim", "expected", "got", "suggestion", "device", "requested_bytes", "free_bytes", "total_bytes", "allocated_bytes", "reserved_bytes", "available", "input_index", "field", "close_names", "exception_type", "traceback", "queue_depth", "limit", "exit_code", "signal", "classification", "stderr_tail", "pid")
+    __slots__ = ("kind", "message", "op", "request_id", "input_shapes", "input_dtypes", "dim", "has_dim", "expected", "got", "suggestion", "device", "requested_bytes", "free_bytes", "total_bytes", "allocated_bytes", "reserved_bytes", "available", "input_index", "field", "close_names", "exception_type", "traceback", "queue_depth", "limit", "exit_code", "signal", "classification", "stderr_tail", "pid", "resource", "loader", "cause", "missing_keys", "unexpected_keys", "shape_mismatches", "architecture", "session_id")
     KIND_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
@@ -485,6 +598,14 @@ class Error(_message.Message):
     CLASSIFICATION_FIELD_NUMBER: _ClassVar[int]
     STDERR_TAIL_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_FIELD_NUMBER: _ClassVar[int]
+    LOADER_FIELD_NUMBER: _ClassVar[int]
+    CAUSE_FIELD_NUMBER: _ClassVar[int]
+    MISSING_KEYS_FIELD_NUMBER: _ClassVar[int]
+    UNEXPECTED_KEYS_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_MISMATCHES_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     kind: ErrorKind
     message: str
     op: str
@@ -515,4 +636,12 @@ class Error(_message.Message):
     classification: str
     stderr_tail: _containers.RepeatedScalarFieldContainer[str]
     pid: int
-    def __init__(self, kind: _Optional[_Union[ErrorKind, str]] = ..., message: _Optional[str] = ..., op: _Optional[str] = ..., request_id: _Optional[str] = ..., input_shapes: _Optional[_Iterable[_Union[Shape, _Mapping]]] = ..., input_dtypes: _Optional[_Iterable[str]] = ..., dim: _Optional[int] = ..., has_dim: _Optional[bool] = ..., expected: _Optional[str] = ..., got: _Optional[str] = ..., suggestion: _Optional[str] = ..., device: _Optional[str] = ..., requested_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., available: _Optional[_Iterable[str]] = ..., input_index: _Optional[int] = ..., field: _Optional[str] = ..., close_names: _Optional[_Iterable[str]] = ..., exception_type: _Optional[str] = ..., traceback: _Optional[str] = ..., queue_depth: _Optional[int] = ..., limit: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., classification: _Optional[str] = ..., stderr_tail: _Optional[_Iterable[str]] = ..., pid: _Optional[int] = ...) -> None: ...
+    resource: str
+    loader: str
+    cause: str
+    missing_keys: _containers.RepeatedScalarFieldContainer[str]
+    unexpected_keys: _containers.RepeatedScalarFieldContainer[str]
+    shape_mismatches: _containers.RepeatedScalarFieldContainer[str]
+    architecture: str
+    session_id: str
+    def __init__(self, kind: _Optional[_Union[ErrorKind, str]] = ..., message: _Optional[str] = ..., op: _Optional[str] = ..., request_id: _Optional[str] = ..., input_shapes: _Optional[_Iterable[_Union[Shape, _Mapping]]] = ..., input_dtypes: _Optional[_Iterable[str]] = ..., dim: _Optional[int] = ..., has_dim: _Optional[bool] = ..., expected: _Optional[str] = ..., got: _Optional[str] = ..., suggestion: _Optional[str] = ..., device: _Optional[str] = ..., requested_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., available: _Optional[_Iterable[str]] = ..., input_index: _Optional[int] = ..., field: _Optional[str] = ..., close_names: _Optional[_Iterable[str]] = ..., exception_type: _Optional[str] = ..., traceback: _Optional[str] = ..., queue_depth: _Optional[int] = ..., limit: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., classification: _Optional[str] = ..., stderr_tail: _Optional[_Iterable[str]] = ..., pid: _Optional[int] = ..., resource: _Optional[str] = ..., loader: _Optional[str] = ..., cause: _Optional[str] = ..., missing_keys: _Optional[_Iterable[str]] = ..., unexpected_keys: _Optional[_Iterable[str]] = ..., shape_mismatches: _Optional[_Iterable[str]] = ..., architecture: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...

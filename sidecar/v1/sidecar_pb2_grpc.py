@@ -59,6 +59,26 @@ class SidecarStub:
                 request_serializer=sidecar_dot_v1_dot_sidecar__pb2.TelemetryRequest.SerializeToString,
                 response_deserializer=sidecar_dot_v1_dot_sidecar__pb2.TelemetryEvent.FromString,
                 _registered_method=True)
+        self.Load = channel.unary_unary(
+                '/sidecar.v1.Sidecar/Load',
+                request_serializer=sidecar_dot_v1_dot_sidecar__pb2.LoadRequest.SerializeToString,
+                response_deserializer=sidecar_dot_v1_dot_sidecar__pb2.LoadResponse.FromString,
+                _registered_method=True)
+        self.Unload = channel.unary_unary(
+                '/sidecar.v1.Sidecar/Unload',
+                request_serializer=sidecar_dot_v1_dot_sidecar__pb2.UnloadRequest.SerializeToString,
+                response_deserializer=sidecar_dot_v1_dot_sidecar__pb2.UnloadResponse.FromString,
+                _registered_method=True)
+        self.ListResources = channel.unary_unary(
+                '/sidecar.v1.Sidecar/ListResources',
+                request_serializer=sidecar_dot_v1_dot_sidecar__pb2.ListResourcesRequest.SerializeToString,
+                response_deserializer=sidecar_dot_v1_dot_sidecar__pb2.ResourceList.FromString,
+                _registered_method=True)
+        self.CloseSession = channel.unary_unary(
+                '/sidecar.v1.Sidecar/CloseSession',
+                request_serializer=sidecar_dot_v1_dot_sidecar__pb2.CloseSessionRequest.SerializeToString,
+                response_deserializer=sidecar_dot_v1_dot_sidecar__pb2.CloseSessionResponse.FromString,
+                _registered_method=True)
 
 
 class SidecarServicer:
@@ -101,6 +121,37 @@ class SidecarServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Load(self, request, context):
+        """Resident objects ("resources", guides/models-and-sessions.md): run a registered loader once and
+        keep what it returns (a model on the GPU) across calls; ops read it with ctx.resource(name).
+        Failures: RESOURCE_FAILED (bad loader, missing checkpoint, incompatible state_dict, ...) or
+        OUT_OF_MEMORY (with the figures); the worker stays up either way.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unload(self, request, context):
+        """Drop a resource and give its memory back (CUDA: the caching allocator's cache is emptied).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListResources(self, request, context):
+        """The resources this worker holds, and its open sessions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseSession(self, request, context):
+        """End a session (ExecuteRequest.session_id): its worker-side state (ctx.session) is freed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SidecarServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +179,26 @@ def add_SidecarServicer_to_server(servicer, server):
                     servicer.WatchTelemetry,
                     request_deserializer=sidecar_dot_v1_dot_sidecar__pb2.TelemetryRequest.FromString,
                     response_serializer=sidecar_dot_v1_dot_sidecar__pb2.TelemetryEvent.SerializeToString,
+            ),
+            'Load': grpc.unary_unary_rpc_method_handler(
+                    servicer.Load,
+                    request_deserializer=sidecar_dot_v1_dot_sidecar__pb2.LoadRequest.FromString,
+                    response_serializer=sidecar_dot_v1_dot_sidecar__pb2.LoadResponse.SerializeToString,
+            ),
+            'Unload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unload,
+                    request_deserializer=sidecar_dot_v1_dot_sidecar__pb2.UnloadRequest.FromString,
+                    response_serializer=sidecar_dot_v1_dot_sidecar__pb2.UnloadResponse.SerializeToString,
+            ),
+            'ListResources': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListResources,
+                    request_deserializer=sidecar_dot_v1_dot_sidecar__pb2.ListResourcesRequest.FromString,
+                    response_serializer=sidecar_dot_v1_dot_sidecar__pb2.ResourceList.SerializeToString,
+            ),
+            'CloseSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseSession,
+                    request_deserializer=sidecar_dot_v1_dot_sidecar__pb2.CloseSessionRequest.FromString,
+                    response_serializer=sidecar_dot_v1_dot_sidecar__pb2.CloseSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -265,6 +336,114 @@ class Sidecar:
             '/sidecar.v1.Sidecar/WatchTelemetry',
             sidecar_dot_v1_dot_sidecar__pb2.TelemetryRequest.SerializeToString,
             sidecar_dot_v1_dot_sidecar__pb2.TelemetryEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Load(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sidecar.v1.Sidecar/Load',
+            sidecar_dot_v1_dot_sidecar__pb2.LoadRequest.SerializeToString,
+            sidecar_dot_v1_dot_sidecar__pb2.LoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sidecar.v1.Sidecar/Unload',
+            sidecar_dot_v1_dot_sidecar__pb2.UnloadRequest.SerializeToString,
+            sidecar_dot_v1_dot_sidecar__pb2.UnloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListResources(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sidecar.v1.Sidecar/ListResources',
+            sidecar_dot_v1_dot_sidecar__pb2.ListResourcesRequest.SerializeToString,
+            sidecar_dot_v1_dot_sidecar__pb2.ResourceList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sidecar.v1.Sidecar/CloseSession',
+            sidecar_dot_v1_dot_sidecar__pb2.CloseSessionRequest.SerializeToString,
+            sidecar_dot_v1_dot_sidecar__pb2.CloseSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -313,6 +313,8 @@ class Dispatcher:
                                         f"{self.tainted}", device=str(self.device), available=[])
             spec = self.registry.get(op_name)
             self._check_call(spec, call)
+            if call.session_id:  # the session's idle clock restarts with each of its calls
+                self.runtime.sessions.touch(call.session_id, call.session_ttl_s)
             self._gate.acquire(call.is_cancelled)
             with self._counts_lock:
                 token = next(self._running_ids)
@@ -444,7 +446,8 @@ class Dispatcher:
         if spec.accepts_ctx:
             kwargs[CTX_PARAM] = OpContext(self.device, self.runtime, request_id,
                                           call.is_cancelled or (lambda: False),
-                                          blocks.empty if blocks is not None else None)
+                                          blocks.empty if blocks is not None else None,
+                                          call.session_id, call.session_ttl_s)
         result = spec.fn(*args, **kwargs)
         if self.device.type == "cuda":
             # Kernels run asynchronously: wait here so compute time is honest, errors surface in
@@ -561,6 +564,11 @@ class Dispatcher:
         return values
 
     # -- errors --------------------------------------------------------------------------------------
+
+    def structured(self, exc: BaseException, what: str) -> SidecarError:
+        """The structured error of `exc` raised outside a call (a resource loader), with the same
+        mapping (OOM figures) and taint rule as a call's."""
+        return self._structured(exc, what, None)
 
     def _structured(self, exc: BaseException, op_name: str, meta: InputsMeta | None) -> SidecarError:
         try:

@@ -41,6 +41,7 @@ from sidecar.v1 import sidecar_pb2 as pb
 from sidecar.v1 import sidecar_pb2_grpc as pb_grpc
 from sidecar.worker.dispatcher import new_request_id
 from sidecar.worker.server_core import ServerCore
+from sidecar.worker.state_service import StateRpcs
 from sidecar.worker.registry import estimate_output_nbytes
 
 log = logging.getLogger(__name__)
@@ -141,8 +142,9 @@ def parse_listen(listen: str | None) -> ListenAddress:
 # The service
 
 
-class SidecarServicer(pb_grpc.SidecarServicer):
-    """The Sidecar service: protobuf in and out; calls, cancellation and watchers are the core's."""
+class SidecarServicer(StateRpcs, pb_grpc.SidecarServicer):
+    """The Sidecar service: protobuf in and out; calls, cancellation and watchers are the core's;
+    resources and sessions are `StateRpcs`'."""
 
     def __init__(self, core: ServerCore, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self._core = core

@@ -33,6 +33,7 @@ from sidecar.errors import Cancelled, OpFailed, SidecarError
 from sidecar.host.transport import TelemetryWatch, Transport
 from sidecar.protocol import grpc_codec as wire
 from sidecar.protocol.calls import Call, CallResult
+from sidecar.v1 import sidecar_pb2 as pb
 from sidecar.worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,21 @@ class InProcessTransport(Transport):
 
     def watch_telemetry(self, memory_interval_s: float = 0.0, batch_window_ms: int = 20) -> TelemetryWatch:
         return _LocalTelemetryWatch(self.runtime.telemetry.subscribe(memory_interval_s or 1.0))
+
+    # Resources and sessions: the runtime's records, through the proto like the rest.
+
+    def load(self, name: str, loader: str, kwargs: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        info = self.runtime.load(name, loader, kwargs)
+        return wire.message_to_dict(wire.dict_to_message(info, pb.ResourceInfo()))
+
+    def unload(self, name: str, timeout: float | None = None) -> dict[str, Any]:
+        return wire.message_to_dict(wire.dict_to_message(self.runtime.unload(name), pb.UnloadResponse()))
+
+    def list_resources(self, timeout: float | None = None) -> dict[str, Any]:
+        return wire.message_to_dict(wire.dict_to_message(self.runtime.list_resources(), pb.ResourceList()))
+
+    def close_session(self, session_id: str, timeout: float | None = None) -> bool:
+        return self.runtime.close_session(session_id)
 
     def reopen(self) -> Transport:
         from sidecar.host.client import WrongProcess

@@ -51,6 +51,33 @@ class OpContext:
     is_cancelled: Callable[[], bool] = field(default=lambda: False)
     # Set by the dispatcher on CPU workers: (shape, torch dtype) -> a tensor in a block of the call.
     allocator: Callable[[tuple[int, ...], Any], Any] | None = None
+    session_id: str = ""       # the call's session ("" = none): ExecuteRequest.session_id
+    session_ttl_s: float = 0.0
+
+    def resource(self, name: str) -> Any:
+        """The object the worker holds as `name` (built by a loader the host asked for with Load:
+        `pool.load(name, loader, ...)`); RESOURCE_FAILED when it is not loaded on this worker."""
+        if self.runtime is None:
+            from sidecar.errors import ResourceFailed
+
+            raise ResourceFailed(f"resource {name!r}: this op runs without a worker runtime", resource=name,
+                                 cause="not_loaded")
+        return self.runtime.resources.get(name)
+
+    @property
+    def session(self) -> dict[str, Any]:
+        """The state this call's session shares with its other calls on this worker (a dict, empty at
+        the session's first call), freed when the session closes or idles out. A call outside a
+        session gets INVALID_ARGUMENT (open one: `with pool.session() as s: s.call(...)`)."""
+        if not self.session_id or self.runtime is None:
+            from sidecar.errors import InvalidArgument
+
+            raise InvalidArgument("this op keeps session state (ctx.session) but the call belongs to no session",
+                                  field="session_id", expected="a session id",
+                                  suggestion="call it through a session: with pool.session() as s: s.call(...)")
+        state: dict[str, Any] = self.runtime.sessions.touch(self.session_id, self.session_ttl_s,
+                                                                  count=False).state
+        return state
 
     def empty(self, shape: int | Sequence[int], dtype: Any) -> Any:
         """An uninitialised tensor on the op's device to write a (large) output into.

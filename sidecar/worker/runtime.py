@@ -22,6 +22,8 @@ from sidecar.worker.devices import select_device
 from sidecar.worker.dispatcher import Dispatcher
 from sidecar.worker.leases import LeaseTable
 from sidecar.worker.registry import OpSpec, Registry
+from sidecar.worker.resources import ResourceTable
+from sidecar.worker.sessions import SessionTable
 from sidecar.worker.telemetry import Telemetry, gpu_memory, rss_bytes
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,8 @@ class WorkerOptions:
     # descriptors of the host's own segment: zero copies, no lease. Off by default: the host must
     # then keep its input memory alive (and unchanged) for as long as it uses such outputs.
     alias_inputs: bool = False
+    # a session's state (ctx.session) is freed after this long without a call (--session-ttl)
+    session_ttl_s: float = limits.DEFAULT_SESSION_TTL_S
 
 
 class Runtime:
@@ -62,6 +66,9 @@ class Runtime:
         self.leases = leases
         self.telemetry = telemetry
         self.dispatcher = Dispatcher(self)
+        # State beyond one call: resident objects (Load/Unload) and session state (ctx.session).
+        self.resources = ResourceTable(device, self.dispatcher.structured)
+        self.sessions = SessionTable(options.session_ttl_s)
         telemetry.memory_source = self.memory_sample
         self._closed = False
         self._stop = threading.Event()
@@ -77,6 +84,20 @@ class Runtime:
 
     def release(self, ids: list[str]) -> tuple[int, list[str]]:
         return self.leases.release(ids)
+
+    # Resources and sessions: records of sidecar.v1.ResourceInfo / UnloadResponse / ResourceList.
+
+    def load(self, name: str, loader: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return self.resources.load(name, loader, kwargs)
+
+    def unload(self, name: str) -> dict[str, Any]:
+        return self.resources.unload(name)
+
+    def list_resources(self) -> dict[str, Any]:
+        return {"resources": self.resources.infos(), "sessions": self.sessions.infos()}
+
+    def close_session(self, session_id: str) -> bool:
+        return self.sessions.close(session_id)
 
     @property
     def tainted(self) -> str | None:
@@ -101,7 +122,8 @@ class Runtime:
 
         def loop() -> None:
             while not self._stop.wait(interval):
-                for chore in (self.leases.expire, self.leases.drop_dead_owners, self.cache.sweep):
+                for chore in (self.leases.expire, self.leases.drop_dead_owners, self.cache.sweep,
+                              self.sessions.expire):
                     try:
                         chore()
                     except Exception:
@@ -119,6 +141,8 @@ class Runtime:
         if self._janitor is not None and self._janitor is not threading.current_thread():
             self._janitor.join(timeout=2)
         self.leases.close()
+        self.sessions.clear()
+        self.resources.close()
         self.telemetry.close()
         self.cache.clear()
         self.arena.close()

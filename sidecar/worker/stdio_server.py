@@ -42,6 +42,7 @@ from sidecar.protocol.port_codec import (call_from_term, error_to_term, keyed, o
                                          result_to_term, telemetry_to_term, text)
 from sidecar.worker.lifecycle import Shutdown
 from sidecar.worker.server_core import CallHandle, ServerCore, serve, unexpected
+from sidecar.worker.state_service import state_request
 from sidecar.worker.telemetry import Subscription
 
 log = logging.getLogger(__name__)
@@ -265,11 +266,14 @@ class StdioServer:
             self.reply(req_id, "ok", Atom("unsubscribed"))
         elif tag == "cancel" and arity == 2:
             self.core.cancel(_hashable(req[1]))  # a late cancel (the call already answered) is a no-op
+        elif tag is not None and state_request(self, str(tag), req, req_id):
+            pass  # resources and sessions (sidecar.worker.state_service)
         else:
             raise InvalidArgument(
                 f"unknown request {shorten(req)}: expected {{:call, id, op, inputs, attrs[, opts]}}, "
                 "{:list_ops, id}, {:hardware, id}, {:release, id, leases}, {:subscribe, id}, "
-                "{:unsubscribe, id} or {:cancel, id}", field="request")
+                "{:unsubscribe, id}, {:cancel, id}, {:load, id, name, loader, kwargs}, {:unload, id, name}, "
+                "{:list_resources, id} or {:close_session, id, session_id}", field="request")
 
     def _release(self, ids: list[str]) -> dict[Atom, Any]:
         released, unknown = self.rt.release(ids)

@@ -12,7 +12,9 @@ defmodule Sidecar.Error do
   `:device_mismatch`, `:out_of_memory`, `:invalid_tensor_ref`, `:unknown_op`, `:op_failed`,
   `:overloaded`, `:device_unavailable`, `:worker_crashed`, `:circuit_open` (the pool's breaker is
   open and no worker is ready; with the last crash's fields), `:invalid_argument`, `:cancelled`
-  (also used for timeouts). The other fields are those of `sidecar.v1.Error`; those an
+  (also used for timeouts), `:resource_failed` (a resource could not be loaded: `resource`, `loader`,
+  `cause`, `missing_keys`, `unexpected_keys`, `shape_mismatches`, `close_names`), `:session_lost`
+  (the worker of a session died: `session_id` and the crash's `classification`). The other fields are those of `sidecar.v1.Error`; those an
   error does not use are `nil`. Fields this version does not know land in `details`.
   It is an exception too, so `Sidecar.call!/4` can raise it.
   """
@@ -47,6 +49,14 @@ defmodule Sidecar.Error do
     :classification,
     :stderr_tail,
     :pid,
+    :resource,
+    :loader,
+    :cause,
+    :missing_keys,
+    :unexpected_keys,
+    :shape_mismatches,
+    :architecture,
+    :session_id,
     # host-side only (not in sidecar.v1.Error): every worker crash a :worker_crashed call went
     # through, oldest first, as %{pid:, classification:, exit_code:, signal:, caused:} maps
     # (caused: the work can have caused it, Sidecar.Exit.caused_by_work?/1)
@@ -55,7 +65,9 @@ defmodule Sidecar.Error do
 
   @kinds ~w(shape_mismatch dtype_mismatch device_mismatch out_of_memory invalid_tensor_ref unknown_op
             op_failed overloaded device_unavailable worker_crashed circuit_open invalid_argument
-            cancelled)a
+            cancelled resource_failed session_lost)a
+
+  @field_names Map.new(@fields, &{Atom.to_string(&1), &1})
 
   defexception [:kind, :message, details: %{}] ++ Enum.map(@fields, &{&1, nil})
 
@@ -73,6 +85,8 @@ defmodule Sidecar.Error do
           | :circuit_open
           | :invalid_argument
           | :cancelled
+          | :resource_failed
+          | :session_lost
   @type t :: %__MODULE__{kind: kind, message: String.t()}
 
   @doc "The error kinds, in `sidecar.v1.ErrorKind` order."
@@ -86,6 +100,9 @@ defmodule Sidecar.Error do
   @doc "Builds an error from the worker's `%{kind: ..., message: ..., ...}` term."
   @spec from_term(term) :: t
   def from_term(%{} = term) do
+    # A field whose atom did not exist yet when the frame was decoded (Sidecar.Frame creates none:
+    # this module may not have been loaded then) arrives as a binary key.
+    term = Map.new(term, fn {k, v} when is_binary(k) -> {Map.get(@field_names, k, k), v}; kv -> kv end)
     {kind, term} = Map.pop(term, :kind, :op_failed)
     {message, term} = Map.pop(term, :message, "")
 

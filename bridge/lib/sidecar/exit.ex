@@ -58,11 +58,12 @@ defmodule Sidecar.Exit do
     other: "exited abnormally",
     start_timeout: "was killed by the pool: it did not report ready in time",
     unresponsive: "was killed by the pool: it stopped answering health checks",
-    spawn_failed: "could not be started"
+    spawn_failed: "could not be started",
+    restore_failed: "was killed by the pool: it could not restore the pool's resources"
   }
 
   @caused ~w(python_error segfault abort fpe bus_error illegal_instruction killed_oom tainted other
-             start_timeout unresponsive spawn_failed)a
+             start_timeout unresponsive spawn_failed restore_failed)a
 
   @type classification ::
           :clean
@@ -80,6 +81,7 @@ defmodule Sidecar.Exit do
           | :start_timeout
           | :unresponsive
           | :spawn_failed
+          | :restore_failed
   @type t :: %{classification: classification, exit_code: integer | nil, signal: integer | nil}
 
   @doc "Every classification name."

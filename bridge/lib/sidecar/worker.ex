@@ -112,7 +112,10 @@ defmodule Sidecar.Worker do
       served: false,
       leases: %{},
       groups: %{},
-      health_failures: 0
+      health_failures: 0,
+      # the pool's resources this worker loaded before it served, and since when it restores them
+      restored: MapSet.new(),
+      restoring_since: nil
     }
 
     {:ok, state, {:continue, :start}}
@@ -559,6 +562,12 @@ defmodule Sidecar.Worker do
     {:stop, {:shutdown, {:spawn_failed, why}}, state}
   end
 
+  def handle_info(:start_timeout, %{status: :restoring} = state) do
+    Logger.error("sidecar worker #{state.os_pid} did not restore the pool's resources in #{state.cfg.start_timeout} ms; killing it")
+    kill(state)
+    {:noreply, %{state | kill_reason: :restore_failed}}
+  end
+
   def handle_info(:start_timeout, %{status: :starting} = state) do
     Logger.error("sidecar worker #{state.os_pid || state.port_pid} sent no ready term in #{state.cfg.start_timeout} ms; killing it")
     kill(state)
@@ -597,7 +606,6 @@ defmodule Sidecar.Worker do
   def handle_info(_msg, state), do: {:noreply, state}
 
   defp handle_term({:ready, os_pid, info}, state) when is_integer(os_pid) and is_map(info) do
-    if state.start_timer, do: Process.cancel_timer(state.start_timer)
     state = %{state | os_pid: os_pid, info: info, ready_at: System.monotonic_time()}
 
     state =
@@ -605,7 +613,7 @@ defmodule Sidecar.Worker do
         do: elem(internal(state, {:subscribe, 0, %{memory_interval_s: state.cfg.memory_interval_s}}, :internal), 1),
         else: state
 
-    serve(state)
+    restore(state)
   end
 
   defp handle_term({tag, id, payload}, state) when tag in [:ok, :error] do
@@ -624,6 +632,9 @@ defmodule Sidecar.Worker do
 
       :ping ->
         %{state | health_failures: 0}
+
+      {:restore, name} ->
+        restored(tag, name, payload, state)
 
       {:release, ids, reason} ->
         released = if tag == :ok and is_map(payload), do: payload[:released] || 0, else: 0
@@ -660,6 +671,56 @@ defmodule Sidecar.Worker do
   defp handle_term(other, state) do
     Logger.warning("sidecar worker #{state.os_pid} sent an unexpected term: #{inspect(other, limit: 10)}")
     state
+  end
+
+  # What the pool loaded (Sidecar.Resources) is replayed before the worker is routable; a recipe
+  # added meanwhile is loaded too (the recipes are looked at again once the loads are answered).
+  # The start timeout still runs: a worker that does not restore in time is killed.
+  defp restore(state) do
+    {_version, recipes} = Manager.recipes(state.pool)
+
+    case Enum.reject(recipes, &MapSet.member?(state.restored, &1.name)) do
+      [] ->
+        if state.start_timer, do: Process.cancel_timer(state.start_timer)
+
+        if state.restoring_since do
+          Telemetry.execute(
+            [:sidecar, :resource, :restored],
+            %{duration: System.monotonic_time() - state.restoring_since},
+            %{pool: state.pool, slot: state.slot, os_pid: state.os_pid, resources: MapSet.to_list(state.restored)}
+          )
+        end
+
+        serve(%{state | restoring_since: nil})
+
+      missing ->
+        state = %{state | status: :restoring, restoring_since: state.restoring_since || System.monotonic_time()}
+
+        Enum.reduce(missing, state, fn r, st ->
+          elem(internal(st, {:load, 0, r.name, r.loader, r.kwargs}, {:restore, r.name}), 1)
+        end)
+    end
+  end
+
+  defp restored(:ok, name, _info, state) do
+    state = %{state | restored: MapSet.put(state.restored, name)}
+    if Enum.any?(state.pending, &match?({_, {:restore, _}}, &1)), do: state, else: restore(state)
+  end
+
+  defp restored(:error, name, err, state) do
+    err = Error.from_term(err)
+    Logger.error("sidecar worker #{state.os_pid} could not restore resource #{name}: #{Exception.message(err)}; killing it")
+
+    Telemetry.execute([:sidecar, :resource, :restore_failed], %{count: 1}, %{
+      pool: state.pool,
+      slot: state.slot,
+      os_pid: state.os_pid,
+      resource: name,
+      error: err
+    })
+
+    kill(state)
+    %{state | kill_reason: :restore_failed}
   end
 
   # Routable from now on: a slot's worker under :ready (and the manager counts it), a spare under
@@ -767,7 +828,7 @@ defmodule Sidecar.Worker do
     caused = Exit.caused_by_work?(info)
     lived_ms = state.ready_at && System.convert_time_unit(System.monotonic_time() - state.ready_at, :native, :millisecond)
     healthy = state.served or (lived_ms != nil and lived_ms >= state.cfg.healthy_after_ms)
-    phase = if state.ready_at, do: :running, else: :start
+    phase = if state.ready_at && state.status != :restoring, do: :running, else: :start
 
     # Before the replies: a caller (and its handlers) sees the crash event, the dead worker's
     # segments gone and the manager knowing, before the caller has its error. A forked worker that

@@ -9,6 +9,9 @@ defmodule Sidecar.Pool.Manager do
   #   * callers waiting for ready workers (`await/3`), answered by notification, never by polling:
   #     when a worker is ready, with `:circuit_open` when the breaker is open and no worker is
   #     ready, with the start failure itself when no worker could start (its stderr says why);
+  #   * the resources the pool loaded (`put_recipe/2`, `recipes/1`): what a new worker replays
+  #     before it serves (Sidecar.Resources), and the exits of recent workers (`exit_of/2`, what a
+  #     session whose worker died reports);
   #   * workers whose process died without cleaning up: their OS process is stopped and their
   #     segments unlinked; at pool shutdown, what is left of the pool. At start it sweeps what dead
   #     VMs and workers left.
@@ -61,6 +64,25 @@ defmodule Sidecar.Pool.Manager do
     :exit, reason -> {:error, Error.new(:cancelled, "the pool #{inspect(pool)} is gone (#{inspect(reason)})")}
   end
 
+  @doc """
+  Remembers a resource recipe (`%{name:, loader:, kwargs:}`) for every later worker; the same
+  name with another recipe is `{:error, old}`. Returns the recipes' version.
+  """
+  @spec put_recipe(atom, map) :: {:ok, non_neg_integer} | {:error, map}
+  def put_recipe(pool, recipe), do: GenServer.call(name(pool), {:put_recipe, recipe})
+
+  @doc "Forgets the recipe of `name`: `{:ok, recipe}` or `:error` when there was none."
+  @spec drop_recipe(atom, String.t()) :: {:ok, map} | :error
+  def drop_recipe(pool, name), do: GenServer.call(name(pool), {:drop_recipe, name})
+
+  @doc "The recipes in load order, and their version (bumped by every change)."
+  @spec recipes(atom) :: {non_neg_integer, [map]}
+  def recipes(pool), do: GenServer.call(name(pool), :recipes)
+
+  @doc "The crash error of a recent worker (its GenServer pid), or nil."
+  @spec exit_of(atom, pid) :: Error.t() | nil
+  def exit_of(pool, pid), do: GenServer.call(name(pool), {:exit_of, pid})
+
   @doc "The breaker's state and counts."
   @spec breaker(atom) :: map
   def breaker(pool), do: GenServer.call(name(pool), :breaker)
@@ -97,7 +119,10 @@ defmodule Sidecar.Pool.Manager do
        last_crash: nil,
        start_failure: nil,
        os_pids: %{},
-       monitors: %{}
+       monitors: %{},
+       recipes: [],
+       recipes_version: 0,
+       exits: %{}
      }}
   end
 
@@ -126,6 +151,34 @@ defmodule Sidecar.Pool.Manager do
     waiter = %{ref: ref, from: from, count: count, mode: mode, timer: timer, timeout: timeout}
     {:noreply, answer_waiters(%{state | waiters: [waiter | state.waiters]})}
   end
+
+  def handle_call({:put_recipe, %{name: name} = recipe}, _from, state) do
+    case Enum.find(state.recipes, &(&1.name == name)) do
+      nil ->
+        v = state.recipes_version + 1
+        {:reply, {:ok, v}, %{state | recipes: state.recipes ++ [recipe], recipes_version: v}}
+
+      ^recipe ->
+        {:reply, {:ok, state.recipes_version}, state}
+
+      old ->
+        {:reply, {:error, old}, state}
+    end
+  end
+
+  def handle_call({:drop_recipe, name}, _from, state) do
+    case Enum.split_with(state.recipes, &(&1.name == name)) do
+      {[], _} ->
+        {:reply, :error, state}
+
+      {[old], rest} ->
+        {:reply, {:ok, old}, %{state | recipes: rest, recipes_version: state.recipes_version + 1}}
+    end
+  end
+
+  def handle_call(:recipes, _from, state), do: {:reply, {state.recipes_version, state.recipes}, state}
+
+  def handle_call({:exit_of, pid}, _from, state), do: {:reply, state.exits[pid], state}
 
   def handle_call(:breaker, _from, state) do
     b = state.breaker
@@ -174,9 +227,13 @@ defmodule Sidecar.Pool.Manager do
     fresh = exit.healthy or (not exit.caused and exit.phase == :running)
     n = if fresh, do: 1, else: Map.get(state.crashes, slot, 0) + 1
 
+    # Kept for sessions pinned to the dead worker (Sidecar.Session); the oldest go beyond 256.
+    exits = if map_size(state.exits) >= 256, do: Map.new(Enum.drop(state.exits, 128)), else: state.exits
+
     state = %{
       state
-      | ready: Map.delete(state.ready, pid),
+      | exits: Map.put(exits, pid, exit.error),
+        ready: Map.delete(state.ready, pid),
         crashes: Map.put(state.crashes, slot, n),
         exited_at: Map.put(state.exited_at, slot, System.monotonic_time()),
         probe: if(state.probe == pid, do: nil, else: state.probe),
