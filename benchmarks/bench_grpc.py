@@ -139,26 +139,7 @@ def run(sizes_mb: list[float], quick: bool, device: str, telemetry_only: bool = 
         results.append(summary("echo/ListOps", 0, small["echo/ListOps"]))
         results.append(summary("echo/tiny-identity", tiny.nbytes, small["echo/tiny-identity"]))
         for mb in ([] if telemetry_only else sizes_mb):
-            n = int(mb * (1 << 20)) // 4
-            size = n * 4
-            x = c.empty(n, "float32")
-            x[:] = np.arange(n, dtype=np.float32)
-            out = c.empty(n, "float32")
-            plain = np.arange(n, dtype=np.float32)
-            reps = max(10, min(200, int(2000 / max(mb, 1)))) if not quick else max(5, min(50, int(200 / max(mb, 1))))
-            reps_fat = max(3, min(50, int(500 / max(mb, 1)))) if not quick else 3
-            # Correctness first: every path must return the same bytes.
-            assert np.array_equal(c.call("identity", x), x)
-            assert np.array_equal(c.call("identity", x, placement="shm"), x)
-            assert c.call("identity", x, out=out) is out and np.array_equal(out, x)
-            assert np.array_equal(fat.call("identity", plain, placement="inline"), plain)
-            results.append(summary("zero-copy/alias", size, measure(lambda: c.call("identity", x), reps)))
-            results.append(summary("zero-copy/out", size, measure(lambda: c.call("identity", x, out=out), reps)))
-            results.append(summary("zero-copy/lease", size,
-                                   measure(lambda: c.call("identity", x, placement="shm"), reps)))
-            results.append(summary("bytes-in-message", size,
-                                   measure(lambda: fat.call("identity", plain, placement="inline"), reps_fat, 1)))
-            del x, out
+            results += zero_copy_cases(c, fat, mb, quick)
             gc.collect()
         results += telemetry_overhead(c, address, tiny, quick)
         c.close()
@@ -170,6 +151,31 @@ def run(sizes_mb: list[float], quick: bool, device: str, telemetry_only: bool = 
 
     return {"device": device, "python": sys.version.split()[0], "cpus": os.cpu_count(),
             "cpu_model": _cpu_model(), "platform": platform.platform(), "results": results}
+
+
+def zero_copy_cases(c: Client, fat: Client, mb: float, quick: bool) -> list[dict[str, Any]]:
+    """The large-tensor cases at one size (a function of their own: its tensors go when it returns)."""
+    rows: list[dict[str, Any]] = []
+    n = int(mb * (1 << 20)) // 4
+    size = n * 4
+    x = c.empty(n, "float32")
+    x[:] = np.arange(n, dtype=np.float32)
+    out = c.empty(n, "float32")
+    plain = np.arange(n, dtype=np.float32)
+    reps = max(10, min(200, int(2000 / max(mb, 1)))) if not quick else max(5, min(50, int(200 / max(mb, 1))))
+    reps_fat = max(3, min(50, int(500 / max(mb, 1)))) if not quick else 3
+    # Correctness first: every path must return the same bytes.
+    assert np.array_equal(c.call("identity", x), x)
+    assert np.array_equal(c.call("identity", x, placement="shm"), x)
+    assert c.call("identity", x, out=out) is out and np.array_equal(out, x)
+    assert np.array_equal(fat.call("identity", plain, placement="inline"), plain)
+    rows.append(summary("zero-copy/alias", size, measure(lambda: c.call("identity", x), reps)))
+    rows.append(summary("zero-copy/out", size, measure(lambda: c.call("identity", x, out=out), reps)))
+    rows.append(summary("zero-copy/lease", size,
+                        measure(lambda: c.call("identity", x, placement="shm"), reps)))
+    rows.append(summary("bytes-in-message", size,
+                        measure(lambda: fat.call("identity", plain, placement="inline"), reps_fat, 1)))
+    return rows
 
 
 def _cpu_model() -> str:

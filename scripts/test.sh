@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# The project's test command: installs everything from nothing, then runs every test.
+# The project's test command: installs everything from nothing, then the static checks, then every test.
 # Extra arguments go to pytest (e.g. scripts/test.sh tests/test_arena.py -x).
+# A lint, dead-code or type error fails the command before any test runs (config: pyproject.toml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+# ruff only checks here (never `ruff --fix` on sidecar/v1: generated code, excluded in the config).
+.venv/bin/ruff check sidecar tests benchmarks scripts setup.py
+.venv/bin/vulture            # sidecar/ + scripts/vulture_whitelist.py ([tool.vulture])
 .venv/bin/python -m pytest "$@"

@@ -122,7 +122,7 @@ def _byte_layout(arr: np.ndarray) -> tuple[tuple[int, ...] | None, int] | None:
     item = arr.itemsize
     if arr.flags.c_contiguous:
         return None, arr.size * item
-    strides = tuple(0 if dim <= 1 else s for dim, s in zip(arr.shape, arr.strides))
+    strides = tuple(0 if dim <= 1 else s for dim, s in zip(arr.shape, arr.strides, strict=True))
     if any(s < 0 or s % item for s in strides):
         return None  # negative or misaligned strides: not describable, copy instead
     if elements_overlap(arr.shape, strides, item):

@@ -19,7 +19,6 @@ telemetry in one stream. (The memory profiler, `sidecar.observe`, publishes its 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -39,13 +38,6 @@ class PoolEvent:
     event: str
     metadata: dict[str, Any] = field(default_factory=dict)
     time_unix_ns: int = field(default_factory=time.time_ns)
-
-    def to_proto(self) -> Any:
-        """As a `sidecar.v1.TelemetryEvent` with its `pool` field set (metadata as strings)."""
-        from sidecar.v1 import sidecar_pb2 as pb
-
-        return pb.TelemetryEvent(time_unix_ns=self.time_unix_ns, pid=os.getpid(),
-                                 pool=pb.PoolEvent(event=self.event, metadata=self.string_metadata()))
 
     def string_metadata(self) -> dict[str, str]:
         """The metadata as the proto carries it: strings, lists joined by newlines, None left out."""

@@ -129,8 +129,8 @@ class CallMetrics(Collector):
                 b_in, b_out = st.bytes_in, st.bytes_out
             for outcome, n in sorted(outcomes.items()):
                 calls.add_metric([op, outcome], n)
-            for family, counts, total in zip(hists, per_bucket, sums):
-                family.add_metric([op], list(zip(_LE, accumulate(counts))), total)
+            for family, counts, total in zip(hists, per_bucket, sums, strict=True):
+                family.add_metric([op], list(zip(_LE, accumulate(counts), strict=True)), total)
             moved.add_metric([op, "in"], b_in)
             moved.add_metric([op, "out"], b_out)
         yield calls

@@ -223,7 +223,7 @@ class TermCodec:
             else:
                 kwargs[name] = decode(v, index)
         if self.members:
-            for member, key, cls, decode in self.members:
+            for _member, key, cls, decode in self.members:
                 if key in t:
                     v = decode(t[key], index)
                     kwargs[b.oneof_attr or ""] = v if isinstance(v, cls) else cls(v)

@@ -132,7 +132,7 @@ class _Region:
         if t.numel() == 0 or not self.start <= t.data_ptr() < self.end:
             return None
         item = t.element_size()
-        strides = [0 if d <= 1 else st * item for d, st in zip(t.shape, t.stride())]
+        strides = [0 if d <= 1 else st * item for d, st in zip(t.shape, t.stride(), strict=True)]
         if any(st < 0 for st in strides):
             return None
         span = byte_span(t.shape, strides, item)

@@ -186,12 +186,6 @@ class Telemetry:
                    "duration_ns": int(duration_ns), "bytes_in": int(bytes_in), "bytes_out": 0,
                    "outcome": outcome, "timing": dict(timing or {}), "message": message})
 
-    def emit_pool_event(self, event: str, metadata: dict[str, Any] | None = None) -> None:
-        if not self.active:
-            return
-        self.emit({"type": "pool", "event": event,
-                   "metadata": {str(k): str(v) for k, v in (metadata or {}).items()}})
-
     def memory_sample(self) -> dict[str, Any]:
         sample = {"type": "memory", "rss_bytes": 0, "arena_reserved_bytes": 0, "arena_in_use_bytes": 0,
                   "leases": 0, "gpus": []}
