@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,3 +32,10 @@ def test_no_dead_code() -> None:
     out = run_tool("vulture")  # sidecar/ and scripts/vulture_whitelist.py ([tool.vulture])
     assert out.returncode == 0, out.stdout + out.stderr
 
+
+
+@pytest.mark.slow
+def test_mypy_strict_is_clean() -> None:
+    out = run_tool("mypy")  # strict, files = sidecar ([tool.mypy])
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Success: no issues found" in out.stdout

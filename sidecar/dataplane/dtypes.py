@@ -107,4 +107,4 @@ def name_of(dtype_like: Any) -> str:
         raise _unknown(str(dt))
     if not dt.isnative:
         raise InvalidTensorRef(f"dtype {dt.str!r} is not in native byte order", field="dtype")
-    return dt.name
+    return str(dt.name)

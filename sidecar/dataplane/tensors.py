@@ -211,7 +211,8 @@ def _to_numpy(ref: TensorRef, layout: Layout, cache: MappingCache, writable: boo
         # np.frombuffer's array holds a memoryview, i.e. a buffer export, for as long as any view
         # of it lives, so closing the Segment (cache eviction) defers the munmap. np.ndarray(buffer=
         # seg) would keep only a reference to `seg` and release its export at once (a later SIGSEGV).
-        buf: Any = np.frombuffer(seg, np.uint8)
+        # (numpy's stubs take the buffer protocol as a Protocol only from Python 3.12 on)
+        buf: Any = np.frombuffer(seg, np.uint8)  # type: ignore[call-overload]
     elif isinstance(storage, InlineStorage):
         if writable:
             raise InvalidTensorRef("inline data cannot be written: a writable ref needs shared memory",
@@ -230,7 +231,8 @@ def _view(ref: TensorRef, buf: Any, offset: int, numel: int) -> np.ndarray:
     dtype = dtypes.to_numpy_dtype(ref.dtype)
     if numel == 0:
         return np.empty(ref.shape, dtype)  # nothing to share; NumPy would still want a buffer
-    return np.ndarray(ref.shape, dtype, buffer=buf, offset=offset, strides=ref.strides)
+    arr: np.ndarray = np.ndarray(ref.shape, dtype, buffer=buf, offset=offset, strides=ref.strides)
+    return arr
 
 
 def _array_to_torch(arr: np.ndarray, name: str) -> torch.Tensor:

@@ -113,7 +113,7 @@ class EventStream:
 
     def __init__(self, bus: EventBus, maxsize: int) -> None:
         self._bus = bus
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize)
+        self._queue: queue.Queue[PoolEvent | object] = queue.Queue(maxsize)  # events, then _END
         self.dropped = 0
 
     def _put(self, event: PoolEvent) -> None:
@@ -131,6 +131,7 @@ class EventStream:
         if item is self._END:
             self._queue.put_nowait(self._END)
             return None
+        assert isinstance(item, PoolEvent)
         return item
 
     def __iter__(self) -> Iterator[PoolEvent]:
@@ -139,6 +140,7 @@ class EventStream:
             if item is self._END:
                 self._queue.put_nowait(self._END)
                 return
+            assert isinstance(item, PoolEvent)
             yield item
 
     def close(self) -> None:

@@ -440,7 +440,7 @@ class Dispatcher:
 
     def _run(self, spec: OpSpec, args: list[Any], call: Call, request_id: str,
              blocks: CallBlocks | None) -> Any:
-        kwargs = dict(call.attrs)
+        kwargs: dict[str, Any] = dict(call.attrs)  # the attrs, and the ctx an op may take
         if spec.accepts_ctx:
             kwargs[CTX_PARAM] = OpContext(self.device, self.runtime, request_id,
                                           call.is_cancelled or (lambda: False),
@@ -487,10 +487,10 @@ class Dispatcher:
         arena = None if inline else arena
         threshold = self._threshold(call, placement)
         if _is_table(out):
-            ref, block = arrow.table_to_ref(out, arena, inline_threshold=threshold)
+            table_ref, block = arrow.table_to_ref(out, arena, inline_threshold=threshold)
             if block is not None:
                 held.append(block)
-            return ref
+            return table_ref
         if isinstance(out, dict):
             return {str(k): self._encode_one(v, placement, call, held, regions, arena) for k, v in out.items()}
         if isinstance(out, (list, tuple)):

@@ -34,6 +34,7 @@ from sidecar.host.transport import TelemetryWatch, Transport
 from sidecar.protocol import grpc_codec as wire
 from sidecar.protocol.calls import Call, CallResult
 from sidecar.worker.runtime import Runtime
+from sidecar.worker.telemetry import Subscription
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ __all__ = ["InProcessTransport"]
 
 
 class _LocalTelemetryWatch(TelemetryWatch):
-    def __init__(self, subscription: Any) -> None:
+    def __init__(self, subscription: Subscription) -> None:
         self._sub = subscription
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -28,7 +28,7 @@ def gpu_memory(indices: list[int] | None = None) -> list[dict[str, int]]:
     try:
         import torch
 
-        if not torch.cuda.is_initialized():
+        if not torch.cuda.is_initialized():  # type: ignore[no-untyped-call]  # (unannotated in torch)
             return []
         out = []
         for i in (indices if indices is not None else [torch.cuda.current_device()]):
