@@ -49,7 +49,7 @@ def _cuda_tensor(obj: Any) -> Any:
         return None  # host memory by definition (and the common case: skip the DLPack probe)
     torch = _torch_module()
     if torch is not None and isinstance(obj, torch.Tensor):
-        return obj if obj.device.type == "cuda" else None
+        return obj if obj.is_cuda else None  # (not .device: that builds a torch.device, ~1.7 us)
     if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
         if int(obj.__dlpack_device__()[0]) in _DL_CUDA:
             import torch
@@ -62,13 +62,17 @@ def _torch_to_array(t: Any) -> tuple[np.ndarray, str]:
     """A CPU torch tensor as a NumPy view of the same memory (bfloat16 -> its uint16 bit patterns)."""
     import torch
 
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         raise DeviceMismatch(f"cannot describe a tensor on {t.device}: only CPU and CUDA tensors travel",
                              expected="cpu or cuda", got=str(t.device))
     if t.layout != torch.strided:
         raise InvalidArgument(f"only dense (strided) tensors travel, got layout {t.layout}")
     name = dtypes.name_of(t.dtype)
-    t = t.detach().resolve_conj().resolve_neg()
+    t = t.detach()
+    if t.is_conj():  # lazy conjugate / negative bits: NumPy must see the values themselves
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
     if name == "bfloat16":
         # Same-size dtype views keep the strides; NumPy then sees the raw 16-bit patterns.
         return t.view(torch.int16).numpy().view(np.uint16), name

@@ -71,12 +71,7 @@ class GrpcTransport(Transport):
         self._health_stub = health_pb2_grpc.HealthStub(self._channel)
 
     def execute(self, call: Call, timeout: float | None = None) -> CallResult:
-        out = call.output
-        req = wire.execute_request(
-            call.op, call.inputs, call.attrs, placement=out.placement, out=out.out,
-            inline_threshold=out.inline_threshold, release=call.release, request_id=call.request_id,
-            idempotent=call.idempotent, allow_alias=out.allow_alias, client_pid=call.client_pid,
-            client_id=call.client_id)
+        req = wire.call_to_request(call)
         try:
             resp = self._stub.Execute(req, timeout=timeout)
         except grpc.RpcError as err:

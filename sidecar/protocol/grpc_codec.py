@@ -390,6 +390,11 @@ def execute_request(op: str, inputs: Iterable[Any] = (), attrs: Mapping[str, Any
                                   allow_alias=allow_alias),
                 release=list(release), request_id=request_id, idempotent=idempotent, client_pid=client_pid,
                 client_id=client_id)
+    return call_to_request(call)
+
+
+def call_to_request(call: Call) -> pb.ExecuteRequest:
+    """The request of a `Call` the host built (the small call's path: no second Call)."""
     return _fill_request(pb.ExecuteRequest(), call)
 
 

@@ -423,7 +423,7 @@ class Dispatcher:
                 raise DeviceUnavailable(f"input {i} is a CUDA IPC tensor but this worker runs on {self.device}",
                                         device="cuda", available=[str(self.device)], input_index=i)
             t = tensors.to_torch(v, source, writable=False, input_index=i)
-            if t.device != self.device and self.device.type != "cpu":
+            if self.device.type != "cpu" and t.device != self.device:
                 return t.to(self.device)
             if regions is not None:
                 region = _Region.of_input(v, t, self._own_prefix)
@@ -470,8 +470,10 @@ class Dispatcher:
             if blocks is not None:
                 held += blocks.take_found()  # whole blocks, also when an output is a view of part of one
             bytes_out = sum(_ref_nbytes(v) for v in values)
-            owner = LeaseOwner(call.client_pid, call.client_id) if call.client_pid else None
-            lease_ids = [self.leases.add(held, owner)] if held else []
+            lease_ids: list[str] = []
+            if held:
+                owner = LeaseOwner(call.client_pid, call.client_id) if call.client_pid else None
+                lease_ids.append(self.leases.add(held, owner))
         except BaseException:
             free_objects(held, reuse=True)  # no host has seen them
             raise
@@ -501,7 +503,7 @@ class Dispatcher:
             return self._to_device_ref(out, held)
         if isinstance(out, torch.Tensor):
             out = out.detach()
-            if out.device.type != "cpu":
+            if not out.is_cpu:  # (.is_cpu, not .device: that builds a torch.device each time)
                 out = out.cpu()
             elif not inline:
                 for region in regions:
