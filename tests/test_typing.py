@@ -2,6 +2,8 @@
 a subprocess, as a user's CI would), both forms of it serve ops, and the C modules' stubs match them."""
 from __future__ import annotations
 
+import inspect
+import os
 import subprocess
 import sys
 import textwrap
@@ -112,9 +114,35 @@ def test_both_forms_of_op_serve(tmp_path: Path) -> None:
         worker.stop()
 
 
+def run_stubtest(*modules: str, stubs: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MYPYPATH": str(stubs)} if stubs is not None else None
+    return subprocess.run([sys.executable, "-m", "mypy.stubtest", *modules, "--allowlist", "scripts/stubtest_allowlist.txt"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, check=False, env=env)
+
+
 def test_the_c_modules_stubs_match_the_built_modules() -> None:
-    out = subprocess.run([sys.executable, "-m", "mypy.stubtest", "sidecar._native", "sidecar._cudaipc",
-                          "--allowlist", "scripts/stubtest_allowlist.txt"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    out = run_stubtest("sidecar._native", "sidecar._cudaipc")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Success: no issues found in 2 modules" in out.stdout
+
+
+def test_the_c_functions_carry_their_signatures() -> None:
+    # Text signatures in the C docstrings: what lets stubtest compare parameters, not only names.
+    from sidecar import _cudaipc, _native
+
+    assert str(inspect.signature(_native.unlink)) == "(name, /)"
+    assert str(inspect.signature(_native.Segment.create)) == "(name, size, prefault=True)"
+    assert str(inspect.signature(_native.Segment.zero)) == "(self, start, stop, /)"
+    assert str(inspect.signature(_cudaipc.host_register)) == "(address, nbytes, read_only=False, device=0)"
+
+
+def test_a_stub_that_disagrees_with_the_c_module_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "sidecar").mkdir()
+    (tmp_path / "sidecar" / "__init__.pyi").write_text("")
+    stub = (ROOT / "sidecar" / "_native.pyi").read_text()
+    wrong = stub.replace("def unlink(name: str, /) -> None: ...", "def unlink(name: str, missing_ok: bool, /) -> None: ...")
+    assert wrong != stub
+    (tmp_path / "sidecar" / "_native.pyi").write_text(wrong)
+    out = run_stubtest("sidecar._native", stubs=tmp_path)
+    assert out.returncode == 1
+    assert 'sidecar._native.unlink is inconsistent, runtime does not have parameter "missing_ok"' in out.stdout
