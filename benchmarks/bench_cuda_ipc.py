@@ -125,7 +125,7 @@ class Bench:
             torch.cuda.synchronize()
         record("shm_staging", shm_staging, reps if nbytes < 10**9 else 3, warmup=1)
         self.keep = None
-        del staging
+        staging = None  # rebound, not del: the closures above still name it (frees the block)
         gc.collect()
 
         def torch_mp() -> None:
@@ -141,7 +141,7 @@ class Bench:
             pinned.copy_(t)
             torch.cuda.synchronize()
         record("d2h_pinned", d2h, reps)
-        del pinned
+        pinned = None
 
         seg = segments.create_segment(n * 4, "benchcuda")
         try:
@@ -155,14 +155,14 @@ class Bench:
             record("h2d_shm_pageable", h2d, reps)
             if cuda_ipc.register_host_memory(seg):
                 record("h2d_shm_pinned", h2d, reps)
-                del host
+                host = None  # the view must go before the segment is unregistered/closed
                 cuda_ipc.unregister_host_memory(seg)
             else:
-                del host
+                host = None
         finally:
             seg.close()
             segments.unlink_segment(seg.name)
-        del t, dst
+        t = dst = None  # rebound (closures name them): the device memory goes before the next size
         gc.collect()
         torch.cuda.empty_cache()
         return rows

@@ -136,7 +136,7 @@ class Bench:
         record("dirty_check", sample_us(private.private_pages, DECODE_CALLS // 4, warmup=20))
         cache.checkin(private, dirty=False)
         cache.clear()
-        del host
+        host = None  # rebound, not del: a lambda above names it; the view goes before the block
         block.release()  # its warm segment is what (b) gets next
 
         # (b) copy into the arena, then view
@@ -150,7 +150,7 @@ class Bench:
         dst = np.empty_like(src)
         np.copyto(dst, src)  # fault the destination in first: a warm buffer, like the arena's
         record("memcpy", sample_us(lambda: np.copyto(dst, src), repeat))
-        del dst
+        dst = None  # rebound (a lambda names it)
 
         record("pickle_pipe", sample_us(lambda: self.roundtrip(("pickle", src)), repeat, warmup=1))
 

@@ -6,6 +6,9 @@ One worker (`python -m sidecar serve`, unix socket) serves every case, side by s
                       own bytes (generic handler, no protobuf, no sidecar): what gRPC itself costs
                       for a message the size of a small call; the floor of every case here
   echo/ListOps        a plain small-message RPC through the sidecar's servicer
+  echo/health         a grpc.health Check through the same Client and worker: the channel, the
+                      worker's server and its threads, but a trivial servicer; tiny-identity minus
+                      this is what the Execute path itself costs (codecs, core, dispatcher)
   echo/tiny-identity  identity of a 16-byte tensor sent inline through `Client.call`: the small
                       call; the table gives it as a multiple of the bare echo (target 1.2x)
   zero-copy/alias     identity of a tensor already in the host arena: the worker views the host's
@@ -130,35 +133,18 @@ def run(sizes_mb: list[float], quick: bool, device: str, telemetry_only: bool = 
             assert echo(request) == request
             small = interleaved({"echo/bare-grpc": lambda: echo(request),
                                  "echo/tiny-identity": lambda: c.call("identity", tiny),
+                                 "echo/health": lambda: c.health(timeout=120),
                                  "echo/ListOps": c.list_ops}, reps_small)
         finally:
             assert echo_proc.stdin is not None
             echo_proc.stdin.close()
             echo_proc.wait(30)
         results.append(summary("echo/bare-grpc", len(request), small["echo/bare-grpc"]))
+        results.append(summary("echo/health", 0, small["echo/health"]))
         results.append(summary("echo/ListOps", 0, small["echo/ListOps"]))
         results.append(summary("echo/tiny-identity", tiny.nbytes, small["echo/tiny-identity"]))
         for mb in ([] if telemetry_only else sizes_mb):
-            n = int(mb * (1 << 20)) // 4
-            size = n * 4
-            x = c.empty(n, "float32")
-            x[:] = np.arange(n, dtype=np.float32)
-            out = c.empty(n, "float32")
-            plain = np.arange(n, dtype=np.float32)
-            reps = max(10, min(200, int(2000 / max(mb, 1)))) if not quick else max(5, min(50, int(200 / max(mb, 1))))
-            reps_fat = max(3, min(50, int(500 / max(mb, 1)))) if not quick else 3
-            # Correctness first: every path must return the same bytes.
-            assert np.array_equal(c.call("identity", x), x)
-            assert np.array_equal(c.call("identity", x, placement="shm"), x)
-            assert c.call("identity", x, out=out) is out and np.array_equal(out, x)
-            assert np.array_equal(fat.call("identity", plain, placement="inline"), plain)
-            results.append(summary("zero-copy/alias", size, measure(lambda: c.call("identity", x), reps)))
-            results.append(summary("zero-copy/out", size, measure(lambda: c.call("identity", x, out=out), reps)))
-            results.append(summary("zero-copy/lease", size,
-                                   measure(lambda: c.call("identity", x, placement="shm"), reps)))
-            results.append(summary("bytes-in-message", size,
-                                   measure(lambda: fat.call("identity", plain, placement="inline"), reps_fat, 1)))
-            del x, out
+            results += zero_copy_cases(c, fat, mb, quick)
             gc.collect()
         results += telemetry_overhead(c, address, tiny, quick)
         c.close()
@@ -170,6 +156,31 @@ def run(sizes_mb: list[float], quick: bool, device: str, telemetry_only: bool = 
 
     return {"device": device, "python": sys.version.split()[0], "cpus": os.cpu_count(),
             "cpu_model": _cpu_model(), "platform": platform.platform(), "results": results}
+
+
+def zero_copy_cases(c: Client, fat: Client, mb: float, quick: bool) -> list[dict[str, Any]]:
+    """The large-tensor cases at one size (a function of their own: its tensors go when it returns)."""
+    rows: list[dict[str, Any]] = []
+    n = int(mb * (1 << 20)) // 4
+    size = n * 4
+    x = c.empty(n, "float32")
+    x[:] = np.arange(n, dtype=np.float32)
+    out = c.empty(n, "float32")
+    plain = np.arange(n, dtype=np.float32)
+    reps = max(10, min(200, int(2000 / max(mb, 1)))) if not quick else max(5, min(50, int(200 / max(mb, 1))))
+    reps_fat = max(3, min(50, int(500 / max(mb, 1)))) if not quick else 3
+    # Correctness first: every path must return the same bytes.
+    assert np.array_equal(c.call("identity", x), x)
+    assert np.array_equal(c.call("identity", x, placement="shm"), x)
+    assert c.call("identity", x, out=out) is out and np.array_equal(out, x)
+    assert np.array_equal(fat.call("identity", plain, placement="inline"), plain)
+    rows.append(summary("zero-copy/alias", size, measure(lambda: c.call("identity", x), reps)))
+    rows.append(summary("zero-copy/out", size, measure(lambda: c.call("identity", x, out=out), reps)))
+    rows.append(summary("zero-copy/lease", size,
+                        measure(lambda: c.call("identity", x, placement="shm"), reps)))
+    rows.append(summary("bytes-in-message", size,
+                        measure(lambda: fat.call("identity", plain, placement="inline"), reps_fat, 1)))
+    return rows
 
 
 def _cpu_model() -> str:
@@ -259,13 +270,13 @@ def table(report: dict[str, Any]) -> str:
     bare = next(r for r in rows if r["case"] == "echo/bare-grpc")["median_s"]
     lines = [f"worker device {report['device']}, {report['cpus']} CPUs ({report['cpu_model']}), "
              f"python {report['python']}", "",
-             f"{'case':<24}{'size':>10}{'median':>13}{'p90':>13}{'min':>13}{'x echo':>9}{'vs bytes':>11}",
-             "-" * 93]
+             f"{'case':<30}{'size':>10}{'median':>13}{'p90':>13}{'min':>13}{'x echo':>9}{'vs bytes':>11}",
+             "-" * 99]
     for r in rows:
         size = f"{r['bytes'] / (1 << 20):.0f} MB" if r["bytes"] >= 1 << 20 else f"{r['bytes']} B"
         fat = by.get(("bytes-in-message", r["bytes"]))
         speed = f"{fat['median_s'] / r['median_s']:9.0f}x" if fat and r["case"].startswith("zero-copy") else ""
-        lines.append(f"{r['case']:<24}{size:>10}{fmt_t(r['median_s']):>13}{fmt_t(r['p90_s']):>13}"
+        lines.append(f"{r['case']:<30}{size:>10}{fmt_t(r['median_s']):>13}{fmt_t(r['p90_s']):>13}"
                      f"{fmt_t(r['min_s']):>13}{r['median_s'] / echo:8.2f}x{speed:>11}")
     lines.append("")
     lines.append(f"small call: Client identity of 16 bytes is {echo / bare:.2f}x a bare grpcio echo "

@@ -92,7 +92,7 @@ def replacement(mode: str, trials: int, device: str = "auto") -> dict[str, Any]:
             restarted.clear()
             box: dict[str, Any] = {}
 
-            def busy() -> None:
+            def busy(box: dict[str, Any] = box) -> None:  # this trial's box
                 box["out"] = pool.call("debug.sleep", seconds=BUSY_S, idempotent=True, timeout=120)
                 box["t"] = time.perf_counter()
 

@@ -235,9 +235,9 @@ def plot_history(results: Path, out: Path | None = None) -> Path:
     names = sorted(panels)
     fig, axes = plt.subplots(len(names), 1, figsize=(9, 2.3 * max(1, len(names))), squeeze=False)
     xs = list(range(len(docs)))
-    for ax, bench in zip(axes[:, 0], names):
+    for ax, bench in zip(axes[:, 0], names, strict=True):
         for key, values in sorted(panels[bench].items()):
-            pts = [(x, v) for x, v in zip(xs, values) if v is not None]
+            pts = [(x, v) for x, v in zip(xs, values, strict=True) if v is not None]
             line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
             if pts:  # the newest figure, written out
                 ax.annotate(f"{pts[-1][1]:.3g}", pts[-1], textcoords="offset points", xytext=(5, 3),

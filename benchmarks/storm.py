@@ -100,7 +100,7 @@ def storm(calls: int, kills: int, workers: int, threads: int, device: str, seed:
         for k in range(kills):
             mark = (k + 1) * calls // (kills + 1)  # evenly spread over the calls
             with lock:
-                lock.wait_for(lambda: done[0] >= mark or all_done.is_set())
+                lock.wait_for(lambda mark=mark: done[0] >= mark or all_done.is_set())
             while not all_done.is_set():
                 pids = [r.pid for r in pool.status() if r.pid is not None and r.state.value == "ready"]
                 if pids:

@@ -961,32 +961,32 @@ m_dlpack(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kwargs)
 
 static PyMethodDef methods[] = {
     {"available", m_available, METH_NOARGS,
-     "available() -> bool\n\nTrue when the CUDA driver loads and sees at least one device. The first "
+     "available($module, /)\n--\n\navailable() -> bool\n\nTrue when the CUDA driver loads and sees at least one device. The first "
      "call loads libcuda.so.1 and runs cuInit: after it, this process must not fork CUDA users."},
     {"load_error", m_load_error, METH_NOARGS,
-     "load_error() -> str | None\n\nWhy CUDA is unusable here (None when it is usable)."},
-    {"device_count", m_device_count, METH_NOARGS, "device_count() -> int"},
-    {"driver_version", m_driver_version, METH_NOARGS, "driver_version() -> int (e.g. 13000)"},
+     "load_error($module, /)\n--\n\nload_error() -> str | None\n\nWhy CUDA is unusable here (None when it is usable)."},
+    {"device_count", m_device_count, METH_NOARGS, "device_count($module, /)\n--\n\ndevice_count() -> int"},
+    {"driver_version", m_driver_version, METH_NOARGS, "driver_version($module, /)\n--\n\ndriver_version() -> int (e.g. 13000)"},
     {"device_uuid", m_device_uuid, METH_O,
-     "device_uuid(ordinal) -> str\n\nThe device's uuid as nvidia-smi writes it: GPU-xxxxxxxx-xxxx-..."},
+     "device_uuid($module, ordinal, /)\n--\n\ndevice_uuid(ordinal) -> str\n\nThe device's uuid as nvidia-smi writes it: GPU-xxxxxxxx-xxxx-..."},
     {"pointer_info", m_pointer_info, METH_O,
-     "pointer_info(ptr) -> (device, base, size, buffer_id, legacy_ipc_capable | None)"},
+     "pointer_info($module, ptr, /)\n--\n\npointer_info(ptr) -> (device, base, size, buffer_id, legacy_ipc_capable | None)"},
     {"export", (PyCFunction)(void (*)(void))m_export, METH_VARARGS | METH_KEYWORDS,
-     "export(ptr, device=-1) -> (handle: bytes[64], offset: int, alloc_nbytes: int, device: int)\n\n"
+     "export($module, ptr, device=-1)\n--\n\nexport(ptr, device=-1) -> (handle: bytes[64], offset: int, alloc_nbytes: int, device: int)\n\n"
      "The IPC handle of the allocation holding ptr and ptr's offset from its base."},
     {"open", m_open, METH_VARARGS,
-     "open(handle, device) -> (base: int, alloc_nbytes: int)\n\nMaps an IPC handle in the device's "
+     "open($module, handle, device, /)\n--\n\nopen(handle, device) -> (base: int, alloc_nbytes: int)\n\nMaps an IPC handle in the device's "
      "primary context (peer access enabled lazily). Pair every open with one close."},
     {"close", m_close, METH_VARARGS,
-     "close(base, device)\n\nWaits for the device's queued work, then unmaps what open() returned."},
+     "close($module, base, device, /)\n--\n\nclose(base, device)\n\nWaits for the device's queued work, then unmaps what open() returned."},
     {"host_register", (PyCFunction)(void (*)(void))m_host_register, METH_VARARGS | METH_KEYWORDS,
-     "host_register(address, nbytes, read_only=False, device=0) -> bool\n\nPage-locks host memory "
+     "host_register($module, address, nbytes, read_only=False, device=0)\n--\n\nhost_register(address, nbytes, read_only=False, device=0) -> bool\n\nPage-locks host memory "
      "for every context (portable). False when it was already registered."},
     {"host_unregister", m_host_unregister, METH_O,
-     "host_unregister(address) -> bool\n\nFalse when the address was not registered."},
-    {"mem_get_info", m_mem_get_info, METH_O, "mem_get_info(device) -> (free, total) bytes"},
+     "host_unregister($module, address, /)\n--\n\nhost_unregister(address) -> bool\n\nFalse when the address was not registered."},
+    {"mem_get_info", m_mem_get_info, METH_O, "mem_get_info($module, device, /)\n--\n\nmem_get_info(device) -> (free, total) bytes"},
     {"dlpack", (PyCFunction)(void (*)(void))m_dlpack, METH_VARARGS | METH_KEYWORDS,
-     "dlpack(ptr, device, type_code, bits, shape, strides, owner, device_type=2) -> PyCapsule\n\nA "
+     "dlpack($module, ptr, device, type_code, bits, shape, strides, owner, device_type=2)\n--\n\ndlpack(ptr, device, type_code, bits, shape, strides, owner, device_type=2) -> PyCapsule\n\nA "
      "DLPack 'dltensor' capsule over CUDA memory (device_type 2; 1 = host memory, for tests), shape "
      "and strides in elements; owner() is called once when the consumer frees the tensor (or the "
      "capsule dies unconsumed)."},

@@ -695,24 +695,24 @@ Segment_dealloc(SegmentObject *self)
 
 static PyMethodDef Segment_methods[] = {
     {"create", (PyCFunction)(void (*)(void))Segment_create, METH_VARARGS | METH_KEYWORDS | METH_CLASS,
-     "create(name, size, prefault=True) -> Segment\n\n"
+     "create($type, name, size, prefault=True)\n--\n\ncreate(name, size, prefault=True) -> Segment\n\n"
      "Create a new segment (O_EXCL, mode 0600), reserve its space and map it read-write."},
     {"open", (PyCFunction)(void (*)(void))Segment_open, METH_VARARGS | METH_KEYWORDS | METH_CLASS,
-     "open(name, writable=False, prefault=False, private=False) -> Segment\n\n"
+     "open($type, name, writable=False, prefault=False, private=False)\n--\n\nopen(name, writable=False, prefault=False, private=False) -> Segment\n\n"
      "Map an existing regular file segment (opened O_NONBLOCK; anything else is refused with ENODEV);\n"
      "size and inode come from fstat. private=True maps it copy-on-write (MAP_PRIVATE, writable)."},
     {"private_pages", (PyCFunction)(void (*)(void))Segment_private_pages, METH_VARARGS | METH_KEYWORDS,
-     "private_pages(offset=0, nbytes=-1) -> int\n\n"
+     "private_pages($self, offset=0, nbytes=-1)\n--\n\nprivate_pages(offset=0, nbytes=-1) -> int\n\n"
      "Pages of the range this process holds privately (written into a private mapping), from\n"
      "/proc/self/pagemap. 0 for a mapping nobody wrote (and for every shared mapping)."},
     {"file_size", (PyCFunction)Segment_file_size, METH_NOARGS,
-     "file_size() -> int\n\n"
+     "file_size($self, /)\n--\n\nfile_size() -> int\n\n"
      "Size of the file behind the segment's name now (one stat); -1 when the name is gone or names\n"
      "another file (unlinked or re-created) or not a regular file."},
     {"zero", (PyCFunction)Segment_zero, METH_VARARGS,
-     "zero(start, stop) -> None\n\nSet bytes [start, stop) of a writable mapping to 0."},
+     "zero($self, start, stop, /)\n--\n\nzero(start, stop) -> None\n\nSet bytes [start, stop) of a writable mapping to 0."},
     {"close", (PyCFunction)Segment_close, METH_NOARGS,
-     "close() -> None\n\nIdempotent. The unmap waits for the last exported buffer to be released."},
+     "close($self, /)\n--\n\nclose() -> None\n\nIdempotent. The unmap waits for the last exported buffer to be released."},
     {"__enter__", (PyCFunction)Segment_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)Segment_exit, METH_VARARGS, NULL},
     {NULL, NULL, 0, NULL},
@@ -907,9 +907,9 @@ native_install_sigbus_handler(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(i
 
 static PyMethodDef native_methods[] = {
     {"unlink", native_unlink, METH_VARARGS,
-     "unlink(name) -> None\n\nRemove a segment's name (FileNotFoundError when absent). Mappings stay valid."},
+     "unlink($module, name, /)\n--\n\nunlink(name) -> None\n\nRemove a segment's name (FileNotFoundError when absent). Mappings stay valid."},
     {"install_sigbus_handler", native_install_sigbus_handler, METH_NOARGS,
-     "install_sigbus_handler() -> None\n\n"
+     "install_sigbus_handler($module, /)\n--\n\ninstall_sigbus_handler() -> None\n\n"
      "On a SIGBUS inside a mapped segment (its file was truncated), write 'sidecar: SIGBUS at ...\n"
      "inside segment NAME (mapped N bytes, file now M bytes)' to stderr, then hand the signal to the\n"
      "handler that was installed before (faulthandler's, or the default action). Idempotent. Install it\n"

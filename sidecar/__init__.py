@@ -5,7 +5,10 @@ Importing this package is cheap: torch is only imported by the worker side.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the type checker sees the real (typed) decorators; at run time they load lazily
+    from sidecar.worker.registry import on_startup, op
 
 __version__ = "0.1.0"
 

@@ -19,8 +19,8 @@ from sidecar.protocol.limits import ECHO_CHARS
 __all__ = ["ErrorKind", "ERROR_FIELDS", "ERROR_CLASSES", "SidecarError", "ShapeMismatch", "DtypeMismatch",
            "DeviceMismatch", "OutOfMemory", "InvalidTensorRef", "UnknownOp", "OpFailed", "Overloaded",
            "DeviceUnavailable", "WorkerCrashed", "WorkerUnreachable", "CircuitOpen", "InvalidArgument",
-           "Cancelled", "ResourceFailed", "SessionLost", "shorten", "close_names", "error_from_dict", "START_ERROR_PREFIX", "start_error_line",
-           "parse_start_error"]
+           "Cancelled", "ResourceFailed", "SessionLost", "shorten", "close_names", "START_ERROR_PREFIX",
+           "start_error_line", "parse_start_error"]
 
 
 class SidecarError(Exception):
@@ -193,13 +193,6 @@ ERROR_CLASSES: dict[ErrorKind, type[SidecarError]] = {
 }
 
 
-def error_from_dict(data: dict[str, Any]) -> SidecarError:
-    """Rebuild an error from `to_dict()` output (or a decoded wire error)."""
-    kind = ErrorKind(str(data.get("kind", "OP_FAILED")).upper())
-    fields = {k: v for k, v in data.items() if k in ERROR_FIELDS}
-    return ERROR_CLASSES[kind](str(data.get("message", "")), **fields)
-
-
 # A worker that cannot start (DEVICE_UNAVAILABLE, ...) writes its structured error as one line on
 # stderr; the host that spawned it raises that error instead of a bare start failure.
 START_ERROR_PREFIX = "SIDECAR_START_ERROR"
@@ -215,7 +208,11 @@ def parse_start_error(line: str) -> SidecarError | None:
         return None
     try:
         data = json.loads(line[len(START_ERROR_PREFIX) + 1:])
-        return error_from_dict(data) if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            return None
+        kind = ErrorKind(str(data.get("kind", "OP_FAILED")).upper())
+        fields = {k: v for k, v in data.items() if k in ERROR_FIELDS}
+        return ERROR_CLASSES[kind](str(data.get("message", "")), **fields)
     except (ValueError, TypeError):  # not JSON, an unknown kind or field
         return None
 

@@ -319,10 +319,12 @@ class _Decoder:
         return self.data[self._need(1, what)]
 
     def _u16(self, what: str) -> int:
-        return _U16.unpack_from(self.data, self._need(2, what))[0]
+        value: int = _U16.unpack_from(self.data, self._need(2, what))[0]
+        return value
 
     def _u32(self, what: str) -> int:
-        return _U32.unpack_from(self.data, self._need(4, what))[0]
+        value: int = _U32.unpack_from(self.data, self._need(4, what))[0]
+        return value
 
     def _count(self, what: str, wide: bool, min_bytes_each: int) -> int:
         n = self._u32(what) if wide else self._u8(what)
@@ -401,10 +403,10 @@ class _Decoder:
             start = self._need(31, "float")
             text = bytes(self.data[start:start + 31]).split(b"\x00", 1)[0]
             try:
-                value = float(text.decode("ascii"))
+                number = float(text.decode("ascii"))
             except (UnicodeDecodeError, ValueError):
                 raise DecodeError(f"FLOAT_EXT text {text!r} is not a number", start) from None
-            return _finite(value, at)
+            return _finite(number, at)
         if tag == COMPRESSED:
             raise DecodeError("a compressed term may only appear at the top level", at)
         if tag in _REFUSED:

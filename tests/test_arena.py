@@ -156,7 +156,7 @@ def test_threads_alloc_and_release(arena, run_threads):
     def work(tid: int) -> None:
         rng = random.Random(tid)
         held = []
-        for i in range(150):
+        for _ in range(150):
             b = arena.alloc(rng.choice(sizes))
             arr = b.ndarray(np.uint8, (b.nbytes,))
             arr[:] = tid

@@ -190,7 +190,7 @@ def tensor_refs(draw, real_name: str, real_inode: int) -> TensorRef:
     if f["strides"] is None or not numel:
         f["nbytes"] = numel * item if f["strides"] is None else 0
     else:
-        f["nbytes"] = sum((d - 1) * s for d, s in zip(f["shape"], f["strides"])) + item
+        f["nbytes"] = sum((d - 1) * s for d, s in zip(f["shape"], f["strides"], strict=True)) + item
     f["offset"] = draw(st.integers(0, SEG_SIZE))
     for field in draw(st.lists(st.sampled_from(sorted(HOSTILE)), max_size=2, unique=True)):
         f[field] = draw(HOSTILE[field])

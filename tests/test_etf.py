@@ -58,7 +58,7 @@ def same(a: Any, b: Any) -> bool:
     if type(a) is not type(b):
         return False
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(same(v, b[k]) for k, v in a.items())
     if isinstance(a, float):
@@ -219,7 +219,7 @@ def test_erlang_reads_what_we_write_and_we_read_what_it_writes(tmp_path_factory,
     assert run.returncode == 0, run.stderr[-2000:]
     echoed = _frames((path.parent / "terms.bin.out").read_bytes())
     assert len(echoed) == len(batch) + 1
-    for term, back in zip(batch, echoed):
+    for term, back in zip(batch, echoed[:len(batch)], strict=True):
         assert same(etf.decode(back), normal(term))
     assert etf.decode(echoed[-1]) == (Atom("compressed"), list(range(1, 301)), bytes(1000))
 

@@ -213,8 +213,8 @@ def test_main_runs_in_a_child_forked_after_torch_import() -> None:
     try:
         assert proc.stdout is not None
         lines = [proc.stdout.readline().split() for _ in range(2)]
-        child = next(int(l[1]) for l in lines if l[0] == "CHILD")
-        ready = next(l for l in lines if l[0] == "SIDECAR_READY")
+        child = next(int(words[1]) for words in lines if words[0] == "CHILD")
+        ready = next(words for words in lines if words[0] == "SIDECAR_READY")
         assert int(ready[2]) == child
         with Client(ready[1]) as c:
             np.testing.assert_array_equal(c.call("add", SMALL, SMALL), SMALL * 2)

@@ -90,7 +90,7 @@ def test_pool_memory_history_rings_and_leak_signal() -> None:
             for _ in range(14):
                 keep.append(pool.call("add", big, big))  # the host holds it: the worker's arena keeps it
                 done = time.time_ns()
-                wait_until(lambda: _latest_ns(pool, pid) > done, 30)  # a sample that includes it
+                wait_until(lambda done=done: _latest_ns(pool, pid) > done, 30)  # a sample that includes it
             got = {}
             while set(got) != {"memory_growth", "memory_threshold"}:
                 ev = events.get(timeout=30)

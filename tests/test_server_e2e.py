@@ -6,6 +6,7 @@ zero-copy transfers both ways, telemetry, and liveness while a long op runs.
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import threading
 import time
@@ -264,7 +265,8 @@ def test_raw_stream_sends_one_event_per_message_unless_batching_is_asked(worker:
         for window_ms in (0, 50):
             stream = stub.WatchTelemetry(pb.TelemetryRequest(memory_interval_s=60, batch_window_ms=window_ms))
             got: list[Any] = []
-            reader = threading.Thread(target=lambda: got.extend(m for m, _ in zip(stream, range(1))), daemon=True)
+            reader = threading.Thread(target=lambda got=got, stream=stream: got.extend(itertools.islice(stream, 1)),
+                                      daemon=True)
             reader.start()
             deadline = time.monotonic() + 10
             while reader.is_alive() and time.monotonic() < deadline:

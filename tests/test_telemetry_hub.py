@@ -46,7 +46,6 @@ def test_no_watchers_means_inactive_and_no_sampler():
     assert hub.active is False and hub.watchers == 0
     hub.span_start("add", "r1", 10)  # returns at once: nothing to deliver to
     hub.span_stop("add", "r1", 5, 10, 20, {})
-    hub.emit_pool_event("crash", {"pid": 1})
     assert hub._sampler is None  # no thread exists while nobody watches
 
 
@@ -122,11 +121,11 @@ def test_slow_watcher_drops_oldest_and_never_blocks():
     sub = hub.subscribe(memory_interval_s=3600)
     assert sub.get(timeout=5)["type"] == "memory"  # the initial sample
     for i in range(10):
-        hub.emit_pool_event("restart", {"n": i, "worker": "w1"})
+        hub.span_start("add", f"r{i}", i)
     assert sub.dropped == 6
     got = [sub.get(timeout=1) for _ in range(4)]
-    assert [e["metadata"]["n"] for e in got] == ["6", "7", "8", "9"]
-    assert got[0] == {**got[0], "type": "pool", "event": "restart"}
+    assert [e["request_id"] for e in got] == ["r6", "r7", "r8", "r9"]
+    assert got[0] == {**got[0], "type": "span", "phase": "start", "op": "add", "bytes_in": 6}
     sub.close()
     hub.close()
 
@@ -137,8 +136,8 @@ def test_iteration_ends_when_closed_from_another_thread():
     seen = []
     t = threading.Thread(target=lambda: seen.extend(sub))
     t.start()
-    hub.emit_pool_event("crash", {"exit_code": 139})
-    wait_until(lambda: any(e["type"] == "pool" for e in seen))
+    hub.span_start("add", "r1")
+    wait_until(lambda: any(e["type"] == "span" for e in seen))
     sub.close()  # what a transport does when its client goes away
     t.join(5)
     assert not t.is_alive() and hub.active is False

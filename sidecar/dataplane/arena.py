@@ -201,7 +201,7 @@ class Arena:
                 block = None
         if block is not None:
             if slack_end > nbytes:  # outside the lock: the segment is this block's alone now
-                seg.zero(nbytes, slack_end)
+                block.segment.zero(nbytes, slack_end)
             return block
         seg = self._create(cap)  # outside the lock: populating a big segment takes a while
         with self._lock:

@@ -41,7 +41,7 @@ def stream_size(table: TableLike) -> int:
     """Bytes of `table`'s IPC stream (schema, batches, end-of-stream marker)."""
     mock = pa.MockOutputStream()
     _write(mock, table)
-    return mock.size()
+    return int(mock.size())
 
 
 def table_to_ref(table: TableLike, arena: Arena | None = None, *,

@@ -313,7 +313,7 @@ def tensor_to_ref(t: torch.Tensor, *, sync: bool = True) -> TensorRef:
     if elements_overlap(shape, [s * item for s in strides_el], item):
         raise InvalidArgument(f"tensor of shape {list(shape)} has overlapping strides {list(strides_el)} "
                               f"(an expand/broadcast); call .contiguous() before sending it")
-    strides = None if t.is_contiguous() else tuple(0 if d <= 1 else s * item for d, s in zip(shape, strides_el))
+    strides = None if t.is_contiguous() else tuple(0 if d <= 1 else s * item for d, s in zip(shape, strides_el, strict=True))
     device = t.device.index if t.device.index is not None else torch.cuda.current_device()
     uuid = device_uuid(device)
     if numel == 0:

@@ -70,12 +70,20 @@ def to_torch_dtype(name: str) -> Any:
         raise _unknown(name) from None
 
 
+# torch dtype -> wire name (None: not one of ours), filled as dtypes are seen (str() of one is slow).
+_TORCH_NAMES: dict[Any, str | None] = {}
+
+
 def _torch_dtype_name(dtype_like: Any) -> str | None:
     torch = sys.modules.get("torch")  # a torch dtype can only exist if torch is already imported
     if torch is None or not isinstance(dtype_like, torch.dtype):
         return None
-    name = str(dtype_like).removeprefix("torch.")
-    return name if name in _ITEMSIZE else None
+    try:
+        return _TORCH_NAMES[dtype_like]
+    except KeyError:
+        name = str(dtype_like).removeprefix("torch.")
+        known = _TORCH_NAMES[dtype_like] = name if name in _ITEMSIZE else None
+        return known
 
 
 # Native-endian NumPy dtype -> name, for the hot path (np.dtype.name is computed in Python, slowly).
@@ -107,4 +115,4 @@ def name_of(dtype_like: Any) -> str:
         raise _unknown(str(dt))
     if not dt.isnative:
         raise InvalidTensorRef(f"dtype {dt.str!r} is not in native byte order", field="dtype")
-    return dt.name
+    return str(dt.name)

@@ -49,7 +49,7 @@ def _cuda_tensor(obj: Any) -> Any:
         return None  # host memory by definition (and the common case: skip the DLPack probe)
     torch = _torch_module()
     if torch is not None and isinstance(obj, torch.Tensor):
-        return obj if obj.device.type == "cuda" else None
+        return obj if obj.is_cuda else None  # (not .device: that builds a torch.device, ~1.7 us)
     if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
         if int(obj.__dlpack_device__()[0]) in _DL_CUDA:
             import torch
@@ -62,13 +62,17 @@ def _torch_to_array(t: Any) -> tuple[np.ndarray, str]:
     """A CPU torch tensor as a NumPy view of the same memory (bfloat16 -> its uint16 bit patterns)."""
     import torch
 
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         raise DeviceMismatch(f"cannot describe a tensor on {t.device}: only CPU and CUDA tensors travel",
                              expected="cpu or cuda", got=str(t.device))
     if t.layout != torch.strided:
         raise InvalidArgument(f"only dense (strided) tensors travel, got layout {t.layout}")
     name = dtypes.name_of(t.dtype)
-    t = t.detach().resolve_conj().resolve_neg()
+    t = t.detach()
+    if t.is_conj():  # lazy conjugate / negative bits: NumPy must see the values themselves
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
     if name == "bfloat16":
         # Same-size dtype views keep the strides; NumPy then sees the raw 16-bit patterns.
         return t.view(torch.int16).numpy().view(np.uint16), name
@@ -122,7 +126,7 @@ def _byte_layout(arr: np.ndarray) -> tuple[tuple[int, ...] | None, int] | None:
     item = arr.itemsize
     if arr.flags.c_contiguous:
         return None, arr.size * item
-    strides = tuple(0 if dim <= 1 else s for dim, s in zip(arr.shape, arr.strides))
+    strides = tuple(0 if dim <= 1 else s for dim, s in zip(arr.shape, arr.strides, strict=True))
     if any(s < 0 or s % item for s in strides):
         return None  # negative or misaligned strides: not describable, copy instead
     if elements_overlap(arr.shape, strides, item):
@@ -211,7 +215,8 @@ def _to_numpy(ref: TensorRef, layout: Layout, cache: MappingCache, writable: boo
         # np.frombuffer's array holds a memoryview, i.e. a buffer export, for as long as any view
         # of it lives, so closing the Segment (cache eviction) defers the munmap. np.ndarray(buffer=
         # seg) would keep only a reference to `seg` and release its export at once (a later SIGSEGV).
-        buf: Any = np.frombuffer(seg, np.uint8)
+        # (numpy's stubs take the buffer protocol as a Protocol only from Python 3.12 on)
+        buf: Any = np.frombuffer(seg, np.uint8)  # type: ignore[call-overload]
     elif isinstance(storage, InlineStorage):
         if writable:
             raise InvalidTensorRef("inline data cannot be written: a writable ref needs shared memory",
@@ -230,7 +235,8 @@ def _view(ref: TensorRef, buf: Any, offset: int, numel: int) -> np.ndarray:
     dtype = dtypes.to_numpy_dtype(ref.dtype)
     if numel == 0:
         return np.empty(ref.shape, dtype)  # nothing to share; NumPy would still want a buffer
-    return np.ndarray(ref.shape, dtype, buffer=buf, offset=offset, strides=ref.strides)
+    arr: np.ndarray = np.ndarray(ref.shape, dtype, buffer=buf, offset=offset, strides=ref.strides)
+    return arr
 
 
 def _array_to_torch(arr: np.ndarray, name: str) -> torch.Tensor:

@@ -43,6 +43,7 @@ from sidecar.errors import InvalidArgument, InvalidTensorRef, SidecarError, Work
 from sidecar.host.leases import LeaseGroup, LocalFirst, PendingReleases, empty_in
 from sidecar.host.transport import TelemetryWatch, Transport
 from sidecar.protocol.calls import Call, OutputSpec, Placement, Timing
+from sidecar.protocol.limits import DEFAULT_INLINE_THRESHOLD
 from sidecar.protocol.refs import ArrowRef, InlineStorage, ShmStorage, TensorRef
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class Client:
 
     def __init__(self, address: str | None = None, *, transport: Transport | None = None,
                  arena: Arena | None = None, run_id: str | None = None,
-                 inline_threshold: int = tensors.DEFAULT_INLINE_THRESHOLD, timeout: float | None = None,
+                 inline_threshold: int = DEFAULT_INLINE_THRESHOLD, timeout: float | None = None,
                  max_message_bytes: int | None = None, allow_alias: bool = True) -> None:
         if (address is None) == (transport is None):
             raise InvalidArgument("a Client needs either a worker address or a transport", field="address")

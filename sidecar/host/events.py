@@ -25,7 +25,6 @@ telemetry in one stream. (The memory profiler, `sidecar.observe`, publishes its 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -46,13 +45,6 @@ class PoolEvent:
     event: str
     metadata: dict[str, Any] = field(default_factory=dict)
     time_unix_ns: int = field(default_factory=time.time_ns)
-
-    def to_proto(self) -> Any:
-        """As a `sidecar.v1.TelemetryEvent` with its `pool` field set (metadata as strings)."""
-        from sidecar.v1 import sidecar_pb2 as pb
-
-        return pb.TelemetryEvent(time_unix_ns=self.time_unix_ns, pid=os.getpid(),
-                                 pool=pb.PoolEvent(event=self.event, metadata=self.string_metadata()))
 
     def string_metadata(self) -> dict[str, str]:
         """The metadata as the proto carries it: strings, lists joined by newlines, None left out."""
@@ -157,7 +149,7 @@ class EventStream:
 
     def __init__(self, bus: EventBus, maxsize: int) -> None:
         self._bus = bus
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize)
+        self._queue: queue.Queue[PoolEvent | object] = queue.Queue(maxsize)  # events, then _END
         self.dropped = 0
 
     def _put(self, event: PoolEvent) -> None:
@@ -175,6 +167,7 @@ class EventStream:
         if item is self._END:
             self._queue.put_nowait(self._END)
             return None
+        assert isinstance(item, PoolEvent)
         return item
 
     def __iter__(self) -> Iterator[PoolEvent]:
@@ -183,6 +176,7 @@ class EventStream:
             if item is self._END:
                 self._queue.put_nowait(self._END)
                 return
+            assert isinstance(item, PoolEvent)
             yield item
 
     def close(self) -> None:

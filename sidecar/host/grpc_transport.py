@@ -67,16 +67,11 @@ class GrpcTransport(Transport):
                         ("grpc.max_send_message_length", max_message_bytes)]
         self._channel = grpc.insecure_channel(channel_target(address), options=options)
         # Stubs are built once: building one on a closed channel is what crashes grpcio.
-        self._stub = pb_grpc.SidecarStub(self._channel)
+        self._stub = pb_grpc.SidecarStub(self._channel)  # type: ignore[no-untyped-call]  # generated, no stub
         self._health_stub = health_pb2_grpc.HealthStub(self._channel)
 
     def execute(self, call: Call, timeout: float | None = None) -> CallResult:
-        out = call.output
-        req = wire.execute_request(
-            call.op, call.inputs, call.attrs, placement=out.placement, out=out.out,
-            inline_threshold=out.inline_threshold, release=call.release, request_id=call.request_id,
-            idempotent=call.idempotent, allow_alias=out.allow_alias, client_pid=call.client_pid,
-            client_id=call.client_id, session_id=call.session_id, session_ttl_s=call.session_ttl_s)
+        req = wire.call_to_request(call)
         try:
             resp = self._stub.Execute(req, timeout=timeout)
         except grpc.RpcError as err:
@@ -100,7 +95,7 @@ class GrpcTransport(Transport):
 
         resp = self._unary(self._health_stub.Check, health_pb2.HealthCheckRequest(service=service), "Health",
                            timeout)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
 
     def watch_telemetry(self, memory_interval_s: float = 0.0, batch_window_ms: int = 20) -> TelemetryWatch:
         request = pb.TelemetryRequest(memory_interval_s=memory_interval_s, batch_window_ms=batch_window_ms)

@@ -88,7 +88,8 @@ def keep_alive(arr: np.ndarray, on_collect: Callable[[], Any]) -> np.ndarray | N
     if not arr.flags.writeable:
         keeper.flags.writeable = False
     weakref.finalize(keeper, on_collect)
-    return keeper.view(np.ndarray)
+    view: np.ndarray = keeper.view(np.ndarray)
+    return view
 
 
 class LeaseGroup:

@@ -89,7 +89,7 @@ class SupervisionPolicy:
         if streak <= 1:
             return 0.0
         first, cap = self.restart_backoff
-        return min(cap, first * 2 ** (streak - 2))
+        return min(cap, first * 2.0 ** (streak - 2))
 
     def on_death(self, streak: int, death: Death, pid: int | None = None,
                  stderr_tail: tuple[str, ...] = ()) -> Verdict:

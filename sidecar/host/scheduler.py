@@ -192,7 +192,7 @@ class CallScheduler:
 
     def _retry_delay(self, attempt: int) -> float:
         first, cap = self.settings.retry_backoff
-        return min(cap, first * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+        return min(cap, first * 2.0 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
     def acquire(self, op: str, deadline: float | None, excluded: set[int]) -> tuple[Worker, int]:
         """A ready worker and a token for `release`; waits for one (until the deadline) unless the

@@ -61,7 +61,6 @@ class WorkerProcess:
         self.pid = pid
         self.via = via  # "cold" or "template"
         self.address: str | None = None
-        self.started_at = time.monotonic()
         self.ready_at: float | None = None
         self._popen = popen
         self._pidfd = pidfd  # template path: a pidfd of the worker, sent by the template

@@ -20,11 +20,13 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from sidecar.host.template_protocol import TEMPLATE_MODULE, recv, send
 
 log = logging.getLogger(__name__)
+
+_Handle = TypeVar("_Handle")  # what a spawn's `make` builds (the host's WorkerProcess)
 
 __all__ = ["Template", "TemplateError"]
 
@@ -98,7 +100,7 @@ class Template:
         return not self.dead and not self._closed
 
     def spawn(self, argv: Sequence[str], *, env: Mapping[str, str], fds: Sequence[int], cwd: str | None,
-              make: Callable[..., Any]) -> Any:
+              make: Callable[[int, int], _Handle]) -> _Handle:
         """Forks a worker running `sidecar.cli.main(argv)` with `fds` as its stdin/stdout/stderr.
 
         `make(pid, pidfd)` builds the host's handle for it; it is called on the reader thread before
@@ -119,7 +121,8 @@ class Template:
         result = slot[2]
         if isinstance(result, BaseException):
             raise result
-        return result
+        handle: _Handle = result  # what make() returned on the reader thread
+        return handle
 
     def watch(self, pid: int) -> None:
         """Asks the template to kill `pid` (a worker started cold) if the host dies."""

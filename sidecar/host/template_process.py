@@ -297,7 +297,7 @@ class _TemplateServer:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
-        for pid, pidfd in self.watched.items():
+        for pidfd in self.watched.values():
             try:
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             except OSError:

@@ -28,7 +28,8 @@ __all__ = ["LATENCY_BUCKETS", "CallMetrics", "LabelledCounter", "outcome_of", "g
 # From a 50 us small call to a minute-long op: the buckets a sidecar call actually lands in.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, float("inf"))
-_LE = [floatToGoString(b) for b in LATENCY_BUCKETS]  # "0.00025", ..., "+Inf" (the Elixir side spells them so)
+# "0.00025", ..., "+Inf" (the Elixir side spells them so); prometheus_client.utils has no annotations.
+_LE: list[str] = [floatToGoString(b) for b in LATENCY_BUCKETS]  # type: ignore[no-untyped-call]
 
 # Op names come from callers: past this many distinct ones (a client looping over made-up names),
 # further names are counted under OTHER_OP so that a scrape stays small.
@@ -129,8 +130,8 @@ class CallMetrics(Collector):
                 b_in, b_out = st.bytes_in, st.bytes_out
             for outcome, n in sorted(outcomes.items()):
                 calls.add_metric([op, outcome], n)
-            for family, counts, total in zip(hists, per_bucket, sums):
-                family.add_metric([op], list(zip(_LE, accumulate(counts))), total)
+            for family, counts, total in zip(hists, per_bucket, sums, strict=True):
+                family.add_metric([op], list(zip(_LE, accumulate(counts), strict=True)), total)
             moved.add_metric([op, "in"], b_in)
             moved.add_metric([op, "out"], b_out)
         yield calls

@@ -186,7 +186,7 @@ class PoolObserver:
                 raise _closed()
             current = self.history
             same = current is not None and (wanted is None or wanted == current.profile)
-            if same and self._sampler is not None:
+            if current is not None and same and self._sampler is not None:
                 return current  # running with these settings already
         self.stop_profiling()
         history = current if same and current is not None else \

@@ -39,7 +39,7 @@ def static_file(name: str) -> Response:
     if "/" in name or name.startswith(".") or suffix not in _STATIC_TYPES:
         return json_response({"error": f"no such file: {name}"}, 404)
     try:
-        body = resources.files("sidecar.observe").joinpath("static", name).read_bytes()
+        body = resources.files("sidecar.observe").joinpath("static").joinpath(name).read_bytes()
     except (FileNotFoundError, IsADirectoryError):
         return json_response({"error": f"no such file: {name}"}, 404)
     return 200, _STATIC_TYPES[suffix], body
@@ -136,6 +136,8 @@ class ObservabilityServer:
         except OSError as exc:
             raise InvalidArgument(f"cannot listen on {address}: {exc.strerror or exc}", field="address") from None
         bound_host, bound_port = self._server.server_address[:2]
+        if isinstance(bound_host, bytes):  # (typeshed allows bytes for AF_UNIX; an HTTP server is INET)
+            bound_host = bound_host.decode()
         self.address = f"[{bound_host}]:{bound_port}" if ":" in str(bound_host) else f"{bound_host}:{bound_port}"
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
                                         name=f"sidecar-observe-http-{bound_port}", daemon=True)

@@ -86,7 +86,7 @@ class _WorkerCollector(Collector):
         rt = self._rt
         sample = rt.memory_sample()
         yield gauge("sidecar_worker_info", "The worker's pid, device and version (value 1)",
-                    ["pid", "device", "version"], [((os.getpid(), rt.device, __version__), 1)])
+                    ["pid", "device", "version"], [((str(os.getpid()), str(rt.device), __version__), 1)])
         yield gauge("sidecar_worker_tainted", "1 once the device needs a fresh process (the worker exits 70)",
                     rows=[((), 1 if rt.tainted else 0)])
         for name, key, text in (

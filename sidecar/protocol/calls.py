@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable, Union
 
-from sidecar.protocol.refs import TensorRef
+from sidecar.protocol.refs import ArrowRef, TensorRef
 
-Value = Any  # TensorRef | ArrowRef | float | int | bool | str | bytes | list | dict | None
+# What an input, an attr or an output is on the wire (sidecar.v1.Value): refs or plain values, nested.
+Value = Union[TensorRef, ArrowRef, float, int, bool, str, bytes, None, list["Value"], dict[str, "Value"]]
 
 
 class Placement(enum.IntEnum):

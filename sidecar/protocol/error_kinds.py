@@ -35,7 +35,8 @@ class ErrorKind(str, Enum):
 def _error_fields() -> tuple[str, ...]:
     """`sidecar.v1.Error`'s fields in proto order, but kind and message (every error has them) and
     `has_<field>` presence flags (wire bookkeeping: proto3 cannot tell 0 from unset)."""
-    names = [f.name for f in sorted(pb.Error.DESCRIPTOR.fields, key=lambda f: f.number)]
+    by_number = {f.number: f.name for f in pb.Error.DESCRIPTOR.fields}
+    names = [by_number[n] for n in sorted(by_number)]
     return tuple(n for n in names if n not in ("kind", "message")
                  and not (n.startswith("has_") and n[len("has_"):] in names))
 

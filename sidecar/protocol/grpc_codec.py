@@ -17,7 +17,7 @@ attribute set (converted only when protobuf refuses the value as it is), reading
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -33,6 +33,8 @@ from sidecar.protocol.limits import (ERROR_BYTES, ERROR_FIELD_BYTES, ERROR_LIST_
                                      ERROR_TRACEBACK_BYTES, STATUS_MESSAGE_BYTES)
 from sidecar.protocol.refs import TensorRef
 from sidecar.v1 import sidecar_pb2 as pb
+
+_M = TypeVar("_M", bound=PbMessage)  # the message a codec fills (and returns)
 
 __all__ = ["MessageCodec", "codec", "record_codec", "fill_value", "read_value", "execute_request", "call_from_request",
            "result_to_response", "result_from_response", "message_to_dict", "dict_to_message", "op_to_pb",
@@ -66,7 +68,7 @@ class MessageCodec:
 
     # Replaced by the compiled functions (`codec()` compiles a codec as soon as it makes it).
 
-    def fill(self, m: Any, src: Any) -> Any:
+    def fill(self, m: _M, src: Any) -> _M:
         """Sets the fields of message `m` from `src` (a bound object, or a record: absent and None
         values leave a field unset, keys that are no field are ignored); returns `m`."""
         raise NotImplementedError  # pragma: no cover
@@ -136,7 +138,10 @@ class _Compiler:
     def fill(self) -> list[str]:
         c = self.c
         lines = ["def fill(m, src):"]
-        get = (lambda n: f"src.get({n!r})") if c.binding is None else (lambda n: f"src.{n}")
+
+        def get(n: str) -> str:
+            return f"src.get({n!r})" if c.binding is None else f"src.{n}"
+
         if c.binding is None:
             lines.append("    if not isinstance(src, dict): src = dict(src)")
         for f in self.fields():
@@ -333,12 +338,12 @@ def fill_value(m: pb.Value, v: Any) -> None:
         for x in v:
             fill_value(items.add(), x)
     elif kind == "map":
-        items = m.map.items
+        entries = m.map.items
         m.map.SetInParent()
         for k, x in v.items():
             if not isinstance(k, str):
                 raise InvalidArgument(f"map keys must be strings, got {type(k).__name__}", field="value")
-            fill_value(items[_utf8(k)], x)
+            fill_value(entries[_utf8(k)], x)
     elif kind == "none":
         m.none.SetInParent()
     else:  # f64, i64, b, raw: the member holds the Python value as it is
@@ -385,6 +390,11 @@ def execute_request(op: str, inputs: Iterable[Any] = (), attrs: Mapping[str, Any
                                   allow_alias=allow_alias),
                 release=list(release), request_id=request_id, idempotent=idempotent, client_pid=client_pid,
                 client_id=client_id, session_id=session_id, session_ttl_s=session_ttl_s)
+    return call_to_request(call)
+
+
+def call_to_request(call: Call) -> pb.ExecuteRequest:
+    """The request of a `Call` the host built (the small call's path: no second Call)."""
     return _fill_request(pb.ExecuteRequest(), call)
 
 
@@ -422,13 +432,13 @@ def message_to_dict(m: PbMessage) -> dict[str, Any]:
     return record_codec(m.DESCRIPTOR.name).read(m)  # type: ignore[no-any-return]
 
 
-def dict_to_message(d: Mapping[str, Any], m: PbMessage) -> PbMessage:
+def dict_to_message(d: Mapping[str, Any], m: _M) -> _M:
     """Fill `m` from a record; None values and unknown keys are skipped."""
-    return record_codec(m.DESCRIPTOR.name).fill(m, d)  # type: ignore[no-any-return]
+    return record_codec(m.DESCRIPTOR.name).fill(m, d)
 
 
 def hardware_to_pb(d: Mapping[str, Any]) -> pb.Hardware:
-    return dict_to_message(d, pb.Hardware())  # type: ignore[return-value]
+    return dict_to_message(d, pb.Hardware())
 
 
 def hardware_from_pb(m: pb.Hardware) -> dict[str, Any]:
@@ -437,7 +447,7 @@ def hardware_from_pb(m: pb.Hardware) -> dict[str, Any]:
 
 def op_to_pb(spec: Any) -> pb.OpInfo:
     """An `OpSpec` (name, doc, min_inputs, max_inputs, idempotent, attrs, module) as `OpInfo`."""
-    return dict_to_message(records.op_record(spec), pb.OpInfo())  # type: ignore[return-value]
+    return dict_to_message(records.op_record(spec), pb.OpInfo())
 
 
 def op_from_pb(m: pb.OpInfo) -> dict[str, Any]:
@@ -449,7 +459,7 @@ _fill_event = record_codec("TelemetryEvent").fill
 
 def telemetry_to_pb(ev: Mapping[str, Any]) -> pb.TelemetryEvent:
     """A telemetry hub event (`{"type": "span"|"memory"|"pool", ...}`) as a `TelemetryEvent`."""
-    return _fill_event(pb.TelemetryEvent(), records.telemetry_record(ev))  # type: ignore[no-any-return]
+    return _fill_event(pb.TelemetryEvent(), records.telemetry_record(ev))
 
 
 def telemetry_from_pb(m: pb.TelemetryEvent) -> dict[str, Any]:
@@ -510,7 +520,7 @@ def error_to_pb(e: SidecarError) -> pb.Error:
     """The error as a `sidecar.v1.Error` of at most ERROR_BYTES: long strings cut in the middle,
     lists shortened, integers that their field cannot hold clamped (a `dim=1e300` echoed back)."""
     f = e.fields
-    m = pb.Error(kind=pb.ErrorKind.Value(e.kind.value), message=cut(e.message, ERROR_MESSAGE_BYTES))
+    m = pb.Error(kind=e.kind.value, message=cut(e.message, ERROR_MESSAGE_BYTES))  # the enum by its name
     for field in _PLAIN_ERROR_FIELDS:
         v = f.get(field.name)
         if v is None or (field.repeated and not v):
@@ -578,7 +588,8 @@ def error_to_status(e: SidecarError) -> grpc.Status:
     detail.Pack(error_to_pb(e))
     code = getattr(code_pb2, e.grpc_code, code_pb2.INTERNAL)
     message = cut(e.message, STATUS_MESSAGE_BYTES)  # the whole message is in the details
-    return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=[detail]))
+    status: grpc.Status = rpc_status.to_status(status_pb2.Status(code=code, message=message, details=[detail]))
+    return status
 
 
 _BY_CODE: dict[grpc.StatusCode, type[SidecarError]] = {
@@ -594,7 +605,7 @@ _BY_CODE: dict[grpc.StatusCode, type[SidecarError]] = {
 def error_from_rpc(e: grpc.RpcError, op: str | None = None) -> SidecarError:
     """The structured error inside a failed RPC; a status without details is classified by code."""
     try:
-        status = rpc_status.from_call(e)  # type: ignore[arg-type]
+        status = rpc_status.from_call(e)
     except (ValueError, AttributeError):
         status = None
     if status is not None:

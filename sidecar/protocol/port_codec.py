@@ -223,7 +223,7 @@ class TermCodec:
             else:
                 kwargs[name] = decode(v, index)
         if self.members:
-            for member, key, cls, decode in self.members:
+            for _member, key, cls, decode in self.members:
                 if key in t:
                     v = decode(t[key], index)
                     kwargs[b.oneof_attr or ""] = v if isinstance(v, cls) else cls(v)
@@ -263,7 +263,8 @@ class TermCodec:
         if b is not None and b.oneof_attr is not None:
             held = getattr(src, b.oneof_attr)
             key, term, is_message = self.member_out[b.member_of(held)]
-            out[key] = term(held if is_message else getattr(held, records.wrapped_field(type(held))))
+            held_cls: type = type(held)
+            out[key] = term(held if is_message else getattr(held, records.wrapped_field(held_cls)))
         tag = TAGS.get(self.spec.name)
         return (Atom(tag), out) if tag is not None else out
 

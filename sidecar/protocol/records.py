@@ -43,9 +43,6 @@ class Binding:
         raise TypeError(f"{type(value).__name__} is not a {self.message} member "
                         f"({', '.join(c.__name__ for c, _ in self.members)})")  # a bug on our side
 
-    def type_of(self, member: str) -> type:
-        return next(cls for cls, m in self.members if m == member)
-
 
 BINDINGS: dict[type, Binding] = {b.cls: b for b in (
     Binding(ShmStorage, "ShmRef", descriptor=True),

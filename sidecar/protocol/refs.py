@@ -63,7 +63,7 @@ def byte_span(shape: Sequence[int], strides: Sequence[int], itemsize: int) -> in
     has no elements. `strides` are in bytes and not negative (the wire's rule)."""
     if 0 in shape:
         return 0
-    return sum((dim - 1) * stride for dim, stride in zip(shape, strides)) + itemsize
+    return sum((dim - 1) * stride for dim, stride in zip(shape, strides, strict=True)) + itemsize
 
 
 def elements_overlap(shape: Sequence[int], strides: Sequence[int], itemsize: int) -> bool:

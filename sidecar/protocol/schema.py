@@ -75,10 +75,6 @@ class Message:
     def names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.fields)
 
-    def pb_class(self) -> Any:
-        """The generated class (`sidecar_pb2.<name>`)."""
-        return _classes()[self.name]
-
 
 def _field(f: FieldDescriptor) -> Field:
     kind = _KINDS[f.type]
@@ -109,19 +105,9 @@ def _descriptors() -> dict[str, Descriptor]:
 
 
 @functools.cache
-def _classes() -> dict[str, Any]:
-    return {name: getattr(pb, name) for name in pb.DESCRIPTOR.message_types_by_name}
-
-
-@functools.cache
 def message(name: str) -> Message:
     """The table of `sidecar.v1.<name>` (e.g. "Tensor", "ExecuteRequest", "Error")."""
     d = _descriptors()[name]
     fields = tuple(_field(f) for f in d.fields)
     oneofs = {o.name: tuple(f.name for f in o.fields) for o in d.oneofs}
     return Message(name, fields, {f.name: f for f in fields}, oneofs)
-
-
-def enum_values(name: str) -> dict[str, int]:
-    """A top-level enum of the proto: value name -> number (e.g. "Placement", "ErrorKind")."""
-    return {v.name: v.number for v in pb.DESCRIPTOR.enum_types_by_name[name].values}

@@ -115,7 +115,7 @@ def _ints(opname: str, attr: str, value: Any) -> list[int]:
     raise _attr_error(opname, attr, "a list of integers", value)
 
 
-def check_dim(opname: str, x: torch.Tensor, dim: int, attr: str = "dim", shapes: list | None = None) -> int:
+def check_dim(opname: str, x: torch.Tensor, dim: int, attr: str = "dim", shapes: list[list[int]] | None = None) -> int:
     """dim must lie in [-ndim, ndim-1] (a 0-d tensor accepts -1 and 0, as in torch)."""
     n = max(x.dim(), 1)
     if -n <= dim < n:
@@ -185,7 +185,7 @@ def _elementwise(opname: str, a: Any, b: Any) -> tuple[Any, Any, list[int]]:
     return a, b, broadcast_shapes(opname, [shape_of(a), shape_of(b)])
 
 
-def _out(ctx: OpContext | None, shape: Sequence[int], dtype: torch.dtype, *inputs: Any) -> dict[str, torch.Tensor]:
+def _out(ctx: OpContext | None, shape: Sequence[int], dtype: torch.dtype, *inputs: Any) -> dict[str, Any]:
     """`out=` for a result of known shape and dtype: on a CPU worker a block of the worker's arena,
     so the result is leased as it is (no fresh pages to fault in, no copy into a block).
 
@@ -453,7 +453,7 @@ def transpose(x: Any, *, dim0: Any = -2, dim1: Any = -1) -> torch.Tensor:
     x = _tensor("transpose", x, 0)
     d0, d1 = _int("transpose", "dim0", dim0), _int("transpose", "dim1", dim1)
     if x.dim() < 2 and (d0, d1) == (-2, -1):
-        return x
+        return _tensor("transpose", x, 0)
     check_dim("transpose", x, d0, "dim0")
     check_dim("transpose", x, d1, "dim1")
     return torch.transpose(x, d0, d1)
@@ -473,4 +473,5 @@ def cast(x: Any, *, dtype: Any, ctx: OpContext | None = None) -> torch.Tensor:
                             "imaginary part", op="cast", expected="a complex target dtype", got=dtype,
                             input_index=0, suggestion="take the real part in your own op, or cast to complex")
     out = _out(ctx, x.shape, target, x) if target != x.dtype else {}
-    return out["out"].copy_(x) if out else x.to(target)  # .to() is that copy_ into a new tensor
+    result: torch.Tensor = out["out"].copy_(x) if out else x.to(target)  # .to() is that copy_ into a new tensor
+    return result

@@ -132,7 +132,7 @@ class _Region:
         if t.numel() == 0 or not self.start <= t.data_ptr() < self.end:
             return None
         item = t.element_size()
-        strides = [0 if d <= 1 else st * item for d, st in zip(t.shape, t.stride())]
+        strides = [0 if d <= 1 else st * item for d, st in zip(t.shape, t.stride(), strict=True)]
         if any(st < 0 for st in strides):
             return None
         span = byte_span(t.shape, strides, item)
@@ -425,7 +425,7 @@ class Dispatcher:
                 raise DeviceUnavailable(f"input {i} is a CUDA IPC tensor but this worker runs on {self.device}",
                                         device="cuda", available=[str(self.device)], input_index=i)
             t = tensors.to_torch(v, source, writable=False, input_index=i)
-            if t.device != self.device and self.device.type != "cpu":
+            if self.device.type != "cpu" and t.device != self.device:
                 return t.to(self.device)
             if regions is not None:
                 region = _Region.of_input(v, t, self._own_prefix)
@@ -442,7 +442,7 @@ class Dispatcher:
 
     def _run(self, spec: OpSpec, args: list[Any], call: Call, request_id: str,
              blocks: CallBlocks | None) -> Any:
-        kwargs = dict(call.attrs)
+        kwargs: dict[str, Any] = dict(call.attrs)  # the attrs, and the ctx an op may take
         if spec.accepts_ctx:
             kwargs[CTX_PARAM] = OpContext(self.device, self.runtime, request_id,
                                           call.is_cancelled or (lambda: False),
@@ -473,8 +473,10 @@ class Dispatcher:
             if blocks is not None:
                 held += blocks.take_found()  # whole blocks, also when an output is a view of part of one
             bytes_out = sum(_ref_nbytes(v) for v in values)
-            owner = LeaseOwner(call.client_pid, call.client_id) if call.client_pid else None
-            lease_ids = [self.leases.add(held, owner)] if held else []
+            lease_ids: list[str] = []
+            if held:
+                owner = LeaseOwner(call.client_pid, call.client_id) if call.client_pid else None
+                lease_ids.append(self.leases.add(held, owner))
         except BaseException:
             free_objects(held, reuse=True)  # no host has seen them
             raise
@@ -490,10 +492,10 @@ class Dispatcher:
         arena = None if inline else arena
         threshold = self._threshold(call, placement)
         if _is_table(out):
-            ref, block = arrow.table_to_ref(out, arena, inline_threshold=threshold)
+            table_ref, block = arrow.table_to_ref(out, arena, inline_threshold=threshold)
             if block is not None:
                 held.append(block)
-            return ref
+            return table_ref
         if isinstance(out, dict):
             return {str(k): self._encode_one(v, placement, call, held, regions, arena) for k, v in out.items()}
         if isinstance(out, (list, tuple)):
@@ -504,7 +506,7 @@ class Dispatcher:
             return self._to_device_ref(out, held)
         if isinstance(out, torch.Tensor):
             out = out.detach()
-            if out.device.type != "cpu":
+            if not out.is_cpu:  # (.is_cpu, not .device: that builds a torch.device each time)
                 out = out.cpu()
             elif not inline:
                 for region in regions:

@@ -255,7 +255,7 @@ class SidecarServicer(StateRpcs, pb_grpc.SidecarServicer):
             self._core.unwatch(sub)
 
 
-def sidecar_handlers(servicer: SidecarServicer) -> dict[str, grpc.RpcMethodHandler]:
+def sidecar_handlers(servicer: SidecarServicer) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
     """The Sidecar methods, registered with an identity request deserializer.
 
     grpcio leaks ~20 KB per request whose body its deserializer rejects (grpc/grpc#36908), so a
@@ -264,7 +264,7 @@ def sidecar_handlers(servicer: SidecarServicer) -> dict[str, grpc.RpcMethodHandl
     avoids that path and answers a structured INVALID_ARGUMENT naming the message instead.
     """
     service = pb.DESCRIPTOR.services_by_name["Sidecar"]
-    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in service.methods:
         request_cls = getattr(pb, method.input_type.name)
         response_cls = getattr(pb, method.output_type.name)

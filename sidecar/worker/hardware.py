@@ -159,7 +159,7 @@ def cuda_info(device: str = "cpu") -> dict[str, Any]:
         import torch
 
         out["runtime_version"] = torch.version.cuda or ""
-        torch_cuda_used = torch.cuda.is_initialized()
+        torch_cuda_used = bool(torch.cuda.is_initialized())  # type: ignore[no-untyped-call]  # (unannotated in torch)
     except Exception:
         torch = None  # type: ignore[assignment]
         torch_cuda_used = False
@@ -197,7 +197,7 @@ def _driver_from_torch() -> str:
     try:
         import torch
 
-        v = torch._C._cuda_getDriverVersion()  # e.g. 12040; private but stable for years
+        v = int(torch._C._cuda_getDriverVersion())  # type: ignore[attr-defined]  # e.g. 12040; private, stable for years
         return f"{v // 1000}.{v % 1000 // 10}"
     except Exception:
         return ""
@@ -242,7 +242,7 @@ def detect(device: str = "cpu") -> dict[str, Any]:
     try:
         import torch
 
-        torch_version = torch.__version__
+        torch_version = str(torch.__version__)
     except Exception:
         torch_version = ""
     cpu = cpu_info()

@@ -206,7 +206,7 @@ class ParentWatch:
                 self._shutdown.request("parent exited", fast=True)
                 return
 
-    def on_signal(self, signum: int, frame: object) -> None:
+    def on_signal(self, signum: int, _frame: object) -> None:
         if not self.parent_alive():
             self._shutdown.request("parent exited", fast=True)
         else:
@@ -225,7 +225,7 @@ def _pid_exists(pid: int) -> bool:
 
 def install_signal_handlers(shutdown: Shutdown, watch: ParentWatch | None) -> None:
     """SIGTERM/SIGINT drain then exit 0; the parent-death signal exits fast if the parent is gone."""
-    def term(signum: int, frame: object) -> None:
+    def term(signum: int, _frame: object) -> None:
         shutdown.request(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, term)

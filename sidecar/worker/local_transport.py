@@ -35,6 +35,7 @@ from sidecar.protocol import grpc_codec as wire
 from sidecar.protocol.calls import Call, CallResult
 from sidecar.v1 import sidecar_pb2 as pb
 from sidecar.worker.runtime import Runtime
+from sidecar.worker.telemetry import Subscription
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ __all__ = ["InProcessTransport"]
 
 
 class _LocalTelemetryWatch(TelemetryWatch):
-    def __init__(self, subscription: Any) -> None:
+    def __init__(self, subscription: Subscription) -> None:
         self._sub = subscription
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -14,11 +14,14 @@ import os
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, ParamSpec, Sequence, TypeVar, overload
 
 from sidecar.errors import UnknownOp, close_names, shorten
 
 F = TypeVar("F", bound=Callable[..., Any])
+# A decorated op keeps its own signature for the type checker (calling it directly, in tests).
+P = ParamSpec("P")
+R = TypeVar("R")
 
 CTX_PARAM = "ctx"  # an op that declares a parameter of this name receives an OpContext
 
@@ -166,9 +169,21 @@ def make_spec(fn: Callable[..., Any], name: str, *, idempotent: bool = True, doc
     )
 
 
-def op(name: str, *, idempotent: bool = True, doc: str | None = None, min_inputs: int | None = None,
-       max_inputs: int | None = None, attrs: Sequence[str] | None = None, meta_ok: bool = False) -> Callable[[F], F]:
-    """Declare `fn` as the op `name` (`@sidecar.op("name")`).
+@overload
+def op(fn: Callable[P, R], /) -> Callable[P, R]: ...
+
+
+@overload
+def op(name: str | None = None, *, idempotent: bool = True, doc: str | None = None, min_inputs: int | None = None,
+       max_inputs: int | None = None, attrs: Sequence[str] | None = None,
+       meta_ok: bool = False) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+
+
+def op(name: str | Callable[..., Any] | None = None, *, idempotent: bool = True, doc: str | None = None,
+       min_inputs: int | None = None, max_inputs: int | None = None, attrs: Sequence[str] | None = None,
+       meta_ok: bool = False) -> Any:
+    """Declare `fn` as the op `name`: `@sidecar.op("name", ...)`, or bare `@sidecar.op` (also
+    `@sidecar.op()`) for an op named as the function. The function is returned as it is.
 
     Inputs arrive as positional arguments (torch tensors on the worker's device, pyarrow Tables or
     plain values), attrs as keyword arguments; a parameter named `ctx` receives an `OpContext`:
@@ -178,13 +193,18 @@ def op(name: str, *, idempotent: bool = True, doc: str | None = None, min_inputs
     torch (it also runs on "meta" tensors, which hold no data, with ctx=None): the worker then knows
     its output sizes before running it (an inline output too big for a message is refused at once).
     """
-    def deco(fn: F) -> F:
-        spec = make_spec(fn, name, idempotent=idempotent, doc=doc, min_inputs=min_inputs,
+    if callable(name):  # bare @op: `name` is the function itself
+        return op(idempotent=idempotent, doc=doc, min_inputs=min_inputs, max_inputs=max_inputs, attrs=attrs,
+                  meta_ok=meta_ok)(name)
+
+    def deco(fn: Callable[P, R]) -> Callable[P, R]:
+        op_name = getattr(fn, "__name__", "") if name is None else name
+        spec = make_spec(fn, op_name, idempotent=idempotent, doc=doc, min_inputs=min_inputs,
                          max_inputs=max_inputs, attrs=attrs, meta_ok=meta_ok)
         with _DECL_LOCK:
             decl = _DECLARED_OPS.setdefault(spec.module, [])
             # Re-executing a module (importlib.reload) replaces its earlier declaration.
-            decl[:] = [s for s in decl if s.name != name] + [spec]
+            decl[:] = [s for s in decl if s.name != spec.name] + [spec]
         fn.__sidecar_op__ = spec  # type: ignore[attr-defined]
         return fn
     return deco

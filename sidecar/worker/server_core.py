@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import traceback
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Hashable, Iterable, Protocol
 
 from sidecar.errors import Cancelled, OpFailed, Overloaded, SidecarError
 from sidecar.protocol.calls import Call, CallResult
@@ -29,6 +29,9 @@ from sidecar.protocol.limits import DEFAULT_MEMORY_INTERVAL_S, FAST_GRACE_S, MAX
 from sidecar.worker.dispatcher import new_request_id
 from sidecar.worker.lifecycle import EXIT_TAINTED, Shutdown
 from sidecar.worker.telemetry import Subscription
+
+if TYPE_CHECKING:  # runtime.py imports torch and every worker part; the core needs only the type
+    from sidecar.worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ class CallHandle:
 
     __slots__ = ("call", "key", "_core", "_cancelled", "_caller_gone")
 
-    def __init__(self, core: ServerCore, call: Call, key: Any, caller_gone: Callable[[], bool] | None) -> None:
+    def __init__(self, core: ServerCore, call: Call, key: Hashable, caller_gone: Callable[[], bool] | None) -> None:
         self.call = call
         self.key = key
         self._core = core
@@ -57,7 +60,7 @@ class CallHandle:
 class ServerCore:
     """Serves one runtime's calls for any number of transports (see the module doc)."""
 
-    def __init__(self, runtime: Any, shutdown: Shutdown | None = None, *, max_watchers: int = MAX_WATCHERS) -> None:
+    def __init__(self, runtime: Runtime, shutdown: Shutdown | None = None, *, max_watchers: int = MAX_WATCHERS) -> None:
         self.runtime = runtime
         self.dispatcher = runtime.dispatcher
         self.shutdown = shutdown if shutdown is not None else Shutdown()
@@ -66,13 +69,13 @@ class ServerCore:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._in_flight = 0
-        self._by_key: dict[Any, CallHandle] = {}
+        self._by_key: dict[Hashable, CallHandle] = {}
         self._watchers: set[Subscription] = set()
         self.dispatcher.on_taint.append(self._tainted)
 
     # -- calls ---------------------------------------------------------------------------------------
 
-    def begin(self, call: Call, *, key: Any = None, caller_gone: Callable[[], bool] | None = None) -> CallHandle:
+    def begin(self, call: Call, *, key: Hashable = None, caller_gone: Callable[[], bool] | None = None) -> CallHandle:
         """Takes a call over; it is in flight until `end()`. `key` (the port's request id) lets
         `cancel(key)` reach it; `caller_gone` says when the caller left (a gRPC context).
 
@@ -114,7 +117,7 @@ class ServerCore:
             if self._in_flight == 0:
                 self._idle.notify_all()
 
-    def cancel(self, key: Any) -> bool:
+    def cancel(self, key: Hashable) -> bool:
         """Cancels the call in flight under `key`; False when there is none (already answered)."""
         with self._lock:
             handle = self._by_key.get(key)
@@ -127,18 +130,18 @@ class ServerCore:
     def in_flight(self) -> int:
         return self._in_flight
 
-    def release_quietly(self, ids: Any) -> None:
+    def release_quietly(self, ids: Iterable[object] | None) -> None:
         """Releases leases nobody will ever release (the caller is gone, or never learnt their ids)."""
-        ids = [str(x) for x in ids or ()]
-        if not ids:
+        names = [str(x) for x in ids or ()]
+        if not names:
             return
         try:
-            self.runtime.release(ids)
+            self.runtime.release(names)
         except Exception:
-            log.exception("releasing leases %s failed", ids)
+            log.exception("releasing leases %s failed", names)
 
     @staticmethod
-    def with_call_ids(err: SidecarError, op: Any, request_id: Any) -> SidecarError:
+    def with_call_ids(err: SidecarError, op: object, request_id: object) -> SidecarError:
         """Fills in op and request id when the raiser did not know them (a request refused before the
         dispatcher saw it gets a fresh id, as the dispatcher gives one to a call that has none)."""
         if op and isinstance(op, str) and err.fields.get("op") is None:

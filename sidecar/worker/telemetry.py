@@ -28,7 +28,7 @@ def gpu_memory(indices: list[int] | None = None) -> list[dict[str, int]]:
     try:
         import torch
 
-        if not torch.cuda.is_initialized():
+        if not torch.cuda.is_initialized():  # type: ignore[no-untyped-call]  # (unannotated in torch)
             return []
         out = []
         for i in (indices if indices is not None else [torch.cuda.current_device()]):
@@ -185,12 +185,6 @@ class Telemetry:
         self.emit({"type": "span", "phase": "exception", "op": op, "request_id": request_id,
                    "duration_ns": int(duration_ns), "bytes_in": int(bytes_in), "bytes_out": 0,
                    "outcome": outcome, "timing": dict(timing or {}), "message": message})
-
-    def emit_pool_event(self, event: str, metadata: dict[str, Any] | None = None) -> None:
-        if not self.active:
-            return
-        self.emit({"type": "pool", "event": event,
-                   "metadata": {str(k): str(v) for k, v in (metadata or {}).items()}})
 
     def memory_sample(self) -> dict[str, Any]:
         sample = {"type": "memory", "rss_bytes": 0, "arena_reserved_bytes": 0, "arena_in_use_bytes": 0,

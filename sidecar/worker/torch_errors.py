@@ -108,8 +108,8 @@ def _parse_shape_error(text: str, op: str, meta: InputsMeta | None) -> ShapeMism
                              got=str(k2), suggestion=hint)
     m = _RE_MV.search(text)
     if m:
-        _, _, k, v = m.groups()
-        return ShapeMismatch(text, op=op, input_shapes=shapes, dim=1, expected=k, got=v,
+        _, _, want, got = m.groups()
+        return ShapeMismatch(text, op=op, input_shapes=shapes, dim=1, expected=want, got=got,
                              suggestion="the vector's length must equal the matrix's number of columns")
     m = _RE_BMM.search(text)
     if m:
@@ -119,8 +119,8 @@ def _parse_shape_error(text: str, op: str, meta: InputsMeta | None) -> ShapeMism
                              suggestion="batch sizes must be equal and the inner dimensions must agree")
     m = _RE_VIEW.search(text)
     if m:
-        target, n = m.groups()
-        return ShapeMismatch(text, op=op, input_shapes=shapes, expected=f"{n} elements", got=f"[{target}]",
+        target, count = m.groups()
+        return ShapeMismatch(text, op=op, input_shapes=shapes, expected=f"{count} elements", got=f"[{target}]",
                              suggestion="keep the product of the sizes equal to the element count (or use -1)")
     m = _RE_DIM.search(text)
     if m:
