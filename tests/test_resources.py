@@ -3,7 +3,7 @@ frames): Load / Unload / ListResources / CloseSession, ctx.resource, ctx.session
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import psutil

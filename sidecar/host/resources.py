@@ -149,7 +149,7 @@ class PoolResources:
             self.version += 1
             workers = [w for w in self._live() if recipe.applies_to(w)]
         results = _each(workers, lambda w: w.client.load(name, recipe.loader, timeout=timeout, **recipe.kwargs))
-        failed = [(w, r) for w, r in zip(workers, results) if isinstance(r, BaseException)
+        failed = [(w, r) for w, r in zip(workers, results, strict=True) if isinstance(r, BaseException)
                   and not self._killed_from_outside(w, r)]
         if failed:
             worker, first = failed[0]
@@ -157,7 +157,7 @@ class PoolResources:
                 if self.recipes.get(name) == recipe:
                     del self.recipes[name]
                     self.version += 1
-            loaded = [w for w, r in zip(workers, results) if not isinstance(r, BaseException)
+            loaded = [w for w, r in zip(workers, results, strict=True) if not isinstance(r, BaseException)
                       and not r.get("already_loaded")]
             _each(loaded, lambda w: w.client.unload(name))
             if isinstance(first, SidecarError):
@@ -166,7 +166,7 @@ class PoolResources:
                 first.fields.setdefault("loader", recipe.loader)
                 raise first
             raise first
-        infos = [dict(r, slot=_label(w)) for w, r in zip(workers, results) if not isinstance(r, BaseException)]
+        infos = [dict(r, slot=_label(w)) for w, r in zip(workers, results, strict=True) if not isinstance(r, BaseException)]
         pool.events_bus.emit(events.resource_loaded(
             name, recipe.loader, [int(i["pid"]) for i in infos], time.monotonic() - t0,
             sum(int(i["host_bytes"]) for i in infos), sum(int(i["device_bytes"]) for i in infos)))
@@ -187,7 +187,7 @@ class PoolResources:
                   "host_bytes_freed": sum(int(r["host_bytes_freed"]) for r in done),
                   "device_bytes_freed": sum(int(r["device_bytes_freed"]) for r in done),
                   "device_reserved_freed": sum(int(r["device_reserved_freed"]) for r in done),
-                  "per_worker": [dict(r, pid=w.pid, slot=_label(w)) for w, r in zip(workers, results)
+                  "per_worker": [dict(r, pid=w.pid, slot=_label(w)) for w, r in zip(workers, results, strict=True)
                                  if not isinstance(r, BaseException)]}
         pool.events_bus.emit(events.resource_unloaded(name, len(done), report["host_bytes_freed"],
                                                       report["device_bytes_freed"]))
@@ -201,7 +201,7 @@ class PoolResources:
             workers = self._live()
         answers = _each(workers, lambda w: w.client.resources())
         held: dict[str, list[dict[str, Any]]] = {}
-        for w, a in zip(workers, answers):
+        for w, a in zip(workers, answers, strict=True):
             if isinstance(a, BaseException):
                 continue
             for info in a.get("resources", []):
@@ -255,7 +255,7 @@ class PoolResources:
             workers = pool._sup.serving_workers()
         results = _each(workers, lambda w: pool._scheduler.invoke_on(w, "call", op, inputs, timeout, kwargs))
         out = []
-        for w, r in zip(workers, results):
+        for w, r in zip(workers, results, strict=True):
             if isinstance(r, SidecarError):
                 out.append(WorkerResult(_label(w), w.pid, error=r))
             elif isinstance(r, BaseException):

@@ -23,7 +23,9 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
+
+from typing_extensions import Self  # typing.Self is 3.11+; the package supports 3.10
 
 from sidecar.errors import InvalidArgument, SessionLost, SidecarError, WorkerCrashed
 from sidecar.host import events

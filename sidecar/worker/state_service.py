@@ -40,15 +40,15 @@ class StateService:
             raise Cancelled(f"worker is shutting down ({self.core.closing}); load of {shorten(name)} refused")
         if not isinstance(loader, str):
             raise InvalidArgument(f"loader must be a string, got {shorten(loader)}", field="loader")
-        return self.rt.load(name, loader, kwargs)  # type: ignore[no-any-return]
+        return self.rt.load(name, loader, kwargs)
 
     def unload(self, name: Any) -> dict[str, Any]:
         if not isinstance(name, str) or not name:
             raise InvalidArgument(f"unload takes a resource name, got {shorten(name)}", field="name")
-        return self.rt.unload(name)  # type: ignore[no-any-return]
+        return self.rt.unload(name)
 
     def list_resources(self) -> dict[str, Any]:
-        return self.rt.list_resources()  # type: ignore[no-any-return]
+        return self.rt.list_resources()
 
     def close_session(self, session_id: Any) -> dict[str, Any]:
         if not isinstance(session_id, str) or not session_id:
@@ -80,7 +80,7 @@ class StateRpcs:
         def run() -> pb.LoadResponse:
             kwargs = {k: grpc_codec.read_value(v) for k, v in request.kwargs.items()}
             info = StateService(self._core).load(request.name, request.loader, kwargs)
-            return grpc_codec.dict_to_message({"resource": info}, pb.LoadResponse())  # type: ignore[no-any-return]
+            return grpc_codec.dict_to_message({"resource": info}, pb.LoadResponse())
         return self._state(context, run)  # type: ignore[no-any-return]
 
     def Unload(self, request: pb.UnloadRequest, context: grpc.ServicerContext) -> pb.UnloadResponse:
