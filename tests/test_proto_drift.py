@@ -25,4 +25,4 @@ def test_service_has_the_documented_rpcs() -> None:
     service = sidecar_pb2.DESCRIPTOR.services_by_name["Sidecar"]
     assert service.full_name == "sidecar.v1.Sidecar"
     assert {m.name for m in service.methods} == {
-        "Execute", "ListOps", "GetHardware", "Release", "WatchTelemetry"}
+        "Execute", "ListOps", "GetHardware", "Release", "WatchTelemetry", "ExecuteStream", "AckChunks"}

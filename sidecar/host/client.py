@@ -40,9 +40,12 @@ from sidecar.dataplane.mapcache import MappingCache
 from sidecar.dataplane.names import default_run_id
 from sidecar.dataplane.validate import check_segment_bounds, validate_arrow_ref
 from sidecar.errors import InvalidArgument, InvalidTensorRef, SidecarError, WorkerUnreachable
+from sidecar.host.futures import CallFuture, CancelScope, FutureRunner
 from sidecar.host.leases import LeaseGroup, LocalFirst, PendingReleases, empty_in
 from sidecar.host.transport import TelemetryWatch, Transport
-from sidecar.protocol.calls import Call, OutputSpec, Placement, Timing
+from sidecar.host.streams import Stream
+from sidecar.protocol.calls import Call, CallResult, Chunk, OutputSpec, Placement, Timing
+from sidecar.protocol.limits import DEFAULT_STREAM_MAX_CHUNKS
 from sidecar.protocol.refs import ArrowRef, InlineStorage, ShmStorage, TensorRef
 
 log = logging.getLogger(__name__)
@@ -140,6 +143,7 @@ class Client:
         self._active = 0
         self._shut = False
         self._watches: weakref.WeakSet[TelemetryWatch] = weakref.WeakSet()
+        self._futures = FutureRunner(name="sidecar-client-future")
         self._inherited: list[Any] = []  # a forked child keeps its parent's transport and arena, untouched
         self._parent_transport: Transport | None = None  # in a forked child: what to reopen
         self._pid = os.getpid()
@@ -180,7 +184,7 @@ class Client:
 
     def call(self, op: str, *inputs: Any, out: Any = None, placement: str | Placement = "auto",
              timeout: float | None = None, idempotent: bool | None = None, request_id: str | None = None,
-             **attrs: Any) -> Any:
+             cancel_scope: CancelScope | None = None, **attrs: Any) -> Any:
         """Run `op` and return its output (a tuple when it has several).
 
         NumPy in -> NumPy out; any torch tensor in -> torch out; Arrow tables come back as
@@ -188,23 +192,25 @@ class Client:
         results are written there and `out` is returned.
         """
         result = self.execute(op, *inputs, out=out, placement=placement, timeout=timeout,
-                              idempotent=idempotent, request_id=request_id, **attrs)
+                              idempotent=idempotent, request_id=request_id, cancel_scope=cancel_scope, **attrs)
         outs = result.outputs
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def execute(self, op: str, *inputs: Any, out: Any = None, placement: str | Placement = "auto",
                 timeout: float | None = None, idempotent: bool | None = None,
-                request_id: str | None = None, **attrs: Any) -> Result:
-        """Like `call`, but returns a `Result` with outputs, timing, device, leases and bytes."""
+                request_id: str | None = None, cancel_scope: CancelScope | None = None, **attrs: Any) -> Result:
+        """Like `call`, but returns a `Result` with outputs, timing, device, leases and bytes.
+        `cancel_scope` (`sidecar.host.futures`) lets another thread cancel the call under way."""
         transport = self._enter()
         try:
-            return self._execute(transport, op, inputs, out, placement, timeout, idempotent, request_id, attrs)
+            return self._execute(transport, op, inputs, out, placement, timeout, idempotent, request_id, attrs,
+                                 cancel_scope)
         finally:
             self._leave()
 
     def _execute(self, transport: Transport, op: str, inputs: tuple[Any, ...], out: Any,
                  placement: str | Placement, timeout: float | None, idempotent: bool | None,
-                 request_id: str | None, attrs: dict[str, Any]) -> Result:
+                 request_id: str | None, attrs: dict[str, Any], scope: CancelScope | None = None) -> Result:
         place = _placement(placement, out)
         want_torch = "torch" in sys.modules and any(_has_torch(x) for x in inputs)
         temp: dict[str, Block] = {}          # input copies made for this call, by segment name
@@ -228,7 +234,9 @@ class Client:
                                           allow_alias=self.allow_alias and place == Placement.AUTO),
                         release=self._pending.take(), request_id=request_id or os.urandom(8).hex(),
                         idempotent=bool(idempotent), client_pid=self._pid, client_id=self._client_id)
-            res = transport.execute(call, timeout if timeout is not None else self.timeout)
+            deadline = timeout if timeout is not None else self.timeout
+            res = transport.execute(call, deadline) if scope is None else \
+                transport.execute_cancellable(call, deadline, scope)
             for obj, block in copy_back:
                 _copy_back(obj, block)
             if place == Placement.OUT:
@@ -244,6 +252,67 @@ class Client:
                 block.release()
         return Result(outputs=outputs, timing=res.timing, device=res.device, leases=list(res.leases),
                       bytes_in=res.bytes_in, bytes_out=res.bytes_out, request_id=res.request_id)
+
+    def submit(self, op: str, *inputs: Any, **kwargs: Any) -> CallFuture:
+        """`call(op, *inputs, **kwargs)` in the background: a `concurrent.futures.Future` of its
+        result whose `cancel()` also cancels the call in the worker (`sidecar.host.futures`)."""
+        if self._closed:
+            raise ClientClosed(f"the client of {self.address} is closed", field="client")
+        return self._futures.submit(lambda scope: self.call(op, *inputs, cancel_scope=scope, **kwargs))
+
+    def stream(self, op: str, *inputs: Any, timeout: float | None = None, idempotent: bool | None = None,
+               request_id: str | None = None, max_chunks: int = 0, max_bytes: int = 0, **attrs: Any) -> Stream:
+        """Run a streaming op (a generator): an iterator of its chunks as they are produced (see
+        `sidecar.host.streams.Stream`). Each chunk comes back as `call` returns outputs.
+
+        `max_chunks` / `max_bytes` (0 = the worker's defaults, 16 chunks and 64 MiB) bound what the
+        worker sends ahead of your consumption; `timeout` bounds the whole stream. Break out (or
+        `close()`) to cancel: the worker closes the generator. Errors: the op's structured error
+        (raised by the iterator after the chunks produced before it), Cancelled, WorkerUnreachable.
+        """
+        transport = self._enter()
+        temp: dict[str, Block] = {}          # input copies, held until the stream ends (the op reads them)
+        in_place: dict[str, list[Any]] = {}  # inputs described where they lie, kept alive as long
+        try:
+            want_torch = "torch" in sys.modules and any(_has_torch(x) for x in inputs)
+            refs = [self._encode_input(x, temp, in_place) for x in inputs]
+            call = Call(op=op, inputs=refs, attrs=attrs, release=self._pending.take(),
+                        request_id=request_id or os.urandom(8).hex(), idempotent=bool(idempotent),
+                        client_pid=self._pid, client_id=self._client_id, stream_max_chunks=max_chunks,
+                        stream_max_bytes=max_bytes)
+            chunks = transport.stream(call, timeout if timeout is not None else self.timeout)
+        except BaseException:
+            for block in temp.values():
+                block.release()
+            self._leave()
+            raise
+
+        def decode(chunk: Chunk) -> Any:
+            if not chunk.leases and _all_inline(chunk.values):
+                outs = [self._decode_inline(v, want_torch) for v in chunk.values]
+            else:
+                outs = self._decode_outputs(op, chunk.values, list(chunk.leases), {}, {}, want_torch)
+            return outs[0] if len(outs) == 1 else tuple(outs)
+
+        def finish(res: CallResult | None) -> Result | None:
+            try:
+                for block in temp.values():
+                    block.release()
+                in_place.clear()
+                if res is None and self._pending:  # cancelled: hand back what was consumed, now
+                    ids = self._pending.take()
+                    try:
+                        transport.release(ids, self.timeout)
+                    except SidecarError:
+                        self._pending.add(ids)
+            finally:
+                self._leave()
+            if res is None:
+                return None
+            return Result(outputs=[], timing=res.timing, device=res.device, bytes_in=res.bytes_in,
+                          bytes_out=res.bytes_out, request_id=res.request_id)
+
+        return Stream(chunks, max_chunks or DEFAULT_STREAM_MAX_CHUNKS, decode, self._pending.take, finish)
 
     def _decode_outputs(self, op: str, values: list[Any], leases: list[str], temp: dict[str, Block],
                         in_place: dict[str, list[Any]], want_torch: bool) -> list[Any]:
@@ -423,6 +492,7 @@ class Client:
             self._shut = self._shut or shut_now
         for watch in watches:
             watch.close()
+        self._futures.close()
         if shut_now:
             self._shut_down()
 
@@ -479,6 +549,7 @@ class Client:
         self._arena, self._own_arena = None, True
         self._cache = MappingCache()
         self._watches = weakref.WeakSet()
+        self._futures = FutureRunner(name="sidecar-client-future")
 
     def __reduce__(self) -> Any:
         raise WrongProcess(f"a Client cannot be pickled (its connection and shared memory belong to process "

@@ -7,12 +7,13 @@ from typing import Any, Iterator
 
 import grpc
 
-from sidecar.errors import SidecarError
-from sidecar.host.transport import TelemetryWatch, Transport
+from sidecar.errors import Cancelled, SidecarError, WorkerUnreachable
+from sidecar.host.futures import CancelScope
+from sidecar.host.transport import ChunkStream, TelemetryWatch, Transport
 from sidecar.v1 import sidecar_pb2 as pb
 from sidecar.v1 import sidecar_pb2_grpc as pb_grpc
 from sidecar.protocol import grpc_codec as wire
-from sidecar.protocol.calls import Call, CallResult
+from sidecar.protocol.calls import Call, CallResult, Chunk
 
 __all__ = ["GrpcTransport"]
 
@@ -52,6 +53,40 @@ class _GrpcTelemetryWatch(TelemetryWatch):
         self._call.cancel()
 
 
+class _GrpcChunkStream(ChunkStream):
+    """ExecuteStream's messages as chunks; AckChunks sent without waiting for their answers."""
+
+    def __init__(self, stub: Any, request: pb.ExecuteRequest, timeout: float | None) -> None:
+        self._stub = stub
+        self._op = request.op
+        self._request_id, self._client_id = request.request_id, request.client_id
+        self._call = stub.ExecuteStream(request, timeout=timeout)
+        self._acks: list[Any] = []  # AckChunks in flight (kept until done, so none is dropped unsent)
+
+    def __iter__(self) -> Iterator[Chunk]:
+        try:
+            for message in self._call:
+                if message.HasField("end"):
+                    self.result = wire.result_from_response(message.end)
+                    return
+                yield wire.chunk_from_pb(message)
+        except grpc.RpcError as err:
+            raise rpc_failure(err, self._op) from None
+        raise WorkerUnreachable(f"the stream of {self._op!r} ended without its final message", op=self._op,
+                                classification="unreachable")
+
+    def ack(self, chunks: int, release: list[str]) -> None:
+        ack = pb.ChunkAck(request_id=self._request_id, client_id=self._client_id, chunks=chunks, release=release)
+        self._acks = [f for f in self._acks if not f.done()]
+        self._acks.append(self._stub.AckChunks.future(ack, timeout=_ACK_TIMEOUT_S))
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+_ACK_TIMEOUT_S = 30.0
+
+
 class GrpcTransport(Transport):
     """`address` is what the worker printed (`unix:/path` or `host:port`). `max_message_bytes` raises
     gRPC's 4 MiB message limits (needed only for big tensors inside messages, placement "inline")."""
@@ -70,18 +105,42 @@ class GrpcTransport(Transport):
         self._stub = pb_grpc.SidecarStub(self._channel)
         self._health_stub = health_pb2_grpc.HealthStub(self._channel)
 
-    def execute(self, call: Call, timeout: float | None = None) -> CallResult:
+    @staticmethod
+    def _request(call: Call) -> pb.ExecuteRequest:
         out = call.output
-        req = wire.execute_request(
+        return wire.execute_request(
             call.op, call.inputs, call.attrs, placement=out.placement, out=out.out,
             inline_threshold=out.inline_threshold, release=call.release, request_id=call.request_id,
             idempotent=call.idempotent, allow_alias=out.allow_alias, client_pid=call.client_pid,
             client_id=call.client_id)
+
+    def execute(self, call: Call, timeout: float | None = None) -> CallResult:
+        req = self._request(call)
         try:
             resp = self._stub.Execute(req, timeout=timeout)
         except grpc.RpcError as err:
             raise rpc_failure(err, call.op) from None
         return wire.result_from_response(resp)
+
+    def execute_cancellable(self, call: Call, timeout: float | None, scope: CancelScope) -> CallResult:
+        future = self._stub.Execute.future(self._request(call), timeout=timeout)
+        scope.attach(future.cancel)
+        try:
+            resp = future.result()
+        except grpc.FutureCancelledError:
+            raise Cancelled(f"the call of {call.op!r} was cancelled by its caller", op=call.op,
+                            request_id=call.request_id) from None
+        except grpc.RpcError as err:
+            raise rpc_failure(err, call.op) from None
+        finally:
+            scope.detach()
+        return wire.result_from_response(resp)
+
+    def stream(self, call: Call, timeout: float | None = None) -> ChunkStream:
+        req = self._request(call)
+        req.stream_max_chunks = call.stream_max_chunks
+        req.stream_max_bytes = call.stream_max_bytes
+        return _GrpcChunkStream(self._stub, req, timeout)
 
     def list_ops(self, timeout: float | None = None) -> list[dict[str, Any]]:
         resp = self._unary(self._stub.ListOps, pb.ListOpsRequest(), "ListOps", timeout)

@@ -49,6 +49,9 @@ class Call:
     # Who takes the output leases (sidecar.v1.ExecuteRequest.client_pid / client_id); 0 = nobody said.
     client_pid: int = 0
     client_id: str = ""
+    # ExecuteStream's flow-control window (chunks / bytes sent and not yet acknowledged); 0 = default.
+    stream_max_chunks: int = 0
+    stream_max_bytes: int = 0
     # Set by the transport: returns True once the caller has gone (cancelled, deadline passed).
     is_cancelled: Callable[[], bool] | None = None
 
@@ -71,3 +74,14 @@ class CallResult:
     bytes_in: int = 0
     bytes_out: int = 0
     request_id: str = ""
+
+
+@dataclass
+class Chunk:
+    """One chunk of a streaming call (the fields of `sidecar.v1.ExecuteChunk` but `end`): what the
+    op yielded, encoded like a call's outputs, with the chunk's own lease when it has one."""
+
+    values: list[Value]
+    leases: list[str] = field(default_factory=list)
+    index: int = 0
+    bytes: int = 0
