@@ -84,6 +84,26 @@ class Result:
     request_id: str = ""
 
 
+@dataclass
+class PreparedCall:
+    """A call whose inputs are encoded (`Client.prepare`): the `Call` to send and what it holds."""
+
+    want_torch: bool = False
+    call: Call = field(default_factory=lambda: Call(op=""))
+    temp: dict[str, Block] = field(default_factory=dict)          # input copies made for it, by segment
+    in_place: dict[str, list[Any]] = field(default_factory=dict)  # inputs described where they lie
+    out_blocks: list[Block] = field(default_factory=list)
+    out_objs: list[Any] = field(default_factory=list)
+    copy_back: list[tuple[Any, Block]] = field(default_factory=list)
+
+    def done(self) -> None:
+        """The call is over: its input copies and out blocks go back to the arena (idempotent)."""
+        blocks = [*self.temp.values(), *self.out_blocks]
+        self.temp, self.out_blocks, self.in_place = {}, [], {}
+        for block in blocks:
+            block.release()
+
+
 # Every live client, so that a forked child's copies start over (os.register_at_fork below).
 _LIVE_CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
 
@@ -211,47 +231,87 @@ class Client:
     def _execute(self, transport: Transport, op: str, inputs: tuple[Any, ...], out: Any,
                  placement: str | Placement, timeout: float | None, idempotent: bool | None,
                  request_id: str | None, attrs: dict[str, Any], scope: CancelScope | None = None) -> Result:
-        place = _placement(placement, out)
-        want_torch = "torch" in sys.modules and any(_has_torch(x) for x in inputs)
-        temp: dict[str, Block] = {}          # input copies made for this call, by segment name
-        in_place: dict[str, list[Any]] = {}  # inputs described where they lie (zero copy)
-        out_blocks: list[Block] = []
+        prepared = self.prepare(op, inputs, out, placement, idempotent, request_id, attrs)
         try:
-            refs = [self._encode_input(x, temp, in_place) for x in inputs]
-            out_objs: list[Any] = []
+            deadline = timeout if timeout is not None else self.timeout
+            res = transport.execute(prepared.call, deadline) if scope is None else \
+                transport.execute_cancellable(prepared.call, deadline, scope)
+            return self.complete(prepared, res)
+        finally:
+            prepared.done()
+
+    def prepare(self, op: str, inputs: tuple[Any, ...], out: Any = None, placement: str | Placement = "auto",
+                idempotent: bool | None = None, request_id: str | None = None,
+                attrs: dict[str, Any] | None = None, *, stream_window: tuple[int, int] = (0, 0)) -> PreparedCall:
+        """The data plane's half of a call before it is sent: inputs encoded (into the arena), `out`
+        refs, the `Call` itself. Whatever transport sends it, `complete` decodes its answer and
+        `done()` frees what the call held (the asyncio host sends it on grpc.aio)."""
+        place = _placement(placement, out)
+        p = PreparedCall(want_torch="torch" in sys.modules and any(_has_torch(x) for x in inputs))
+        try:
+            refs = [self._encode_input(x, p.temp, p.in_place) for x in inputs]
             out_refs: list[TensorRef] = []
-            copy_back: list[tuple[Any, Block]] = []
             if place == Placement.OUT:
-                out_objs = list(out) if isinstance(out, (list, tuple)) else [out]
-                for obj in out_objs:
+                p.out_objs = list(out) if isinstance(out, (list, tuple)) else [out]
+                for obj in p.out_objs:
                     ref, block = tensors.to_ref(obj, self.arena, inline_threshold=0)
                     if block is not None:  # not arena memory: the worker writes a copy we bring back
-                        out_blocks.append(block)
-                        copy_back.append((obj, block))
+                        p.out_blocks.append(block)
+                        p.copy_back.append((obj, block))
                     out_refs.append(ref)
-            call = Call(op=op, inputs=refs, attrs=attrs,
-                        output=OutputSpec(placement=place, out=tuple(out_refs),
-                                          allow_alias=self.allow_alias and place == Placement.AUTO),
-                        release=self._pending.take(), request_id=request_id or os.urandom(8).hex(),
-                        idempotent=bool(idempotent), client_pid=self._pid, client_id=self._client_id)
-            deadline = timeout if timeout is not None else self.timeout
-            res = transport.execute(call, deadline) if scope is None else \
-                transport.execute_cancellable(call, deadline, scope)
-            for obj, block in copy_back:
-                _copy_back(obj, block)
-            if place == Placement.OUT:
-                outputs = out_objs
-                self._pending.add(res.leases)
-            elif not res.leases and _all_inline(res.outputs):
-                # The small call's path: values and inline tensors, nothing of the worker's to keep alive.
-                outputs = [self._decode_inline(v, want_torch) for v in res.outputs]
-            else:
-                outputs = self._decode_outputs(op, res.outputs, list(res.leases), temp, in_place, want_torch)
-        finally:
-            for block in [*temp.values(), *out_blocks]:
-                block.release()
+            p.call = Call(op=op, inputs=refs, attrs=dict(attrs or {}),
+                          output=OutputSpec(placement=place, out=tuple(out_refs),
+                                            allow_alias=self.allow_alias and place == Placement.AUTO),
+                          release=self._pending.take(), request_id=request_id or os.urandom(8).hex(),
+                          idempotent=bool(idempotent), client_pid=self._pid, client_id=self._client_id,
+                          stream_max_chunks=stream_window[0], stream_max_bytes=stream_window[1])
+        except BaseException:
+            p.done()
+            raise
+        return p
+
+    def complete(self, p: PreparedCall, res: CallResult) -> Result:
+        """The `Result` of a prepared call from its transport's answer (outputs decoded, zero copy)."""
+        for obj, block in p.copy_back:
+            _copy_back(obj, block)
+        op = p.call.op
+        if p.call.output.placement == Placement.OUT:
+            outputs = p.out_objs
+            self._pending.add(res.leases)
+        elif not res.leases and _all_inline(res.outputs):
+            # The small call's path: values and inline tensors, nothing of the worker's to keep alive.
+            outputs = [self._decode_inline(v, p.want_torch) for v in res.outputs]
+        else:
+            outputs = self._decode_outputs(op, res.outputs, list(res.leases), p.temp, p.in_place, p.want_torch)
         return Result(outputs=outputs, timing=res.timing, device=res.device, leases=list(res.leases),
                       bytes_in=res.bytes_in, bytes_out=res.bytes_out, request_id=res.request_id)
+
+    def decode_chunk(self, p: PreparedCall, chunk: Chunk) -> Any:
+        """One chunk of a prepared streaming call as the caller gets it (one value, or a tuple)."""
+        if not chunk.leases and _all_inline(chunk.values):
+            outs = [self._decode_inline(v, p.want_torch) for v in chunk.values]
+        else:
+            outs = self._decode_outputs(p.call.op, chunk.values, list(chunk.leases), {}, {}, p.want_torch)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def stream_ended(self, p: PreparedCall, res: CallResult | None, transport: Transport) -> Result | None:
+        """A prepared stream is over (`res` None: cancelled): the inputs are freed, and after a
+        cancel the leases of consumed chunks are handed back now. Returns the final `Result`."""
+        p.done()
+        if res is None and self._pending:
+            ids = self._pending.take()
+            try:
+                transport.release(ids, self.timeout)
+            except SidecarError:
+                self._pending.add(ids)
+        if res is None:
+            return None
+        return Result(outputs=[], timing=res.timing, device=res.device, bytes_in=res.bytes_in,
+                      bytes_out=res.bytes_out, request_id=res.request_id)
+
+    def take_releases(self) -> list[str]:
+        """The lease ids queued for release (collected outputs), to piggyback on a message."""
+        return self._pending.take()
 
     def submit(self, op: str, *inputs: Any, **kwargs: Any) -> CallFuture:
         """`call(op, *inputs, **kwargs)` in the background: a `concurrent.futures.Future` of its
@@ -271,48 +331,22 @@ class Client:
         (raised by the iterator after the chunks produced before it), Cancelled, WorkerUnreachable.
         """
         transport = self._enter()
-        temp: dict[str, Block] = {}          # input copies, held until the stream ends (the op reads them)
-        in_place: dict[str, list[Any]] = {}  # inputs described where they lie, kept alive as long
         try:
-            want_torch = "torch" in sys.modules and any(_has_torch(x) for x in inputs)
-            refs = [self._encode_input(x, temp, in_place) for x in inputs]
-            call = Call(op=op, inputs=refs, attrs=attrs, release=self._pending.take(),
-                        request_id=request_id or os.urandom(8).hex(), idempotent=bool(idempotent),
-                        client_pid=self._pid, client_id=self._client_id, stream_max_chunks=max_chunks,
-                        stream_max_bytes=max_bytes)
-            chunks = transport.stream(call, timeout if timeout is not None else self.timeout)
+            p = self.prepare(op, inputs, None, "auto", idempotent, request_id, attrs,
+                             stream_window=(max_chunks, max_bytes))
+            chunks = transport.stream(p.call, timeout if timeout is not None else self.timeout)
         except BaseException:
-            for block in temp.values():
-                block.release()
             self._leave()
             raise
 
-        def decode(chunk: Chunk) -> Any:
-            if not chunk.leases and _all_inline(chunk.values):
-                outs = [self._decode_inline(v, want_torch) for v in chunk.values]
-            else:
-                outs = self._decode_outputs(op, chunk.values, list(chunk.leases), {}, {}, want_torch)
-            return outs[0] if len(outs) == 1 else tuple(outs)
-
         def finish(res: CallResult | None) -> Result | None:
             try:
-                for block in temp.values():
-                    block.release()
-                in_place.clear()
-                if res is None and self._pending:  # cancelled: hand back what was consumed, now
-                    ids = self._pending.take()
-                    try:
-                        transport.release(ids, self.timeout)
-                    except SidecarError:
-                        self._pending.add(ids)
+                return self.stream_ended(p, res, transport)
             finally:
                 self._leave()
-            if res is None:
-                return None
-            return Result(outputs=[], timing=res.timing, device=res.device, bytes_in=res.bytes_in,
-                          bytes_out=res.bytes_out, request_id=res.request_id)
 
-        return Stream(chunks, max_chunks or DEFAULT_STREAM_MAX_CHUNKS, decode, self._pending.take, finish)
+        return Stream(chunks, max_chunks or DEFAULT_STREAM_MAX_CHUNKS, lambda chunk: self.decode_chunk(p, chunk),
+                      self._pending.take, finish)
 
     def _decode_outputs(self, op: str, values: list[Any], leases: list[str], temp: dict[str, Block],
                         in_place: dict[str, list[Any]], want_torch: bool) -> list[Any]:
