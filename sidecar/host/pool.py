@@ -45,7 +45,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from sidecar.dataplane import reaper
 from sidecar.dataplane.arena import Arena
-from sidecar.host import events
+from sidecar.host import events, liveness
 from sidecar.host.breaker import CircuitBreaker, OpBreakers
 from sidecar.host.client import Result, WrongProcess
 from sidecar.host.crash import ExitInfo, oom_kill_count
@@ -279,10 +279,14 @@ class Pool:
             for worker in workers:
                 if self._stop.is_set():
                     return
+                cpu_before, started = liveness.cpu_seconds(worker.pid), time.monotonic()
                 try:
                     status: str | None = worker.client.health(timeout=s.health_timeout_s)
                 except Exception:  # noqa: BLE001 - unreachable, timed out, or its client closed as it died
                     status = None
+                if status is None and liveness.was_busy(cpu_before, liveness.cpu_seconds(worker.pid),
+                                                        time.monotonic() - started):
+                    status = liveness.BUSY  # computing (the GIL held in C), not hung: never killed for it
                 if worker.proc.alive:  # a dead one's exit is the news, not its silence
                     self._feed(self._sup.health, worker, status)
 
