@@ -85,3 +85,9 @@ def worker_state(*, ctx: Any = None) -> dict[str, int]:
     return {"leases": rt.leases.count, "running": rt.dispatcher.running - 1,
             "arena_reserved": stats.reserved_bytes, "arena_in_use": stats.in_use_bytes,
             "rss": psutil.Process().memory_info().rss, "produced": produced}
+
+
+@sidecar.op("chunk_at", min_inputs=0, max_inputs=0, idempotent=True)
+def chunk_at(*, i: int = 0, nbytes: int = 0) -> Any:
+    """What count_up yields as chunk i, as one unary call (the benchmark's call-per-chunk baseline)."""
+    return (i, np.full(int(nbytes), i % 251, dtype=np.uint8)) if nbytes else i
