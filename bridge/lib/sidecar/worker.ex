@@ -69,6 +69,29 @@ defmodule Sidecar.Worker do
   end
 
   @doc false
+  # Starts a stream (`{:stream, nil, op, inputs, attrs, opts}`) whose frames go to `consumer` as
+  # `{:sidecar_chunk, id, chunk}` and, last, `{:sidecar_stream_end, id, {:ok, result} | {:error, err}}`.
+  # The worker process monitors `consumer`: when it exits, the stream is cancelled in the sidecar
+  # (the generator is closed). `keep` is held until the stream ends, as for a call.
+  @spec open_stream(pid, tuple, pid, term) :: {:ok, pos_integer} | {:error, term}
+  def open_stream(pid, req, consumer, keep) do
+    id = System.unique_integer([:positive])
+    GenServer.call(pid, {:stream, id, req, consumer, keep})
+  catch
+    :exit, {reason, _} -> {:error, {:down, reason}}
+  end
+
+  @doc false
+  # Credit for a stream: its consumer took `n` more chunks (`{:ack, id, n}` to the sidecar).
+  @spec ack(pid, pos_integer, pos_integer) :: :ok
+  def ack(pid, id, n), do: GenServer.cast(pid, {:ack, id, n})
+
+  @doc false
+  # The consumer is done with a stream before its end: cancelled in the sidecar.
+  @spec cancel(pid, pos_integer) :: :ok
+  def cancel(pid, id), do: GenServer.cast(pid, {:cancel, id})
+
+  @doc false
   # The caller is done with these leases. One that binaries still show is released by their GC.
   @spec release(pid, [String.t()]) :: :ok
   def release(pid, ids) when is_list(ids), do: GenServer.cast(pid, {:release, ids})
@@ -284,6 +307,16 @@ defmodule Sidecar.Worker do
 
   def handle_call({:request, _id, _req, _read, _keep}, _from, state), do: {:reply, {:error, :not_ready}, state}
 
+  def handle_call({:stream, id, req, consumer, keep}, _from, %{status: :ready} = state) do
+    send_frame(state, put_elem(req, 1, id))
+    ref = Process.monitor(consumer)
+    {:reply, {:ok, id}, put_in(state.pending[id], {:stream, consumer, ref, keep})}
+  rescue
+    ArgumentError -> {:reply, {:error, :not_ready}, state}
+  end
+
+  def handle_call({:stream, _id, _req, _consumer, _keep}, _from, state), do: {:reply, {:error, :not_ready}, state}
+
   def handle_call({:handover, to}, _from, %{slot: {:spare, _}, status: :ready, port: port} = state) do
     Registry.unregister(state.cfg.registry, :spare)
     true = Port.connect(port, to)
@@ -312,7 +345,7 @@ defmodule Sidecar.Worker do
        os_pid: state.os_pid,
        status: if(spare?(state) and state.status == :ready, do: :spare, else: state.status),
        via: state.via,
-       in_flight: Enum.count(state.pending, &match?({_, {:call, _, _, _}}, &1)),
+       in_flight: Enum.count(state.pending, &(match?({_, {:call, _, _, _}}, &1) or match?({_, {:stream, _, _, _}}, &1))),
        leases_held: map_size(state.leases),
        consecutive_crashes: state.crashes,
        health_failures: state.health_failures,
@@ -329,14 +362,37 @@ defmodule Sidecar.Worker do
         # The worker may still read the inputs until it answers: keep them until then.
         {:noreply, put_in(state.pending[id], {:abandoned, keep})}
 
+      %{^id => {:stream, _consumer, ref, keep}} ->
+        Process.demonitor(ref, [:flush])
+        {:noreply, abandon_stream(state, id, keep)}
+
       _ ->
         {:noreply, state}
     end
   end
 
+  def handle_cast({:ack, id, n}, state) do
+    if match?(%{^id => {:stream, _, _, _}}, state.pending), do: internal(state, {:ack, id, n}, nil)
+    {:noreply, state}
+  end
+
   def handle_cast({:release, ids}, state), do: {:noreply, release_leases(state, ids, :explicit)}
 
   # Sends a request of the pool's own (its reply is handled by `kind`; nil: a cancel, no reply).
+  # The stream's consumer left (or cancelled): the sidecar closes the generator and reclaims the
+  # chunks not acknowledged; the inputs stay held until the sidecar's final answer.
+  defp abandon_stream(state, id, keep) do
+    {_, state} = internal(state, {:cancel, id}, nil)
+    put_in(state.pending[id], {:abandoned, keep})
+  end
+
+  defp internal(state, {:ack, _, _} = req, nil) do
+    send_frame(state, req)
+    {nil, state}
+  rescue
+    ArgumentError -> {nil, state}
+  end
+
   defp internal(state, {:cancel, _} = req, nil) do
     send_frame(state, req)
     {nil, state}
@@ -592,6 +648,13 @@ defmodule Sidecar.Worker do
     end
   end
 
+  def handle_info({:DOWN, ref, :process, _pid, _reason}, state) do
+    case Enum.find(state.pending, &match?({_, {:stream, _, ^ref, _}}, &1)) do
+      {id, {:stream, _, _, keep}} -> {:noreply, abandon_stream(state, id, keep)}
+      nil -> {:noreply, state}
+    end
+  end
+
   def handle_info({:EXIT, port, _reason}, state) when is_port(port), do: {:noreply, state}
   def handle_info({:EXIT, _pid, reason}, state), do: {:stop, reason, state}
   def handle_info(_msg, state), do: {:noreply, state}
@@ -608,11 +671,25 @@ defmodule Sidecar.Worker do
     serve(state)
   end
 
+  defp handle_term({:chunk, id, chunk}, state) do
+    case state.pending do
+      %{^id => {:stream, consumer, _ref, _keep}} -> send(consumer, {:sidecar_chunk, id, chunk})
+      _ -> :ok  # a chunk of a cancelled stream: the sidecar reclaims its lease
+    end
+
+    state
+  end
+
   defp handle_term({tag, id, payload}, state) when tag in [:ok, :error] do
     {entry, pending} = Map.pop(state.pending, id)
     state = %{state | pending: pending}
 
     case entry do
+      {:stream, consumer, ref, _keep} ->
+        Process.demonitor(ref, [:flush])
+        send(consumer, {:sidecar_stream_end, id, if(tag == :ok, do: {:ok, payload}, else: {:error, Error.from_term(payload)})})
+        %{state | served: true}
+
       {:call, from, read, _keep} ->
         {reply, state} = reply(tag, payload, read, state)
         GenServer.reply(from, reply)
@@ -811,6 +888,7 @@ defmodule Sidecar.Worker do
 
   defp fail_pending(state, err) do
     for {_id, {:call, from, _, _}} <- state.pending, do: GenServer.reply(from, {:error, err})
+    for {id, {:stream, consumer, _, _}} <- state.pending, do: send(consumer, {:sidecar_stream_end, id, {:error, err}})
   end
 
   # SIGKILL for the worker; before a forked worker told its pid, SIGTERM to its launcher, which
