@@ -188,7 +188,9 @@ defmodule Sidecar do
   @doc """
   Per-worker status: slot, pid, os_pid, status (`:ready`, `:starting`, `:waiting` for a restart
   backoff, `:waiting_template`, `:held` by an open breaker), `via` (`:fork` from the template or
-  `:cold`), calls in flight, leases held, consecutive crashes, missed health checks, device.
+  `:cold`), calls in flight, leases held, consecutive crashes, missed health checks, the last
+  health check (`health`: `:serving`, `:busy` = no answer but computing, e.g. an op holding the
+  GIL in C, never killed for it; `:no_answer`), device.
   """
   @spec status(pool) :: [map]
   def status(pool) do

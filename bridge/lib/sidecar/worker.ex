@@ -135,7 +135,8 @@ defmodule Sidecar.Worker do
       served: false,
       leases: %{},
       groups: %{},
-      health_failures: 0
+      health_failures: 0,
+      health: nil
     }
 
     {:ok, state, {:continue, :start}}
@@ -349,6 +350,7 @@ defmodule Sidecar.Worker do
        leases_held: map_size(state.leases),
        consecutive_crashes: state.crashes,
        health_failures: state.health_failures,
+       health: state.health,
        device: state.info && state.info[:device],
        stderr_log: state.log
      }, state}
@@ -624,16 +626,19 @@ defmodule Sidecar.Worker do
   def handle_info(:health_tick, %{status: :ready} = state) do
     %{interval_ms: interval, timeout_ms: timeout} = state.cfg.health
     Process.send_after(self(), :health_tick, interval)
-    {id, state} = internal(state, {:release, 0, []}, :ping)
+    {id, state} = internal(state, {:release, 0, []}, {:ping, cpu_now(state), System.monotonic_time(:millisecond)})
     if id, do: Process.send_after(self(), {:ping_timeout, id}, timeout)
     {:noreply, state}
   end
 
   def handle_info({:ping_timeout, id}, %{status: :ready} = state) do
     case Map.pop(state.pending, id) do
-      {:ping, pending} ->
-        failures = state.health_failures + 1
-        state = %{state | pending: pending, health_failures: failures}
+      {{:ping, cpu_before, sent_at}, pending} ->
+        busy = busy?(cpu_before, cpu_now(state), System.monotonic_time(:millisecond) - sent_at)
+        # BUSY: no answer, but the process computed meanwhile (an op holding the GIL in C):
+        # alive and working, never killed for it.
+        failures = if busy, do: 0, else: state.health_failures + 1
+        state = %{state | pending: pending, health_failures: failures, health: if(busy, do: :busy, else: :no_answer)}
 
         if failures >= state.cfg.health.failures do
           Logger.warning("sidecar worker #{state.os_pid} missed #{failures} health checks in a row; killing it")
@@ -699,8 +704,8 @@ defmodule Sidecar.Worker do
         # The caller gave up: hand back what the call leased, nobody will.
         with :ok <- tag, %{leases: [_ | _] = ids} <- payload, do: send_release(state, ids, :abandoned), else: (_ -> state)
 
-      :ping ->
-        %{state | health_failures: 0}
+      {:ping, _, _} ->
+        %{state | health_failures: 0, health: :serving}
 
       {:release, ids, reason} ->
         released = if tag == :ok and is_map(payload), do: payload[:released] || 0, else: 0
@@ -767,6 +772,24 @@ defmodule Sidecar.Worker do
 
     %{state | status: :ready, counter: counter}
   end
+
+  # The share of one core a worker must have used during an unanswered health check to be busy
+  # (the Python pool's sidecar.host.liveness.MIN_BUSY_CPU_SHARE).
+  @min_busy_cpu_share 0.2
+
+  defp cpu_now(%{os_pid: pid}) when is_integer(pid) do
+    case OsProcess.cpu_seconds(pid) do
+      {:ok, s} -> s
+      :error -> nil
+    end
+  end
+
+  defp cpu_now(_state), do: nil
+
+  defp busy?(before, later, waited_ms) when is_number(before) and is_number(later) and waited_ms > 0,
+    do: later - before >= @min_busy_cpu_share * waited_ms / 1000
+
+  defp busy?(_before, _later, _waited_ms), do: false
 
   defp spare?(%{slot: {:spare, _}}), do: true
   defp spare?(_state), do: false
