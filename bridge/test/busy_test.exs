@@ -9,22 +9,13 @@ defmodule Sidecar.BusyTest do
 
   setup do
     ops = Path.expand("../tests/busy_ops_module.py", File.cwd!())
-    health = [interval_ms: 200, timeout_ms: 200, failures: 2]
 
-    {:ok, sup} =
-      Supervisor.start_link([{Sidecar, name: @pool, workers: 1, ops: [ops], health: health, timeout: 30_000}],
-        strategy: :one_for_one
-      )
-
-    Process.unlink(sup)
-    :ok = Sidecar.await_ready(@pool, :all, 60_000)
-
-    on_exit(fn ->
-      Sidecar.stop(@pool)
-      Supervisor.stop(sup)
-    end)
-
-    :ok
+    start_pool(@pool,
+      workers: 1,
+      ops: [ops],
+      health: [interval_ms: 200, timeout_ms: 200, failures: 2],
+      timeout: 30_000
+    )
   end
 
   test "an op holding the GIL in C for seconds is busy, not killed" do

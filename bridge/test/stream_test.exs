@@ -9,21 +9,7 @@ defmodule Sidecar.StreamTest do
 
   setup_all do
     ops = Path.expand("../tests/stream_ops_module.py", File.cwd!())
-
-    {:ok, sup} =
-      Supervisor.start_link([{Sidecar, name: @pool, workers: 1, ops: [ops], timeout: 20_000}],
-        strategy: :one_for_one
-      )
-
-    Process.unlink(sup)
-    :ok = Sidecar.await_ready(@pool, :all, 60_000)
-
-    on_exit(fn ->
-      Sidecar.stop(@pool)
-      Supervisor.stop(sup)
-    end)
-
-    :ok
+    start_pool(@pool, workers: 1, ops: [ops], timeout: 20_000)
   end
 
   setup do
@@ -116,7 +102,7 @@ defmodule Sidecar.StreamTest do
     Sidecar.OsProcess.signal(os_pid, :kill)
     assert_receive {:raised, %Error{kind: :worker_crashed, pid: ^os_pid}}, 10_000
     got = collect_chunks([])
-    assert got == Enum.to_list(5..(4 + length(got)))
+    assert got == Enum.take(Stream.iterate(5, &(&1 + 1)), length(got))
     refute Process.alive?(consumer)
     assert :ok = Sidecar.await_ready(@pool, :all, 60_000)
   end
