@@ -6,14 +6,15 @@ tests/busy_ops_module.py), measured from this process:
   stream/blocking   Client.stream("count_up", n=N)            (gRPC ExecuteStream, AckChunks)
   stream/asyncio    AsyncClient.stream(...) on grpc.aio         (the same worker, the same decode)
   unary/per-chunk   N x Client.call("chunk_at", i=i)           (what a host without streams does)
+  elixir/stream     Sidecar.stream/4 from a real VM (bridge/bench/stream.exs, a pool of one worker,
+                    tensors copied out of the segment), against elixir/unary-per-chunk (Sidecar.call)
 
 for small chunks (one int, inline) and 1 MiB chunks (a NumPy array in shared memory under a lease
 per chunk): time to first chunk (median of a fresh stream's first chunk) and chunks per second
 (over a stream of N), with the ratio stream / unary. Then the latency of gRPC health checks while
 every concurrency slot runs a long op: Python bytecode (`spin`), torch kernels (`matmuls`), and one C
 call that holds the GIL (`hold_gil`: the case no in-process server can bound; the pool reports such
-a worker BUSY instead of killing it). Elixir's Sidecar.stream is measured by bench_elixir when the
-bridge supports it (not yet: see guides/streaming.md).
+a worker BUSY instead of killing it).
 
 Usage: .venv/bin/python benchmarks/bench_stream.py [--chunks 2000] [--quick] [--json]
 """
@@ -22,6 +23,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import shutil
+import subprocess
 import statistics
 import sys
 import time
@@ -96,6 +100,24 @@ def asyncio_figures(address: str, n: int, nbytes: int, repeat: int) -> tuple[flo
     return asyncio.run(main())
 
 
+def elixir_rows(n: int, repeat: int) -> list[dict[str, Any]]:
+    """bridge/bench/stream.exs in a real VM (needs `mix`), with ratios against its unary rows."""
+    mix = shutil.which("mix")
+    if mix is None:
+        sys.exit("Elixir is not installed (no `mix`): apt-get install -y elixir")
+    env = {**os.environ, "SIDECAR_PYTHON": sys.executable, "HEX_OFFLINE": "1"}
+    proc = subprocess.run([mix, "run", "bench/stream.exs", "--chunks", str(n), "--repeat", str(repeat)],
+                          cwd=ROOT / "bridge", env=env, capture_output=True, text=True, timeout=900, check=False)
+    if proc.returncode != 0:
+        sys.exit(f"bench/stream.exs failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    rows: list[dict[str, Any]] = json.loads(next(x for x in reversed(proc.stdout.splitlines()) if x.startswith("{")))[
+        "rows"]
+    unary = {r["size"]: r["chunks_per_s"] for r in rows if r["case"] == "elixir/unary-per-chunk"}
+    for r in rows:
+        r["x_vs_unary"] = round(r["chunks_per_s"] / unary[r["size"]], 2)
+    return rows
+
+
 def health_while_busy(client: Client, op: str, seconds: float) -> dict[str, Any]:
     """Health-check latencies while SLOTS calls of `op` run (checks back to back, 2 s timeout)."""
     busy: list[Future[Any]] = [client.submit(op, seconds=seconds) for _ in range(SLOTS)]
@@ -138,12 +160,13 @@ def main() -> None:
                 rows.append({"case": host, "size": size, "chunks": count, "first_chunk_ms": round(ttfc, 3),
                              "chunks_per_s": round(rate, 1), "x_vs_unary": round(rate / unary, 2)})
         health = [health_while_busy(client, op, busy_s) for op in ("spin", "matmuls", "hold_gil")]
+    rows += elixir_rows(n, repeat)
     if args.json:
         print(json.dumps({"results": rows, "health_while_busy": health, "slots": SLOTS}, indent=2))
         return
-    print(f"{'case':18} {'size':6} {'chunks':>6} {'first chunk ms':>15} {'chunks/s':>10} {'x unary':>8}")
+    print(f"{'case':22} {'size':6} {'chunks':>6} {'first chunk ms':>15} {'chunks/s':>10} {'x unary':>8}")
     for r in rows:
-        print(f"{r['case']:18} {r['size']:6} {r['chunks']:>6} {r['first_chunk_ms']:>15.3f} {r['chunks_per_s']:>10.1f} "
+        print(f"{r['case']:22} {r['size']:6} {r['chunks']:>6} {r['first_chunk_ms']:>15.3f} {r['chunks_per_s']:>10.1f} "
               f"{r['x_vs_unary']:>8.2f}")
     print(f"\nhealth checks while {SLOTS} of {SLOTS} slots compute (2 s timeout each; missed = no answer in 2 s)")
     print(f"{'op':10} {'checks':>7} {'missed':>7} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
