@@ -25,8 +25,8 @@ import asyncio
 import json
 import os
 import shutil
-import subprocess
 import statistics
+import subprocess
 import sys
 import time
 from concurrent.futures import Future
