@@ -51,7 +51,20 @@ def idle_and_leaseless(client: Client) -> bool:
     gc.collect()
     client.release()
     s = state(client)
+    LAST_STATE.clear()
+    LAST_STATE.update(s, pending=client.pending_releases)
     return s["running"] == 0 and s["leases"] == 0
+
+
+LAST_STATE: dict[str, int] = {}  # what the last check saw (shown when a test fails on it)
+
+
+@pytest.fixture(autouse=True)
+def _show_last_state() -> Iterator[None]:
+    LAST_STATE.clear()
+    yield
+    if LAST_STATE:  # pytest shows it only for a failed test
+        print("last worker state:", LAST_STATE)
 
 
 # -- chunks ------------------------------------------------------------------------------------------
@@ -156,6 +169,26 @@ def test_a_slow_consumer_keeps_the_worker_memory_bounded(worker: WorkerProcess, 
     assert peak_ahead <= 4  # never more than the window ahead of the consumer
     assert peak_arena <= 12 * MiB  # window + the consumer's own unreleased chunks, never 200 MiB
     assert peak_rss < 64 * MiB
+    wait_until(lambda: idle_and_leaseless(client))
+
+
+def test_the_releases_on_an_ack_still_in_flight_when_the_stream_ends_are_not_lost(worker: WorkerProcess,
+                                                                                  client: Client) -> None:
+    """The worker is stopped (SIGSTOP) while the last ack, carrying the lease of a consumed chunk, is
+    on its way and the stream is dropped: once it runs again, every lease is released."""
+    before = stats(client)
+    it = iter(client.stream("count_up", n=2, nbytes=100_000, max_chunks=2))  # an ack per chunk
+    first = next(it)
+    del first
+    wait_until(lambda: stats(client)["finished"] == before["finished"] + 1)  # all sent, the end too
+    os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        rest = [i for i, _arr in it]  # the ack of chunk 1 goes out with chunk 0's lease
+        assert rest == [1]
+        del it
+        gc.collect()
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
     wait_until(lambda: idle_and_leaseless(client))
 
 

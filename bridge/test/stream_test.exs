@@ -9,7 +9,7 @@ defmodule Sidecar.StreamTest do
 
   setup_all do
     ops = Path.expand("../tests/stream_ops_module.py", File.cwd!())
-    start_pool(@pool, workers: 1, ops: [ops], timeout: 20_000)
+    start_own_pool(@pool, workers: 1, ops: [ops], timeout: 20_000)
   end
 
   setup do

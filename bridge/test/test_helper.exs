@@ -36,7 +36,7 @@ defmodule SidecarTest do
   Starts a pool of a test module's own (`Sidecar` options), unlinked from the caller, and stops it
   when the test (from `setup`) or the module (from `setup_all`) is done.
   """
-  def start_pool(name, opts) do
+  def start_own_pool(name, opts) do
     {:ok, sup} = Supervisor.start_link([{Sidecar, [name: name] ++ opts}], strategy: :one_for_one)
     Process.unlink(sup)
     :ok = Sidecar.await_ready(name, :all, 60_000)

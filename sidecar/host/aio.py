@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Self
 
 import grpc
@@ -68,21 +68,24 @@ class _AioChannel:
             raise rpc_failure(err, call.op) from None
         return wire.result_from_response(response)
 
-    def ack(self, request_id: str, client_id: str, chunks: int, release: list[str]) -> None:
+    def ack(self, request_id: str, client_id: str, chunks: int, release: list[str],
+            requeue: Callable[[list[str]], None]) -> None:
         task = asyncio.ensure_future(self.stub.AckChunks(pb.ChunkAck(
             request_id=request_id, client_id=client_id, chunks=chunks, release=release), timeout=30.0))
         self.acks.add(task)
-        task.add_done_callback(_forget_ack(self.acks))
+        task.add_done_callback(_forget_ack(self.acks, release, requeue))
 
     async def close(self) -> None:
         await self.channel.close()
 
 
-def _forget_ack(acks: set[asyncio.Task[Any]]) -> Any:
+def _forget_ack(acks: set[asyncio.Task[Any]], release: list[str], requeue: Callable[[list[str]], None]) -> Any:
     def done(task: asyncio.Task[Any]) -> None:
         acks.discard(task)
-        if not task.cancelled():
-            task.exception()  # a lost ack is no error: the stream's own end says what happened
+        # A lost ack is no error (the stream's own end says what happened), but its piggybacked
+        # releases must go with a later message.
+        if release and (task.cancelled() or task.exception() is not None):
+            requeue(release)
     return done
 
 
@@ -133,7 +136,8 @@ class AsyncStream(AsyncIterator[Any]):
         self._unacked += 1
         if self._unacked >= self._ack_every:
             call = self._p.call
-            self._aio.ack(call.request_id, call.client_id, self._unacked, self._client.take_releases())
+            self._aio.ack(call.request_id, call.client_id, self._unacked, self._client.take_releases(),
+                          self._client.requeue_releases)
             self._unacked = 0
         return value
 

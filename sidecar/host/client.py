@@ -310,8 +310,12 @@ class Client:
                       bytes_out=res.bytes_out, request_id=res.request_id)
 
     def take_releases(self) -> list[str]:
-        """The lease ids queued for release (collected outputs), to piggyback on a message."""
+        """The lease ids queued for release (collected outputs), to piggyback on a message
+        (`requeue_releases` them if it could not be sent)."""
         return self._pending.take()
+
+    def requeue_releases(self, ids: list[str]) -> None:
+        self._pending.add(ids)
 
     def submit(self, op: str, *inputs: Any, **kwargs: Any) -> CallFuture:
         """`call(op, *inputs, **kwargs)` in the background: a `concurrent.futures.Future` of its
@@ -346,7 +350,7 @@ class Client:
                 self._leave()
 
         return Stream(chunks, max_chunks or DEFAULT_STREAM_MAX_CHUNKS, lambda chunk: self.decode_chunk(p, chunk),
-                      self._pending.take, finish)
+                      self._pending.take, finish, self._pending.add)
 
     def _decode_outputs(self, op: str, values: list[Any], leases: list[str], temp: dict[str, Block],
                         in_place: dict[str, list[Any]], want_torch: bool) -> list[Any]:

@@ -3,7 +3,9 @@ service), for a `Client`. The protobuf shapes stay in `sidecar.protocol.grpc_cod
 RPCs and maps their failures (see `sidecar.host.transport` for the contract)."""
 from __future__ import annotations
 
-from typing import Any, Iterator
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 
@@ -56,12 +58,12 @@ class _GrpcTelemetryWatch(TelemetryWatch):
 class _GrpcChunkStream(ChunkStream):
     """ExecuteStream's messages as chunks; AckChunks sent without waiting for their answers."""
 
-    def __init__(self, stub: Any, request: pb.ExecuteRequest, timeout: float | None) -> None:
+    def __init__(self, stub: Any, request: pb.ExecuteRequest, timeout: float | None, acks: _AcksInFlight) -> None:
         self._stub = stub
         self._op = request.op
         self._request_id, self._client_id = request.request_id, request.client_id
         self._call = stub.ExecuteStream(request, timeout=timeout)
-        self._acks: list[Any] = []  # AckChunks in flight (kept until done, so none is dropped unsent)
+        self._acks = acks
 
     def __iter__(self) -> Iterator[Chunk]:
         try:
@@ -75,16 +77,37 @@ class _GrpcChunkStream(ChunkStream):
         raise WorkerUnreachable(f"the stream of {self._op!r} ended without its final message", op=self._op,
                                 classification="unreachable")
 
-    def ack(self, chunks: int, release: list[str]) -> None:
+    def ack(self, chunks: int, release: list[str], requeue: Callable[[list[str]], None] | None = None) -> None:
         ack = pb.ChunkAck(request_id=self._request_id, client_id=self._client_id, chunks=chunks, release=release)
-        self._acks = [f for f in self._acks if not f.done()]
-        self._acks.append(self._stub.AckChunks.future(ack, timeout=_ACK_TIMEOUT_S))
+        self._acks.send(self._stub.AckChunks.future(ack, timeout=_ACK_TIMEOUT_S), release, requeue)
 
     def cancel(self) -> None:
         self._call.cancel()
 
 
 _ACK_TIMEOUT_S = 30.0
+
+
+class _AcksInFlight:
+    """The AckChunks futures of a transport until they are done (the last ack of a stream is often
+    still on its way when the stream ends): an ack that failed (its deadline passed, the channel
+    closed) hands its piggybacked lease ids back (`requeue`), to go with the client's next message,
+    instead of leaving their memory held until the lease TTL."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._futures: set[Any] = set()
+
+    def send(self, future: Any, release: list[str], requeue: Callable[[list[str]], None] | None) -> None:
+        with self._lock:
+            self._futures.add(future)
+
+        def done(f: Any) -> None:
+            with self._lock:
+                self._futures.discard(f)
+            if release and requeue is not None and (f.cancelled() or f.exception() is not None):
+                requeue(release)
+        future.add_done_callback(done)
 
 
 class GrpcTransport(Transport):
@@ -104,6 +127,7 @@ class GrpcTransport(Transport):
         # Stubs are built once: building one on a closed channel is what crashes grpcio.
         self._stub = pb_grpc.SidecarStub(self._channel)
         self._health_stub = health_pb2_grpc.HealthStub(self._channel)
+        self._acks = _AcksInFlight()
 
     @staticmethod
     def _request(call: Call) -> pb.ExecuteRequest:
@@ -140,7 +164,7 @@ class GrpcTransport(Transport):
         req = self._request(call)
         req.stream_max_chunks = call.stream_max_chunks
         req.stream_max_bytes = call.stream_max_bytes
-        return _GrpcChunkStream(self._stub, req, timeout)
+        return _GrpcChunkStream(self._stub, req, timeout, self._acks)
 
     def list_ops(self, timeout: float | None = None) -> list[dict[str, Any]]:
         resp = self._unary(self._stub.ListOps, pb.ListOpsRequest(), "ListOps", timeout)

@@ -18,7 +18,8 @@ import logging
 import random
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from sidecar.errors import Cancelled, CircuitOpen, OpFailed, SidecarError, WorkerCrashed
 from sidecar.host import events

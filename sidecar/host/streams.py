@@ -35,12 +35,14 @@ class Stream(Iterator[Any]):
     (timing, bytes; no outputs) once the stream has run out."""
 
     def __init__(self, chunks: ChunkStream, window: int, decode: Callable[[Chunk], Any],
-                 take_releases: Callable[[], list[str]], finish: Callable[[CallResult | None], Result | None]) -> None:
+                 take_releases: Callable[[], list[str]], finish: Callable[[CallResult | None], Result | None],
+                 requeue: Callable[[list[str]], None] | None = None) -> None:
         self._chunks = chunks
         self._it = iter(chunks)
         self._decode = decode
         self._take_releases = take_releases
         self._finish = finish
+        self._requeue = requeue
         self._ack_every = max(1, window // 2)
         self._unacked = 0
         self._lock = threading.Lock()
@@ -70,7 +72,7 @@ class Stream(Iterator[Any]):
         self.delivered += 1
         self._unacked += 1
         if self._unacked >= self._ack_every:
-            self._chunks.ack(self._unacked, self._take_releases())
+            self._chunks.ack(self._unacked, self._take_releases(), self._requeue)
             self._unacked = 0
         return value
 

@@ -51,13 +51,14 @@ Example: a transport that counts the calls of another one.
 from __future__ import annotations
 
 import abc
-from typing import Any, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from sidecar.errors import Cancelled, InvalidArgument
 from sidecar.host.futures import CancelScope
 from sidecar.protocol.calls import Call, CallResult, Chunk
 
-__all__ = ["ChunkStream", "Transport", "TelemetryWatch"]
+__all__ = ["ChunkStream", "TelemetryWatch", "Transport"]
 
 
 class ChunkStream(abc.ABC):
@@ -65,8 +66,8 @@ class ChunkStream(abc.ABC):
 
     Iterating yields `Chunk`s in order and ends when the worker's final message came (then
     `result` is the stream's `CallResult`: timing, bytes, no outputs), or raises the stream's
-    `SidecarError` after the chunks delivered before it. `ack(n, release)` gives the worker credit
-    for n more consumed chunks (and releases leases on the way); `cancel()` ends the stream (the
+    `SidecarError` after the chunks delivered before it. `ack(n, release, requeue)` gives the worker
+    credit for n more consumed chunks (and releases leases on the way); `cancel()` ends the stream (the
     worker closes the generator); both may be called from any thread, and late calls are no-ops.
     """
 
@@ -76,7 +77,9 @@ class ChunkStream(abc.ABC):
     def __iter__(self) -> Iterator[Chunk]: ...
 
     @abc.abstractmethod
-    def ack(self, chunks: int, release: list[str]) -> None: ...
+    def ack(self, chunks: int, release: list[str], requeue: Callable[[list[str]], None] | None = None) -> None:
+        """Credit for `chunks` more consumed chunks, with `release` piggybacked; an ack that cannot
+        be delivered hands `release` to `requeue` (it must never be lost: rule 7's other half)."""
 
     @abc.abstractmethod
     def cancel(self) -> None: ...

@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import collections.abc
 import itertools
+import logging
 import os
 import secrets
 import threading
@@ -52,6 +53,7 @@ from sidecar.worker.scratch import CallBlocks, NoCallBlocks
 from sidecar.worker.torch_errors import InputsMeta, is_sticky_cuda_error, to_sidecar_error
 
 _now = time.perf_counter_ns
+log = logging.getLogger(__name__)
 
 
 def new_request_id() -> str:
@@ -253,8 +255,8 @@ def close_stream(result: Any) -> None:
     if close is not None:
         try:
             close()
-        except Exception:
-            pass
+        except Exception:  # noqa: BLE001 - a generator failing in its clean-up must not hide why it ended
+            log.warning("closing the stream of an op failed", exc_info=True)
 
 
 class Dispatcher:
