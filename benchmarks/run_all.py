@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 BENCHMARKS = ("bench_dataplane", "bench_grpc", "bench_port", "bench_pool", "bench_elixir", "bench_cuda_ipc",
-              "bench_metrics", "bench_resident")
+              "bench_metrics", "bench_resident", "bench_stream")
 TIMEOUT_S = 900
 
 Figures = dict[str, float]
@@ -116,9 +116,22 @@ def _resident(doc: dict[str, Any]) -> Figures:
     return out
 
 
+def _stream(doc: dict[str, Any]) -> Figures:
+    out: Figures = {}
+    for r in doc["results"]:
+        if r["case"] == "stream/blocking":
+            out[f"x_stream_vs_unary_{r['size']}"] = r["x_vs_unary"]
+            out[f"stream_first_chunk_{r['size']}_ms"] = r["first_chunk_ms"]
+    for h in doc["health_while_busy"]:
+        if h["op"] in ("spin", "matmuls"):
+            out[f"health_p99_during_{h['op']}_ms"] = h["p99_ms"]
+    return out
+
+
 FIGURES: dict[str, Callable[[dict[str, Any]], Figures]] = {
     "bench_dataplane": _dataplane, "bench_grpc": _grpc, "bench_port": _port, "bench_pool": _pool, "bench_elixir": _elixir,
-    "bench_cuda_ipc": _cuda_ipc, "bench_metrics": _metrics, "bench_resident": _resident}
+    "bench_cuda_ipc": _cuda_ipc, "bench_metrics": _metrics, "bench_resident": _resident,
+    "bench_stream": _stream}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -26,4 +26,4 @@ def test_service_has_the_documented_rpcs() -> None:
     assert service.full_name == "sidecar.v1.Sidecar"
     assert {m.name for m in service.methods} == {
         "Execute", "ListOps", "GetHardware", "Release", "WatchTelemetry",
-        "Load", "Unload", "ListResources", "CloseSession"}
+        "Load", "Unload", "ListResources", "CloseSession", "ExecuteStream", "AckChunks"}

@@ -153,6 +153,21 @@ defmodule Sidecar do
     end
   end
 
+  @doc """
+  Runs a streaming op (a Python generator) on an idle worker of `pool`: an Elixir `Stream` of its
+  chunks, produced as the consumer takes them (see `Sidecar.Stream` for flow control,
+  cancellation and failures). Each element is a chunk's value (a list when the op yielded a
+  tuple); tensors come back as binaries (copied out of the worker's memory, its lease released).
+
+      pool |> Sidecar.stream("count_up", [], attrs: [n: 1000]) |> Enum.take(10)
+
+  Options: `:attrs`, `:timeout` (ms for the whole stream), `:idempotent`, `:request_id`,
+  `:max_chunks` / `:max_bytes` (the flow-control window; worker defaults 16 chunks, 64 MiB).
+  Failures raise `Sidecar.Error` from the enumeration, after the chunks delivered before them.
+  """
+  @spec stream(pool, String.t(), list, keyword) :: Enumerable.t()
+  def stream(pool, op, inputs \\ [], opts \\ []) when is_list(inputs), do: Sidecar.Stream.new(pool, op, inputs, opts)
+
   @doc "Like `call/4`, returning the result or raising `Sidecar.Error`."
   @spec call!(pool, String.t(), list, keyword) :: Result.t()
   def call!(pool, op, inputs \\ [], opts \\ []) do
@@ -183,7 +198,9 @@ defmodule Sidecar do
   @doc """
   Per-worker status: slot, pid, os_pid, status (`:ready`, `:starting`, `:waiting` for a restart
   backoff, `:waiting_template`, `:held` by an open breaker), `via` (`:fork` from the template or
-  `:cold`), calls in flight, leases held, consecutive crashes, missed health checks, device.
+  `:cold`), calls in flight, leases held, consecutive crashes, missed health checks, the last
+  health check (`health`: `:serving`, `:busy` = no answer but computing, e.g. an op holding the
+  GIL in C, never killed for it; `:no_answer`), device.
   """
   @spec status(pool) :: [map]
   def status(pool) do
@@ -360,7 +377,8 @@ defmodule Sidecar do
 
   # The idlest ready worker (fewest calls in flight), ties broken at random. When none is ready,
   # the pool's manager answers once one is (or why none will be: an open breaker, a failed start).
-  defp pick(ctx, avoid) do
+  @doc false
+  def pick(ctx, avoid) do
     workers = ready_workers(ctx.pool)
 
     candidates =
@@ -425,7 +443,8 @@ defmodule Sidecar do
     end
   end
 
-  defp config(pool) do
+  @doc false
+  def config(pool) do
     case Registry.meta(Sidecar.Pool.registry(pool), :config) do
       {:ok, cfg} -> {:ok, cfg}
       :error -> {:error, not_running(pool)}
@@ -436,7 +455,8 @@ defmodule Sidecar do
 
   defp not_running(pool), do: Error.new(:invalid_argument, "#{inspect(pool)} is not a running sidecar pool")
 
-  defp idempotent_op?(pool, op) do
+  @doc false
+  def idempotent_op?(pool, op) do
     case Registry.meta(Sidecar.Pool.registry(pool), :ops) do
       {:ok, ops} -> Map.get(ops, to_string(op), false)
       :error -> false
@@ -447,7 +467,8 @@ defmodule Sidecar do
 
   # The inputs' wire terms, and what must stay alive until the worker has answered: the mappings
   # and binaries of shared memory the descriptors point into.
-  defp encode_inputs(inputs) do
+  @doc false
+  def encode_inputs(inputs) do
     {terms, keep} = Enum.map_reduce(inputs, [], &encode/2)
     {terms, keep}
   end
@@ -472,7 +493,8 @@ defmodule Sidecar do
 
   defp encode(other, keep), do: {other, keep}
 
-  defp wire_opts(opts, idempotent) do
+  @doc false
+  def wire_opts(opts, idempotent) do
     base = %{idempotent: idempotent}
 
     Enum.reduce(opts, base, fn
@@ -534,7 +556,8 @@ defmodule Sidecar do
     end
   end
 
-  defp read_value(%Tensor{storage: {:shm, %{name: name} = shm}} = t) do
+  @doc false
+  def read_value(%Tensor{storage: {:shm, %{name: name} = shm}} = t) do
     if Tensor.own?(name) do
       # one of the VM's own segments (an `out:` destination): already ours
       %{t | lease: nil}
@@ -546,12 +569,13 @@ defmodule Sidecar do
     end
   end
 
-  defp read_value(%Tensor{} = t), do: %{t | lease: nil}
-  defp read_value(list) when is_list(list), do: Enum.map(list, &read_value/1)
-  defp read_value(%{} = map) when not is_struct(map), do: Map.new(map, fn {k, v} -> {k, read_value(v)} end)
-  defp read_value(other), do: other
+  def read_value(%Tensor{} = t), do: %{t | lease: nil}
+  def read_value(list) when is_list(list), do: Enum.map(list, &read_value/1)
+  def read_value(%{} = map) when not is_struct(map), do: Map.new(map, fn {k, v} -> {k, read_value(v)} end)
+  def read_value(other), do: other
 
-  defp decode({:tensor, %{} = m}, lease, mappings) do
+  @doc false
+  def decode({:tensor, %{} = m}, lease, mappings) do
     t = Tensor.from_term(m, lease)
 
     case t.storage do
@@ -560,7 +584,7 @@ defmodule Sidecar do
     end
   end
 
-  defp decode(list, lease, mappings) when is_list(list), do: Enum.map(list, &decode(&1, lease, mappings))
-  defp decode(%{} = map, lease, mappings), do: Map.new(map, fn {k, v} -> {k, decode(v, lease, mappings)} end)
-  defp decode(other, _lease, _mappings), do: other
+  def decode(list, lease, mappings) when is_list(list), do: Enum.map(list, &decode(&1, lease, mappings))
+  def decode(%{} = map, lease, mappings), do: Map.new(map, fn {k, v} -> {k, decode(v, lease, mappings)} end)
+  def decode(other, _lease, _mappings), do: other
 end

@@ -32,6 +32,21 @@ defmodule SidecarTest do
     sup
   end
 
+  @doc """
+  Starts a pool of a test module's own (`Sidecar` options), unlinked from the caller, and stops it
+  when the test (from `setup`) or the module (from `setup_all`) is done.
+  """
+  def start_own_pool(name, opts) do
+    {:ok, sup} = Supervisor.start_link([{Sidecar, [name: name] ++ opts}], strategy: :one_for_one)
+    Process.unlink(sup)
+    :ok = Sidecar.await_ready(name, :all, 60_000)
+
+    ExUnit.Callbacks.on_exit(fn ->
+      Sidecar.stop(name)
+      Supervisor.stop(sup)
+    end)
+  end
+
   def floats(list), do: for(x <- list, into: <<>>, do: <<x::float-32-native>>)
   def to_floats(bin), do: for(<<x::float-32-native <- bin>>, do: x)
 

@@ -40,10 +40,12 @@ from sidecar.dataplane.mapcache import MappingCache
 from sidecar.dataplane.names import default_run_id
 from sidecar.dataplane.validate import check_segment_bounds, validate_arrow_ref
 from sidecar.errors import InvalidArgument, InvalidTensorRef, SidecarError, WorkerUnreachable
+from sidecar.host.futures import CallFuture, CancelScope, FutureRunner
 from sidecar.host.leases import LeaseGroup, LocalFirst, PendingReleases, empty_in
 from sidecar.host.transport import TelemetryWatch, Transport
-from sidecar.protocol.calls import Call, OutputSpec, Placement, Timing
-from sidecar.protocol.limits import DEFAULT_INLINE_THRESHOLD
+from sidecar.host.streams import Stream
+from sidecar.protocol.calls import Call, CallResult, Chunk, OutputSpec, Placement, Timing
+from sidecar.protocol.limits import DEFAULT_INLINE_THRESHOLD, DEFAULT_STREAM_MAX_CHUNKS
 from sidecar.protocol.refs import ArrowRef, InlineStorage, ShmStorage, TensorRef
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,26 @@ class Result:
     bytes_in: int = 0
     bytes_out: int = 0
     request_id: str = ""
+
+
+@dataclass
+class PreparedCall:
+    """A call whose inputs are encoded (`Client.prepare`): the `Call` to send and what it holds."""
+
+    want_torch: bool = False
+    call: Call = field(default_factory=lambda: Call(op=""))
+    temp: dict[str, Block] = field(default_factory=dict)          # input copies made for it, by segment
+    in_place: dict[str, list[Any]] = field(default_factory=dict)  # inputs described where they lie
+    out_blocks: list[Block] = field(default_factory=list)
+    out_objs: list[Any] = field(default_factory=list)
+    copy_back: list[tuple[Any, Block]] = field(default_factory=list)
+
+    def done(self) -> None:
+        """The call is over: its input copies and out blocks go back to the arena (idempotent)."""
+        blocks = [*self.temp.values(), *self.out_blocks]
+        self.temp, self.out_blocks, self.in_place = {}, [], {}
+        for block in blocks:
+            block.release()
 
 
 # Every live client, so that a forked child's copies start over (os.register_at_fork below).
@@ -141,6 +163,7 @@ class Client:
         self._active = 0
         self._shut = False
         self._watches: weakref.WeakSet[TelemetryWatch] = weakref.WeakSet()
+        self._futures = FutureRunner(name="sidecar-client-future")
         self._inherited: list[Any] = []  # a forked child keeps its parent's transport and arena, untouched
         self._parent_transport: Transport | None = None  # in a forked child: what to reopen
         self._pid = os.getpid()
@@ -181,7 +204,8 @@ class Client:
 
     def call(self, op: str, *inputs: Any, out: Any = None, placement: str | Placement = "auto",
              timeout: float | None = None, idempotent: bool | None = None, request_id: str | None = None,
-             session_id: str = "", session_ttl_s: float = 0.0, **attrs: Any) -> Any:
+             session_id: str = "", session_ttl_s: float = 0.0, cancel_scope: CancelScope | None = None,
+             **attrs: Any) -> Any:
         """Run `op` and return its output (a tuple when it has several).
 
         NumPy in -> NumPy out; any torch tensor in -> torch out; Arrow tables come back as
@@ -191,66 +215,150 @@ class Client:
         """
         result = self.execute(op, *inputs, out=out, placement=placement, timeout=timeout,
                               idempotent=idempotent, request_id=request_id, session_id=session_id,
-                              session_ttl_s=session_ttl_s, **attrs)
+                              session_ttl_s=session_ttl_s, cancel_scope=cancel_scope, **attrs)
         outs = result.outputs
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def execute(self, op: str, *inputs: Any, out: Any = None, placement: str | Placement = "auto",
                 timeout: float | None = None, idempotent: bool | None = None,
                 request_id: str | None = None, session_id: str = "", session_ttl_s: float = 0.0,
-                **attrs: Any) -> Result:
-        """Like `call`, but returns a `Result` with outputs, timing, device, leases and bytes."""
+                cancel_scope: CancelScope | None = None, **attrs: Any) -> Result:
+        """Like `call`, but returns a `Result` with outputs, timing, device, leases and bytes.
+        `cancel_scope` (`sidecar.host.futures`) lets another thread cancel the call under way."""
         transport = self._enter()
         try:
             return self._execute(transport, op, inputs, out, placement, timeout, idempotent, request_id, attrs,
-                                 session_id, session_ttl_s)
+                                 session_id, session_ttl_s, cancel_scope)
         finally:
             self._leave()
 
     def _execute(self, transport: Transport, op: str, inputs: tuple[Any, ...], out: Any,
                  placement: str | Placement, timeout: float | None, idempotent: bool | None,
                  request_id: str | None, attrs: dict[str, Any], session_id: str = "",
-                 session_ttl_s: float = 0.0) -> Result:
-        place = _placement(placement, out)
-        want_torch = "torch" in sys.modules and any(_has_torch(x) for x in inputs)
-        temp: dict[str, Block] = {}          # input copies made for this call, by segment name
-        in_place: dict[str, list[Any]] = {}  # inputs described where they lie (zero copy)
-        out_blocks: list[Block] = []
+                 session_ttl_s: float = 0.0, scope: CancelScope | None = None) -> Result:
+        prepared = self.prepare(op, inputs, out, placement, idempotent, request_id, attrs,
+                                session_id=session_id, session_ttl_s=session_ttl_s)
         try:
-            refs = [self._encode_input(x, temp, in_place) for x in inputs]
-            out_objs: list[Any] = []
+            deadline = timeout if timeout is not None else self.timeout
+            res = transport.execute(prepared.call, deadline) if scope is None else \
+                transport.execute_cancellable(prepared.call, deadline, scope)
+            return self.complete(prepared, res)
+        finally:
+            prepared.done()
+
+    def prepare(self, op: str, inputs: tuple[Any, ...], out: Any = None, placement: str | Placement = "auto",
+                idempotent: bool | None = None, request_id: str | None = None,
+                attrs: dict[str, Any] | None = None, *, stream_window: tuple[int, int] = (0, 0),
+                session_id: str = "", session_ttl_s: float = 0.0) -> PreparedCall:
+        """The data plane's half of a call before it is sent: inputs encoded (into the arena), `out`
+        refs, the `Call` itself. Whatever transport sends it, `complete` decodes its answer and
+        `done()` frees what the call held (the asyncio host sends it on grpc.aio)."""
+        place = _placement(placement, out)
+        p = PreparedCall(want_torch="torch" in sys.modules and any(_has_torch(x) for x in inputs))
+        try:
+            refs = [self._encode_input(x, p.temp, p.in_place) for x in inputs]
             out_refs: list[TensorRef] = []
-            copy_back: list[tuple[Any, Block]] = []
             if place == Placement.OUT:
-                out_objs = list(out) if isinstance(out, (list, tuple)) else [out]
-                for obj in out_objs:
+                p.out_objs = list(out) if isinstance(out, (list, tuple)) else [out]
+                for obj in p.out_objs:
                     ref, block = tensors.to_ref(obj, self.arena, inline_threshold=0)
                     if block is not None:  # not arena memory: the worker writes a copy we bring back
-                        out_blocks.append(block)
-                        copy_back.append((obj, block))
+                        p.out_blocks.append(block)
+                        p.copy_back.append((obj, block))
                     out_refs.append(ref)
-            call = Call(op=op, inputs=refs, attrs=attrs,
-                        output=OutputSpec(placement=place, out=tuple(out_refs),
-                                          allow_alias=self.allow_alias and place == Placement.AUTO),
-                        release=self._pending.take(), request_id=request_id or os.urandom(8).hex(),
-                        idempotent=bool(idempotent), client_pid=self._pid, client_id=self._client_id,
-                        session_id=session_id, session_ttl_s=session_ttl_s)
-            res = transport.execute(call, timeout if timeout is not None else self.timeout)
-            for obj, block in copy_back:
-                _copy_back(obj, block)
-            if place == Placement.OUT:
-                outputs = out_objs
-                self._pending.add(res.leases)
-            elif not res.leases and _all_inline(res.outputs):
-                # The small call's path: values and inline tensors, nothing of the worker's to keep alive.
-                outputs = [self._decode_inline(v, want_torch) for v in res.outputs]
-            else:
-                outputs = self._decode_outputs(op, res.outputs, list(res.leases), temp, in_place, want_torch)
-        finally:
-            for block in [*temp.values(), *out_blocks]:
-                block.release()
+            p.call = Call(op=op, inputs=refs, attrs=dict(attrs or {}),
+                          output=OutputSpec(placement=place, out=tuple(out_refs),
+                                            allow_alias=self.allow_alias and place == Placement.AUTO),
+                          release=self._pending.take(), request_id=request_id or os.urandom(8).hex(),
+                          idempotent=bool(idempotent), client_pid=self._pid, client_id=self._client_id,
+                          session_id=session_id, session_ttl_s=session_ttl_s,
+                          stream_max_chunks=stream_window[0], stream_max_bytes=stream_window[1])
+        except BaseException:
+            p.done()
+            raise
+        return p
+
+    def complete(self, p: PreparedCall, res: CallResult) -> Result:
+        """The `Result` of a prepared call from its transport's answer (outputs decoded, zero copy)."""
+        for obj, block in p.copy_back:
+            _copy_back(obj, block)
+        op = p.call.op
+        if p.call.output.placement == Placement.OUT:
+            outputs = p.out_objs
+            self._pending.add(res.leases)
+        elif not res.leases and _all_inline(res.outputs):
+            # The small call's path: values and inline tensors, nothing of the worker's to keep alive.
+            outputs = [self._decode_inline(v, p.want_torch) for v in res.outputs]
+        else:
+            outputs = self._decode_outputs(op, res.outputs, list(res.leases), p.temp, p.in_place, p.want_torch)
         return Result(outputs=outputs, timing=res.timing, device=res.device, leases=list(res.leases),
                       bytes_in=res.bytes_in, bytes_out=res.bytes_out, request_id=res.request_id)
+
+    def decode_chunk(self, p: PreparedCall, chunk: Chunk) -> Any:
+        """One chunk of a prepared streaming call as the caller gets it (one value, or a tuple)."""
+        if not chunk.leases and _all_inline(chunk.values):
+            outs = [self._decode_inline(v, p.want_torch) for v in chunk.values]
+        else:
+            outs = self._decode_outputs(p.call.op, chunk.values, list(chunk.leases), {}, {}, p.want_torch)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def stream_ended(self, p: PreparedCall, res: CallResult | None, transport: Transport) -> Result | None:
+        """A prepared stream is over (`res` None: cancelled): the inputs are freed, and after a
+        cancel the leases of consumed chunks are handed back now. Returns the final `Result`."""
+        p.done()
+        if res is None and self._pending:
+            ids = self._pending.take()
+            try:
+                transport.release(ids, self.timeout)
+            except SidecarError:
+                self._pending.add(ids)
+        if res is None:
+            return None
+        return Result(outputs=[], timing=res.timing, device=res.device, bytes_in=res.bytes_in,
+                      bytes_out=res.bytes_out, request_id=res.request_id)
+
+    def take_releases(self) -> list[str]:
+        """The lease ids queued for release (collected outputs), to piggyback on a message
+        (`requeue_releases` them if it could not be sent)."""
+        return self._pending.take()
+
+    def requeue_releases(self, ids: list[str]) -> None:
+        self._pending.add(ids)
+
+    def submit(self, op: str, *inputs: Any, **kwargs: Any) -> CallFuture:
+        """`call(op, *inputs, **kwargs)` in the background: a `concurrent.futures.Future` of its
+        result whose `cancel()` also cancels the call in the worker (`sidecar.host.futures`)."""
+        if self._closed:
+            raise ClientClosed(f"the client of {self.address} is closed", field="client")
+        return self._futures.submit(lambda scope: self.call(op, *inputs, cancel_scope=scope, **kwargs))
+
+    def stream(self, op: str, *inputs: Any, timeout: float | None = None, idempotent: bool | None = None,
+               request_id: str | None = None, max_chunks: int = 0, max_bytes: int = 0, **attrs: Any) -> Stream:
+        """Run a streaming op (a generator): an iterator of its chunks as they are produced (see
+        `sidecar.host.streams.Stream`). Each chunk comes back as `call` returns outputs.
+
+        `max_chunks` / `max_bytes` (0 = the worker's defaults, 16 chunks and 64 MiB) bound what the
+        worker sends ahead of your consumption; `timeout` bounds the whole stream. Break out (or
+        `close()`) to cancel: the worker closes the generator. Errors: the op's structured error
+        (raised by the iterator after the chunks produced before it), Cancelled, WorkerUnreachable.
+        """
+        transport = self._enter()
+        try:
+            p = self.prepare(op, inputs, None, "auto", idempotent, request_id, attrs,
+                             stream_window=(max_chunks, max_bytes))
+            chunks = transport.stream(p.call, timeout if timeout is not None else self.timeout)
+        except BaseException:
+            self._leave()
+            raise
+
+        def finish(res: CallResult | None) -> Result | None:
+            try:
+                return self.stream_ended(p, res, transport)
+            finally:
+                self._leave()
+
+        return Stream(chunks, max_chunks or DEFAULT_STREAM_MAX_CHUNKS, lambda chunk: self.decode_chunk(p, chunk),
+                      self._pending.take, finish, self._pending.add)
 
     def _decode_outputs(self, op: str, values: list[Any], leases: list[str], temp: dict[str, Block],
                         in_place: dict[str, list[Any]], want_torch: bool) -> list[Any]:
@@ -466,6 +574,7 @@ class Client:
             self._shut = self._shut or shut_now
         for watch in watches:
             watch.close()
+        self._futures.close()
         if shut_now:
             self._shut_down()
 
@@ -522,6 +631,7 @@ class Client:
         self._arena, self._own_arena = None, True
         self._cache = MappingCache()
         self._watches = weakref.WeakSet()
+        self._futures = FutureRunner(name="sidecar-client-future")
 
     def __reduce__(self) -> Any:
         raise WrongProcess(f"a Client cannot be pickled (its connection and shared memory belong to process "

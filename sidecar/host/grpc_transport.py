@@ -3,16 +3,19 @@ service), for a `Client`. The protobuf shapes stay in `sidecar.protocol.grpc_cod
 RPCs and maps their failures (see `sidecar.host.transport` for the contract)."""
 from __future__ import annotations
 
-from typing import Any, Iterator
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 
-from sidecar.errors import SidecarError
-from sidecar.host.transport import TelemetryWatch, Transport
+from sidecar.errors import Cancelled, SidecarError, WorkerUnreachable
+from sidecar.host.futures import CancelScope
+from sidecar.host.transport import ChunkStream, TelemetryWatch, Transport
 from sidecar.v1 import sidecar_pb2 as pb
 from sidecar.v1 import sidecar_pb2_grpc as pb_grpc
 from sidecar.protocol import grpc_codec as wire
-from sidecar.protocol.calls import Call, CallResult
+from sidecar.protocol.calls import Call, CallResult, Chunk
 
 __all__ = ["GrpcTransport"]
 
@@ -52,6 +55,61 @@ class _GrpcTelemetryWatch(TelemetryWatch):
         self._call.cancel()
 
 
+class _GrpcChunkStream(ChunkStream):
+    """ExecuteStream's messages as chunks; AckChunks sent without waiting for their answers."""
+
+    def __init__(self, stub: Any, request: pb.ExecuteRequest, timeout: float | None, acks: _AcksInFlight) -> None:
+        self._stub = stub
+        self._op = request.op
+        self._request_id, self._client_id = request.request_id, request.client_id
+        self._call = stub.ExecuteStream(request, timeout=timeout)
+        self._acks = acks
+
+    def __iter__(self) -> Iterator[Chunk]:
+        try:
+            for message in self._call:
+                if message.HasField("end"):
+                    self.result = wire.result_from_response(message.end)
+                    return
+                yield wire.chunk_from_pb(message)
+        except grpc.RpcError as err:
+            raise rpc_failure(err, self._op) from None
+        raise WorkerUnreachable(f"the stream of {self._op!r} ended without its final message", op=self._op,
+                                classification="unreachable")
+
+    def ack(self, chunks: int, release: list[str], requeue: Callable[[list[str]], None] | None = None) -> None:
+        ack = pb.ChunkAck(request_id=self._request_id, client_id=self._client_id, chunks=chunks, release=release)
+        self._acks.send(self._stub.AckChunks.future(ack, timeout=_ACK_TIMEOUT_S), release, requeue)
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+_ACK_TIMEOUT_S = 30.0
+
+
+class _AcksInFlight:
+    """The AckChunks futures of a transport until they are done (the last ack of a stream is often
+    still on its way when the stream ends): an ack that failed (its deadline passed, the channel
+    closed) hands its piggybacked lease ids back (`requeue`), to go with the client's next message,
+    instead of leaving their memory held until the lease TTL."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._futures: set[Any] = set()
+
+    def send(self, future: Any, release: list[str], requeue: Callable[[list[str]], None] | None) -> None:
+        with self._lock:
+            self._futures.add(future)
+
+        def done(f: Any) -> None:
+            with self._lock:
+                self._futures.discard(f)
+            if release and requeue is not None and (f.cancelled() or f.exception() is not None):
+                requeue(release)
+        future.add_done_callback(done)
+
+
 class GrpcTransport(Transport):
     """`address` is what the worker printed (`unix:/path` or `host:port`). `max_message_bytes` raises
     gRPC's 4 MiB message limits (needed only for big tensors inside messages, placement "inline")."""
@@ -69,14 +127,39 @@ class GrpcTransport(Transport):
         # Stubs are built once: building one on a closed channel is what crashes grpcio.
         self._stub = pb_grpc.SidecarStub(self._channel)  # type: ignore[no-untyped-call]  # generated, no stub
         self._health_stub = health_pb2_grpc.HealthStub(self._channel)
+        self._acks = _AcksInFlight()
+
+    @staticmethod
+    def _request(call: Call) -> pb.ExecuteRequest:
+        return wire.call_to_request(call)
 
     def execute(self, call: Call, timeout: float | None = None) -> CallResult:
-        req = wire.call_to_request(call)
+        req = self._request(call)
         try:
             resp = self._stub.Execute(req, timeout=timeout)
         except grpc.RpcError as err:
             raise rpc_failure(err, call.op) from None
         return wire.result_from_response(resp)
+
+    def execute_cancellable(self, call: Call, timeout: float | None, scope: CancelScope) -> CallResult:
+        future = self._stub.Execute.future(self._request(call), timeout=timeout)
+        scope.attach(future.cancel)
+        try:
+            resp = future.result()
+        except grpc.FutureCancelledError:
+            raise Cancelled(f"the call of {call.op!r} was cancelled by its caller", op=call.op,
+                            request_id=call.request_id) from None
+        except grpc.RpcError as err:
+            raise rpc_failure(err, call.op) from None
+        finally:
+            scope.detach()
+        return wire.result_from_response(resp)
+
+    def stream(self, call: Call, timeout: float | None = None) -> ChunkStream:
+        req = self._request(call)
+        req.stream_max_chunks = call.stream_max_chunks
+        req.stream_max_bytes = call.stream_max_bytes
+        return _GrpcChunkStream(self._stub, req, timeout, self._acks)
 
     def list_ops(self, timeout: float | None = None) -> list[dict[str, Any]]:
         resp = self._unary(self._stub.ListOps, pb.ListOpsRequest(), "ListOps", timeout)

@@ -46,11 +46,12 @@ from typing import Any, Callable, Mapping, Sequence
 from sidecar.dataplane import reaper
 from sidecar.dataplane.arena import Arena
 from sidecar.errors import SidecarError
-from sidecar.host import events
+from sidecar.host import events, liveness
 from sidecar.host.breaker import CircuitBreaker, OpBreakers
 from sidecar.host.client import Result, WrongProcess
 from sidecar.host.crash import Classification, ExitInfo, oom_kill_count
 from sidecar.host.events import EventBus, EventStream, PoolEvent
+from sidecar.host.futures import CallFuture, FutureRunner
 from sidecar.host.launcher import LAUNCH_ERRORS, Launcher, start_failure
 from sidecar.host.leases import empty_in
 from sidecar.host.policy import SupervisionPolicy
@@ -59,6 +60,7 @@ from sidecar.host.resources import PoolResources, PoolWorker, Recipe, RestoreFai
 from sidecar.host.scheduler import CallScheduler, PoisonCall, PoolClosed
 from sidecar.host.sessions import Session
 from sidecar.host.settings import PoolSettings
+from sidecar.host.streams import PoolStream
 from sidecar.host.supervisor import (Attach, Dispose, Effect, Launch, Publish, Role, Signal, Slot, StartFailure,
                                      Supervisor, Watch, Worker, WorkerState, WorkerStatus)
 from sidecar.host.template import Template
@@ -159,6 +161,7 @@ class Pool:
         self._telemetry: list[PoolTelemetry] = []
         self._observer: Any = None       # sidecar.observe.PoolObserver, made on first use
         self._call_observer: Any = None  # its call hook (None: calls are not timed or recorded)
+        self._futures = FutureRunner(name="sidecar-pool-future")  # pool.submit's threads
 
         reaper.reap_dead_owners()  # runs of hosts that died without closing their pools
         self._arena = Arena(self.run_id)
@@ -316,10 +319,14 @@ class Pool:
             for worker in workers:
                 if self._stop.is_set():
                     return
+                cpu_before, started = liveness.cpu_seconds(worker.pid), time.monotonic()
                 try:
                     status: str | None = worker.client.health(timeout=s.health_timeout_s)
                 except Exception:  # noqa: BLE001 - unreachable, timed out, or its client closed as it died
                     status = None
+                if status is None and liveness.was_busy(cpu_before, liveness.cpu_seconds(worker.pid),
+                                                        time.monotonic() - started):
+                    status = liveness.BUSY  # computing (the GIL held in C), not hung: never killed for it
                 if worker.proc.alive:  # a dead one's exit is the news, not its silence
                     self._feed(self._sup.health, worker, status)
 
@@ -393,6 +400,24 @@ class Pool:
                 **kwargs: Any) -> Result:
         """Like `call`, but returns the `Result` (outputs, timing, device, leases, bytes)."""
         return self._invoke("execute", op, inputs, idempotent, timeout, kwargs)  # type: ignore[no-any-return]
+
+    def stream(self, op: str, *inputs: Any, idempotent: bool | None = None, timeout: float | None = None,
+               **kwargs: Any) -> PoolStream:
+        """Runs a streaming op on the least busy worker: an iterator of its chunks (see
+        `Client.stream` for max_chunks/max_bytes and what chunks look like). A worker dying
+        mid-stream ends it with `WorkerCrashed` after the chunks delivered; it is retried on another
+        worker only if idempotent and nothing was delivered yet. `close()` (or leaving `with`)
+        cancels it on the worker."""
+        self._check_process()
+        return PoolStream(self._scheduler.stream(op, inputs, idempotent, timeout, kwargs))
+
+    def submit(self, op: str, *inputs: Any, idempotent: bool | None = None, timeout: float | None = None,
+               **kwargs: Any) -> CallFuture:
+        """Runs `call(op, *inputs, ...)` in the background: a `concurrent.futures.Future` of its
+        result. Its `cancel()` also cancels the call on the worker (see `sidecar.host.futures`)."""
+        self._check_process()
+        return self._futures.submit(
+            lambda scope: self.call(op, *inputs, idempotent=idempotent, timeout=timeout, cancel_scope=scope, **kwargs))
 
     def hardware(self) -> dict[str, Any]:
         """What a ready worker sees (GetHardware): CPU, CUDA devices, MPS and the device it runs ops on."""
@@ -610,6 +635,7 @@ class Pool:
             self._cond.notify_all()
         if self._observer is not None:  # no new one is made once closing: its endpoint stops first
             self._observer.close()
+        self._futures.close()
         launcher = getattr(self, "_launcher", None)
         if launcher is not None:
             launcher.stop_starting()

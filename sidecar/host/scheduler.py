@@ -18,7 +18,8 @@ import logging
 import random
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from sidecar.errors import Cancelled, CircuitOpen, OpFailed, SidecarError, WorkerCrashed
 from sidecar.host import events
@@ -105,21 +106,12 @@ class CallScheduler:
                 try:
                     out = getattr(worker.client, method)(op, *inputs, timeout=left, idempotent=retryable, **kwargs)
                 except Exception as exc:
-                    # Still registered as running on the worker while we look: a crash is counted
-                    # against this op (the exit input reads `worker.running`).
-                    try:
-                        found = self._as_crash(exc, worker, op)
-                    finally:
-                        gave_up = isinstance(exc, Cancelled) and worker.proc.alive
-                        self.release(worker, token, ok=False, abandoned=gave_up)
+                    found = self._failed_attempt(exc, worker, token, op, work_crashes)
                     if found is None:  # the worker answered (an op error), or the call's own timeout
                         crashed_nothing = True
                         raise
                     crash, info = found
                     if info is not None and info.blames_work:
-                        work_crashes.append((crash, info))
-                        if len(work_crashes) >= 2:
-                            raise self._poison(op, work_crashes) from None
                         first_crash = first_crash or attempt
                     # A call whose attempt crashed a worker by itself gets one more try at most.
                     tries_left = first_crash is None or attempt == first_crash
@@ -182,6 +174,69 @@ class CallScheduler:
                                 classification="recycled")
         err.call_started = False  # type: ignore[attr-defined]
         return err
+    def stream(self, op: str, inputs: tuple[Any, ...], idempotent: bool | None, timeout: float | None,
+               kwargs: dict[str, Any]) -> Iterator[Any]:
+        """`Client.stream(op, *inputs, **kwargs)` on a pool worker, as a generator of its chunks.
+
+        A failure is classified as for a call (a dead worker: `WorkerCrashed`, after the chunks
+        already delivered). The stream is sent to another worker only while nothing of it was
+        delivered, and only if it is idempotent (or never reached its worker), within
+        `max_attempts`. Closing the generator cancels the stream on its worker.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        retryable = self.is_idempotent(op) if idempotent is None else bool(idempotent)
+        if self._policy.op_breakers.admit(op) is Admission.REFUSE:
+            raise self._op_circuit_open_error(op)
+        excluded: set[int] = set()
+        work_crashes: list[tuple[WorkerCrashed, ExitInfo]] = []  # a stream that crashes two is poison
+        attempt = 0
+        while True:
+            attempt += 1
+            worker, token = self.acquire(op, deadline, excluded)
+            left = None if deadline is None else max(0.001, deadline - time.monotonic())
+            delivered = 0
+            chunks: Any = None
+            try:
+                chunks = worker.client.stream(op, *inputs, timeout=left, idempotent=retryable, **kwargs)
+                for value in chunks:
+                    delivered += 1
+                    yield value
+            except GeneratorExit:  # the consumer stopped early: cancel on the worker
+                if chunks is not None:
+                    chunks.close()
+                self.release(worker, token, ok=True)
+                raise
+            except Exception as exc:
+                found = self._failed_attempt(exc, worker, token, op, work_crashes)
+                if found is None:
+                    raise
+                crash, _info = found
+                never_sent = getattr(crash, "call_started", None) is False
+                if delivered or not (retryable or never_sent) or attempt >= self.settings.max_attempts \
+                        or self._sup.closing:
+                    raise crash from (None if crash is exc else exc)
+                self._bus.emit(events.retry(op, attempt + 1, worker.pid, crash.fields.get("classification"), 0.0))
+                excluded.add(worker.pid)
+                continue
+            self.release(worker, token, ok=True)
+            return
+
+    def _failed_attempt(self, exc: Exception, worker: Worker, token: int, op: str,
+                        work_crashes: list[tuple[WorkerCrashed, ExitInfo]]) -> tuple[WorkerCrashed, ExitInfo | None] | None:
+        """After an attempt failed: the crash it was (None: an answer of a live worker, or the call's own
+        timeout), the worker released; raises `PoisonCall` once the call crashed two workers by itself."""
+        # Still registered as running on the worker while we look: a crash is counted against this
+        # op (the exit input reads `worker.running`).
+        try:
+            found = self._as_crash(exc, worker, op)
+        finally:
+            gave_up = isinstance(exc, Cancelled) and worker.proc.alive
+            self.release(worker, token, ok=False, abandoned=gave_up)
+        if found is not None and found[1] is not None and found[1].blames_work:
+            work_crashes.append((found[0], found[1]))
+            if len(work_crashes) >= 2:
+                raise self._poison(op, work_crashes) from None
+        return found
 
     def on_any_worker(self, what: str, fn: Callable[[Client], Any]) -> Any:
         worker, token = self.acquire(what, None, set())

@@ -32,6 +32,7 @@ from typing import Any, Callable, Union
 from sidecar.host import events
 from sidecar.host.crash import Classification, ExitInfo
 from sidecar.host.events import PoolEvent
+from sidecar.host.liveness import BUSY
 from sidecar.host.policy import Death, SupervisionPolicy, Verdict
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class WorkerStatus:
     inflight: int = 0
     address: str | None = None
     gpu: str | None = None    # CUDA_VISIBLE_DEVICES given to it, when the pool places workers
+    health: str = ""          # last health check: SERVING, BUSY (computing, GIL held), NO_ANSWER, ...
 
 
 class Role(str, Enum):
@@ -106,6 +108,7 @@ class Slot:
     streak: int = 0                 # crashes in a row before a worker of the slot proved itself
     started_once: bool = False
     health_failures: int = 0
+    health: str = ""          # the last health check's outcome (SERVING, BUSY, NO_ANSWER, ...)
     died_at: float = 0.0
     launching: bool = False         # a launch is scheduled (launch_at) or running
     launch_at: float | None = None
@@ -188,7 +191,7 @@ class Supervisor:
     def rows(self) -> list[WorkerStatus]:
         rows = [WorkerStatus(s.index, s.worker.pid if s.worker else None, s.state, s.calls, s.crashes,
                              s.restarts, s.last_exit, s.worker.inflight if s.worker else 0,
-                             s.worker.address if s.worker else None, s.gpu) for s in self.serving]
+                             s.worker.address if s.worker else None, s.gpu, s.health) for s in self.serving]
         rows += [WorkerStatus(-1, s.worker.pid, WorkerState.SPARE, 0, 0, 0, None, 0, s.worker.address, s.gpu)
                  for s in self.spares if s.worker is not None]
         return rows
@@ -419,14 +422,17 @@ class Supervisor:
     # health
 
     def health(self, worker: Worker, status: str | None) -> list[Effect]:
-        """One health check of a serving worker: "SERVING", "NOT_SERVING", another status, or None
-        (no answer). NOT_SERVING recycles it; `health_failures` failures in a row kill it."""
+        """One health check of a serving worker: "SERVING", "NOT_SERVING", "BUSY", another status, or
+        None (no answer). NOT_SERVING recycles it; `health_failures` failures in a row kill it."""
         slot = worker.slot
         if self.closing or slot is None or slot.worker is not worker or slot.role is not Role.SERVING:
             return []
+        slot.health = status or "NO_ANSWER"
         if status == "NOT_SERVING":
             return self._recycle(slot, worker)
-        slot.health_failures = 0 if status == "SERVING" else slot.health_failures + 1
+        # BUSY: no answer, but its CPU time advanced meanwhile (an op holding the GIL in C,
+        # sidecar.host.liveness): alive and working, so it counts as an answer.
+        slot.health_failures = 0 if status in ("SERVING", BUSY) else slot.health_failures + 1
         if slot.health_failures < self.health_limit:
             return []
         log.warning("pool %s: worker pid %d failed %d health checks; killing it", self.run_id, worker.pid,

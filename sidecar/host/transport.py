@@ -9,6 +9,7 @@ knows only Clients.
 
     execute(call, timeout)          a `Call` (op, input refs and values, attrs, output spec, lease
                                     ids to release, request id, owner) -> its `CallResult`
+    stream(call, timeout)           a streaming call -> a `ChunkStream` (chunks, acks, cancel)
     list_ops(timeout)               [{"name", "doc", "min_inputs", "max_inputs" (-1 variadic),
                                       "idempotent", "attrs", "module"}]
     hardware(timeout)               the worker's `Hardware` as a dict (every field present)
@@ -50,11 +51,38 @@ Example: a transport that counts the calls of another one.
 from __future__ import annotations
 
 import abc
-from typing import Any, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
-from sidecar.protocol.calls import Call, CallResult
+from sidecar.errors import Cancelled, InvalidArgument
+from sidecar.host.futures import CancelScope
+from sidecar.protocol.calls import Call, CallResult, Chunk
 
-__all__ = ["Transport", "TelemetryWatch"]
+__all__ = ["ChunkStream", "TelemetryWatch", "Transport"]
+
+
+class ChunkStream(abc.ABC):
+    """The chunks of one streaming call as they arrive (`Transport.stream`), in neutral types.
+
+    Iterating yields `Chunk`s in order and ends when the worker's final message came (then
+    `result` is the stream's `CallResult`: timing, bytes, no outputs), or raises the stream's
+    `SidecarError` after the chunks delivered before it. `ack(n, release, requeue)` gives the worker
+    credit for n more consumed chunks (and releases leases on the way); `cancel()` ends the stream (the
+    worker closes the generator); both may be called from any thread, and late calls are no-ops.
+    """
+
+    result: CallResult | None = None
+
+    @abc.abstractmethod
+    def __iter__(self) -> Iterator[Chunk]: ...
+
+    @abc.abstractmethod
+    def ack(self, chunks: int, release: list[str], requeue: Callable[[list[str]], None] | None = None) -> None:
+        """Credit for `chunks` more consumed chunks, with `release` piggybacked; an ack that cannot
+        be delivered hands `release` to `requeue` (it must never be lost: rule 7's other half)."""
+
+    @abc.abstractmethod
+    def cancel(self) -> None: ...
 
 
 class TelemetryWatch(abc.ABC):
@@ -81,6 +109,18 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def execute(self, call: Call, timeout: float | None = None) -> CallResult: ...
+
+    def execute_cancellable(self, call: Call, timeout: float | None, scope: CancelScope) -> CallResult:
+        """`execute`, cancellable from another thread through `scope` (`sidecar.host.futures`). A
+        transport that cannot cancel a call under way runs it to its end (or its timeout)."""
+        if scope.cancelled:
+            raise Cancelled("the call was cancelled before it was sent", op=call.op, request_id=call.request_id)
+        return self.execute(call, timeout)
+
+    def stream(self, call: Call, timeout: float | None = None) -> ChunkStream:
+        """Starts a streaming call (ExecuteStream); a transport that cannot stream says so."""
+        raise InvalidArgument(f"{type(self).__name__} does not carry streaming calls", field="transport",
+                              op=call.op)
 
     @abc.abstractmethod
     def list_ops(self, timeout: float | None = None) -> list[dict[str, Any]]: ...

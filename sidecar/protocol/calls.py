@@ -54,6 +54,9 @@ class Call:
     # sidecar.v1.ExecuteRequest.session_id / session_ttl_s.
     session_id: str = ""
     session_ttl_s: float = 0.0
+    # ExecuteStream's flow-control window (chunks / bytes sent and not yet acknowledged); 0 = default.
+    stream_max_chunks: int = 0
+    stream_max_bytes: int = 0
     # Set by the transport: returns True once the caller has gone (cancelled, deadline passed).
     is_cancelled: Callable[[], bool] | None = None
 
@@ -76,3 +79,14 @@ class CallResult:
     bytes_in: int = 0
     bytes_out: int = 0
     request_id: str = ""
+
+
+@dataclass
+class Chunk:
+    """One chunk of a streaming call (the fields of `sidecar.v1.ExecuteChunk` but `end`): what the
+    op yielded, encoded like a call's outputs, with the chunk's own lease when it has one."""
+
+    values: list[Value]
+    leases: list[str] = field(default_factory=list)
+    index: int = 0
+    bytes: int = 0

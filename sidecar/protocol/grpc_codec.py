@@ -28,7 +28,7 @@ from grpc_status import rpc_status
 from sidecar.errors import (ERROR_CLASSES, ERROR_FIELDS, Cancelled, ErrorKind, InvalidArgument, InvalidTensorRef,
                             OpFailed, SidecarError, UnknownOp, WorkerUnreachable, shorten)
 from sidecar.protocol import records, schema
-from sidecar.protocol.calls import Call, CallResult, OutputSpec, Placement
+from sidecar.protocol.calls import Call, CallResult, Chunk, OutputSpec, Placement
 from sidecar.protocol.limits import (ERROR_BYTES, ERROR_FIELD_BYTES, ERROR_LIST_ITEMS, ERROR_MESSAGE_BYTES,
                                      ERROR_TRACEBACK_BYTES, STATUS_MESSAGE_BYTES)
 from sidecar.protocol.refs import TensorRef
@@ -421,6 +421,19 @@ def result_from_response(m: pb.ExecuteResponse) -> CallResult:
 
 _fill_response = codec("ExecuteResponse").fill
 _read_response = codec("ExecuteResponse").read
+
+
+def chunk_to_pb(c: Chunk) -> pb.ExecuteChunk:
+    """One chunk of a stream as an `ExecuteChunk` message (its `end` unset)."""
+    m = pb.ExecuteChunk(leases=c.leases, index=c.index, bytes=c.bytes)
+    add = m.values.add
+    for v in c.values:
+        fill_value(add(), v)
+    return m
+
+
+def chunk_from_pb(m: pb.ExecuteChunk) -> Chunk:
+    return Chunk([read_value(x, i) for i, x in enumerate(m.values)], list(m.leases), m.index, m.bytes)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -24,6 +24,13 @@ DEFAULT_MAX_QUEUE = 64        # calls waiting beyond that before OVERLOADED (`--
 MAX_ATTRS = 256               # attrs per call (an op's parameters, not data)
 MAX_ATTR_NAME = 128           # characters of an attr name
 
+# -- streams (ExecuteStream, {:stream, ...}; guides/streaming.md) ------------------------------------
+# A stream's window: chunks sent and not yet acknowledged by the host, and the bytes of their
+# tensors. The generator is paused while the window is full, so a slow consumer bounds the worker.
+DEFAULT_STREAM_MAX_CHUNKS = 16
+DEFAULT_STREAM_MAX_BYTES = 64 << 20
+MAX_STREAM_MAX_CHUNKS = 4096  # a larger per-call window is cut to this
+
 # -- leases -----------------------------------------------------------------------------------------
 DEFAULT_LEASE_TTL_S = 300.0   # an unreleased output lease is reclaimed (unlinked) after this
 DEFAULT_MAX_LEASES = 10000    # beyond this many the oldest lease is reclaimed the same way

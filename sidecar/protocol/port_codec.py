@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping
 from sidecar.errors import ERROR_FIELDS, InvalidArgument, InvalidTensorRef, SidecarError, shorten
 from sidecar.etf import Atom
 from sidecar.protocol import records, schema
-from sidecar.protocol.calls import Call, CallResult, OutputSpec, Placement
+from sidecar.protocol.calls import Call, CallResult, Chunk, OutputSpec, Placement
 from sidecar.protocol.limits import INT64_MAX, INT64_MIN
 
 __all__ = ["TermCodec", "term_codec", "value_from_term", "value_to_term", "call_from_term", "result_to_term",
@@ -423,6 +423,15 @@ def result_to_term(r: CallResult) -> dict[Atom, Any]:
 
 
 _RESULT = term_codec("ExecuteResponse")
+
+_VALUES, _LEASES, _INDEX, _BYTES = (Atom(n) for n in ("values", "leases", "index", "bytes"))
+
+
+def chunk_to_term(c: Chunk) -> dict[Atom, Any]:
+    """`%{values: [values], leases: [ids], index: n, bytes: n}`: an `ExecuteChunk` but its `end`
+    (on the port the final message is the usual `{:ok, id, result}`)."""
+    return {_VALUES: [value_to_term(v) for v in c.values], _LEASES: list(c.leases), _INDEX: c.index,
+            _BYTES: c.bytes}
 
 
 def record_to_term(message: str, record: Mapping[str, Any]) -> dict[Atom, Any]:

@@ -166,7 +166,7 @@ class OutputSpec(_message.Message):
     def __init__(self, placement: _Optional[_Union[Placement, str]] = ..., out: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., inline_threshold: _Optional[int] = ..., allow_alias: _Optional[bool] = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
-    __slots__ = ("op", "inputs", "attrs", "output", "release", "request_id", "idempotent", "client_pid", "client_id", "session_id", "session_ttl_s")
+    __slots__ = ("op", "inputs", "attrs", "output", "release", "request_id", "idempotent", "client_pid", "client_id", "session_id", "session_ttl_s", "stream_max_chunks", "stream_max_bytes")
     class AttrsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +185,8 @@ class ExecuteRequest(_message.Message):
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    STREAM_MAX_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    STREAM_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     op: str
     inputs: _containers.RepeatedCompositeFieldContainer[Value]
     attrs: _containers.MessageMap[str, Value]
@@ -196,7 +198,9 @@ class ExecuteRequest(_message.Message):
     client_id: str
     session_id: str
     session_ttl_s: float
-    def __init__(self, op: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., attrs: _Optional[_Mapping[str, Value]] = ..., output: _Optional[_Union[OutputSpec, _Mapping]] = ..., release: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., idempotent: _Optional[bool] = ..., client_pid: _Optional[int] = ..., client_id: _Optional[str] = ..., session_id: _Optional[str] = ..., session_ttl_s: _Optional[float] = ...) -> None: ...
+    stream_max_chunks: int
+    stream_max_bytes: int
+    def __init__(self, op: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., attrs: _Optional[_Mapping[str, Value]] = ..., output: _Optional[_Union[OutputSpec, _Mapping]] = ..., release: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., idempotent: _Optional[bool] = ..., client_pid: _Optional[int] = ..., client_id: _Optional[str] = ..., session_id: _Optional[str] = ..., session_ttl_s: _Optional[float] = ..., stream_max_chunks: _Optional[int] = ..., stream_max_bytes: _Optional[int] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("queue_ns", "decode_ns", "compute_ns", "encode_ns", "total_ns")
@@ -229,6 +233,38 @@ class ExecuteResponse(_message.Message):
     bytes_out: int
     request_id: str
     def __init__(self, outputs: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., leases: _Optional[_Iterable[str]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., device: _Optional[str] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ExecuteChunk(_message.Message):
+    __slots__ = ("values", "leases", "index", "bytes", "end")
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    LEASES_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedCompositeFieldContainer[Value]
+    leases: _containers.RepeatedScalarFieldContainer[str]
+    index: int
+    bytes: int
+    end: ExecuteResponse
+    def __init__(self, values: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., leases: _Optional[_Iterable[str]] = ..., index: _Optional[int] = ..., bytes: _Optional[int] = ..., end: _Optional[_Union[ExecuteResponse, _Mapping]] = ...) -> None: ...
+
+class ChunkAck(_message.Message):
+    __slots__ = ("request_id", "client_id", "chunks", "release")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    client_id: str
+    chunks: int
+    release: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., client_id: _Optional[str] = ..., chunks: _Optional[int] = ..., release: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ChunkAckResponse(_message.Message):
+    __slots__ = ("known",)
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    known: bool
+    def __init__(self, known: _Optional[bool] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("leases",)

@@ -79,6 +79,16 @@ class SidecarStub:
                 request_serializer=sidecar_dot_v1_dot_sidecar__pb2.CloseSessionRequest.SerializeToString,
                 response_deserializer=sidecar_dot_v1_dot_sidecar__pb2.CloseSessionResponse.FromString,
                 _registered_method=True)
+        self.ExecuteStream = channel.unary_stream(
+                '/sidecar.v1.Sidecar/ExecuteStream',
+                request_serializer=sidecar_dot_v1_dot_sidecar__pb2.ExecuteRequest.SerializeToString,
+                response_deserializer=sidecar_dot_v1_dot_sidecar__pb2.ExecuteChunk.FromString,
+                _registered_method=True)
+        self.AckChunks = channel.unary_unary(
+                '/sidecar.v1.Sidecar/AckChunks',
+                request_serializer=sidecar_dot_v1_dot_sidecar__pb2.ChunkAck.SerializeToString,
+                response_deserializer=sidecar_dot_v1_dot_sidecar__pb2.ChunkAckResponse.FromString,
+                _registered_method=True)
 
 
 class SidecarServicer:
@@ -152,6 +162,24 @@ class SidecarServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExecuteStream(self, request, context):
+        """Run a streaming op (a generator): its chunks as they are produced, then one message whose `end`
+        holds the timing. Flow control: at most ExecuteRequest.stream_max_chunks chunks (and
+        stream_max_bytes bytes) are sent and not yet acknowledged with AckChunks; the generator is
+        paused until the client consumes. Cancelling the RPC closes the generator (GeneratorExit) and
+        reclaims the leases of the chunks the client did not acknowledge. guides/streaming.md.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AckChunks(self, request, context):
+        """Credit for a stream: the client consumed `chunks` more chunks (and may piggyback releases).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SidecarServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -199,6 +227,16 @@ def add_SidecarServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=sidecar_dot_v1_dot_sidecar__pb2.CloseSessionRequest.FromString,
                     response_serializer=sidecar_dot_v1_dot_sidecar__pb2.CloseSessionResponse.SerializeToString,
+            ),
+            'ExecuteStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExecuteStream,
+                    request_deserializer=sidecar_dot_v1_dot_sidecar__pb2.ExecuteRequest.FromString,
+                    response_serializer=sidecar_dot_v1_dot_sidecar__pb2.ExecuteChunk.SerializeToString,
+            ),
+            'AckChunks': grpc.unary_unary_rpc_method_handler(
+                    servicer.AckChunks,
+                    request_deserializer=sidecar_dot_v1_dot_sidecar__pb2.ChunkAck.FromString,
+                    response_serializer=sidecar_dot_v1_dot_sidecar__pb2.ChunkAckResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -444,6 +482,60 @@ class Sidecar:
             '/sidecar.v1.Sidecar/CloseSession',
             sidecar_dot_v1_dot_sidecar__pb2.CloseSessionRequest.SerializeToString,
             sidecar_dot_v1_dot_sidecar__pb2.CloseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecuteStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sidecar.v1.Sidecar/ExecuteStream',
+            sidecar_dot_v1_dot_sidecar__pb2.ExecuteRequest.SerializeToString,
+            sidecar_dot_v1_dot_sidecar__pb2.ExecuteChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AckChunks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sidecar.v1.Sidecar/AckChunks',
+            sidecar_dot_v1_dot_sidecar__pb2.ChunkAck.SerializeToString,
+            sidecar_dot_v1_dot_sidecar__pb2.ChunkAckResponse.FromString,
             options,
             channel_credentials,
             insecure,

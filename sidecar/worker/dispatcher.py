@@ -25,12 +25,16 @@ and is dropped from the cache. CUDA workers copy inputs to the device and keep s
 from __future__ import annotations
 
 import collections
+import collections.abc
 import itertools
+import logging
 import os
 import secrets
 import threading
 import time
 import traceback
+import types
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -49,6 +53,7 @@ from sidecar.worker.scratch import CallBlocks, NoCallBlocks
 from sidecar.worker.torch_errors import InputsMeta, is_sticky_cuda_error, to_sidecar_error
 
 _now = time.perf_counter_ns
+log = logging.getLogger(__name__)
 
 
 def new_request_id() -> str:
@@ -188,7 +193,7 @@ def _meta(values: list[Any]) -> list[tuple[list[int], str]]:
     return out
 
 
-def _outputs_of(result: Any) -> list[Any]:
+def outputs_of(result: Any) -> list[Any]:
     """An op's return value as a list of outputs: a tuple is several, a list is several when it
     holds tensors or tables (otherwise it is one plain list value), None is none."""
     if result is None:
@@ -218,6 +223,40 @@ def _check_plain(x: Any) -> Any:
     raise OpFailed(f"the op returned a value of type {type(x).__module__}.{type(x).__qualname__}; ops return "
                    "tensors, arrays, Arrow tables, numbers, strings, bytes, None, or lists/dicts of them",
                    exception_type="TypeError")
+
+
+@dataclass
+class CallState:
+    """One admitted call with its inputs decoded, as a call body (`Dispatcher.run`) gets it."""
+
+    spec: OpSpec
+    args: list[Any]
+    call: Call
+    op_name: str
+    request_id: str
+    blocks: CallBlocks | None
+    regions: list[_Region] | None   # host memory inputs view (None: outputs are never aliased)
+    mappings: CallMappings | None
+    timing: Timing
+
+
+CallBody = Callable[[CallState], "tuple[list[Any], list[str], int]"]
+
+
+def is_stream(result: Any) -> bool:
+    """Whether an op's return value is a stream of chunks: a generator or another iterator (a
+    tensor, array or table is iterable but no iterator)."""
+    return isinstance(result, (types.GeneratorType, collections.abc.Iterator)) and not _is_table(result)
+
+
+def close_stream(result: Any) -> None:
+    """Ends a stream the op returned (GeneratorExit inside a generator); its errors are its own."""
+    close = getattr(result, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:  # noqa: BLE001 - a generator failing in its clean-up must not hide why it ended
+            log.warning("closing the stream of an op failed", exc_info=True)
 
 
 class Dispatcher:
@@ -293,6 +332,13 @@ class Dispatcher:
     # -- the call ------------------------------------------------------------------------------------
 
     def execute(self, call: Call) -> CallResult:
+        """Runs a unary call: the op's return value becomes the outputs (an op that streams is refused)."""
+        return self.run(call, self._unary)
+
+    def run(self, call: Call, body: CallBody) -> CallResult:
+        """What every call goes through: releases, checks, admission, decoding, telemetry, the
+        structured errors and the clean-up of per-call state; `body` runs the op on the decoded
+        inputs and encodes what it produced (`_unary` here, a stream's loop in `streams`)."""
         t0 = _now()
         request_id = call.request_id or new_request_id()
         op_name = call.op if isinstance(call.op, str) else str(call.op)
@@ -337,21 +383,10 @@ class Dispatcher:
                 t2 = _now()
                 timing.decode_ns = t2 - t1
                 self._check_cancelled(call, "before it ran")
-                result = self._run(spec, args, call, request_id, blocks)
-                del args
-                t3 = _now()
-                timing.compute_ns = t3 - t2
-                self._check_cancelled(call, "after it ran")
-                if regions and mappings is not None:
-                    written = mappings.scan()  # an input the op wrote into no longer shows its output
-                    regions = [r for r in regions if r.name not in written]
-                outputs, lease_ids, bytes_out = self._encode(_outputs_of(result), call, op_name, regions, blocks)
-                del result
-                t4 = _now()
-                timing.encode_ns = t4 - t3
-                if call.is_cancelled is not None and call.is_cancelled():
-                    self.leases.release(lease_ids)  # nobody will read or release them
-                    raise Cancelled("call cancelled while its outputs were written")
+                state = CallState(spec, args, call, op_name, request_id, blocks, regions, mappings, timing)
+                del args  # the body drops the inputs once the op has run (state.args)
+                outputs, lease_ids, bytes_out = body(state)
+                del state
             finally:
                 with self._counts_lock:
                     del self._running[token]
@@ -378,6 +413,35 @@ class Dispatcher:
             if err is exc:
                 raise
             raise err from None  # the original chain is in err.traceback (OP_FAILED)
+
+    def _unary(self, st: CallState) -> tuple[list[Any], list[str], int]:
+        call, regions = st.call, st.regions
+        t2 = _now()
+        result = self.run_op(st)
+        st.args = []
+        t3 = _now()
+        st.timing.compute_ns = t3 - t2
+        if is_stream(result):
+            close_stream(result)
+            raise InvalidArgument(f"op {st.op_name!r} streams its results (it returned {type(result).__name__}); "
+                                  "call it with ExecuteStream (client.stream / pool.stream, Sidecar.stream)",
+                                  op=st.op_name, field="op", expected="a unary call of an op that returns",
+                                  got="a streaming op")
+        self._check_cancelled(call, "after it ran")
+        if regions and st.mappings is not None:
+            written = st.mappings.scan()  # an input the op wrote into no longer shows its output
+            regions = [r for r in regions if r.name not in written]
+        outputs, lease_ids, bytes_out = self.encode(outputs_of(result), call, st.op_name, regions, st.blocks)
+        del result
+        st.timing.encode_ns = _now() - t3
+        if call.is_cancelled is not None and call.is_cancelled():
+            self.leases.release(lease_ids)  # nobody will read or release them
+            raise Cancelled("call cancelled while its outputs were written")
+        return outputs, lease_ids, bytes_out
+
+    def run_op(self, st: CallState) -> Any:
+        """Calls the op on the decoded inputs (what it returns, a generator for a streaming op)."""
+        return self._run(st.spec, st.args, st.call, st.request_id, st.blocks)
 
     # -- phases --------------------------------------------------------------------------------------
 
@@ -455,8 +519,10 @@ class Dispatcher:
             torch.cuda.current_stream(self.device).synchronize()
         return result
 
-    def _encode(self, outputs: list[Any], call: Call, op_name: str, regions: list[_Region] | None,
-                blocks: CallBlocks | None = None) -> tuple[list[Any], list[str], int]:
+    def encode(self, outputs: list[Any], call: Call, op_name: str, regions: list[_Region] | None,
+               blocks: CallBlocks | None = None) -> tuple[list[Any], list[str], int]:
+        """Outputs as values (refs, inline tensors, plain values) under at most one new lease:
+        (values, lease ids, bytes)."""
         placement = Placement(call.output.placement)
         held: list[Any] = []  # blocks / device tensors the lease keeps alive
         values: list[Any] = []

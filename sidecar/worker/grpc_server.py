@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import re
 import secrets
 import socket
@@ -34,14 +35,15 @@ from grpc_reflection.v1alpha import reflection
 
 from sidecar.errors import InvalidArgument, OpFailed, SidecarError
 from sidecar.protocol import grpc_codec
-from sidecar.protocol.calls import Placement
+from sidecar.protocol.calls import Chunk, Placement
 from sidecar.protocol.limits import (CANCEL_GRACE_ENV, DEFAULT_CANCEL_GRACE_S, DEFAULT_MAX_MESSAGE_BYTES,
                                     MAX_BATCH_WINDOW_MS, TELEMETRY_BATCH_MAX)
 from sidecar.v1 import sidecar_pb2 as pb
 from sidecar.v1 import sidecar_pb2_grpc as pb_grpc
 from sidecar.worker.dispatcher import new_request_id
-from sidecar.worker.server_core import ServerCore
+from sidecar.worker.server_core import ServerCore, unexpected
 from sidecar.worker.state_service import StateRpcs
+from sidecar.worker.streams import StreamService
 from sidecar.worker.registry import estimate_output_nbytes
 
 log = logging.getLogger(__name__)
@@ -150,6 +152,10 @@ class SidecarServicer(StateRpcs, pb_grpc.SidecarServicer):
         self._core = core
         self._rt = core.runtime
         self._max_message = max_message_bytes
+        self._streams = StreamService(core)
+        opts = self._rt.options
+        self._producers = futures.ThreadPoolExecutor(
+            max_workers=int(opts.max_concurrency) + int(opts.max_queue), thread_name_prefix="sidecar-stream")
 
     # -- Execute ----------------------------------------------------------------------------------
 
@@ -209,6 +215,54 @@ class SidecarServicer(StateRpcs, pb_grpc.SidecarServicer):
     @staticmethod
     def _abort(context: grpc.ServicerContext, err: SidecarError) -> None:
         context.abort_with_status(grpc_codec.error_to_status(err))
+
+    # -- ExecuteStream (sidecar.worker.streams) ----------------------------------------------------
+
+    def ExecuteStream(self, request: pb.ExecuteRequest, context: grpc.ServicerContext) -> Iterator[pb.ExecuteChunk]:
+        """The stream runs on a producer thread of its own (gRPC pulls messages from this generator);
+        between them, a queue holding at most one window of chunks."""
+        core = self._core
+        try:
+            call = grpc_codec.call_from_request(request)
+            call.request_id = call.request_id or new_request_id()
+            handle = core.begin(call, caller_gone=lambda: not context.is_active())
+        except SidecarError as err:
+            core.release_quietly(request.release)
+            self._abort(context, core.with_call_ids(err, request.op, request.request_id))
+        key = (call.client_id, call.request_id)  # what the client's AckChunks name
+        messages: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+        def caller_left() -> None:
+            handle.cancel()
+            self._streams.wake(key)
+        context.add_callback(caller_left)
+
+        def produce() -> None:
+            try:
+                messages.put(self._streams.run(handle, key, messages.put))
+            except SidecarError as err:
+                messages.put(err)
+            except BaseException as exc:  # a bug below the core: still a structured end
+                log.exception("stream of %s failed", call.op)
+                messages.put(unexpected(exc, call.op))
+            finally:
+                core.end(handle)
+        self._producers.submit(produce)
+        while True:
+            item = messages.get()
+            if isinstance(item, Chunk):
+                yield grpc_codec.chunk_to_pb(item)
+            elif isinstance(item, SidecarError):
+                self._abort(context, item)
+            else:
+                yield pb.ExecuteChunk(end=grpc_codec.result_to_response(item))
+                return
+
+    def AckChunks(self, request: pb.ChunkAck, context: grpc.ServicerContext) -> pb.ChunkAckResponse:
+        if request.release:
+            self._rt.release(list(request.release))
+        return pb.ChunkAckResponse(known=self._streams.ack((request.client_id, request.request_id),
+                                                           request.chunks))
 
     # -- control ----------------------------------------------------------------------------------
 

@@ -157,6 +157,16 @@ class LeaseTable:
             free_objects(lease.objects, reuse=True)
         return len(freed), unknown
 
+    def reclaim(self, ids: Iterable[str]) -> int:
+        """Ends these leases without the host's word (a cancelled stream's chunks the host may or
+        may not have mapped): their blocks are discarded (unlinked), never reused. Returns how many
+        were held; unknown ids (already released) are skipped."""
+        with self._lock:
+            freed = [lease for lease in (self._leases.pop(i, None) for i in ids) if lease is not None]
+        for lease in freed:
+            free_objects(lease.objects, reuse=False)
+        return len(freed)
+
     def expire(self) -> int:
         """Reclaim leases older than the TTL (and any over the cap), oldest first; returns how many."""
         if not self._leases:

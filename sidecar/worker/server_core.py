@@ -92,13 +92,14 @@ class ServerCore:
                 self._by_key[key] = handle
         return handle
 
-    def execute(self, handle: CallHandle) -> CallResult:
+    def execute(self, handle: CallHandle, body: Any = None) -> CallResult:
         """Runs the call (admission, queueing and all: the dispatcher's); raises SidecarError.
+        `body` replaces the unary one (`Dispatcher.run`: a stream's loop, `sidecar.worker.streams`).
 
         If the caller has gone by the time the result exists, its leases are released now."""
         call = handle.call
         try:
-            result: CallResult = self.dispatcher.execute(call)
+            result: CallResult = self.dispatcher.execute(call) if body is None else self.dispatcher.run(call, body)
         except SidecarError:
             raise  # already carries op and request_id
         except Exception as exc:  # a bug below the dispatcher: still a structured answer

@@ -7,11 +7,19 @@ External Term Format (`sidecar.etf`). This module reads and writes frames; the t
 
     worker -> host, first:  {:ready, os_pid, %{version:, device:, ops: [names], ...}}
     host -> worker:         {:call, id, op, inputs, attrs}          (opts map as 6th element optional)
+                            {:stream, id, op, inputs, attrs[, opts]}  {:ack, id, n}   (streams, below)
                             {:list_ops, id}  {:hardware, id}  {:release, id, [lease_ids]}
                             {:subscribe, id}  {:subscribe, id, %{memory_interval_s: s}}
                             {:unsubscribe, id}  {:cancel, id_of_a_call}   (cancel gets no reply)
     worker -> host:         {:ok, id, result}  |  {:error, id, %{kind: :shape_mismatch, message:, ...}}
                             {:telemetry, [:sidecar | event], measurements, metadata}
+                            {:chunk, id, %{values:, leases:, index:, bytes:}}  (a stream's chunks)
+
+A stream (`sidecar.worker.streams`): `{:stream, ...}` runs a generator op; each chunk it yields is a
+`{:chunk, id, chunk}` frame, in order, then the usual `{:ok, id, result}` (no outputs) or
+`{:error, id, ...}`. At most `stream_max_chunks` chunks (opts; default 16) are sent and not yet
+acknowledged: the host gives credit with `{:ack, id, n}` (n more chunks consumed; no reply).
+`{:cancel, id}` closes the generator and reclaims the leases of unacknowledged chunks.
 
 With a subscription, the telemetry events queued before a reply are sent before it: a call's stop or
 exception event always precedes its answer.
@@ -38,11 +46,13 @@ from sidecar import etf
 from sidecar.errors import InvalidArgument, OpFailed, SidecarError, shorten
 from sidecar.etf import Atom
 from sidecar.protocol import limits
-from sidecar.protocol.port_codec import (call_from_term, error_to_term, keyed, op_to_term, record_to_term,
-                                         result_to_term, telemetry_to_term, text)
+from sidecar.protocol.calls import Chunk
+from sidecar.protocol.port_codec import (call_from_term, chunk_to_term, error_to_term, keyed, op_to_term,
+                                         record_to_term, result_to_term, telemetry_to_term, text)
 from sidecar.worker.lifecycle import Shutdown
 from sidecar.worker.server_core import CallHandle, ServerCore, serve, unexpected
 from sidecar.worker.state_service import state_request
+from sidecar.worker.streams import StreamService
 from sidecar.worker.telemetry import Subscription
 
 log = logging.getLogger(__name__)
@@ -60,6 +70,7 @@ CONTROL_THREADS = 4
 # thread still reaches the dispatcher's gate at once (and is refused OVERLOADED there).
 SPARE_CALL_THREADS = 2
 UNDEFINED = Atom("undefined")
+_CHUNK = Atom("chunk")
 _HEADER = struct.Struct(">I")
 
 
@@ -84,6 +95,7 @@ class StdioServer:
         # queued before it, so that a call's stop (or exception) event always precedes its answer.
         self._telemetry_lock = threading.Lock()
         self.host_gone = False
+        self.streams = StreamService(self.core)
         self.done = threading.Event()  # the reader stopped (stdin closed)
 
     # -- lifetime (serve's Transport) ----------------------------------------------------------------
@@ -128,6 +140,18 @@ class StdioServer:
             data = _unencodable_reply(req_id, tag, exc)
             if on_replaced is not None:
                 on_replaced()
+        self._deliver(data)
+
+    def send_chunk(self, req_id: Any, chunk: Chunk) -> None:
+        """One `{:chunk, id, chunk}` frame; a chunk with no term form fails the stream (OP_FAILED)."""
+        try:
+            data = etf.encode((_CHUNK, req_id, chunk_to_term(chunk)))
+        except etf.EncodeError as exc:
+            raise OpFailed(f"chunk {chunk.index} has no Erlang term form: {exc}", exception_type="EncodeError") from None
+        self._deliver(data)
+
+    def _deliver(self, data: bytes) -> None:
+        """Writes an encoded frame, after the telemetry events queued before it."""
         sub = self._sub
         if sub is None:
             self._write(data)
@@ -266,14 +290,23 @@ class StdioServer:
             self.reply(req_id, "ok", Atom("unsubscribed"))
         elif tag == "cancel" and arity == 2:
             self.core.cancel(_hashable(req[1]))  # a late cancel (the call already answered) is a no-op
+            self.streams.wake(_hashable(req[1]))
+        elif tag == "stream" and arity in (5, 6):
+            self._submit_call(req, req_id, stream=True)
+        elif tag == "ack" and arity == 3:
+            n = req[2]
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise InvalidArgument(f"ack takes a count of chunks, got {shorten(n)}", field="chunks")
+            self.streams.ack(_hashable(req[1]), n)  # a late ack (the stream ended) is a no-op
         elif tag is not None and state_request(self, str(tag), req, req_id):
             pass  # resources and sessions (sidecar.worker.state_service)
         else:
             raise InvalidArgument(
                 f"unknown request {shorten(req)}: expected {{:call, id, op, inputs, attrs[, opts]}}, "
                 "{:list_ops, id}, {:hardware, id}, {:release, id, leases}, {:subscribe, id}, "
-                "{:unsubscribe, id}, {:cancel, id}, {:load, id, name, loader, kwargs}, {:unload, id, name}, "
-                "{:list_resources, id} or {:close_session, id, session_id}", field="request")
+                "{:unsubscribe, id}, {:cancel, id}, {:stream, id, op, inputs, attrs[, opts]}, {:ack, id, n}, "
+                "{:load, id, name, loader, kwargs}, {:unload, id, name}, {:list_resources, id} or "
+                "{:close_session, id, session_id}", field="request")
 
     def _release(self, ids: list[str]) -> dict[Atom, Any]:
         released, unknown = self.rt.release(ids)
@@ -290,7 +323,7 @@ class StdioServer:
                 self.send_error(req_id, unexpected(exc))
         self.control.submit(run)
 
-    def _submit_call(self, req: tuple[Any, ...], req_id: Any) -> None:
+    def _submit_call(self, req: tuple[Any, ...], req_id: Any, stream: bool = False) -> None:
         op = text(req[2], "op") if _is_text(req[2]) else None
         try:
             call = call_from_term(req)
@@ -299,7 +332,7 @@ class StdioServer:
                 self.core.release_quietly(_texts(req[5].get(Atom("release"))))
             raise self.core.with_call_ids(err, op, _request_id_of_opts(req)) from None
         handle = self.core.begin(call, key=_hashable(req_id), caller_gone=lambda: self.host_gone)
-        self.calls.submit(self._run_call, handle, req_id)
+        self.calls.submit(self._run_stream if stream else self._run_call, handle, req_id)
 
     def _run_call(self, handle: CallHandle, req_id: Any) -> None:
         core = self.core
@@ -317,6 +350,18 @@ class StdioServer:
                 return
             # Replaced by an error, the reply takes its lease ids with it: nobody could release them.
             self.reply(req_id, "ok", body, on_replaced=lambda: core.release_quietly(result.leases))
+        finally:
+            core.end(handle)
+
+    def _run_stream(self, handle: CallHandle, req_id: Any) -> None:
+        core = self.core
+        try:
+            try:
+                result = self.streams.run(handle, _hashable(req_id), lambda chunk: self.send_chunk(req_id, chunk))
+            except SidecarError as err:
+                self.send_error(req_id, err)
+                return
+            self.reply(req_id, "ok", result_to_term(result))
         finally:
             core.end(handle)
 

@@ -25,7 +25,7 @@ defmodule Sidecar.Frame do
     arena_reserved_bytes arena_in_use_bytes start stop exception
     arch available cores cpu cuda cuda_version devices driver_version flags hostname identity
     memory_available memory_total model mps_available pid platform python_version reason
-    runtime_version sidecar_version threads torch_version)a
+    runtime_version sidecar_version threads torch_version chunk values index bytes)a
 
   @doc "The atom names of the protocol this version knows."
   @spec protocol_atoms() :: [atom]

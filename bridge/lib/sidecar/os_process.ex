@@ -66,6 +66,23 @@ defmodule Sidecar.OsProcess do
     end
   end
 
+  @doc """
+  CPU time `pid` has used (user + system, all its threads), in seconds; `:error` when it is gone.
+  The kernel keeps it without the process's help: a worker whose Python holds the GIL in C still
+  advances it (`Sidecar.Worker` tells busy from hung with it).
+  """
+  @spec cpu_seconds(non_neg_integer) :: {:ok, float} | :error
+  def cpu_seconds(pid) do
+    # utime and stime are fields 14 and 15 of /proc/<pid>/stat; the list starts at field 3.
+    with {:ok, fields} <- stat_fields(pid),
+         {utime, ""} <- Integer.parse(Enum.at(fields, 11, "")),
+         {stime, ""} <- Integer.parse(Enum.at(fields, 12, "")) do
+      {:ok, (utime + stime) / clock_ticks()}
+    else
+      _ -> :error
+    end
+  end
+
   # The fields of /proc/<pid>/stat after "pid (comm)": comm may contain spaces and ')', so split
   # after the last ')'.
   defp stat_fields(pid) do

@@ -69,6 +69,29 @@ defmodule Sidecar.Worker do
   end
 
   @doc false
+  # Starts a stream (`{:stream, nil, op, inputs, attrs, opts}`) whose frames go to `consumer` as
+  # `{:sidecar_chunk, id, chunk}` and, last, `{:sidecar_stream_end, id, {:ok, result} | {:error, err}}`.
+  # The worker process monitors `consumer`: when it exits, the stream is cancelled in the sidecar
+  # (the generator is closed). `keep` is held until the stream ends, as for a call.
+  @spec open_stream(pid, tuple, pid, term) :: {:ok, pos_integer} | {:error, term}
+  def open_stream(pid, req, consumer, keep) do
+    id = System.unique_integer([:positive])
+    GenServer.call(pid, {:stream, id, req, consumer, keep})
+  catch
+    :exit, {reason, _} -> {:error, {:down, reason}}
+  end
+
+  @doc false
+  # Credit for a stream: its consumer took `n` more chunks (`{:ack, id, n}` to the sidecar).
+  @spec ack(pid, pos_integer, pos_integer) :: :ok
+  def ack(pid, id, n), do: GenServer.cast(pid, {:ack, id, n})
+
+  @doc false
+  # The consumer is done with a stream before its end: cancelled in the sidecar.
+  @spec cancel(pid, pos_integer) :: :ok
+  def cancel(pid, id), do: GenServer.cast(pid, {:cancel, id})
+
+  @doc false
   # The caller is done with these leases. One that binaries still show is released by their GC.
   @spec release(pid, [String.t()]) :: :ok
   def release(pid, ids) when is_list(ids), do: GenServer.cast(pid, {:release, ids})
@@ -115,7 +138,8 @@ defmodule Sidecar.Worker do
       health_failures: 0,
       # the pool's resources this worker loaded before it served, and since when it restores them
       restored: MapSet.new(),
-      restoring_since: nil
+      restoring_since: nil,
+      health: nil
     }
 
     {:ok, state, {:continue, :start}}
@@ -287,6 +311,16 @@ defmodule Sidecar.Worker do
 
   def handle_call({:request, _id, _req, _read, _keep}, _from, state), do: {:reply, {:error, :not_ready}, state}
 
+  def handle_call({:stream, id, req, consumer, keep}, _from, %{status: :ready} = state) do
+    send_frame(state, put_elem(req, 1, id))
+    ref = Process.monitor(consumer)
+    {:reply, {:ok, id}, put_in(state.pending[id], {:stream, consumer, ref, keep})}
+  rescue
+    ArgumentError -> {:reply, {:error, :not_ready}, state}
+  end
+
+  def handle_call({:stream, _id, _req, _consumer, _keep}, _from, state), do: {:reply, {:error, :not_ready}, state}
+
   def handle_call({:handover, to}, _from, %{slot: {:spare, _}, status: :ready, port: port} = state) do
     Registry.unregister(state.cfg.registry, :spare)
     true = Port.connect(port, to)
@@ -315,10 +349,11 @@ defmodule Sidecar.Worker do
        os_pid: state.os_pid,
        status: if(spare?(state) and state.status == :ready, do: :spare, else: state.status),
        via: state.via,
-       in_flight: Enum.count(state.pending, &match?({_, {:call, _, _, _}}, &1)),
+       in_flight: Enum.count(state.pending, &(match?({_, {:call, _, _, _}}, &1) or match?({_, {:stream, _, _, _}}, &1))),
        leases_held: map_size(state.leases),
        consecutive_crashes: state.crashes,
        health_failures: state.health_failures,
+       health: state.health,
        device: state.info && state.info[:device],
        stderr_log: state.log
      }, state}
@@ -332,14 +367,37 @@ defmodule Sidecar.Worker do
         # The worker may still read the inputs until it answers: keep them until then.
         {:noreply, put_in(state.pending[id], {:abandoned, keep})}
 
+      %{^id => {:stream, _consumer, ref, keep}} ->
+        Process.demonitor(ref, [:flush])
+        {:noreply, abandon_stream(state, id, keep)}
+
       _ ->
         {:noreply, state}
     end
   end
 
+  def handle_cast({:ack, id, n}, state) do
+    if match?(%{^id => {:stream, _, _, _}}, state.pending), do: internal(state, {:ack, id, n}, nil)
+    {:noreply, state}
+  end
+
   def handle_cast({:release, ids}, state), do: {:noreply, release_leases(state, ids, :explicit)}
 
   # Sends a request of the pool's own (its reply is handled by `kind`; nil: a cancel, no reply).
+  # The stream's consumer left (or cancelled): the sidecar closes the generator and reclaims the
+  # chunks not acknowledged; the inputs stay held until the sidecar's final answer.
+  defp abandon_stream(state, id, keep) do
+    {_, state} = internal(state, {:cancel, id}, nil)
+    put_in(state.pending[id], {:abandoned, keep})
+  end
+
+  defp internal(state, {:ack, _, _} = req, nil) do
+    send_frame(state, req)
+    {nil, state}
+  rescue
+    ArgumentError -> {nil, state}
+  end
+
   defp internal(state, {:cancel, _} = req, nil) do
     send_frame(state, req)
     {nil, state}
@@ -577,16 +635,19 @@ defmodule Sidecar.Worker do
   def handle_info(:health_tick, %{status: :ready} = state) do
     %{interval_ms: interval, timeout_ms: timeout} = state.cfg.health
     Process.send_after(self(), :health_tick, interval)
-    {id, state} = internal(state, {:release, 0, []}, :ping)
+    {id, state} = internal(state, {:release, 0, []}, {:ping, cpu_now(state), System.monotonic_time(:millisecond)})
     if id, do: Process.send_after(self(), {:ping_timeout, id}, timeout)
     {:noreply, state}
   end
 
   def handle_info({:ping_timeout, id}, %{status: :ready} = state) do
     case Map.pop(state.pending, id) do
-      {:ping, pending} ->
-        failures = state.health_failures + 1
-        state = %{state | pending: pending, health_failures: failures}
+      {{:ping, cpu_before, sent_at}, pending} ->
+        busy = busy?(cpu_before, cpu_now(state), System.monotonic_time(:millisecond) - sent_at)
+        # BUSY: no answer, but the process computed meanwhile (an op holding the GIL in C):
+        # alive and working, never killed for it.
+        failures = if busy, do: 0, else: state.health_failures + 1
+        state = %{state | pending: pending, health_failures: failures, health: if(busy, do: :busy, else: :no_answer)}
 
         if failures >= state.cfg.health.failures do
           Logger.warning("sidecar worker #{state.os_pid} missed #{failures} health checks in a row; killing it")
@@ -598,6 +659,13 @@ defmodule Sidecar.Worker do
 
       {_, _} ->
         {:noreply, state}
+    end
+  end
+
+  def handle_info({:DOWN, ref, :process, _pid, _reason}, state) do
+    case Enum.find(state.pending, &match?({_, {:stream, _, ^ref, _}}, &1)) do
+      {id, {:stream, _, _, keep}} -> {:noreply, abandon_stream(state, id, keep)}
+      nil -> {:noreply, state}
     end
   end
 
@@ -616,11 +684,25 @@ defmodule Sidecar.Worker do
     restore(state)
   end
 
+  defp handle_term({:chunk, id, chunk}, state) do
+    case state.pending do
+      %{^id => {:stream, consumer, _ref, _keep}} -> send(consumer, {:sidecar_chunk, id, chunk})
+      _ -> :ok  # a chunk of a cancelled stream: the sidecar reclaims its lease
+    end
+
+    state
+  end
+
   defp handle_term({tag, id, payload}, state) when tag in [:ok, :error] do
     {entry, pending} = Map.pop(state.pending, id)
     state = %{state | pending: pending}
 
     case entry do
+      {:stream, consumer, ref, _keep} ->
+        Process.demonitor(ref, [:flush])
+        send(consumer, {:sidecar_stream_end, id, if(tag == :ok, do: {:ok, payload}, else: {:error, Error.from_term(payload)})})
+        %{state | served: true}
+
       {:call, from, read, _keep} ->
         {reply, state} = reply(tag, payload, read, state)
         GenServer.reply(from, reply)
@@ -630,8 +712,8 @@ defmodule Sidecar.Worker do
         # The caller gave up: hand back what the call leased, nobody will.
         with :ok <- tag, %{leases: [_ | _] = ids} <- payload, do: send_release(state, ids, :abandoned), else: (_ -> state)
 
-      :ping ->
-        %{state | health_failures: 0}
+      {:ping, _, _} ->
+        %{state | health_failures: 0, health: :serving}
 
       {:restore, name} ->
         restored(tag, name, payload, state)
@@ -751,6 +833,24 @@ defmodule Sidecar.Worker do
 
     %{state | status: :ready, counter: counter}
   end
+
+  # The share of one core a worker must have used during an unanswered health check to be busy
+  # (the Python pool's sidecar.host.liveness.MIN_BUSY_CPU_SHARE).
+  @min_busy_cpu_share 0.2
+
+  defp cpu_now(%{os_pid: pid}) when is_integer(pid) do
+    case OsProcess.cpu_seconds(pid) do
+      {:ok, s} -> s
+      :error -> nil
+    end
+  end
+
+  defp cpu_now(_state), do: nil
+
+  defp busy?(before, later, waited_ms) when is_number(before) and is_number(later) and waited_ms > 0,
+    do: later - before >= @min_busy_cpu_share * waited_ms / 1000
+
+  defp busy?(_before, _later, _waited_ms), do: false
 
   defp spare?(%{slot: {:spare, _}}), do: true
   defp spare?(_state), do: false
@@ -872,6 +972,7 @@ defmodule Sidecar.Worker do
 
   defp fail_pending(state, err) do
     for {_id, {:call, from, _, _}} <- state.pending, do: GenServer.reply(from, {:error, err})
+    for {id, {:stream, consumer, _, _}} <- state.pending, do: send(consumer, {:sidecar_stream_end, id, {:error, err}})
   end
 
   # SIGKILL for the worker; before a forked worker told its pid, SIGTERM to its launcher, which

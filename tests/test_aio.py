@@ -1,0 +1,115 @@
+"""The asyncio host (`sidecar.host.aio`) against real workers: awaited calls, async streams in
+order, cancellation reaching the worker, crashes mid-stream, and the shared data plane."""
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import signal
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sidecar.errors import Cancelled, OpFailed, WorkerCrashed
+from sidecar.host import Client
+from sidecar.host.aio import AsyncClient, AsyncPool
+from tests import test_streams
+from tests.workers import WorkerProcess, wait_until
+
+run = test_streams.run        # the same module-scoped worker fixtures (a worker of this module's own)
+worker = test_streams.worker
+
+
+def idle_and_leaseless(address: str, run: str) -> bool:
+    gc.collect()
+    with Client(address, run_id=run) as c:
+        s = c.call("worker_state")
+        return s["running"] == 0 and s["leases"] == 0  # type: ignore[no-any-return]
+
+
+def test_awaited_calls_share_the_blocking_hosts_data_plane(worker: WorkerProcess, run: str) -> None:
+    async def main() -> None:
+        async with AsyncClient(worker.address, run_id=run) as client:
+            x = np.arange(300_000, dtype=np.float32)  # over the inline threshold: shared memory both ways
+            ys = await asyncio.gather(*(client.call("add", x, float(i)) for i in range(8)))
+            for i, y in enumerate(ys):
+                assert y.shape == x.shape and y[10] == 10 + i
+            assert (await client.list_ops()) and await client.health() == "SERVING"
+            del ys, y
+    asyncio.run(main())
+    wait_until(lambda: idle_and_leaseless(worker.address, run))
+
+
+def test_async_for_1000_chunks_in_order(worker: WorkerProcess, run: str) -> None:
+    async def main() -> list[Any]:
+        async with AsyncClient(worker.address, run_id=run) as client:
+            return [x async for x in client.stream("count_up", n=1000)]
+    assert asyncio.run(main()) == list(range(1000))
+
+
+def test_leaving_an_async_stream_early_closes_the_generator(worker: WorkerProcess, run: str) -> None:
+    with Client(worker.address, run_id=run) as probe:
+        before = probe.call("stream_stats")["closed"]
+
+        async def main() -> None:
+            async with AsyncClient(worker.address, run_id=run) as client, \
+                    client.stream("count_up", n=100_000, nbytes=100_000) as chunks:
+                async for i, _arr in chunks:
+                    if i == 9:
+                        break
+        asyncio.run(main())
+        wait_until(lambda: probe.call("stream_stats")["closed"] == before + 1)
+    wait_until(lambda: idle_and_leaseless(worker.address, run))
+
+
+def test_cancelling_the_awaiting_task_cancels_the_call_in_the_worker(worker: WorkerProcess, run: str) -> None:
+    with Client(worker.address, run_id=run) as probe:
+        before = probe.call("finished_count")
+
+        async def main() -> None:
+            async with AsyncClient(worker.address, run_id=run) as client:
+                task = asyncio.ensure_future(client.call("slow", np.ones(2), seconds=60))
+                while probe.call("worker_state")["running"] < 1:
+                    await asyncio.sleep(0.01)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+        asyncio.run(main())
+        wait_until(lambda: probe.call("finished_count") == before + 1)
+
+
+def test_an_error_mid_stream_and_a_deadline(worker: WorkerProcess, run: str) -> None:
+    async def main() -> None:
+        async with AsyncClient(worker.address, run_id=run) as client:
+            got: list[int] = []
+            with pytest.raises(OpFailed, match="tick 2 failed"):
+                async for x in client.stream("ticks", n=10, fail_at=2):
+                    got.append(x)
+            assert got == [0, 1]
+            with pytest.raises(Cancelled):
+                async for _ in client.stream("ticks", n=1000, every_s=0.05, timeout=0.3):
+                    pass
+    asyncio.run(main())
+    wait_until(lambda: idle_and_leaseless(worker.address, run))
+
+
+def test_async_pool_calls_streams_and_a_crash_mid_stream() -> None:
+    async def main() -> None:
+        async with AsyncPool(2, device="cpu", ops=["tests.stream_ops_module"]) as pool:
+            assert await pool.wait_ready(60)
+            assert (await pool.call("add", np.ones(3), 1.0)).tolist() == [2.0, 2.0, 2.0]
+            assert [x async for x in pool.stream("count_up", n=1000)] == list(range(1000))
+            got: list[int] = []
+            stream = pool.stream("ticks", n=100_000, every_s=0.001)
+            for _ in range(5):
+                got.append(await stream.__anext__())
+            (busy,) = [row.pid for row in pool.status() if row.inflight and row.pid]
+            os.kill(busy, signal.SIGKILL)
+            with pytest.raises(WorkerCrashed):
+                async for x in stream:
+                    got.append(x)
+            assert got == list(range(len(got))) and len(got) >= 5
+            assert await pool.wait_ready(60)
+            assert (await pool.call("add", np.ones(1), 1.0)).tolist() == [2.0]
+    asyncio.run(main())
