@@ -36,9 +36,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sidecar.host import Client
-from sidecar.host.aio import AsyncClient
-from tests.workers import start_worker
+from sidecar.host import Client  # noqa: E402 - after the sys.path line
+from sidecar.host.aio import AsyncClient  # noqa: E402 - after the sys.path line
+from tests.workers import start_worker  # noqa: E402 - after the sys.path line
 
 OPS = ("--ops", str(ROOT / "tests" / "stream_ops_module.py"), "--ops", str(ROOT / "tests" / "busy_ops_module.py"))
 SIZES = {"small": 0, "1MiB": 1 << 20}

@@ -54,3 +54,4 @@ _.serve_metrics  # Pool.serve_metrics: the pool's Prometheus endpoint (guides/ob
 _.template_pid  # Pool.template_pid: the template process (tests/test_host_death.py, test_template_death.py)
 _.session  # Pool.session() and OpContext.session: public API of resident state (guides/models-and-sessions.md)
 _.lost  # Session.lost: whether the session's worker died (guides/models-and-sessions.md, tests)
+_.ended  # Stream.ended: whether a stream is over (guides/streaming.md, tests)

@@ -198,7 +198,7 @@ def test_the_releases_on_an_ack_still_in_flight_when_the_stream_ends_are_not_los
 def test_breaking_out_after_10_chunks_closes_the_generator_and_frees_its_leases(client: Client) -> None:
     before = stats(client)
     stream = client.stream("count_up", n=100_000, nbytes=128 << 10)
-    for k, (i, _arr) in enumerate(stream):
+    for k, (_i, _arr) in enumerate(stream):
         if k == 9:
             break
     del _arr

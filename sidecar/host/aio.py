@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Self
+from typing import Any
+
+from typing_extensions import Self  # typing.Self is 3.11+; the package supports 3.10
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
+
+from typing_extensions import Self  # typing.Self is 3.11+; the package supports 3.10
 
 from sidecar.errors import SidecarError
 from sidecar.host.transport import ChunkStream

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import traceback
-from typing import TYPE_CHECKING, Callable, Hashable, Iterable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Protocol
 
 from sidecar.errors import Cancelled, OpFailed, Overloaded, SidecarError
 from sidecar.protocol.calls import Call, CallResult
