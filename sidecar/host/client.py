@@ -28,6 +28,8 @@ import os
 import sys
 import threading
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -481,27 +483,18 @@ class Client:
 
     def list_ops(self) -> list[dict[str, Any]]:
         """Every op the worker serves: name, doc, min_inputs, max_inputs (-1 variadic), idempotent, attrs, module."""
-        transport = self._enter()
-        try:
+        with self._in_use() as transport:
             return transport.list_ops(self.timeout)
-        finally:
-            self._leave()
 
     def hardware(self) -> dict[str, Any]:
         """The worker's `Hardware` message as a dict."""
-        transport = self._enter()
-        try:
+        with self._in_use() as transport:
             return transport.hardware(self.timeout)
-        finally:
-            self._leave()
 
     def health(self, service: str = "", timeout: float | None = 5.0) -> str:
         """The gRPC health status name: "SERVING", "NOT_SERVING", ..."""
-        transport = self._enter()
-        try:
+        with self._in_use() as transport:
             return transport.health(service, timeout)
-        finally:
-            self._leave()
 
     # -- resources and sessions (guides/models-and-sessions.md) -----------------------------------
 
@@ -509,35 +502,23 @@ class Client:
         """Runs `loader` (declared with `@sidecar.resource`) with `kwargs` in the worker and keeps what
         it returns as `name` (ops: `ctx.resource(name)`). Returns its `ResourceInfo` as a dict (device,
         host_bytes, device_bytes, load_ns, pid, already_loaded). RESOURCE_FAILED / OUT_OF_MEMORY."""
-        transport = self._enter()
-        try:
+        with self._in_use() as transport:
             return transport.load(name, loader, kwargs, timeout if timeout is not None else self.timeout)
-        finally:
-            self._leave()
 
     def unload(self, name: str) -> dict[str, Any]:
         """Drops the resource `name`: {unloaded, host_bytes_freed, device_bytes_freed, device_reserved_freed}."""
-        transport = self._enter()
-        try:
+        with self._in_use() as transport:
             return transport.unload(name, self.timeout)
-        finally:
-            self._leave()
 
     def resources(self) -> dict[str, Any]:
         """{"resources": [ResourceInfo dicts], "sessions": [SessionInfo dicts]} of the worker."""
-        transport = self._enter()
-        try:
+        with self._in_use() as transport:
             return transport.list_resources(self.timeout)
-        finally:
-            self._leave()
 
     def close_session(self, session_id: str) -> bool:
         """Frees the worker-side state of a session; False when it had none (closed, idled out)."""
-        transport = self._enter()
-        try:
+        with self._in_use() as transport:
             return transport.close_session(session_id, self.timeout)
-        finally:
-            self._leave()
 
     def watch_telemetry(self, memory_interval_s: float = 0.0, batch_window_ms: int = 20) -> TelemetryWatch:
         """Stream the worker's call spans and memory samples (dicts) until `close()`.
@@ -581,6 +562,15 @@ class Client:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @contextmanager
+    def _in_use(self) -> Iterator[Transport]:
+        """The transport for one request, the client marked in use meanwhile (`_enter`/`_leave`)."""
+        transport = self._enter()
+        try:
+            yield transport
+        finally:
+            self._leave()
 
     def _enter(self) -> Transport:
         """Counts a call in flight (refused with ClientClosed once the client is closed, so that the
