@@ -111,9 +111,32 @@ class EncodeError(EtfError):
 
 def encode(term: Any) -> bytes:
     """The external format of `term`, version byte included (what `:erlang.binary_to_term/1` reads)."""
-    parts: list[bytes] = [bytes((VERSION,))]
-    _encode(term, parts, 0)
-    return b"".join(parts)
+    return b"".join(encode_parts(term))
+
+
+# A binary at least this long stays a part of its own in `encode_parts` (not copied into a join).
+_OWN_PART_BYTES = 64 * 1024
+
+
+def encode_parts(term: Any) -> list[bytes]:
+    """`encode(term)` as pieces whose concatenation is the encoding, for a writer with writev:
+    big binaries (an inline tensor's bytes) are passed through as they are instead of being copied
+    into one joined frame; the small pieces between them are joined (few iovecs per frame)."""
+    pieces: list[bytes] = [bytes((VERSION,))]
+    _encode(term, pieces, 0)
+    parts: list[bytes] = []
+    run: list[bytes] = []
+    for piece in pieces:
+        if len(piece) >= _OWN_PART_BYTES:
+            if run:
+                parts.append(b"".join(run))
+                run = []
+            parts.append(piece)
+        else:
+            run.append(piece)
+    if run:
+        parts.append(b"".join(run))
+    return parts
 
 
 def _encode(term: Any, out: list[bytes], depth: int) -> None:

@@ -182,6 +182,18 @@ def test_binaries_accept_buffer_types() -> None:
     assert etf.decode(memoryview(etf.encode([1, 2]))) == [1, 2]
 
 
+@given(terms)
+def test_encode_parts_concatenate_to_encode(term: Any) -> None:
+    assert b"".join(etf.encode_parts(term)) == etf.encode(term)
+
+
+def test_encode_parts_pass_a_big_binary_through_uncopied() -> None:
+    big = bytes(1 << 20)
+    parts = etf.encode_parts((Atom("ok"), 7, {Atom("data"): big, Atom("n"): 1}))
+    assert any(part is big for part in parts)  # the writer sends it as it is, no 1 MB join
+    assert len(parts) == 3  # the small pieces before and after it are joined
+
+
 # --- against a real Erlang VM ------------------------------------------------------------------------
 
 ERL_ECHO = r"""

@@ -48,14 +48,21 @@ class TensorRef:
 
     @property
     def nbytes(self) -> int:
-        s = self.storage
-        return len(s.data) if isinstance(s, InlineStorage) else s.nbytes
+        return _storage_nbytes(self.storage)
 
 
 @dataclass(frozen=True)
 class ArrowRef:
     storage: Union[ShmStorage, InlineStorage]
     num_rows: int = -1
+
+    @property
+    def nbytes(self) -> int:
+        return _storage_nbytes(self.storage)
+
+
+def _storage_nbytes(s: Storage) -> int:
+    return len(s.data) if isinstance(s, InlineStorage) else s.nbytes
 
 
 def byte_span(shape: Sequence[int], strides: Sequence[int], itemsize: int) -> int:

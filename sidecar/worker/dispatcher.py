@@ -45,7 +45,7 @@ from sidecar.errors import (Cancelled, DeviceUnavailable, InvalidArgument, Inval
                             Overloaded, SidecarError, close_names, shorten)
 from sidecar.protocol.calls import Call, CallResult, Placement, Timing
 from sidecar.protocol.limits import INT64_MAX, INT64_MIN, MAX_ATTR_NAME, MAX_ATTRS
-from sidecar.protocol.refs import (ArrowRef, CudaIpcStorage, InlineStorage, ShmStorage, TensorRef, byte_span,
+from sidecar.protocol.refs import (ArrowRef, CudaIpcStorage, ShmStorage, TensorRef, byte_span,
                                    elements_overlap)
 from sidecar.worker.leases import LeaseOwner, free_objects
 from sidecar.worker.registry import CTX_PARAM, OpContext, OpSpec, Registry
@@ -158,11 +158,8 @@ def _is_table(x: Any) -> bool:
 
 
 def _ref_nbytes(v: Any) -> int:
-    if isinstance(v, TensorRef):
+    if isinstance(v, (TensorRef, ArrowRef)):
         return v.nbytes
-    if isinstance(v, ArrowRef):
-        s = v.storage
-        return len(s.data) if isinstance(s, InlineStorage) else s.nbytes
     if isinstance(v, (list, tuple)):
         return sum(_ref_nbytes(x) for x in v)
     if isinstance(v, dict):

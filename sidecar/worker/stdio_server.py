@@ -72,6 +72,7 @@ SPARE_CALL_THREADS = 2
 UNDEFINED = Atom("undefined")
 _CHUNK = Atom("chunk")
 _HEADER = struct.Struct(">I")
+_IOV_MAX = 1024  # writev takes at most this many buffers per call on Linux (IOV_MAX)
 
 
 class StdioServer:
@@ -123,7 +124,7 @@ class StdioServer:
 
     def send(self, term: Any) -> None:
         """One frame of a term we built (raises EncodeError if it has no Erlang form)."""
-        self._write(etf.encode(term))
+        self._write(etf.encode_parts(term))
 
     def reply(self, req_id: Any, tag: str, body: Any, on_replaced: Callable[[], None] | None = None) -> None:
         """Sends `{tag, req_id, body}`.
@@ -134,7 +135,7 @@ class StdioServer:
         release the leases the host will never learn of).
         """
         try:
-            data = etf.encode((Atom(tag), req_id, body))
+            data = etf.encode_parts((Atom(tag), req_id, body))
         except etf.EncodeError as exc:
             log.error("the %s reply to request %s cannot be encoded: %s", tag, shorten(req_id), exc)
             data = _unencodable_reply(req_id, tag, exc)
@@ -145,12 +146,12 @@ class StdioServer:
     def send_chunk(self, req_id: Any, chunk: Chunk) -> None:
         """One `{:chunk, id, chunk}` frame; a chunk with no term form fails the stream (OP_FAILED)."""
         try:
-            data = etf.encode((_CHUNK, req_id, chunk_to_term(chunk)))
+            data = etf.encode_parts((_CHUNK, req_id, chunk_to_term(chunk)))
         except etf.EncodeError as exc:
             raise OpFailed(f"chunk {chunk.index} has no Erlang term form: {exc}", exception_type="EncodeError") from None
         self._deliver(data)
 
-    def _deliver(self, data: bytes) -> None:
+    def _deliver(self, data: list[bytes]) -> None:
         """Writes an encoded frame, after the telemetry events queued before it."""
         sub = self._sub
         if sub is None:
@@ -168,8 +169,8 @@ class StdioServer:
             except Exception:
                 log.exception("sending a telemetry event failed")
 
-    def _write(self, data: bytes) -> None:
-        header = _HEADER.pack(len(data))
+    def _write(self, data: list[bytes]) -> None:
+        header = _HEADER.pack(sum(map(len, data)))
         with self._write_lock:
             if self.host_gone:
                 return
@@ -392,15 +393,15 @@ def _request_id_of_opts(req: tuple[Any, ...]) -> str | None:
     return text(rid, "request_id") if _is_text(rid) else None
 
 
-def _unencodable_reply(req_id: Any, tag: str, reason: Exception) -> bytes:
+def _unencodable_reply(req_id: Any, tag: str, reason: Exception) -> list[bytes]:
     """The error frame that stands in for a reply with no Erlang form."""
     error = {Atom("kind"): Atom(OpFailed.kind.value.lower()), Atom("exception_type"): "EncodeError",
              Atom("message"): f"the worker's {tag} reply has no Erlang term form: {reason}"}
     try:
-        return etf.encode((Atom("error"), req_id, error))
+        return etf.encode_parts((Atom("error"), req_id, error))
     except etf.EncodeError as exc:
         error[Atom("message")] += f"; the request id cannot be sent back either ({exc})"
-        return etf.encode((Atom("error"), UNDEFINED, error))
+        return etf.encode_parts((Atom("error"), UNDEFINED, error))
 
 
 def _request_id(req: Any) -> Any:
@@ -432,11 +433,11 @@ def _hashable(v: Any) -> Any:
         return repr(v)
 
 
-def _write_all(fd: int, header: bytes, data: bytes) -> None:
-    """One frame, header and body, without joining them (bodies can be 100 MB)."""
-    bufs = [memoryview(header), memoryview(data)]
+def _write_all(fd: int, header: bytes, data: list[bytes]) -> None:
+    """One frame, header and body parts, without joining them (bodies can be 100 MB)."""
+    bufs = [memoryview(header)] + [memoryview(part) for part in data]
     while bufs:
-        n = os.writev(fd, bufs)
+        n = os.writev(fd, bufs[:_IOV_MAX])
         while bufs and n >= len(bufs[0]):
             n -= len(bufs[0])
             bufs.pop(0)
