@@ -127,7 +127,9 @@ defmodule Sidecar do
       idempotent = Keyword.get_lazy(opts, :idempotent, fn -> idempotent_op?(pool, op) end)
       attempts = if idempotent, do: Keyword.get(opts, :max_attempts, cfg.max_attempts), else: 1
       read = Keyword.get(opts, :read, cfg.read)
-      {terms, keep} = encode_inputs(inputs ++ Keyword.get(opts, :out, []))
+      # The `out:` destinations are encoded only for what they keep alive (wire_opts sends them).
+      tensors = inputs ++ Keyword.get(opts, :out, [])
+      {terms, keep} = encode_inputs(tensors)
       terms = Enum.take(terms, length(inputs))
 
       wire = wire_opts(opts, idempotent)
@@ -148,7 +150,7 @@ defmodule Sidecar do
       sent = if session, do: pinned(ctx, req, session), else: attempt(ctx, req, [])
 
       with {:ok, term, worker, os_pid} <- sent do
-        result(term, worker, os_pid, read, t0, own_mappings(inputs ++ Keyword.get(opts, :out, [])))
+        result(term, worker, os_pid, read, t0, own_mappings(tensors))
       end
     end
   end
@@ -468,10 +470,7 @@ defmodule Sidecar do
   # The inputs' wire terms, and what must stay alive until the worker has answered: the mappings
   # and binaries of shared memory the descriptors point into.
   @doc false
-  def encode_inputs(inputs) do
-    {terms, keep} = Enum.map_reduce(inputs, [], &encode/2)
-    {terms, keep}
-  end
+  def encode_inputs(inputs), do: Enum.map_reduce(inputs, [], &encode/2)
 
   defp encode(%Tensor{storage: {:data, bin}} = t, keep) when byte_size(bin) >= @inline_limit do
     # A large binary that lies in shared memory (a zero-copy result): send its descriptor.

@@ -47,9 +47,13 @@ defmodule Sidecar.Shm do
   @spec path(String.t()) :: String.t()
   def path("/" <> rest), do: Path.join(@dir, rest)
 
+  @doc "The name prefix (`/sc-<run>-<pid>-`) of this run's segments owned by OS process `os_pid`."
+  @spec owner_prefix(non_neg_integer) :: String.t()
+  def owner_prefix(os_pid), do: "/sc-#{run_id()}-#{os_pid}-"
+
   @doc "A fresh name owned by this VM."
   @spec new_name() :: String.t()
-  def new_name, do: "/sc-#{run_id()}-#{os_pid()}-#{Base.encode16(:rand.bytes(8), case: :lower)}"
+  def new_name, do: owner_prefix(os_pid()) <> Base.encode16(:rand.bytes(8), case: :lower)
 
   @doc """
   Creates a segment holding `data` (iodata) or `{:zeros, nbytes}`: exclusive create with mode 0600
@@ -307,7 +311,10 @@ defmodule Sidecar.Shm do
   stopped). Returns how many it removed.
   """
   @spec unlink_os_pid(non_neg_integer) :: non_neg_integer
-  def unlink_os_pid(os_pid), do: unlink_matching("sc-#{run_id()}-#{os_pid}-")
+  def unlink_os_pid(os_pid) do
+    "/" <> file_prefix = owner_prefix(os_pid)
+    unlink_matching(file_prefix)
+  end
 
   @doc """
   Unlinks the segments of every run (or of `run`) whose owner process is dead (or is a newer

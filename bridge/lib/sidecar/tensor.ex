@@ -255,7 +255,7 @@ defmodule Sidecar.Tensor do
 
   @doc false
   @spec own?(String.t()) :: boolean
-  def own?(name), do: String.starts_with?(name, "/sc-#{Shm.run_id()}-#{Shm.os_pid()}-")
+  def own?(name), do: String.starts_with?(name, Shm.owner_prefix(Shm.os_pid()))
 
   @doc false
   # The wire form: {:tensor, %{dtype:, shape:, strides:, shm: ... | data: ...}}.

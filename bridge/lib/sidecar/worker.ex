@@ -564,7 +564,7 @@ defmodule Sidecar.Worker do
 
   # A result with leases, read zero-copy: its tensors become binaries of the mappings.
   defp zero_copy(%{outputs: outputs, leases: [_ | _] = ids} = result, state) do
-    prefix = "/sc-#{Shm.run_id()}-#{state.os_pid}-"
+    prefix = Shm.owner_prefix(state.os_pid)
 
     case own_outputs(outputs, prefix) do
       [] ->
