@@ -46,7 +46,7 @@ from sidecar import etf
 from sidecar.errors import InvalidArgument, OpFailed, SidecarError, shorten
 from sidecar.etf import Atom
 from sidecar.protocol import limits
-from sidecar.protocol.calls import Chunk
+from sidecar.protocol.calls import CallResult, Chunk
 from sidecar.protocol.port_codec import (call_from_term, chunk_to_term, error_to_term, keyed, op_to_term,
                                          record_to_term, result_to_term, telemetry_to_term, text)
 from sidecar.worker.lifecycle import Shutdown
@@ -336,10 +336,18 @@ class StdioServer:
         self.calls.submit(self._run_stream if stream else self._run_call, handle, req_id)
 
     def _run_call(self, handle: CallHandle, req_id: Any) -> None:
+        self._answer(handle, req_id, lambda: self.core.execute(handle))
+
+    def _run_stream(self, handle: CallHandle, req_id: Any) -> None:
+        self._answer(handle, req_id, lambda: self.streams.run(
+            handle, _hashable(req_id), lambda chunk: self.send_chunk(req_id, chunk)))
+
+    def _answer(self, handle: CallHandle, req_id: Any, run: Callable[[], CallResult]) -> None:
+        """Runs a call or a stream and answers it once: its result, or its structured error."""
         core = self.core
         try:
             try:
-                result = core.execute(handle)
+                result = run()
             except SidecarError as err:
                 self.send_error(req_id, err)
                 return
@@ -351,18 +359,6 @@ class StdioServer:
                 return
             # Replaced by an error, the reply takes its lease ids with it: nobody could release them.
             self.reply(req_id, "ok", body, on_replaced=lambda: core.release_quietly(result.leases))
-        finally:
-            core.end(handle)
-
-    def _run_stream(self, handle: CallHandle, req_id: Any) -> None:
-        core = self.core
-        try:
-            try:
-                result = self.streams.run(handle, _hashable(req_id), lambda chunk: self.send_chunk(req_id, chunk))
-            except SidecarError as err:
-                self.send_error(req_id, err)
-                return
-            self.reply(req_id, "ok", result_to_term(result))
         finally:
             core.end(handle)
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 from sidecar.errors import Cancelled
-from sidecar.protocol.calls import Chunk
+from sidecar.protocol.calls import CallResult, Chunk
 from sidecar.protocol.limits import DEFAULT_STREAM_MAX_BYTES, DEFAULT_STREAM_MAX_CHUNKS, MAX_STREAM_MAX_CHUNKS
 from sidecar.worker.dispatcher import CallBody, CallState, close_stream, is_stream, outputs_of
 from sidecar.worker.server_core import CallHandle, ServerCore
@@ -106,7 +106,7 @@ class StreamService:
         self._lock = threading.Lock()
         self._windows: dict[Hashable, ChunkWindow] = {}
 
-    def run(self, handle: CallHandle, key: Hashable, send: Callable[[Chunk], None]) -> Any:
+    def run(self, handle: CallHandle, key: Hashable, send: Callable[[Chunk], None]) -> CallResult:
         """Runs the stream of `handle` (begun on the core), calling `send` with each chunk in order,
         on this thread; returns the final `CallResult` (no outputs; timing, bytes). `key` is what
         the host's acks name (`ack(key, n)`). Raises SidecarError (Cancelled when the caller left)."""
