@@ -151,10 +151,7 @@ class CallScheduler:
         try:
             out = getattr(worker.client, method)(op, *inputs, timeout=timeout, **kwargs)
         except Exception as exc:
-            try:
-                found = self._as_crash(exc, worker, op)
-            finally:
-                self.release(worker, token, ok=False, abandoned=isinstance(exc, Cancelled) and worker.proc.alive)
+            found = self._failed_attempt(exc, worker, token, op, [])  # one attempt: never poison
             if found is None:
                 raise
             raise found[0] from (None if found[0] is exc else exc)
