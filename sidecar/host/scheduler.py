@@ -115,9 +115,7 @@ class CallScheduler:
                         first_crash = first_crash or attempt
                     # A call whose attempt crashed a worker by itself gets one more try at most.
                     tries_left = first_crash is None or attempt == first_crash
-                    never_sent = getattr(crash, "call_started", None) is False  # safe to send again
-                    if not (retryable or never_sent) or not tries_left or attempt >= self.settings.max_attempts \
-                            or self._sup.closing:
+                    if not tries_left or not self._may_resend(crash, retryable, attempt):
                         raise crash from (None if crash is exc else exc)
                     delay = self._retry_delay(attempt)
                     if deadline is not None and time.monotonic() + delay >= deadline:
@@ -208,9 +206,7 @@ class CallScheduler:
                 if found is None:
                     raise
                 crash, _info = found
-                never_sent = getattr(crash, "call_started", None) is False
-                if delivered or not (retryable or never_sent) or attempt >= self.settings.max_attempts \
-                        or self._sup.closing:
+                if delivered or not self._may_resend(crash, retryable, attempt):
                     raise crash from (None if crash is exc else exc)
                 self._bus.emit(events.retry(op, attempt + 1, worker.pid, crash.fields.get("classification"), 0.0))
                 excluded.add(worker.pid)
@@ -234,6 +230,12 @@ class CallScheduler:
             if len(work_crashes) >= 2:
                 raise self._poison(op, work_crashes) from None
         return found
+
+    def _may_resend(self, crash: WorkerCrashed, retryable: bool, attempt: int) -> bool:
+        """A failed attempt may go to another worker: the call is idempotent, or it never reached its
+        worker (safe to send again), within `max_attempts`, while the pool is open."""
+        never_sent = getattr(crash, "call_started", None) is False
+        return (retryable or never_sent) and attempt < self.settings.max_attempts and not self._sup.closing
 
     def on_any_worker(self, what: str, fn: Callable[[Client], Any]) -> Any:
         worker, token = self.acquire(what, None, set())
