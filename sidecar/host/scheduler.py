@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from sidecar.errors import Cancelled, CircuitOpen, OpFailed, SidecarError, WorkerCrashed
+from sidecar.errors import Cancelled, CircuitOpen, OpFailed, SidecarError, WorkerCrashed, WorkerUnreachable
 from sidecar.host import events
 from sidecar.host.breaker import Admission, BreakerState
 from sidecar.host.client import Client, ClientClosed
@@ -30,7 +30,6 @@ from sidecar.host.events import EventBus
 from sidecar.host.policy import Evidence, SupervisionPolicy
 from sidecar.host.settings import PoolSettings
 from sidecar.host.supervisor import Supervisor, Worker
-from sidecar.errors import WorkerUnreachable
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +168,7 @@ class CallScheduler:
                                 classification="recycled")
         err.call_started = False  # type: ignore[attr-defined]
         return err
+
     def stream(self, op: str, inputs: tuple[Any, ...], idempotent: bool | None, timeout: float | None,
                kwargs: dict[str, Any]) -> Iterator[Any]:
         """`Client.stream(op, *inputs, **kwargs)` on a pool worker, as a generator of its chunks.
