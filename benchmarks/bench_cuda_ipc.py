@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import statistics
@@ -36,7 +35,7 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from timing import parse_sizes, sample_us  # noqa: E402  (benchmarks/timing.py)
+from timing import emit_json, parse_sizes, sample_us  # noqa: E402  (benchmarks/timing.py)
 
 SIZES = {"1MB": 10**6, "100MB": 10**8, "1GB": 10**9}
 TARGET_US = 300.0
@@ -234,11 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     reason = cuda_reason()
     if reason is not None:
         doc = {"cuda": False, "reason": reason, "results": []}
-        if args.json_out:
-            args.json_out.write_text(json.dumps(doc))
-        if args.json:
-            print(json.dumps(doc))
-        else:
+        if not emit_json(doc, args.json_out, args.json, indent=None):
             print(f"CUDA is absent here ({reason}): nothing to measure.")
         return 0
 
@@ -281,11 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     from sidecar.dataplane import cuda_ipc
 
     doc = {"cuda": True, "machine": m, "results": rows, "verdict": verdict, "host_ipc_stats": cuda_ipc.cache_stats()}
-    if args.json_out:
-        args.json_out.write_text(json.dumps(doc, indent=2))
-    if args.json:
-        print(json.dumps(doc, indent=2))
-    else:
+    if not emit_json(doc, args.json_out, args.json):
         print(f"# {m['gpu']} ({m['gpu_memory'] >> 30} GiB), driver CUDA {m['driver_cuda']}, torch {m['torch']} "
               f"(CUDA {m['torch_cuda']}), Python {m['python']}, {m['cpus']} CPUs")
         print_table(rows, verdict)

@@ -29,7 +29,6 @@ Run: .venv/bin/python benchmarks/bench_pool.py [--trials 15] [--cold-trials 5] [
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import signal
@@ -47,6 +46,7 @@ from sidecar.worker.local_transport import InProcessTransport
 from sidecar.host.pool import Pool
 from sidecar.host.spawn import start_worker
 from sidecar.protocol.calls import Call, CallResult
+from timing import emit_json  # benchmarks/timing.py (a sibling module)
 
 TARGET_MS = 100.0
 BUSY_S = 0.05
@@ -236,11 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {"python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine(),
            "torch": __import__("torch").__version__, "device": args.device}
     doc = {"env": env, "replacement": modes, "throughput": tput, "small_call_layers": layers}
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(doc, f, indent=2)
-    if args.json:
-        print(json.dumps(doc, indent=2))
+    if emit_json(doc, args.json_out, args.json):
         return 0
 
     cold = next(m for m in modes if m["mode"] == "cold")

@@ -21,7 +21,6 @@ Run: .venv/bin/python benchmarks/bench_resident.py [--calls 30] [--trials 10] [-
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import signal
@@ -40,6 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from resident_bench_ops import WIDTH, make_mlp  # noqa: E402
+from timing import emit_json  # noqa: E402
 
 from sidecar.host.pool import Pool  # noqa: E402
 
@@ -136,11 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     rows = {r["case"]: r for r in doc["inference"]["rows"]}
     doc["x_load_per_call_vs_resident"] = rows["load per call"]["vs_resident"]
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(doc, f, indent=2)
-    if args.json:
-        print(json.dumps(doc, indent=2))
+    if emit_json(doc, args.json_out, args.json):
         return 0
     env, inf = doc["env"], doc["inference"]
     print(f"Inference, MLP of 8.4 M parameters, batch 8 x {WIDTH} float32 ({env['cpus']} CPUs, torch {env['torch']}, "

@@ -1,10 +1,13 @@
-"""The timing loop and the `--sizes` parsing every benchmark here shares (the scripts import it as a
-sibling module)."""
+"""The timing loop, the `--sizes` parsing and the `--json`/`--json-out` output every benchmark here
+shares (the scripts import it as a sibling module)."""
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 
@@ -39,3 +42,15 @@ def parse_sizes(ap: argparse.ArgumentParser, text: str, known: dict[str, int]) -
     if unknown:
         ap.error(f"unknown sizes {unknown}; choose from {list(known)}")
     return sizes
+
+
+def emit_json(doc: dict[str, Any], json_out: str | os.PathLike[str] | None, to_stdout: bool,
+              indent: int | None = 2) -> bool:
+    """Writes `doc` to `json_out` (when given) and prints it (when `to_stdout`, the `--json` flag);
+    True when printed: the caller then prints no table."""
+    text = json.dumps(doc, indent=indent)
+    if json_out:
+        Path(json_out).write_text(text)
+    if to_stdout:
+        print(text)
+    return to_stdout

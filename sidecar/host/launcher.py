@@ -10,6 +10,7 @@ means) are the pool's state machine's (`sidecar.host.supervisor`).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -64,18 +65,16 @@ class Launcher:
 
     def start_template(self) -> None:
         s = self.settings
-        env = dict(s.env)
+        start = functools.partial(Template, run_id=s.run_id, python=s.python, env=dict(s.env),
+                                  start_timeout=s.start_timeout, sock_dir=self.sock_dir,
+                                  on_death=self._on_template_death)
         try:
-            template = Template(run_id=s.run_id, python=s.python, env=env, preload=s.use_template,
-                                start_timeout=s.start_timeout, check_cuda_fork=s.device not in ("cpu", "mps"),
-                                sock_dir=self.sock_dir, on_death=self._on_template_death)
+            template = start(preload=s.use_template, check_cuda_fork=s.device not in ("cpu", "mps"))
         except (TemplateError, OSError) as exc:
             if not s.use_template:
                 raise
             log.warning("template process failed (%s); starting workers cold", exc)
-            template = Template(run_id=s.run_id, python=s.python, env=env, preload=False,
-                                start_timeout=s.start_timeout, sock_dir=self.sock_dir,
-                                on_death=self._on_template_death)
+            template = start(preload=False)  # no preloads: workers start cold; it still guards them
         self.template = template
         self.template_startup_s = template.startup_s
         if template.preload and template.failed:

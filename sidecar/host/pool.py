@@ -444,11 +444,7 @@ class Pool:
         self._check_process()
         hook = self._call_observer
         if hook is not None:  # metrics are on: the observer times and records the call around the run
-            return hook(self._invoke_unobserved, method, op, inputs, idempotent, timeout, kwargs)
-        return self._scheduler.invoke(method, op, inputs, idempotent, timeout, kwargs)
-
-    def _invoke_unobserved(self, method: str, op: str, inputs: tuple[Any, ...], idempotent: bool | None,
-                           timeout: float | None, kwargs: dict[str, Any]) -> Any:
+            return hook(self._scheduler.invoke, method, op, inputs, idempotent, timeout, kwargs)
         return self._scheduler.invoke(method, op, inputs, idempotent, timeout, kwargs)
 
     # ---------------------------------------------------------------------------------------------

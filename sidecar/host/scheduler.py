@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from sidecar.errors import Cancelled, CircuitOpen, OpFailed, SidecarError, WorkerCrashed
+from sidecar.errors import Cancelled, CircuitOpen, OpFailed, SidecarError, WorkerCrashed, WorkerUnreachable
 from sidecar.host import events
 from sidecar.host.breaker import Admission, BreakerState
 from sidecar.host.client import Client, ClientClosed
@@ -30,7 +30,6 @@ from sidecar.host.events import EventBus
 from sidecar.host.policy import Evidence, SupervisionPolicy
 from sidecar.host.settings import PoolSettings
 from sidecar.host.supervisor import Supervisor, Worker
-from sidecar.errors import WorkerUnreachable
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +114,7 @@ class CallScheduler:
                         first_crash = first_crash or attempt
                     # A call whose attempt crashed a worker by itself gets one more try at most.
                     tries_left = first_crash is None or attempt == first_crash
-                    never_sent = getattr(crash, "call_started", None) is False  # safe to send again
-                    if not (retryable or never_sent) or not tries_left or attempt >= self.settings.max_attempts \
-                            or self._sup.closing:
+                    if not tries_left or not self._may_resend(crash, retryable, attempt):
                         raise crash from (None if crash is exc else exc)
                     delay = self._retry_delay(attempt)
                     if deadline is not None and time.monotonic() + delay >= deadline:
@@ -151,10 +148,7 @@ class CallScheduler:
         try:
             out = getattr(worker.client, method)(op, *inputs, timeout=timeout, **kwargs)
         except Exception as exc:
-            try:
-                found = self._as_crash(exc, worker, op)
-            finally:
-                self.release(worker, token, ok=False, abandoned=isinstance(exc, Cancelled) and worker.proc.alive)
+            found = self._failed_attempt(exc, worker, token, op, [])  # one attempt: never poison
             if found is None:
                 raise
             raise found[0] from (None if found[0] is exc else exc)
@@ -174,6 +168,7 @@ class CallScheduler:
                                 classification="recycled")
         err.call_started = False  # type: ignore[attr-defined]
         return err
+
     def stream(self, op: str, inputs: tuple[Any, ...], idempotent: bool | None, timeout: float | None,
                kwargs: dict[str, Any]) -> Iterator[Any]:
         """`Client.stream(op, *inputs, **kwargs)` on a pool worker, as a generator of its chunks.
@@ -211,9 +206,7 @@ class CallScheduler:
                 if found is None:
                     raise
                 crash, _info = found
-                never_sent = getattr(crash, "call_started", None) is False
-                if delivered or not (retryable or never_sent) or attempt >= self.settings.max_attempts \
-                        or self._sup.closing:
+                if delivered or not self._may_resend(crash, retryable, attempt):
                     raise crash from (None if crash is exc else exc)
                 self._bus.emit(events.retry(op, attempt + 1, worker.pid, crash.fields.get("classification"), 0.0))
                 excluded.add(worker.pid)
@@ -237,6 +230,12 @@ class CallScheduler:
             if len(work_crashes) >= 2:
                 raise self._poison(op, work_crashes) from None
         return found
+
+    def _may_resend(self, crash: WorkerCrashed, retryable: bool, attempt: int) -> bool:
+        """A failed attempt may go to another worker: the call is idempotent, or it never reached its
+        worker (safe to send again), within `max_attempts`, while the pool is open."""
+        never_sent = getattr(crash, "call_started", None) is False
+        return (retryable or never_sent) and attempt < self.settings.max_attempts and not self._sup.closing
 
     def on_any_worker(self, what: str, fn: Callable[[Client], Any]) -> Any:
         worker, token = self.acquire(what, None, set())
