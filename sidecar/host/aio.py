@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sidecar.errors import SidecarError, WorkerCrashed, WorkerUnreachable
 from sidecar.host.client import Client, PreparedCall, Result
 from sidecar.host.crash import ExitInfo
-from sidecar.host.grpc_transport import channel_target, rpc_failure
+from sidecar.host.grpc_transport import channel_target, rpc_failure, stream_request
 from sidecar.host.pool import Pool
 from sidecar.host.supervisor import Worker
 from sidecar.protocol import grpc_codec as wire
@@ -58,16 +58,10 @@ class _AioChannel:
         self.acks: set[asyncio.Task[Any]] = set()  # AckChunks in flight (a reference each, until done)
 
     async def execute(self, p: PreparedCall, timeout: float | None) -> CallResult:
-        call = p.call
-        request = wire.execute_request(
-            call.op, call.inputs, call.attrs, placement=call.output.placement, out=call.output.out,
-            inline_threshold=call.output.inline_threshold, release=call.release, request_id=call.request_id,
-            idempotent=call.idempotent, allow_alias=call.output.allow_alias, client_pid=call.client_pid,
-            client_id=call.client_id)
         try:
-            response = await self.stub.Execute(request, timeout=timeout)
+            response = await self.stub.Execute(wire.call_to_request(p.call), timeout=timeout)
         except grpc.RpcError as err:
-            raise rpc_failure(err, call.op) from None
+            raise rpc_failure(err, p.call.op) from None
         return wire.result_from_response(response)
 
     def ack(self, request_id: str, client_id: str, chunks: int, release: list[str],
@@ -98,13 +92,7 @@ class AsyncStream(AsyncIterator[Any]):
     def __init__(self, client: Client, aio: _AioChannel, p: PreparedCall, timeout: float | None,
                  window: int) -> None:
         self._client, self._aio, self._p = client, aio, p
-        call = p.call
-        request = wire.execute_request(call.op, call.inputs, call.attrs, release=call.release,
-                                       request_id=call.request_id, idempotent=call.idempotent,
-                                       client_pid=call.client_pid, client_id=call.client_id)
-        request.stream_max_chunks = call.stream_max_chunks
-        request.stream_max_bytes = call.stream_max_bytes
-        self._rpc = aio.stub.ExecuteStream(request, timeout=timeout)
+        self._rpc = aio.stub.ExecuteStream(stream_request(p.call), timeout=timeout)
         self._ack_every = max(1, window // 2)
         self._unacked = 0
         self._ended = False

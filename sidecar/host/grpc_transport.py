@@ -27,6 +27,14 @@ def channel_target(address: str) -> str:
     return f"unix:{address}"
 
 
+def stream_request(call: Call) -> pb.ExecuteRequest:
+    """The ExecuteStream request of a streaming `Call` (its flow-control window included)."""
+    request = wire.call_to_request(call)
+    request.stream_max_chunks = call.stream_max_chunks
+    request.stream_max_bytes = call.stream_max_bytes
+    return request
+
+
 def rpc_failure(err: grpc.RpcError, op: str) -> SidecarError:
     """The structured error of a failed RPC, marked `call_started = False` when the request provably
     never reached the worker (no connection could be made)."""
@@ -129,12 +137,8 @@ class GrpcTransport(Transport):
         self._health_stub = health_pb2_grpc.HealthStub(self._channel)
         self._acks = _AcksInFlight()
 
-    @staticmethod
-    def _request(call: Call) -> pb.ExecuteRequest:
-        return wire.call_to_request(call)
-
     def execute(self, call: Call, timeout: float | None = None) -> CallResult:
-        req = self._request(call)
+        req = wire.call_to_request(call)
         try:
             resp = self._stub.Execute(req, timeout=timeout)
         except grpc.RpcError as err:
@@ -142,7 +146,7 @@ class GrpcTransport(Transport):
         return wire.result_from_response(resp)
 
     def execute_cancellable(self, call: Call, timeout: float | None, scope: CancelScope) -> CallResult:
-        future = self._stub.Execute.future(self._request(call), timeout=timeout)
+        future = self._stub.Execute.future(wire.call_to_request(call), timeout=timeout)
         scope.attach(future.cancel)
         try:
             resp = future.result()
@@ -156,10 +160,7 @@ class GrpcTransport(Transport):
         return wire.result_from_response(resp)
 
     def stream(self, call: Call, timeout: float | None = None) -> ChunkStream:
-        req = self._request(call)
-        req.stream_max_chunks = call.stream_max_chunks
-        req.stream_max_bytes = call.stream_max_bytes
-        return _GrpcChunkStream(self._stub, req, timeout, self._acks)
+        return _GrpcChunkStream(self._stub, stream_request(call), timeout, self._acks)
 
     def list_ops(self, timeout: float | None = None) -> list[dict[str, Any]]:
         resp = self._unary(self._stub.ListOps, pb.ListOpsRequest(), "ListOps", timeout)
