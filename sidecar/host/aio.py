@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sidecar.errors import SidecarError, WorkerCrashed, WorkerUnreachable
 from sidecar.host.client import Client, PreparedCall, Result
 from sidecar.host.crash import ExitInfo
-from sidecar.host.grpc_transport import channel_target, rpc_failure, stream_request
+from sidecar.host.grpc_transport import channel_options, channel_target, rpc_failure, stream_request
 from sidecar.host.pool import Pool
 from sidecar.host.supervisor import Worker
 from sidecar.protocol import grpc_codec as wire
@@ -48,11 +48,7 @@ class _AioChannel:
     """The grpc.aio side of one worker: Execute, ExecuteStream, AckChunks, ListOps, health."""
 
     def __init__(self, address: str, max_message_bytes: int | None = None) -> None:
-        options: list[tuple[str, Any]] = [("grpc.enable_retries", 0)]
-        if max_message_bytes:
-            options += [("grpc.max_receive_message_length", max_message_bytes),
-                        ("grpc.max_send_message_length", max_message_bytes)]
-        self.channel = grpc.aio.insecure_channel(channel_target(address), options=options)
+        self.channel = grpc.aio.insecure_channel(channel_target(address), options=channel_options(max_message_bytes))
         self.stub = pb_grpc.SidecarStub(self.channel)  # type: ignore[no-untyped-call]
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.acks: set[asyncio.Task[Any]] = set()  # AckChunks in flight (a reference each, until done)

@@ -27,6 +27,16 @@ def channel_target(address: str) -> str:
     return f"unix:{address}"
 
 
+def channel_options(max_message_bytes: int | None) -> list[tuple[str, Any]]:
+    """The options of a channel to a worker, blocking or grpc.aio: no transparent retries (the
+    pool decides what is sent again), and `max_message_bytes` as both message limits when given."""
+    options: list[tuple[str, Any]] = [("grpc.enable_retries", 0)]
+    if max_message_bytes:
+        options += [("grpc.max_receive_message_length", max_message_bytes),
+                    ("grpc.max_send_message_length", max_message_bytes)]
+    return options
+
+
 def stream_request(call: Call) -> pb.ExecuteRequest:
     """The ExecuteStream request of a streaming `Call` (its flow-control window included)."""
     request = wire.call_to_request(call)
@@ -127,11 +137,7 @@ class GrpcTransport(Transport):
 
         self.address = address
         self._max_message_bytes = max_message_bytes
-        options: list[tuple[str, Any]] = [("grpc.enable_retries", 0)]
-        if max_message_bytes:
-            options += [("grpc.max_receive_message_length", max_message_bytes),
-                        ("grpc.max_send_message_length", max_message_bytes)]
-        self._channel = grpc.insecure_channel(channel_target(address), options=options)
+        self._channel = grpc.insecure_channel(channel_target(address), options=channel_options(max_message_bytes))
         # Stubs are built once: building one on a closed channel is what crashes grpcio.
         self._stub = pb_grpc.SidecarStub(self._channel)  # type: ignore[no-untyped-call]  # generated, no stub
         self._health_stub = health_pb2_grpc.HealthStub(self._channel)
