@@ -32,7 +32,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sidecar.errors import SidecarError, WorkerCrashed, WorkerUnreachable
 from sidecar.host.client import Client, PreparedCall, Result
 from sidecar.host.crash import ExitInfo
-from sidecar.host.grpc_transport import channel_options, channel_target, rpc_failure, stream_request
+from sidecar.host.grpc_transport import (ACK_TIMEOUT_S, AcksInFlight, channel_options, channel_target, rpc_failure,
+                                         stream_request)
 from sidecar.host.pool import Pool
 from sidecar.host.supervisor import Worker
 from sidecar.protocol import grpc_codec as wire
@@ -51,7 +52,8 @@ class _AioChannel:
         self.channel = grpc.aio.insecure_channel(channel_target(address), options=channel_options(max_message_bytes))
         self.stub = pb_grpc.SidecarStub(self.channel)  # type: ignore[no-untyped-call]
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
-        self.acks: set[asyncio.Task[Any]] = set()  # AckChunks in flight (a reference each, until done)
+        # AckChunks in flight (a reference each, until done; a failed one requeues its releases).
+        self.acks = AcksInFlight()
 
     async def execute(self, p: PreparedCall, timeout: float | None) -> CallResult:
         try:
@@ -62,23 +64,12 @@ class _AioChannel:
 
     def ack(self, request_id: str, client_id: str, chunks: int, release: list[str],
             requeue: Callable[[list[str]], None]) -> None:
-        task = asyncio.ensure_future(self.stub.AckChunks(pb.ChunkAck(
-            request_id=request_id, client_id=client_id, chunks=chunks, release=release), timeout=30.0))
-        self.acks.add(task)
-        task.add_done_callback(_forget_ack(self.acks, release, requeue))
+        self.acks.send(asyncio.ensure_future(self.stub.AckChunks(pb.ChunkAck(
+            request_id=request_id, client_id=client_id, chunks=chunks, release=release), timeout=ACK_TIMEOUT_S)),
+            release, requeue)
 
     async def close(self) -> None:
         await self.channel.close()
-
-
-def _forget_ack(acks: set[asyncio.Task[Any]], release: list[str], requeue: Callable[[list[str]], None]) -> Any:
-    def done(task: asyncio.Task[Any]) -> None:
-        acks.discard(task)
-        # A lost ack is no error (the stream's own end says what happened), but its piggybacked
-        # releases must go with a later message.
-        if release and (task.cancelled() or task.exception() is not None):
-            requeue(release)
-    return done
 
 
 class AsyncStream(AsyncIterator[Any]):

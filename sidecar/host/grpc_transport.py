@@ -76,7 +76,7 @@ class _GrpcTelemetryWatch(TelemetryWatch):
 class _GrpcChunkStream(ChunkStream):
     """ExecuteStream's messages as chunks; AckChunks sent without waiting for their answers."""
 
-    def __init__(self, stub: Any, request: pb.ExecuteRequest, timeout: float | None, acks: _AcksInFlight) -> None:
+    def __init__(self, stub: Any, request: pb.ExecuteRequest, timeout: float | None, acks: AcksInFlight) -> None:
         self._stub = stub
         self._op = request.op
         self._request_id, self._client_id = request.request_id, request.client_id
@@ -97,20 +97,21 @@ class _GrpcChunkStream(ChunkStream):
 
     def ack(self, chunks: int, release: list[str], requeue: Callable[[list[str]], None] | None = None) -> None:
         ack = pb.ChunkAck(request_id=self._request_id, client_id=self._client_id, chunks=chunks, release=release)
-        self._acks.send(self._stub.AckChunks.future(ack, timeout=_ACK_TIMEOUT_S), release, requeue)
+        self._acks.send(self._stub.AckChunks.future(ack, timeout=ACK_TIMEOUT_S), release, requeue)
 
     def cancel(self) -> None:
         self._call.cancel()
 
 
-_ACK_TIMEOUT_S = 30.0
+ACK_TIMEOUT_S = 30.0
 
 
-class _AcksInFlight:
-    """The AckChunks futures of a transport until they are done (the last ack of a stream is often
-    still on its way when the stream ends): an ack that failed (its deadline passed, the channel
-    closed) hands its piggybacked lease ids back (`requeue`), to go with the client's next message,
-    instead of leaving their memory held until the lease TTL."""
+class AcksInFlight:
+    """The AckChunks futures of a channel (grpc futures, or asyncio tasks on grpc.aio) until they are
+    done (the last ack of a stream is often still on its way when the stream ends): an ack that
+    failed (its deadline passed, the channel closed) hands its piggybacked lease ids back
+    (`requeue`), to go with the client's next message, instead of leaving their memory held until
+    the lease TTL."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -141,7 +142,7 @@ class GrpcTransport(Transport):
         # Stubs are built once: building one on a closed channel is what crashes grpcio.
         self._stub = pb_grpc.SidecarStub(self._channel)  # type: ignore[no-untyped-call]  # generated, no stub
         self._health_stub = health_pb2_grpc.HealthStub(self._channel)
-        self._acks = _AcksInFlight()
+        self._acks = AcksInFlight()
 
     def execute(self, call: Call, timeout: float | None = None) -> CallResult:
         req = wire.call_to_request(call)
