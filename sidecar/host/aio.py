@@ -163,17 +163,13 @@ class AsyncClient:
                       timeout: float | None = None, idempotent: bool | None = None, request_id: str | None = None,
                       **attrs: Any) -> Result:
         client = self.client
-        transport = client._enter()  # the client's lifetime rules: refused once closed
-        try:
+        with client._in_use():  # the client's lifetime rules: refused once closed
             p = client.prepare(op, inputs, out, placement, idempotent, request_id, attrs)
             try:
                 res = await self._aio.execute(p, timeout if timeout is not None else self.timeout)
                 return client.complete(p, res)
             finally:
                 p.done()
-        finally:
-            del transport
-            client._leave()
 
     def stream(self, op: str, *inputs: Any, timeout: float | None = None, idempotent: bool | None = None,
                request_id: str | None = None, max_chunks: int = 0, max_bytes: int = 0, **attrs: Any) -> AsyncStream:
