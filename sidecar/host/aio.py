@@ -32,7 +32,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sidecar.errors import SidecarError, WorkerCrashed, WorkerUnreachable
 from sidecar.host.client import Client, PreparedCall, Result
 from sidecar.host.crash import ExitInfo
-from sidecar.host.grpc_transport import channel_target, rpc_failure
+from sidecar.host.grpc_transport import (ACK_TIMEOUT_S, AcksInFlight, channel_options, channel_target, rpc_failure,
+                                         stream_request)
 from sidecar.host.pool import Pool
 from sidecar.host.supervisor import Worker
 from sidecar.protocol import grpc_codec as wire
@@ -48,47 +49,27 @@ class _AioChannel:
     """The grpc.aio side of one worker: Execute, ExecuteStream, AckChunks, ListOps, health."""
 
     def __init__(self, address: str, max_message_bytes: int | None = None) -> None:
-        options: list[tuple[str, Any]] = [("grpc.enable_retries", 0)]
-        if max_message_bytes:
-            options += [("grpc.max_receive_message_length", max_message_bytes),
-                        ("grpc.max_send_message_length", max_message_bytes)]
-        self.channel = grpc.aio.insecure_channel(channel_target(address), options=options)
+        self.channel = grpc.aio.insecure_channel(channel_target(address), options=channel_options(max_message_bytes))
         self.stub = pb_grpc.SidecarStub(self.channel)  # type: ignore[no-untyped-call]
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
-        self.acks: set[asyncio.Task[Any]] = set()  # AckChunks in flight (a reference each, until done)
+        # AckChunks in flight (a reference each, until done; a failed one requeues its releases).
+        self.acks = AcksInFlight()
 
     async def execute(self, p: PreparedCall, timeout: float | None) -> CallResult:
-        call = p.call
-        request = wire.execute_request(
-            call.op, call.inputs, call.attrs, placement=call.output.placement, out=call.output.out,
-            inline_threshold=call.output.inline_threshold, release=call.release, request_id=call.request_id,
-            idempotent=call.idempotent, allow_alias=call.output.allow_alias, client_pid=call.client_pid,
-            client_id=call.client_id)
         try:
-            response = await self.stub.Execute(request, timeout=timeout)
+            response = await self.stub.Execute(wire.call_to_request(p.call), timeout=timeout)
         except grpc.RpcError as err:
-            raise rpc_failure(err, call.op) from None
+            raise rpc_failure(err, p.call.op) from None
         return wire.result_from_response(response)
 
     def ack(self, request_id: str, client_id: str, chunks: int, release: list[str],
             requeue: Callable[[list[str]], None]) -> None:
-        task = asyncio.ensure_future(self.stub.AckChunks(pb.ChunkAck(
-            request_id=request_id, client_id=client_id, chunks=chunks, release=release), timeout=30.0))
-        self.acks.add(task)
-        task.add_done_callback(_forget_ack(self.acks, release, requeue))
+        self.acks.send(asyncio.ensure_future(self.stub.AckChunks(pb.ChunkAck(
+            request_id=request_id, client_id=client_id, chunks=chunks, release=release), timeout=ACK_TIMEOUT_S)),
+            release, requeue)
 
     async def close(self) -> None:
         await self.channel.close()
-
-
-def _forget_ack(acks: set[asyncio.Task[Any]], release: list[str], requeue: Callable[[list[str]], None]) -> Any:
-    def done(task: asyncio.Task[Any]) -> None:
-        acks.discard(task)
-        # A lost ack is no error (the stream's own end says what happened), but its piggybacked
-        # releases must go with a later message.
-        if release and (task.cancelled() or task.exception() is not None):
-            requeue(release)
-    return done
 
 
 class AsyncStream(AsyncIterator[Any]):
@@ -98,13 +79,7 @@ class AsyncStream(AsyncIterator[Any]):
     def __init__(self, client: Client, aio: _AioChannel, p: PreparedCall, timeout: float | None,
                  window: int) -> None:
         self._client, self._aio, self._p = client, aio, p
-        call = p.call
-        request = wire.execute_request(call.op, call.inputs, call.attrs, release=call.release,
-                                       request_id=call.request_id, idempotent=call.idempotent,
-                                       client_pid=call.client_pid, client_id=call.client_id)
-        request.stream_max_chunks = call.stream_max_chunks
-        request.stream_max_bytes = call.stream_max_bytes
-        self._rpc = aio.stub.ExecuteStream(request, timeout=timeout)
+        self._rpc = aio.stub.ExecuteStream(stream_request(p.call), timeout=timeout)
         self._ack_every = max(1, window // 2)
         self._unacked = 0
         self._ended = False
@@ -188,17 +163,13 @@ class AsyncClient:
                       timeout: float | None = None, idempotent: bool | None = None, request_id: str | None = None,
                       **attrs: Any) -> Result:
         client = self.client
-        transport = client._enter()  # the client's lifetime rules: refused once closed
-        try:
+        with client._in_use():  # the client's lifetime rules: refused once closed
             p = client.prepare(op, inputs, out, placement, idempotent, request_id, attrs)
             try:
                 res = await self._aio.execute(p, timeout if timeout is not None else self.timeout)
                 return client.complete(p, res)
             finally:
                 p.done()
-        finally:
-            del transport
-            client._leave()
 
     def stream(self, op: str, *inputs: Any, timeout: float | None = None, idempotent: bool | None = None,
                request_id: str | None = None, max_chunks: int = 0, max_bytes: int = 0, **attrs: Any) -> AsyncStream:

@@ -284,24 +284,17 @@ class Client:
         """The `Result` of a prepared call from its transport's answer (outputs decoded, zero copy)."""
         for obj, block in p.copy_back:
             _copy_back(obj, block)
-        op = p.call.op
         if p.call.output.placement == Placement.OUT:
             outputs = p.out_objs
             self._pending.add(res.leases)
-        elif not res.leases and _all_inline(res.outputs):
-            # The small call's path: values and inline tensors, nothing of the worker's to keep alive.
-            outputs = [self._decode_inline(v, p.want_torch) for v in res.outputs]
         else:
-            outputs = self._decode_outputs(op, res.outputs, list(res.leases), p.temp, p.in_place, p.want_torch)
+            outputs = self._decode_outputs(p.call.op, res.outputs, res.leases, p.temp, p.in_place, p.want_torch)
         return Result(outputs=outputs, timing=res.timing, device=res.device, leases=list(res.leases),
                       bytes_in=res.bytes_in, bytes_out=res.bytes_out, request_id=res.request_id)
 
     def decode_chunk(self, p: PreparedCall, chunk: Chunk) -> Any:
         """One chunk of a prepared streaming call as the caller gets it (one value, or a tuple)."""
-        if not chunk.leases and _all_inline(chunk.values):
-            outs = [self._decode_inline(v, p.want_torch) for v in chunk.values]
-        else:
-            outs = self._decode_outputs(p.call.op, chunk.values, list(chunk.leases), {}, {}, p.want_torch)
+        outs = self._decode_outputs(p.call.op, chunk.values, chunk.leases, {}, {}, p.want_torch)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def stream_ended(self, p: PreparedCall, res: CallResult | None, transport: Transport) -> Result | None:
@@ -362,9 +355,13 @@ class Client:
         return Stream(chunks, max_chunks or DEFAULT_STREAM_MAX_CHUNKS, lambda chunk: self.decode_chunk(p, chunk),
                       self._pending.take, finish, self._pending.add)
 
-    def _decode_outputs(self, op: str, values: list[Any], leases: list[str], temp: dict[str, Block],
+    def _decode_outputs(self, op: str, values: list[Any], leases: Sequence[str], temp: dict[str, Block],
                         in_place: dict[str, list[Any]], want_torch: bool) -> list[Any]:
-        group = LeaseGroup(self._pending, leases)
+        """The values of a call's answer or of one chunk, as the caller gets them (zero copy, leased)."""
+        if not leases and _all_inline(values):
+            # The small call's path: values and inline tensors, nothing of the worker's to keep alive.
+            return [self._decode_inline(v, want_torch) for v in values]
+        group = LeaseGroup(self._pending, list(leases))
         cache = LocalFirst(self.arena, temp, in_place, self._cache) if temp or in_place else self._cache
         try:
             return [self._decode_value(v, group, want_torch, cache) for v in values]

@@ -27,6 +27,24 @@ def channel_target(address: str) -> str:
     return f"unix:{address}"
 
 
+def channel_options(max_message_bytes: int | None) -> list[tuple[str, Any]]:
+    """The options of a channel to a worker, blocking or grpc.aio: no transparent retries (the
+    pool decides what is sent again), and `max_message_bytes` as both message limits when given."""
+    options: list[tuple[str, Any]] = [("grpc.enable_retries", 0)]
+    if max_message_bytes:
+        options += [("grpc.max_receive_message_length", max_message_bytes),
+                    ("grpc.max_send_message_length", max_message_bytes)]
+    return options
+
+
+def stream_request(call: Call) -> pb.ExecuteRequest:
+    """The ExecuteStream request of a streaming `Call` (its flow-control window included)."""
+    request = wire.call_to_request(call)
+    request.stream_max_chunks = call.stream_max_chunks
+    request.stream_max_bytes = call.stream_max_bytes
+    return request
+
+
 def rpc_failure(err: grpc.RpcError, op: str) -> SidecarError:
     """The structured error of a failed RPC, marked `call_started = False` when the request provably
     never reached the worker (no connection could be made)."""
@@ -58,7 +76,7 @@ class _GrpcTelemetryWatch(TelemetryWatch):
 class _GrpcChunkStream(ChunkStream):
     """ExecuteStream's messages as chunks; AckChunks sent without waiting for their answers."""
 
-    def __init__(self, stub: Any, request: pb.ExecuteRequest, timeout: float | None, acks: _AcksInFlight) -> None:
+    def __init__(self, stub: Any, request: pb.ExecuteRequest, timeout: float | None, acks: AcksInFlight) -> None:
         self._stub = stub
         self._op = request.op
         self._request_id, self._client_id = request.request_id, request.client_id
@@ -79,20 +97,21 @@ class _GrpcChunkStream(ChunkStream):
 
     def ack(self, chunks: int, release: list[str], requeue: Callable[[list[str]], None] | None = None) -> None:
         ack = pb.ChunkAck(request_id=self._request_id, client_id=self._client_id, chunks=chunks, release=release)
-        self._acks.send(self._stub.AckChunks.future(ack, timeout=_ACK_TIMEOUT_S), release, requeue)
+        self._acks.send(self._stub.AckChunks.future(ack, timeout=ACK_TIMEOUT_S), release, requeue)
 
     def cancel(self) -> None:
         self._call.cancel()
 
 
-_ACK_TIMEOUT_S = 30.0
+ACK_TIMEOUT_S = 30.0
 
 
-class _AcksInFlight:
-    """The AckChunks futures of a transport until they are done (the last ack of a stream is often
-    still on its way when the stream ends): an ack that failed (its deadline passed, the channel
-    closed) hands its piggybacked lease ids back (`requeue`), to go with the client's next message,
-    instead of leaving their memory held until the lease TTL."""
+class AcksInFlight:
+    """The AckChunks futures of a channel (grpc futures, or asyncio tasks on grpc.aio) until they are
+    done (the last ack of a stream is often still on its way when the stream ends): an ack that
+    failed (its deadline passed, the channel closed) hands its piggybacked lease ids back
+    (`requeue`), to go with the client's next message, instead of leaving their memory held until
+    the lease TTL."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -119,22 +138,14 @@ class GrpcTransport(Transport):
 
         self.address = address
         self._max_message_bytes = max_message_bytes
-        options: list[tuple[str, Any]] = [("grpc.enable_retries", 0)]
-        if max_message_bytes:
-            options += [("grpc.max_receive_message_length", max_message_bytes),
-                        ("grpc.max_send_message_length", max_message_bytes)]
-        self._channel = grpc.insecure_channel(channel_target(address), options=options)
+        self._channel = grpc.insecure_channel(channel_target(address), options=channel_options(max_message_bytes))
         # Stubs are built once: building one on a closed channel is what crashes grpcio.
         self._stub = pb_grpc.SidecarStub(self._channel)  # type: ignore[no-untyped-call]  # generated, no stub
         self._health_stub = health_pb2_grpc.HealthStub(self._channel)
-        self._acks = _AcksInFlight()
-
-    @staticmethod
-    def _request(call: Call) -> pb.ExecuteRequest:
-        return wire.call_to_request(call)
+        self._acks = AcksInFlight()
 
     def execute(self, call: Call, timeout: float | None = None) -> CallResult:
-        req = self._request(call)
+        req = wire.call_to_request(call)
         try:
             resp = self._stub.Execute(req, timeout=timeout)
         except grpc.RpcError as err:
@@ -142,7 +153,7 @@ class GrpcTransport(Transport):
         return wire.result_from_response(resp)
 
     def execute_cancellable(self, call: Call, timeout: float | None, scope: CancelScope) -> CallResult:
-        future = self._stub.Execute.future(self._request(call), timeout=timeout)
+        future = self._stub.Execute.future(wire.call_to_request(call), timeout=timeout)
         scope.attach(future.cancel)
         try:
             resp = future.result()
@@ -156,10 +167,7 @@ class GrpcTransport(Transport):
         return wire.result_from_response(resp)
 
     def stream(self, call: Call, timeout: float | None = None) -> ChunkStream:
-        req = self._request(call)
-        req.stream_max_chunks = call.stream_max_chunks
-        req.stream_max_bytes = call.stream_max_bytes
-        return _GrpcChunkStream(self._stub, req, timeout, self._acks)
+        return _GrpcChunkStream(self._stub, stream_request(call), timeout, self._acks)
 
     def list_ops(self, timeout: float | None = None) -> list[dict[str, Any]]:
         resp = self._unary(self._stub.ListOps, pb.ListOpsRequest(), "ListOps", timeout)

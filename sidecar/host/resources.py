@@ -164,7 +164,6 @@ class PoolResources:
                 first.message = f"worker pid {worker.pid}: {first.message}"
                 first.fields.setdefault("resource", name)
                 first.fields.setdefault("loader", recipe.loader)
-                raise first
             raise first
         infos = [dict(r, slot=_label(w)) for w, r in zip(workers, results, strict=True) if not isinstance(r, BaseException)]
         pool.events_bus.emit(events.resource_loaded(

@@ -104,10 +104,8 @@ class Session:
             return pool._scheduler.invoke_on(worker, method, op, inputs, timeout,
                                              dict(kwargs, session_id=self.id, session_ttl_s=self.ttl_s))
         except WorkerCrashed as crash:
-            if getattr(crash, "call_started", None) is False and self._serves(worker):
-                raise  # never reached a worker that is still fine
             if self._serves(worker):
-                raise  # unreachable for a moment, not dead: the state is still there
+                raise  # never reached it, or unreachable for a moment: not dead, the state is still there
             self._worker_died(worker, crash)  # raises SessionLost, unless restored
             raise  # restored: the call that was running when the worker died still failed
 
