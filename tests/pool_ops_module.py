@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import time
+from collections.abc import Iterator
 
 import sidecar
 
@@ -22,3 +23,11 @@ def crash_while(*, path: str) -> str:
     if os.path.exists(path):
         ctypes.memset(0, 1, 1)
     return "fine"
+
+
+@sidecar.op("stream_crash_while", min_inputs=0, max_inputs=0)
+def stream_crash_while(*, path: str) -> Iterator[str]:
+    """A streaming `crash_while`: segfaults before its first chunk while `path` exists."""
+    if os.path.exists(path):
+        ctypes.memset(0, 1, 1)
+    yield "fine"

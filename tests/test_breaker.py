@@ -213,3 +213,29 @@ def test_an_op_that_keeps_crashing_workers_is_refused_and_other_ops_run(tmp_path
         assert pool.op_breakers.state("crash_while") is BreakerState.CLOSED
         kinds = [(e.event, e.metadata.get("scope")) for e in events if e.event.startswith("breaker")]
         assert kinds == [("breaker_open", "op"), ("breaker_half_open", "op"), ("breaker_close", "op")], kinds
+
+
+def test_a_stream_that_probes_an_op_breaker_closes_it(tmp_path: Path) -> None:
+    """A stream is admitted by the op breaker like a call: when it is the half-open probe and ends
+    without crashing a worker, the breaker closes (it once stayed half-open for good)."""
+    bug = tmp_path / "bug"
+    bug.write_text("")
+    with Pool(2, ops=["tests.pool_ops_module"], device="cpu") as pool:
+        events = _events(pool)
+        for _ in range(5):  # the default threshold
+            assert pool.wait_ready(30)
+            with pytest.raises(Exception) as err:
+                list(pool.stream("stream_crash_while", path=str(bug), idempotent=False))
+            assert err.value.classification == "segfault"
+        with pytest.raises(CircuitOpen):
+            list(pool.stream("stream_crash_while", path=str(bug)))
+        bug.unlink()
+        breaker = pool.op_breakers.get("stream_crash_while")
+        assert breaker is not None
+        wait_until(lambda: breaker.retry_after() == 0, 30)
+        assert pool.wait_ready(30)
+        assert list(pool.stream("stream_crash_while", path=str(bug))) == ["fine"]
+        assert pool.op_breakers.state("stream_crash_while") is BreakerState.CLOSED
+        assert list(pool.stream("stream_crash_while", path=str(bug))) == ["fine"]  # admitted again
+        kinds = [(e.event, e.metadata.get("scope")) for e in events if e.event.startswith("breaker")]
+        assert kinds == [("breaker_open", "op"), ("breaker_half_open", "op"), ("breaker_close", "op")], kinds

@@ -19,6 +19,8 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from sidecar.errors import Cancelled, CircuitOpen, OpFailed, SidecarError, WorkerCrashed, WorkerUnreachable
@@ -34,6 +36,11 @@ from sidecar.host.supervisor import Supervisor, Worker
 log = logging.getLogger(__name__)
 
 __all__ = ["CallScheduler", "PoolClosed", "PoisonCall"]
+
+
+@dataclass
+class _ProbeOutcome:
+    crashed_nothing: bool = False  # for a probe: the call/stream ended without crashing any worker
 
 
 class PoolClosed(Cancelled):
@@ -87,17 +94,11 @@ class CallScheduler:
         """`Client.<method>(op, *inputs, **kwargs)` on a pool worker, with retries (see module doc)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         retryable = self.is_idempotent(op) if idempotent is None else bool(idempotent)
-        admission = self._policy.op_breakers.admit(op)
-        if admission is Admission.REFUSE:
-            raise self._op_circuit_open_error(op)
-        if admission is Admission.PROBE:
-            self._bus.emit(events.breaker_half_open("op", op))
         excluded: set[int] = set()
         work_crashes: list[tuple[WorkerCrashed, ExitInfo]] = []  # attempts that crashed their worker
         first_crash: int | None = None  # the attempt that first crashed its worker
-        crashed_nothing = False  # for a probe: the call ended without crashing any worker
         attempt = 0
-        try:
+        with self._admitted(op) as outcome:
             while True:
                 attempt += 1
                 worker, token = self.acquire(op, deadline, excluded)
@@ -107,7 +108,7 @@ class CallScheduler:
                 except Exception as exc:
                     found = self._failed_attempt(exc, worker, token, op, work_crashes)
                     if found is None:  # the worker answered (an op error), or the call's own timeout
-                        crashed_nothing = True
+                        outcome.crashed_nothing = True
                         raise
                     crash, info = found
                     if info is not None and info.blames_work:
@@ -126,11 +127,24 @@ class CallScheduler:
                         time.sleep(delay)
                     continue
                 self.release(worker, token, ok=True)
-                crashed_nothing = not work_crashes
+                outcome.crashed_nothing = not work_crashes
                 return out
+
+    @contextmanager
+    def _admitted(self, op: str) -> Iterator[_ProbeOutcome]:
+        """The op breaker's admission of one call or stream: refused while open (CircuitOpen); when it
+        is the half-open probe, its outcome (set `crashed_nothing`) closes or reopens the breaker."""
+        admission = self._policy.op_breakers.admit(op)
+        if admission is Admission.REFUSE:
+            raise self._op_circuit_open_error(op)
+        if admission is Admission.PROBE:
+            self._bus.emit(events.breaker_half_open("op", op))
+        outcome = _ProbeOutcome()
+        try:
+            yield outcome
         finally:
             if admission is Admission.PROBE and \
-                    self._policy.op_breakers.probe_done(op, crashed_nothing) is BreakerState.CLOSED:
+                    self._policy.op_breakers.probe_done(op, outcome.crashed_nothing) is BreakerState.CLOSED:
                 log.info("pool %s: circuit breaker of op %r closed", self.settings.run_id, op)
                 self._bus.emit(events.breaker_close("op", op))
 
@@ -180,39 +194,41 @@ class CallScheduler:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         retryable = self.is_idempotent(op) if idempotent is None else bool(idempotent)
-        if self._policy.op_breakers.admit(op) is Admission.REFUSE:
-            raise self._op_circuit_open_error(op)
         excluded: set[int] = set()
         work_crashes: list[tuple[WorkerCrashed, ExitInfo]] = []  # a stream that crashes two is poison
         attempt = 0
-        while True:
-            attempt += 1
-            worker, token = self.acquire(op, deadline, excluded)
-            left = None if deadline is None else max(0.001, deadline - time.monotonic())
-            delivered = 0
-            chunks: Any = None
-            try:
-                chunks = worker.client.stream(op, *inputs, timeout=left, idempotent=retryable, **kwargs)
-                for value in chunks:
-                    delivered += 1
-                    yield value
-            except GeneratorExit:  # the consumer stopped early: cancel on the worker
-                if chunks is not None:
-                    chunks.close()
-                self.release(worker, token, ok=True)
-                raise
-            except Exception as exc:
-                found = self._failed_attempt(exc, worker, token, op, work_crashes)
-                if found is None:
+        with self._admitted(op) as outcome:
+            while True:
+                attempt += 1
+                worker, token = self.acquire(op, deadline, excluded)
+                left = None if deadline is None else max(0.001, deadline - time.monotonic())
+                delivered = 0
+                chunks: Any = None
+                try:
+                    chunks = worker.client.stream(op, *inputs, timeout=left, idempotent=retryable, **kwargs)
+                    for value in chunks:
+                        delivered += 1
+                        yield value
+                except GeneratorExit:  # the consumer stopped early: cancel on the worker
+                    if chunks is not None:
+                        chunks.close()
+                    self.release(worker, token, ok=True)
+                    outcome.crashed_nothing = not work_crashes
                     raise
-                crash, _info = found
-                if delivered or not self._may_resend(crash, retryable, attempt):
-                    raise crash from (None if crash is exc else exc)
-                self._bus.emit(events.retry(op, attempt + 1, worker.pid, crash.fields.get("classification"), 0.0))
-                excluded.add(worker.pid)
-                continue
-            self.release(worker, token, ok=True)
-            return
+                except Exception as exc:
+                    found = self._failed_attempt(exc, worker, token, op, work_crashes)
+                    if found is None:  # the worker answered (an op error), or the stream's own timeout
+                        outcome.crashed_nothing = True
+                        raise
+                    crash, _info = found
+                    if delivered or not self._may_resend(crash, retryable, attempt):
+                        raise crash from (None if crash is exc else exc)
+                    self._bus.emit(events.retry(op, attempt + 1, worker.pid, crash.fields.get("classification"), 0.0))
+                    excluded.add(worker.pid)
+                    continue
+                self.release(worker, token, ok=True)
+                outcome.crashed_nothing = not work_crashes
+                return
 
     def _failed_attempt(self, exc: Exception, worker: Worker, token: int, op: str,
                         work_crashes: list[tuple[WorkerCrashed, ExitInfo]]) -> tuple[WorkerCrashed, ExitInfo | None] | None:
