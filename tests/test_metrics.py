@@ -142,6 +142,52 @@ def test_two_pools_in_one_process_have_separate_registries() -> None:
         assert value(scrape(addr2), "sidecar_calls", "sidecar_calls_total", op="add", outcome="ok") == 1
 
 
+def test_calls_from_many_threads_are_counted_exactly_and_the_queue_stays_bounded() -> None:
+    """The call hook only queues a record; counting happens in bulk (`flush`). Whoever reads the
+    figures (a scrape, the registry used directly, the recent-calls API) sees every call made
+    before the read, whatever thread made it, and a pool nobody reads keeps no more than FLUSH_AT
+    records waiting."""
+    from prometheus_client import generate_latest
+
+    from sidecar.observe.pool_observer import FLUSH_AT
+
+    a = np.ones(4, np.float32)
+    threads, per = 4, (FLUSH_AT // 4) + 50  # more than FLUSH_AT calls in all
+    with Pool(2) as pool:
+        observer = pool.observer
+        observer.stop_profiling()  # no sampler round to flush on its own: the callers must
+        errors: list[BaseException] = []
+
+        def caller() -> None:
+            try:
+                for _ in range(per):
+                    pool.call("add", a, a)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        workers = [threading.Thread(target=caller) for _ in range(threads)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join(120)
+        assert not errors and not any(t.is_alive() for t in workers)
+        assert len(observer._pending) < FLUSH_AT  # the callers flushed once it filled
+        with pytest.raises(ShapeMismatch):
+            pool.call("add", a, np.ones(3, np.float32))
+        text = generate_latest(observer.registry).decode()  # the registry read directly, no HTTP
+        m = {f.name: f for f in text_string_to_metric_families(text)}
+        assert value(m, "sidecar_calls", "sidecar_calls_total", op="add", outcome="ok") == threads * per
+        assert value(m, "sidecar_calls", "sidecar_calls_total", op="add", outcome="SHAPE_MISMATCH") == 1
+        assert value(m, "sidecar_call_duration_seconds", "sidecar_call_duration_seconds_count",
+                     op="add") == threads * per + 1
+        assert not observer._pending
+        recent = observer.calls_json()
+        assert recent["last"] == threads * per + 1
+        assert recent["calls"][-1]["outcome"] == "SHAPE_MISMATCH"
+        seqs = [c["seq"] for c in recent["calls"]]
+        assert seqs == sorted(seqs) and len(seqs) == len(set(seqs))
+
+
 def _metrics_address(w: Any) -> str:
     found: list[str] = []
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from bisect import bisect_left
 from itertools import accumulate
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -71,8 +71,10 @@ class CallMetrics(Collector):
     bisections (~1 us); the figures become metric families only when Prometheus scrapes.
     """
 
-    def __init__(self, registry: CollectorRegistry, total_help: str) -> None:
+    def __init__(self, registry: CollectorRegistry, total_help: str,
+                 before_collect: Callable[[], None] | None = None) -> None:
         self._total_help = total_help
+        self._before_collect = before_collect  # folds in what the owner recorded but has not counted yet
         self._lock = threading.Lock()
         self._ops: dict[str, _OpStats] = {}
         registry.register(self)
@@ -111,6 +113,8 @@ class CallMetrics(Collector):
             st.bytes_out += bytes_out
 
     def collect(self) -> Iterator[Any]:
+        if self._before_collect is not None:
+            self._before_collect()
         with self._lock:
             ops = sorted(self._ops.items())
         calls = CounterMetricFamily("sidecar_calls", "Calls by op and outcome (ok, or the error kind)",

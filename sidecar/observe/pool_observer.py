@@ -15,6 +15,7 @@ counters count from then on. `close()` (called by `pool.close()`) stops the HTTP
 """
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -29,7 +30,7 @@ from sidecar.host.crash import summarize_tail
 from sidecar.observe.gpu import NvmlGpus
 from sidecar.observe.history import CPU, MemoryHistory, MemoryProfile, MemorySeries
 from sidecar.observe.journal import Journal
-from sidecar.observe.metrics import CallMetrics, LabelledCounter, gauge, outcome_of, render
+from sidecar.observe.metrics import OK, CallMetrics, LabelledCounter, gauge, outcome_of, render
 from sidecar.observe.server import ObservabilityServer, Response, json_response, static_file
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 __all__ = ["PoolObserver"]
 
 RECENT_CALLS = 500
+FLUSH_AT = 1024  # recorded calls a caller lets wait before it folds them in itself
 TIMELINE_EVENTS = 1000
 _ONE_SAMPLE_S = 3600.0  # a sampling round's watch: the first sample comes at once, the next never
 
@@ -60,7 +62,8 @@ class PoolObserver:
         self._closed = False
         self.registry = CollectorRegistry(auto_describe=False)
         self.calls = CallMetrics(self.registry, "Round trip of a pool call as the caller sees it: waiting for "
-                                                "a worker, retries and the worker's own time included")
+                                                "a worker, retries and the worker's own time included",
+                                 before_collect=self.flush)
         r = self.registry
         self.crashes = LabelledCounter(r, "sidecar_worker_crashes", "Unexpected worker exits (and failed starts), "
                                        "by classification and phase", ["classification", "phase"])
@@ -73,6 +76,9 @@ class PoolObserver:
         self.memory_events = LabelledCounter(r, "sidecar_memory_events", "Memory profiler signals "
                                              "(memory_threshold, memory_growth), by device", ["event", "device"])
         self.recent_calls = Journal(RECENT_CALLS)
+        # Calls recorded but not yet counted (see `_record`); deque appends and poplefts are atomic.
+        self._pending: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._flush_lock = threading.Lock()
         self.timeline = Journal(TIMELINE_EVENTS)
         self.gpus = NvmlGpus()
         self.history: MemoryHistory | None = None
@@ -103,21 +109,37 @@ class PoolObserver:
         return out
 
     def _record(self, op: str, seconds: float, result: Result | None, error: BaseException | None) -> None:
-        """On the caller's thread: counters and one tuple in the ring (formatted when read)."""
-        outcome = outcome_of(error)
+        """On the caller's thread: one tuple queued, nothing else. Counting it (histogram buckets, the
+        ring) right after an RPC costs ~8 us of cold caches per call, 1 % of the cheapest round trip;
+        `flush` does it for many at once, when metrics are read, each profiler interval, or here
+        once FLUSH_AT calls wait."""
         if result is not None:
-            t = result.timing
-            self.calls.observe(op, outcome, seconds, t.queue_ns / 1e9, t.compute_ns / 1e9,
-                               result.bytes_in, result.bytes_out)
-            self.recent_calls.append((time.time_ns(), op, outcome, seconds, t, result.bytes_in, result.bytes_out,
-                                      result.device, result.request_id, None))
+            entry: tuple[Any, ...] = (time.time_ns(), op, OK, seconds, result.timing, result.bytes_in,
+                                      result.bytes_out, result.device, result.request_id, None)
         else:
-            self.calls.observe(op, outcome, seconds)
             # Not the exception itself: its traceback would keep the caller's frames (inputs) alive.
             fields = getattr(error, "fields", None) or {}
             failure = {"message": str(error).split("\n")[0][:300],
                        **{k: fields[k] for k in ("classification", "pid", "request_id") if k in fields}}
-            self.recent_calls.append((time.time_ns(), op, outcome, seconds, None, None, None, None, None, failure))
+            entry = (time.time_ns(), op, outcome_of(error), seconds, None, None, None, None, None, failure)
+        pending = self._pending
+        pending.append(entry)
+        if len(pending) >= FLUSH_AT:
+            self.flush()
+
+    def flush(self) -> None:
+        """Counts the calls recorded so far into the metrics and the recent-calls ring (every reader
+        of either calls it first, so what they show is exact)."""
+        pending, observe, ring = self._pending, self.calls.observe, self.recent_calls
+        with self._flush_lock:  # one flusher at a time keeps the ring in call order
+            while pending:
+                entry = pending.popleft()
+                _, op, outcome, seconds, t, bytes_in, bytes_out = entry[:7]
+                if t is not None:
+                    observe(op, outcome, seconds, t.queue_ns / 1e9, t.compute_ns / 1e9, bytes_in, bytes_out)
+                else:
+                    observe(op, outcome, seconds)
+                ring.append(entry)
 
     @staticmethod
     def _call_dict(seq: int, entry: tuple[Any, ...]) -> dict[str, Any]:
@@ -133,6 +155,7 @@ class PoolObserver:
         return out
 
     def calls_json(self, since: int = 0, limit: int | None = None) -> dict[str, Any]:
+        self.flush()
         return {"calls": [self._call_dict(seq, e) for seq, e in self.recent_calls.since(since, limit)],
                 "last": self.recent_calls.last}
 
@@ -215,6 +238,7 @@ class PoolObserver:
         interval = history.profile.interval_s
         while True:
             started = time.monotonic()
+            self.flush()  # off the callers' threads, while they wait on their workers
             try:
                 self._sample_round(history, stop, timeout=max(1.0, interval))
             except Exception:  # noqa: BLE001 - the pool closing under us, a worker going away
@@ -272,6 +296,7 @@ class PoolObserver:
         }
 
     def status_json(self) -> dict[str, Any]:
+        self.flush()
         pool = self._pool
         latest = self.history.latest() if self.history is not None else {}
         workers = []
