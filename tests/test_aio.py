@@ -13,6 +13,7 @@ import pytest
 
 from sidecar.errors import Cancelled, OpFailed, WorkerCrashed
 from sidecar.host import Client
+from sidecar.host.client import ClientClosed
 from sidecar.host.aio import AsyncClient, AsyncPool
 from tests import test_streams
 from tests.workers import WorkerProcess, wait_until
@@ -60,6 +61,49 @@ def test_leaving_an_async_stream_early_closes_the_generator(worker: WorkerProces
                         break
         asyncio.run(main())
         wait_until(lambda: probe.call("stream_stats")["closed"] == before + 1)
+    wait_until(lambda: idle_and_leaseless(worker.address, run))
+
+
+def test_a_cancelled_stream_hands_its_leases_back_without_blocking_the_loop(worker: WorkerProcess, run: str) -> None:
+    """The consumed chunks' leases of a stream left early go back on grpc.aio (never a blocking RPC
+    on the event loop's thread); a stream dropped unfinished is cancelled and no longer holds the
+    client in use; a closed client refuses new streams and calls."""
+    blocking_on_loop: list[list[str]] = []
+
+    async def main() -> None:
+        client = AsyncClient(worker.address, run_id=run)
+        transport = client.client.transport
+        blocking_release = transport.release
+
+        def release(ids: list[str], timeout: float | None = None) -> tuple[int, list[str]]:
+            try:
+                asyncio.get_running_loop()
+                blocking_on_loop.append(ids)  # a blocking RPC from the loop's own thread
+            except RuntimeError:
+                pass
+            return blocking_release(ids, timeout)
+        transport.release = release  # type: ignore[method-assign]
+
+        async with client.stream("count_up", n=100_000, nbytes=100_000) as chunks:
+            async for i, arr in chunks:  # 100 kB chunks: shared memory, each under a lease
+                assert arr.nbytes == 100_000
+                if i == 20:
+                    break
+        del arr
+        gc.collect()
+        dropped = client.stream("count_up", n=100_000, nbytes=100_000)
+        assert (await dropped.__anext__())[0] == 0
+        del dropped
+        gc.collect()
+        assert client.client._active == 0  # the dropped stream let go of the client
+        await client.close()
+        with pytest.raises(ClientClosed):
+            client.stream("count_up", n=3)
+        with pytest.raises(ClientClosed):
+            await client.call("add", np.ones(2), 1.0)
+
+    asyncio.run(main())
+    assert blocking_on_loop == []
     wait_until(lambda: idle_and_leaseless(worker.address, run))
 
 

@@ -1,5 +1,5 @@
 """`@sidecar.op` keeps a user's function's signature for the type checker (mypy run on a user file in
-a subprocess, as a user's CI would), both forms of it serve ops, and the C modules' stubs match them."""
+a subprocess, as a user's CI would), both forms of it serve ops, and a stub that disagrees with a C module is caught."""
 from __future__ import annotations
 
 import inspect
@@ -120,10 +120,8 @@ def run_stubtest(*modules: str, stubs: Path | None = None) -> subprocess.Complet
                           cwd=ROOT, capture_output=True, text=True, timeout=600, check=False, env=env)
 
 
-def test_the_c_modules_stubs_match_the_built_modules() -> None:
-    out = run_stubtest("sidecar._native", "sidecar._cudaipc")
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "Success: no issues found in 2 modules" in out.stdout
+# That the stubs match the built modules is checked by scripts/test.sh itself (`mypy.stubtest`,
+# before pytest runs: a mismatch fails the test command); here, that such a check catches one.
 
 
 def test_the_c_functions_carry_their_signatures() -> None:

@@ -68,7 +68,24 @@ class _AioChannel:
             request_id=request_id, client_id=client_id, chunks=chunks, release=release), timeout=ACK_TIMEOUT_S)),
             release, requeue)
 
+    def release(self, lease_ids: list[str], requeue: Callable[[list[str]], None]) -> None:
+        """Sends a Release without waiting for it (on the event loop, never a blocking RPC); a
+        Release that fails hands its ids back to `requeue`, and so does one with no loop to run on
+        (a stream collected after its loop ended): they go with the client's next message."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            requeue(lease_ids)
+            return
+        self.acks.send(asyncio.ensure_future(self.stub.Release(pb.ReleaseRequest(leases=lease_ids),
+                                                               timeout=ACK_TIMEOUT_S)), lease_ids, requeue)
+
     async def close(self) -> None:
+        """Lets the acks and releases on their way finish (closing the channel would cancel them, and
+        their leases would stay held until their TTL), then closes it."""
+        pending = self.acks.pending()
+        if pending:
+            await asyncio.wait(pending, timeout=ACK_TIMEOUT_S)
         await self.channel.close()
 
 
@@ -77,8 +94,9 @@ class AsyncStream(AsyncIterator[Any]):
     leaving `async with`) cancels it. `delivered` counts chunks; `result` is the final `Result`."""
 
     def __init__(self, client: Client, aio: _AioChannel, p: PreparedCall, timeout: float | None,
-                 window: int) -> None:
+                 window: int, on_end: Callable[[], None] | None = None) -> None:
         self._client, self._aio, self._p = client, aio, p
+        self._on_end = on_end
         self._rpc = aio.stub.ExecuteStream(stream_request(p.call), timeout=timeout)
         self._ack_every = max(1, window // 2)
         self._unacked = 0
@@ -129,13 +147,28 @@ class AsyncStream(AsyncIterator[Any]):
         if self._ended:
             return
         self._ended = True
-        self.result = self._client.stream_ended(self._p, None if cancelled else res, self._client.transport)
+        client = self._client
+        try:
+            self.result = client.stream_ended(self._p, None if cancelled else res,
+                                              lambda ids: self._aio.release(ids, client.requeue_releases))
+        finally:
+            if self._on_end is not None:
+                self._on_end()
 
     async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+    def __del__(self) -> None:
+        """A stream dropped unfinished is cancelled, and the client no longer counts it in use."""
+        if not getattr(self, "_ended", True):
+            try:
+                self._rpc.cancel()
+            except Exception:  # noqa: BLE001 - its channel or loop may be gone already
+                pass
+            self._end(None, cancelled=True)
 
 
 class AsyncClient:
@@ -173,11 +206,22 @@ class AsyncClient:
 
     def stream(self, op: str, *inputs: Any, timeout: float | None = None, idempotent: bool | None = None,
                request_id: str | None = None, max_chunks: int = 0, max_bytes: int = 0, **attrs: Any) -> AsyncStream:
-        """`async for chunk in client.stream(op, ...)`: as `Client.stream`, on grpc.aio."""
-        p = self.client.prepare(op, inputs, None, "auto", idempotent, request_id, attrs,
-                                stream_window=(max_chunks, max_bytes))
-        return AsyncStream(self.client, self._aio, p, timeout if timeout is not None else self.timeout,
-                           max_chunks or DEFAULT_STREAM_MAX_CHUNKS)
+        """`async for chunk in client.stream(op, ...)`: as `Client.stream`, on grpc.aio. Refused with
+        ClientClosed once the client is closed; the client counts the stream in use until it ends."""
+        client = self.client
+        client._enter()
+        try:
+            p = client.prepare(op, inputs, None, "auto", idempotent, request_id, attrs,
+                               stream_window=(max_chunks, max_bytes))
+            try:
+                return AsyncStream(client, self._aio, p, timeout if timeout is not None else self.timeout,
+                                   max_chunks or DEFAULT_STREAM_MAX_CHUNKS, on_end=client._leave)
+            except BaseException:
+                p.done()
+                raise
+        except BaseException:
+            client._leave()
+            raise
 
     async def list_ops(self) -> list[dict[str, Any]]:
         try:

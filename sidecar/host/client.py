@@ -31,7 +31,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -297,20 +297,25 @@ class Client:
         outs = self._decode_outputs(p.call.op, chunk.values, chunk.leases, {}, {}, p.want_torch)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
-    def stream_ended(self, p: PreparedCall, res: CallResult | None, transport: Transport) -> Result | None:
-        """A prepared stream is over (`res` None: cancelled): the inputs are freed, and after a
-        cancel the leases of consumed chunks are handed back now. Returns the final `Result`."""
+    def stream_ended(self, p: PreparedCall, res: CallResult | None,
+                     release: Callable[[list[str]], None]) -> Result | None:
+        """A prepared stream is over (`res` None: cancelled or failed): the inputs are freed, and the
+        leases of consumed chunks are handed to `release` now (it requeues what it cannot send).
+        Returns the final `Result`."""
         p.done()
         if res is None and self._pending:
-            ids = self._pending.take()
-            try:
-                transport.release(ids, self.timeout)
-            except SidecarError:
-                self._pending.add(ids)
+            release(self._pending.take())
         if res is None:
             return None
         return Result(outputs=[], timing=res.timing, device=res.device, bytes_in=res.bytes_in,
                       bytes_out=res.bytes_out, request_id=res.request_id)
+
+    def release_now(self, transport: Transport, ids: list[str]) -> None:
+        """Releases `ids` with a blocking RPC; they are requeued (for the next message) if it fails."""
+        try:
+            transport.release(ids, self.timeout)
+        except SidecarError:
+            self._pending.add(ids)
 
     def take_releases(self) -> list[str]:
         """The lease ids queued for release (collected outputs), to piggyback on a message
@@ -348,7 +353,7 @@ class Client:
 
         def finish(res: CallResult | None) -> Result | None:
             try:
-                return self.stream_ended(p, res, transport)
+                return self.stream_ended(p, res, lambda ids: self.release_now(transport, ids))
             finally:
                 self._leave()
 

@@ -128,6 +128,11 @@ class AcksInFlight:
                 requeue(release)
         future.add_done_callback(done)
 
+    def pending(self) -> list[Any]:
+        """The futures still on their way (a channel about to close lets them finish first)."""
+        with self._lock:
+            return list(self._futures)
+
 
 class GrpcTransport(Transport):
     """`address` is what the worker printed (`unix:/path` or `host:port`). `max_message_bytes` raises
