@@ -9,8 +9,12 @@ One worker (`python -m sidecar serve`, unix socket) serves every case, side by s
   echo/health         a grpc.health Check through the same Client and worker: the channel, the
                       worker's server and its threads, but a trivial servicer; tiny-identity minus
                       this is what the Execute path itself costs (codecs, core, dispatcher)
-  echo/tiny-identity  identity of a 16-byte tensor sent inline through `Client.call`: the small
-                      call; the table gives it as a multiple of the bare echo (target 1.2x)
+  echo/execute-raw    the tiny identity's ExecuteRequest encoded once, sent as bytes on a bare
+                      channel to the worker's Execute: the worker's whole share of the small call
+                      (tiny-identity minus this is the host's: Client, codecs, data plane)
+  echo/tiny-identity  identity of a 16-byte tensor sent inline through `Client.call` (a Client
+                      with the defaults: no deadline, as the bare echo has none): the small call;
+                      the table gives it as a multiple of the bare echo (target 1.2x)
   zero-copy/alias     identity of a tensor already in the host arena: the worker views the host's
                       segment and answers with a descriptor of the same memory (no byte copied)
   zero-copy/out       same input, output written by the worker into a caller `out` ref in the
@@ -106,6 +110,21 @@ def start_bare_echo(threads: int) -> tuple[subprocess.Popen[str], Callable[[byte
     return proc, channel.unary_unary("/bench.Echo/Echo")
 
 
+def raw_execute_of(address: str, client: Client, tiny: np.ndarray) -> Callable[[], bytes]:
+    """A callable that sends the identity of `tiny` to the worker as pre-encoded request bytes on a
+    bare channel (the same request `client` would send: its ids, inline input)."""
+    import grpc
+
+    from sidecar.host.grpc_transport import channel_target
+    from sidecar.protocol import grpc_codec
+
+    prepared = client.prepare("identity", (tiny,))
+    request = grpc_codec.call_to_request(prepared.call).SerializeToString()
+    prepared.done()
+    execute = grpc.insecure_channel(channel_target(address)).unary_unary("/sidecar.v1.Sidecar/Execute")
+    return lambda: execute(request)  # type: ignore[no-any-return]
+
+
 def summary(name: str, size: int, samples: list[float]) -> dict[str, Any]:
     s = sorted(samples)
     return {"case": name, "bytes": size, "n": len(s), "median_s": statistics.median(s),
@@ -127,19 +146,24 @@ def run(sizes_mb: list[float], quick: bool, device: str, telemetry_only: bool = 
         tiny = np.arange(4, dtype=np.float32)
         # The bare echo carries a message of the size of the identity's request and response
         # (~90 bytes each way).
+        plain = Client(address)  # the defaults: no deadline
         echo_proc, echo = start_bare_echo(threads=8)
         try:
             request = bytes(range(90))
             assert echo(request) == request
+            raw_execute = raw_execute_of(address, plain, tiny)
             small = interleaved({"echo/bare-grpc": lambda: echo(request),
-                                 "echo/tiny-identity": lambda: c.call("identity", tiny),
-                                 "echo/health": lambda: c.health(timeout=120),
+                                 "echo/execute-raw": raw_execute,
+                                 "echo/tiny-identity": lambda: plain.call("identity", tiny),
+                                 "echo/health": plain.health,
                                  "echo/ListOps": c.list_ops}, reps_small)
         finally:
             assert echo_proc.stdin is not None
             echo_proc.stdin.close()
             echo_proc.wait(30)
+            plain.close()
         results.append(summary("echo/bare-grpc", len(request), small["echo/bare-grpc"]))
+        results.append(summary("echo/execute-raw", tiny.nbytes, small["echo/execute-raw"]))
         results.append(summary("echo/health", 0, small["echo/health"]))
         results.append(summary("echo/ListOps", 0, small["echo/ListOps"]))
         results.append(summary("echo/tiny-identity", tiny.nbytes, small["echo/tiny-identity"]))
