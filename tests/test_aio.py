@@ -157,3 +157,45 @@ def test_async_pool_calls_streams_and_a_crash_mid_stream() -> None:
             assert await pool.wait_ready(60)
             assert (await pool.call("add", np.ones(1), 1.0)).tolist() == [2.0]
     asyncio.run(main())
+
+
+def test_async_pool_calls_are_admitted_by_the_op_breaker_and_recorded_by_metrics(tmp_path: Any) -> None:
+    """An op that keeps crashing workers is refused to awaited calls and streams too (CircuitOpen, no
+    worker asked), and the asyncio host's calls and streams show in the pool's metrics."""
+    from sidecar.errors import CircuitOpen
+
+    bug = tmp_path / "bug"
+    bug.write_text("")
+
+    async def main() -> dict[str, Any]:
+        async with AsyncPool(2, device="cpu", ops=["tests.pool_ops_module", "tests.stream_ops_module",
+                                                   "tests.slow_ops_module"]) as pool:
+            pool.pool.observer.stop_profiling()  # metrics on; no memory sampling needed here
+            assert await pool.wait_ready(60)
+            assert (await pool.call("add", np.ones(2), 1.0)).tolist() == [2.0, 2.0]
+            assert [x async for x in pool.stream("count_up", n=3)] == [0, 1, 2]
+            for _ in range(5):  # the default threshold: 5 crashes within 30 s
+                assert await pool.wait_ready(60)
+                with pytest.raises(WorkerCrashed):
+                    await pool.call("crash_while", path=str(bug), idempotent=False)
+            asked = sum(r.calls + r.inflight for r in pool.pool.status())
+            with pytest.raises(CircuitOpen):
+                await pool.call("crash_while", path=str(bug))
+            with pytest.raises(CircuitOpen):
+                async for _ in pool.stream("crash_while", path=str(bug)):
+                    pass
+            assert sum(r.calls + r.inflight for r in pool.pool.status()) == asked  # no worker was asked
+            task = asyncio.ensure_future(pool.call("slow", np.ones(2), seconds=60))
+            wait = asyncio.ensure_future(pool.wait_ready(60))
+            await wait
+            while not any(r.inflight for r in pool.pool.status()):
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return {(c["op"], c["outcome"]): c for c in pool.pool.observer.calls_json()["calls"]}
+
+    calls = asyncio.run(main())
+    assert set(calls) == {("add", "ok"), ("count_up", "ok"), ("crash_while", "WORKER_CRASHED"),
+                          ("crash_while", "CIRCUIT_OPEN"), ("slow", "CANCELLED")}
+    assert "compute_ms" in calls[("add", "ok")] and "compute_ms" in calls[("count_up", "ok")]

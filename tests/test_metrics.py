@@ -188,6 +188,36 @@ def test_calls_from_many_threads_are_counted_exactly_and_the_queue_stays_bounded
         assert seqs == sorted(seqs) and len(seqs) == len(set(seqs))
 
 
+def test_pool_streams_are_counted_when_they_end() -> None:
+    """A stream is one call of its op: counted when it ends, by outcome (a stream its consumer closed
+    early counts as ok), with its round trip; the worker's split and bytes when it ran to its end."""
+    from sidecar.errors import OpFailed
+
+    with Pool(1, ops=["tests.stream_ops_module"]) as pool:
+        address = pool.serve_metrics("127.0.0.1:0")
+        chunks = list(pool.stream("count_up", n=5, nbytes=64))
+        assert [i for i, _ in chunks] == list(range(5)) and all(arr.nbytes == 64 for _, arr in chunks)
+        del chunks
+        with pool.stream("count_up", n=1000) as early:
+            assert next(early) == 0  # then closed by leaving `with`
+        got = []
+        with pytest.raises(OpFailed, match="tick 2 failed"):
+            for x in pool.stream("ticks", n=10, fail_at=2):
+                got.append(x)
+        assert got == [0, 1]
+        m = scrape(address)
+        assert value(m, "sidecar_calls", "sidecar_calls_total", op="count_up", outcome="ok") == 2
+        assert value(m, "sidecar_calls", "sidecar_calls_total", op="ticks", outcome="OP_FAILED") == 1
+        assert buckets(m, "sidecar_call_duration_seconds", op="count_up")[-1] == (float("inf"), 2)
+        # the worker's split and the bytes: only the stream that ran to its final message has them
+        assert buckets(m, "sidecar_call_compute_seconds", op="count_up")[-1] == (float("inf"), 1)
+        assert value(m, "sidecar_call_bytes", "sidecar_call_bytes_total", op="count_up", direction="out") >= 5 * 64
+        calls = pool.observer.calls_json()["calls"]
+        assert [(c["op"], c["outcome"]) for c in calls] == [("count_up", "ok"), ("count_up", "ok"),
+                                                            ("ticks", "OP_FAILED")]
+        assert "compute_ms" in calls[0] and "compute_ms" not in calls[1]
+
+
 def _metrics_address(w: Any) -> str:
     found: list[str] = []
 

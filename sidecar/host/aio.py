@@ -284,54 +284,87 @@ class AsyncPool:
     async def execute(self, op: str, *inputs: Any, idempotent: bool | None = None, timeout: float | None = None,
                       **kwargs: Any) -> Result:
         """`Pool.execute` on grpc.aio: the least busy worker, retries of idempotent calls after a
-        crash, the poison-call guard, `WorkerCrashed` / `CircuitOpen` / `PoolClosed`."""
+        crash, the poison-call guard, the op's breaker, `WorkerCrashed` / `CircuitOpen` /
+        `PoolClosed`; recorded by the pool's metrics when they are on."""
         sched = self.pool._scheduler
-        tries = _Attempts(sched.is_idempotent(op) if idempotent is None else bool(idempotent), timeout)
-        while True:
-            worker, token, left = await tries.next_worker(sched, op)
-            try:
-                result = await self._client(worker).execute(op, *inputs, timeout=left, idempotent=tries.retryable,
-                                                            **kwargs)
-            except asyncio.CancelledError:
-                sched.release(worker, token, ok=False, abandoned=True)
-                raise
-            except Exception as exc:  # noqa: BLE001 - classified: a crash, or raised as it is
-                crash = await self._crash_or_raise(exc, worker, token, op, tries.work_crashes)
-                if not self._may_retry(crash, tries, delivered=0):
-                    raise crash from None
-                tries.excluded.add(worker.pid)
-                continue
-            sched.release(worker, token, ok=True)
-            return result
+        started = time.perf_counter()
+        try:
+            with sched._admitted(op) as outcome:
+                tries = _Attempts(sched.is_idempotent(op) if idempotent is None else bool(idempotent), timeout)
+                while True:
+                    worker, token, left = await tries.next_worker(sched, op)
+                    try:
+                        result = await self._client(worker).execute(op, *inputs, timeout=left,
+                                                                    idempotent=tries.retryable, **kwargs)
+                    except asyncio.CancelledError:
+                        sched.release(worker, token, ok=False, abandoned=True)
+                        outcome.crashed_nothing = not tries.work_crashes
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - classified: a crash, or raised as it is
+                        crash = await self._crash_or_raise(exc, worker, token, op, tries, outcome)
+                        if not self._may_retry(crash, tries, delivered=0):
+                            raise crash from None
+                        tries.excluded.add(worker.pid)
+                        continue
+                    sched.release(worker, token, ok=True)
+                    outcome.crashed_nothing = not tries.work_crashes
+                    break
+        except BaseException as exc:
+            self._record(op, started, None, exc)
+            raise
+        self._record(op, started, result, None)
+        return result
 
     async def stream(self, op: str, *inputs: Any, idempotent: bool | None = None, timeout: float | None = None,
                      **kwargs: Any) -> AsyncIterator[Any]:
         """`async for chunk in pool.stream(op, ...)`: `Pool.stream` on grpc.aio (a crash after a
-        delivered chunk ends it with `WorkerCrashed`; before, an idempotent stream is retried)."""
+        delivered chunk ends it with `WorkerCrashed`; before, an idempotent stream is retried), under
+        the op's breaker; recorded by the pool's metrics when it ends (closed early: "ok")."""
         sched = self.pool._scheduler
-        tries = _Attempts(sched.is_idempotent(op) if idempotent is None else bool(idempotent), timeout)
-        while True:
-            worker, token, left = await tries.next_worker(sched, op)
-            chunks: AsyncStream | None = None
-            delivered = 0
-            try:
-                chunks = self._client(worker).stream(op, *inputs, timeout=left, idempotent=tries.retryable, **kwargs)
-                async for value in chunks:
-                    delivered += 1
-                    yield value
-            except (GeneratorExit, asyncio.CancelledError):  # the consumer stopped early
-                if chunks is not None:
-                    await chunks.aclose()
-                sched.release(worker, token, ok=True)
-                raise
-            except Exception as exc:  # noqa: BLE001 - classified: a crash, or raised as it is
-                crash = await self._crash_or_raise(exc, worker, token, op, tries.work_crashes)
-                if not self._may_retry(crash, tries, delivered):
-                    raise crash from None
-                tries.excluded.add(worker.pid)
-                continue
-            sched.release(worker, token, ok=True)
-            return
+        started = time.perf_counter()
+        final: Result | None = None
+        try:
+            with sched._admitted(op) as outcome:
+                tries = _Attempts(sched.is_idempotent(op) if idempotent is None else bool(idempotent), timeout)
+                while True:
+                    worker, token, left = await tries.next_worker(sched, op)
+                    chunks: AsyncStream | None = None
+                    delivered = 0
+                    try:
+                        chunks = self._client(worker).stream(op, *inputs, timeout=left, idempotent=tries.retryable,
+                                                             **kwargs)
+                        async for value in chunks:
+                            delivered += 1
+                            yield value
+                    except (GeneratorExit, asyncio.CancelledError):  # the consumer stopped early
+                        if chunks is not None:
+                            await chunks.aclose()
+                        sched.release(worker, token, ok=True)
+                        outcome.crashed_nothing = not tries.work_crashes
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - classified: a crash, or raised as it is
+                        crash = await self._crash_or_raise(exc, worker, token, op, tries, outcome)
+                        if not self._may_retry(crash, tries, delivered):
+                            raise crash from None
+                        tries.excluded.add(worker.pid)
+                        continue
+                    sched.release(worker, token, ok=True)
+                    outcome.crashed_nothing = not tries.work_crashes
+                    final = chunks.result
+                    break
+        except (GeneratorExit, asyncio.CancelledError):
+            self._record(op, started, None, None)
+            raise
+        except BaseException as exc:
+            self._record(op, started, None, exc)
+            raise
+        self._record(op, started, final, None)
+
+    def _record(self, op: str, started: float, result: Result | None, error: BaseException | None) -> None:
+        """Into the pool's metrics, when they are on (the blocking pool's call hook does the same)."""
+        record = self.pool._record_call
+        if record is not None:
+            record(op, time.perf_counter() - started, result, error)
 
     def _client(self, worker: Worker) -> AsyncClient:
         client = self._clients.get(worker.pid)
@@ -341,12 +374,14 @@ class AsyncPool:
             client = self._clients[worker.pid] = AsyncClient(client=worker.client)
         return client
 
-    async def _crash_or_raise(self, exc: Exception, worker: Worker, token: int, op: str,
-                              work_crashes: list[tuple[WorkerCrashed, ExitInfo]]) -> WorkerCrashed:
+    async def _crash_or_raise(self, exc: Exception, worker: Worker, token: int, op: str, tries: _Attempts,
+                              outcome: Any) -> WorkerCrashed:
         """The crash a failed attempt was (waiting for the worker's exit off the loop), or `exc`
-        raised when it was the worker's own answer or the call's timeout."""
-        found = await asyncio.to_thread(self.pool._scheduler._failed_attempt, exc, worker, token, op, work_crashes)
+        raised when it was the worker's own answer or the call's timeout (which crashed nothing)."""
+        found = await asyncio.to_thread(self.pool._scheduler._failed_attempt, exc, worker, token, op,
+                                        tries.work_crashes)
         if found is None:
+            outcome.crashed_nothing = True
             raise exc
         return found[0]
 

@@ -41,7 +41,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from sidecar.dataplane import reaper
 from sidecar.dataplane.arena import Arena
@@ -161,6 +161,8 @@ class Pool:
         self._telemetry: list[PoolTelemetry] = []
         self._observer: Any = None       # sidecar.observe.PoolObserver, made on first use
         self._call_observer: Any = None  # its call hook (None: calls are not timed or recorded)
+        self._stream_observer: Any = None  # and its stream hook
+        self._record_call: Any = None  # and what records a call the asyncio host timed
         self._futures = FutureRunner(name="sidecar-pool-future")  # pool.submit's threads
 
         reaper.reap_dead_owners()  # runs of hosts that died without closing their pools
@@ -409,7 +411,11 @@ class Pool:
         worker only if idempotent and nothing was delivered yet. `close()` (or leaving `with`)
         cancels it on the worker."""
         self._check_process()
-        return PoolStream(self._scheduler.stream(op, inputs, idempotent, timeout, kwargs))
+        chunks: Iterator[Any] = self._scheduler.stream(op, inputs, idempotent, timeout, kwargs)
+        hook = self._stream_observer
+        if hook is not None:  # metrics are on: the observer times and records the stream when it ends
+            chunks = hook(op, chunks)
+        return PoolStream(chunks)
 
     def submit(self, op: str, *inputs: Any, idempotent: bool | None = None, timeout: float | None = None,
                **kwargs: Any) -> CallFuture:
@@ -564,6 +570,8 @@ class Pool:
 
                 self._observer = PoolObserver(self, self._arena)
                 self._call_observer = self._observer.observe_call
+                self._stream_observer = self._observer.observe_stream
+                self._record_call = self._observer._record  # the asyncio host times its own calls
             return self._observer
 
     def serve_metrics(self, address: str = "127.0.0.1:9464", *, allow_remote: bool = False) -> str:

@@ -18,7 +18,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +26,7 @@ from typing import Any
 from sidecar.errors import Cancelled, CircuitOpen, OpFailed, SidecarError, WorkerCrashed, WorkerUnreachable
 from sidecar.host import events
 from sidecar.host.breaker import Admission, BreakerState
-from sidecar.host.client import Client, ClientClosed
+from sidecar.host.client import Client, ClientClosed, Result
 from sidecar.host.crash import ExitInfo, summarize_tail
 from sidecar.host.events import EventBus
 from sidecar.host.policy import Evidence, SupervisionPolicy
@@ -184,8 +184,9 @@ class CallScheduler:
         return err
 
     def stream(self, op: str, inputs: tuple[Any, ...], idempotent: bool | None, timeout: float | None,
-               kwargs: dict[str, Any]) -> Iterator[Any]:
-        """`Client.stream(op, *inputs, **kwargs)` on a pool worker, as a generator of its chunks.
+               kwargs: dict[str, Any]) -> Generator[Any, None, Result | None]:
+        """`Client.stream(op, *inputs, **kwargs)` on a pool worker, as a generator of its chunks that
+        returns the stream's final `Result` (worker timing and bytes).
 
         A failure is classified as for a call (a dead worker: `WorkerCrashed`, after the chunks
         already delivered). The stream is sent to another worker only while nothing of it was
@@ -228,7 +229,7 @@ class CallScheduler:
                     continue
                 self.release(worker, token, ok=True)
                 outcome.crashed_nothing = not work_crashes
-                return
+                return chunks.result  # type: ignore[no-any-return]
 
     def _failed_attempt(self, exc: Exception, worker: Worker, token: int, op: str,
                         work_crashes: list[tuple[WorkerCrashed, ExitInfo]]) -> tuple[WorkerCrashed, ExitInfo | None] | None:

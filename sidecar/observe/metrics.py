@@ -9,6 +9,7 @@ one process and each serves only its own figures.
 """
 from __future__ import annotations
 
+import asyncio
 import threading
 from bisect import bisect_left
 from itertools import accumulate
@@ -20,7 +21,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from sidecar.errors import SidecarError
+from sidecar.errors import ErrorKind, SidecarError
 
 __all__ = ["LATENCY_BUCKETS", "CallMetrics", "LabelledCounter", "outcome_of", "gauge", "render", "OTHER_OP",
            "MAX_OPS"]
@@ -44,6 +45,8 @@ def outcome_of(error: BaseException | None) -> str:
     """The `outcome` label: "ok", the error kind (SHAPE_MISMATCH, WORKER_CRASHED, ...), or HOST_EXCEPTION."""
     if error is None:
         return OK
+    if isinstance(error, asyncio.CancelledError):  # an awaited call whose task was cancelled
+        return ErrorKind.CANCELLED.value
     if isinstance(error, SidecarError):
         return error.kind.value
     return HOST_EXCEPTION
