@@ -37,6 +37,17 @@ def count_up(*, n: int = 10, nbytes: int = 0) -> Iterator[Any]:
         _finished += 1
 
 
+@sidecar.op("big_value_at", min_inputs=0, max_inputs=0)
+def big_value_at(*, at: int = 2, n: int = 10, size: int = 5_000_000, nbytes: int = 0) -> Iterator[Any]:
+    """`count_up`'s chunks, but chunk `at` is a plain string of `size` bytes (bigger than a message)."""
+    chunks = count_up(n=n, nbytes=nbytes)
+    try:
+        for i, chunk in enumerate(chunks):
+            yield "x" * int(size) if i == at else chunk
+    finally:
+        chunks.close()  # counted as closed when the stream stops before its end
+
+
 @sidecar.op("ticks", min_inputs=0, max_inputs=0, idempotent=False)
 def ticks(*, n: int = 10, every_s: float = 0.0, crash_at: int = -1, fail_at: int = -1) -> Iterator[int]:
     """Yields 0..n-1, sleeping every_s between; SIGKILLs its own worker at crash_at (after that many

@@ -228,6 +228,24 @@ def test_an_error_mid_stream_comes_after_the_chunks_before_it(client: Client) ->
     wait_until(lambda: idle_and_leaseless(client))
 
 
+def test_a_chunk_too_big_for_a_message_ends_the_stream_with_a_structured_error(client: Client) -> None:
+    """A chunk that no gRPC message can carry (a 5 MB plain value, the worker's limit 4 MiB) ends the
+    stream with InvalidArgument saying so, after the chunks before it; the op is stopped, every
+    lease goes back, the worker serves on."""
+    before = stats(client)
+    got: list[Any] = []
+    with pytest.raises(InvalidArgument, match=r"chunk 2 of its stream is \d+ bytes, over this worker's "
+                                              r"--max-message-bytes") as info:
+        for i, arr in client.stream("big_value_at", at=2, n=100_000, nbytes=128 << 10):
+            got.append(i)
+            del arr
+    assert got == [0, 1]
+    assert info.value.fields["got"].endswith(" bytes") and "--max-message-bytes" in info.value.fields["expected"]
+    wait_until(lambda: stats(client)["closed"] == before["closed"] + 1)  # the generator was stopped
+    wait_until(lambda: idle_and_leaseless(client))
+    assert client.call("add", np.ones(2), 1.0).tolist() == [2.0, 2.0]
+
+
 # -- futures ----------------------------------------------------------------------------------------
 
 

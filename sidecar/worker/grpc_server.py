@@ -251,7 +251,16 @@ class SidecarServicer(StateRpcs, pb_grpc.SidecarServicer):
         while True:
             item = messages.get()
             if isinstance(item, Chunk):
-                yield grpc_codec.chunk_to_pb(item)
+                message = grpc_codec.chunk_to_pb(item)
+                size = message.ByteSize()
+                if size > self._max_message:  # gRPC would fail the stream with a bare RESOURCE_EXHAUSTED
+                    handle.cancel()  # the op stops at its next chunk; the leases it still holds go back
+                    self._streams.wake(key)
+                    core.release_quietly(item.leases)  # the caller never learns these lease ids
+                    self._abort(context, core.with_call_ids(self._too_big_for_a_message(
+                        call.op, f"chunk {item.index} of its stream is {size} bytes", size), call.op,
+                        call.request_id))
+                yield message
             elif isinstance(item, SidecarError):
                 self._abort(context, item)
             else:
