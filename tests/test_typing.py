@@ -55,8 +55,10 @@ def line_of(text: str) -> int:
 
 
 def run_mypy(path: Path) -> list[str]:
+    # The project's own cache (scripts/test.sh has just run mypy on sidecar/ with these options):
+    # what it already analysed (sidecar, numpy, torch's stubs) is not analysed again (14 s -> 3 s).
     out = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-error-summary", "--hide-error-context",
-                          "--cache-dir", str(path.parent / ".mypy_cache"), str(path)],
+                          "--cache-dir", str(ROOT / ".mypy_cache"), str(path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert out.stderr == "", out.stderr
     return [line.split(":", 1)[1] for line in out.stdout.splitlines()]  # "<line>: <severity>: <text>"
