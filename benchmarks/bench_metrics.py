@@ -192,10 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=16, help="rounds (default 16; the pools swap roles each round)")
     ap.add_argument("--per-round", type=int, default=1000, help="timed calls per mode and round (default 1000, "
                     "~1 s: the profiler samples once when switched on and then every second, as in real use)")
-    ap.add_argument("--quick", action="store_true", help="6 rounds of 600 calls")
+    ap.add_argument("--quick", action="store_true", help="6 rounds of 400 calls")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = ap.parse_args(argv)
-    rounds, per = (6, 600) if args.quick else (args.rounds, args.per_round)
+    rounds, per = (6, 400) if args.quick else (args.rounds, args.per_round)
     result = run(rounds, per)
     print(json.dumps(result, indent=2) if args.json else table(result))
     return 0
