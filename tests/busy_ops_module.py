@@ -27,12 +27,12 @@ def spin(*, seconds: float = 1.0, ctx: Any = None) -> int:
 
 
 @sidecar.op("matmuls", min_inputs=0, max_inputs=0)
-def matmuls(*, seconds: float = 1.0, size: int = 256) -> int:
-    """torch matmuls (GIL released inside each) for `seconds`; returns how many."""
+def matmuls(*, seconds: float = 1.0, size: int = 256, ctx: Any = None) -> int:
+    """torch matmuls (GIL released inside each) for `seconds` (stops early once cancelled); returns how many."""
     a = torch.randn(int(size), int(size))
     deadline = time.monotonic() + float(seconds)
     n = 0
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not (ctx is not None and ctx.is_cancelled()):
         torch.mm(a, a)
         n += 1
     return n
