@@ -228,7 +228,7 @@ def test_segments_are_created_0600_never_chmodded(nif: str, tmp_path: Path) -> N
     strace = shutil.which("strace")
     assert strace is not None, "strace is needed to watch the system calls (apt-get install -y strace)"
     log = tmp_path / "strace.log"
-    # --seccomp-bpf: only the traced calls stop the tracee (the worker's torch import makes millions
+    # --seccomp-bpf: only the traced calls stop the tracee (the worker's torch import makes a great many
     # of others; fully ptraced, this test took 35 s instead of 4).
     watch = [strace, "-f", "--seccomp-bpf", "-qq", "-e", "trace=openat,umask,chmod,fchmodat", "-o", str(log)]
     lines, out = _run_path_script(tmp_path, BRIDGE, watch, SIDECAR_NIF=nif)

@@ -19,7 +19,8 @@ OPS = "tests.pool_ops_module"
 
 
 def test_worker_reports_not_serving_while_a_cancelled_call_runs_past_the_grace() -> None:
-    with start_worker("--device", "cpu", "--ops", OPS, env={CANCEL_GRACE_ENV: "0.3"}) as w:
+    # --grace-period 1: the hung call is still running when the test ends; the stop need not wait 10 s for it.
+    with start_worker("--device", "cpu", "--ops", OPS, "--grace-period", "1", env={CANCEL_GRACE_ENV: "0.3"}) as w:
         with Client(w.address) as c:
             assert c.health() == "SERVING"
             assert c.call("hang", seconds=0.0) == 0.0  # ends by itself: nothing stuck
