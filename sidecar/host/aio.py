@@ -29,12 +29,13 @@ from typing_extensions import Self  # typing.Self is 3.11+; the package supports
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sidecar.errors import SidecarError, WorkerCrashed, WorkerUnreachable
+from sidecar.errors import WorkerCrashed, WorkerUnreachable
 from sidecar.host.client import Client, PreparedCall, Result
 from sidecar.host.crash import ExitInfo
 from sidecar.host.grpc_transport import (ACK_TIMEOUT_S, AcksInFlight, channel_options, channel_target, rpc_failure,
                                          stream_request)
 from sidecar.host.pool import Pool
+from sidecar.host.scheduler import _ProbeOutcome
 from sidecar.host.supervisor import Worker
 from sidecar.protocol import grpc_codec as wire
 from sidecar.protocol.calls import CallResult
@@ -375,20 +376,18 @@ class AsyncPool:
         return client
 
     async def _crash_or_raise(self, exc: Exception, worker: Worker, token: int, op: str, tries: _Attempts,
-                              outcome: Any) -> WorkerCrashed:
+                              outcome: _ProbeOutcome) -> WorkerCrashed:
         """The crash a failed attempt was (waiting for the worker's exit off the loop), or `exc`
-        raised when it was the worker's own answer or the call's timeout (which crashed nothing)."""
+        raised when it was the worker's own answer or the call's timeout."""
         found = await asyncio.to_thread(self.pool._scheduler._failed_attempt, exc, worker, token, op,
-                                        tries.work_crashes)
+                                        tries.work_crashes, outcome)
         if found is None:
-            outcome.crashed_nothing = True
             raise exc
         return found[0]
 
-    def _may_retry(self, crash: SidecarError, tries: _Attempts, delivered: int) -> bool:
-        never_sent = getattr(crash, "call_started", None) is False
-        return not delivered and (tries.retryable or never_sent) and tries.attempt < self.pool.settings.max_attempts \
-            and not self.pool._sup.closing
+    def _may_retry(self, crash: WorkerCrashed, tries: _Attempts, delivered: int) -> bool:
+        """The scheduler's resend rule, for an attempt after which nothing of it was delivered."""
+        return not delivered and self.pool._scheduler._may_resend(crash, tries.retryable, tries.attempt)
 
     async def close(self) -> None:
         clients, self._clients = list(self._clients.values()), {}

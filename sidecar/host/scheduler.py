@@ -106,9 +106,8 @@ class CallScheduler:
                 try:
                     out = getattr(worker.client, method)(op, *inputs, timeout=left, idempotent=retryable, **kwargs)
                 except Exception as exc:
-                    found = self._failed_attempt(exc, worker, token, op, work_crashes)
+                    found = self._failed_attempt(exc, worker, token, op, work_crashes, outcome)
                     if found is None:  # the worker answered (an op error), or the call's own timeout
-                        outcome.crashed_nothing = True
                         raise
                     crash, info = found
                     if info is not None and info.blames_work:
@@ -217,9 +216,8 @@ class CallScheduler:
                     outcome.crashed_nothing = not work_crashes
                     raise
                 except Exception as exc:
-                    found = self._failed_attempt(exc, worker, token, op, work_crashes)
+                    found = self._failed_attempt(exc, worker, token, op, work_crashes, outcome)
                     if found is None:  # the worker answered (an op error), or the stream's own timeout
-                        outcome.crashed_nothing = True
                         raise
                     crash, _info = found
                     if delivered or not self._may_resend(crash, retryable, attempt):
@@ -232,9 +230,11 @@ class CallScheduler:
                 return chunks.result  # type: ignore[no-any-return]
 
     def _failed_attempt(self, exc: Exception, worker: Worker, token: int, op: str,
-                        work_crashes: list[tuple[WorkerCrashed, ExitInfo]]) -> tuple[WorkerCrashed, ExitInfo | None] | None:
+                        work_crashes: list[tuple[WorkerCrashed, ExitInfo]],
+                        outcome: _ProbeOutcome | None = None) -> tuple[WorkerCrashed, ExitInfo | None] | None:
         """After an attempt failed: the crash it was (None: an answer of a live worker, or the call's own
-        timeout), the worker released; raises `PoisonCall` once the call crashed two workers by itself."""
+        timeout, which crashed nothing: so `outcome` says), the worker released; raises `PoisonCall`
+        once the call crashed two workers by itself."""
         # Still registered as running on the worker while we look: a crash is counted against this
         # op (the exit input reads `worker.running`).
         try:
@@ -246,6 +246,8 @@ class CallScheduler:
             work_crashes.append((found[0], found[1]))
             if len(work_crashes) >= 2:
                 raise self._poison(op, work_crashes) from None
+        if found is None and outcome is not None:
+            outcome.crashed_nothing = True
         return found
 
     def _may_resend(self, crash: WorkerCrashed, retryable: bool, attempt: int) -> bool:
