@@ -363,9 +363,9 @@ class AsyncPool:
 
     def _record(self, op: str, started: float, result: Result | None, error: BaseException | None) -> None:
         """Into the pool's metrics, when they are on (the blocking pool's call hook does the same)."""
-        record = self.pool._record_call
-        if record is not None:
-            record(op, time.perf_counter() - started, result, error)
+        observer = self.pool._recording()
+        if observer is not None:
+            observer._record(op, time.perf_counter() - started, result, error)
 
     def _client(self, worker: Worker) -> AsyncClient:
         client = self._clients.get(worker.pid)

@@ -161,8 +161,6 @@ class Pool:
         self._telemetry: list[PoolTelemetry] = []
         self._observer: Any = None       # sidecar.observe.PoolObserver, made on first use
         self._call_observer: Any = None  # its call hook (None: calls are not timed or recorded)
-        self._stream_observer: Any = None  # and its stream hook
-        self._record_call: Any = None  # and what records a call the asyncio host timed
         self._futures = FutureRunner(name="sidecar-pool-future")  # pool.submit's threads
 
         reaper.reap_dead_owners()  # runs of hosts that died without closing their pools
@@ -412,9 +410,9 @@ class Pool:
         cancels it on the worker."""
         self._check_process()
         chunks: Iterator[Any] = self._scheduler.stream(op, inputs, idempotent, timeout, kwargs)
-        hook = self._stream_observer
-        if hook is not None:  # metrics are on: the observer times and records the stream when it ends
-            chunks = hook(op, chunks)
+        observer = self._recording()
+        if observer is not None:  # the observer times and records the stream when it ends
+            chunks = observer.observe_stream(op, chunks)
         return PoolStream(chunks)
 
     def submit(self, op: str, *inputs: Any, idempotent: bool | None = None, timeout: float | None = None,
@@ -570,9 +568,12 @@ class Pool:
 
                 self._observer = PoolObserver(self, self._arena)
                 self._call_observer = self._observer.observe_call
-                self._stream_observer = self._observer.observe_stream
-                self._record_call = self._observer._record  # the asyncio host times its own calls
             return self._observer
+
+    def _recording(self) -> Any:
+        """The observer while it records calls (its call hook installed), else None: what streams
+        and the asyncio host (`sidecar.host.aio`) check before they record."""
+        return self._observer if self._call_observer is not None else None
 
     def serve_metrics(self, address: str = "127.0.0.1:9464", *, allow_remote: bool = False) -> str:
         """Serves Prometheus metrics (/metrics) and the live dashboard (/) on `address` (port 0: any
