@@ -1,15 +1,17 @@
 """Where the small call's CPU goes: per call, by process and by kind of thread, from the kernel's
-accounting (/proc/<pid>/task/*/stat and status), for the same cases as bench_grpc.py's echo rows.
+accounting (psutil's per-thread CPU times, /proc/<pid>/task/<tid>/status), for the same cases as
+bench_grpc.py's echo rows.
 
   echo/bare-grpc      the bare grpcio echo server (generic handler, no protobuf, no sidecar)
   echo/health         a grpc.health Check through Client to a worker (trivial servicer)
   echo/execute-raw    the identity's ExecuteRequest as pre-encoded bytes to the worker's Execute
   echo/tiny-identity  identity of a 16-byte tensor through Client.call (the small call)
 
-For each: the mean round trip, and the CPU microseconds per call and context switches per call of
-the server process (`server py` = its Python threads: grpcio's poller and the handler pool;
-`server ee` = grpcio's C event-engine threads) and of this process (`host py`, `host ee`).
-Cases run in 10 interleaved blocks. Wall time beyond the sum of the four CPU columns is time nobody ran (wake-ups, scheduling).
+For each: the mean round trip, the CPU microseconds per call of the server process (`server py` =
+its Python threads: grpcio's poller and the handler pool; `server ee` = grpcio's C event-engine
+threads) and of this process (`host py`, `host ee`), and the context switches per call of both.
+Cases run in 10 interleaved blocks. Wall time beyond the sum of the four CPU columns is time
+nobody ran (wake-ups, scheduling).
 
 Usage: .venv/bin/python benchmarks/cpu_small_call.py [--calls 3000] [--json]
 """
@@ -23,53 +25,46 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import psutil
 
-from bench_grpc import raw_execute_of, start_bare_echo, start_worker  # benchmarks/bench_grpc.py
+from bench_grpc import raw_execute_of, start_bare_echo, start_worker  # benchmarks/bench_grpc.py (puts the tree on sys.path)
 from timing import emit_json  # benchmarks/timing.py
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from sidecar.host import Client
 
-from sidecar.host import Client  # noqa: E402
-
-TICKS = os.sysconf("SC_CLK_TCK")
 BLOCKS = 10
 
 
-def thread_usage(pid: int) -> dict[str, tuple[float, int]]:
-    """CPU seconds and context switches of `pid`'s live threads, summed per kind ("py" / "ee")."""
-    out: dict[str, tuple[float, int]] = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
+def usage(pid: int) -> tuple[dict[str, float], int]:
+    """CPU seconds of `pid`'s live threads summed per kind ("py" / "ee", from the thread's name),
+    and their context switches (the process's own `ctxt_switches` count its main thread only)."""
+    cpu: dict[str, float] = {"py": 0.0, "ee": 0.0}
+    switches = 0
+    for thread in psutil.Process(pid).threads():
         try:
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
-        except FileNotFoundError:  # a thread that ended between listdir and read
+            status = dict(line.split(":\t", 1) for line in
+                          Path(f"/proc/{pid}/task/{thread.id}/status").read_text().splitlines() if ":\t" in line)
+        except FileNotFoundError:  # a thread that ended since threads() listed it
             continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
-        cpu = (int(fields[11]) + int(fields[12])) / TICKS
-        switches = sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches:" in line)
-        kind = "ee" if comm.startswith("event_engine") or comm.startswith("grpc") else "py"
-        cpu0, sw0 = out.get(kind, (0.0, 0))
-        out[kind] = (cpu0 + cpu, sw0 + switches)
-    return out
+        cpu["ee" if status["Name"].startswith("event_engine") else "py"] += thread.user_time + thread.system_time
+        switches += int(status["voluntary_ctxt_switches"]) + int(status["nonvoluntary_ctxt_switches"])
+    return cpu, switches
 
 
 def measure(fn: Callable[[], Any], server_pid: int, calls: int, totals: dict[str, float]) -> None:
     """Adds one block of `calls` calls of `fn` to `totals` (seconds, CPU seconds, switches)."""
-    s0, h0 = thread_usage(server_pid), thread_usage(os.getpid())
+    before = {"server": usage(server_pid), "host": usage(os.getpid())}
     t0 = time.perf_counter()
     for _ in range(calls):
         fn()
     totals["wall"] = totals.get("wall", 0.0) + time.perf_counter() - t0
     totals["calls"] = totals.get("calls", 0) + calls
-    s1, h1 = thread_usage(server_pid), thread_usage(os.getpid())
-    for side, before, after in (("server", s0, s1), ("host", h0, h1)):
+    after = {"server": usage(server_pid), "host": usage(os.getpid())}
+    for side in ("server", "host"):
+        (cpu0, sw0), (cpu1, sw1) = before[side], after[side]
         for kind in ("py", "ee"):
-            cpu0, sw0 = before.get(kind, (0.0, 0))
-            cpu1, sw1 = after.get(kind, (0.0, 0))
-            totals[f"{side}_{kind}_cpu"] = totals.get(f"{side}_{kind}_cpu", 0.0) + cpu1 - cpu0
-            totals[f"{side}_{kind}_switches"] = totals.get(f"{side}_{kind}_switches", 0) + sw1 - sw0
+            totals[f"{side}_{kind}_cpu"] = totals.get(f"{side}_{kind}_cpu", 0.0) + cpu1[kind] - cpu0[kind]
+        totals[f"{side}_switches"] = totals.get(f"{side}_switches", 0) + sw1 - sw0
 
 
 def per_call(totals: dict[str, float]) -> dict[str, float]:
